@@ -1,0 +1,202 @@
+"""Command line: ``python -m erasure {demo,lab} ...``.
+
+``--model lab`` (the default everywhere) is the concept lab's model shipped in this package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+
+def _parse_concepts(text: str | None) -> list[str]:
+    if not text:
+        return []
+    items = [c.strip() for c in text.split(";")]
+    if any(not c for c in items):
+        raise SystemExit("error: empty concept in the list; separate concepts with ';', e.g. \"circle; red\"")
+    return items
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _load_lab(model: str):
+    from .diffusers_backbone import load_diffusers
+    from .lab.classifier import load_classifier
+    from .lab.model import CLASSIFIER_FILE
+
+    if model != "lab":
+        raise SystemExit("error: `lab` commands evaluate the lab model only (--model lab); the lab classifier "
+                         "cannot judge other models")
+    return load_diffusers("lab"), load_classifier(CLASSIFIER_FILE)
+
+
+def _settings(args: argparse.Namespace):
+    from .lab.evaluate import EvalSettings
+
+    return EvalSettings(steps=args.sample_steps, guidance=args.guidance, seeds_own=args.seeds)
+
+
+def _lab_eval(args: argparse.Namespace) -> int:
+    from .lab.evaluate import evaluate, format_table
+    from .weights import ErasureWeights
+
+    erased = _parse_concepts(args.erased)
+    backbone, clf = _load_lab(args.model)
+    weights = None
+    if args.lora:
+        weights = ErasureWeights.load(args.lora).resolve_names(backbone.unet())
+        if not erased:
+            try:
+                erased = [c for c in json.loads(weights.metadata.get("erasure.concepts", "[]")) if isinstance(c, str)]
+            except json.JSONDecodeError:
+                erased = []
+    report = evaluate(backbone, clf, erased, weights, _settings(args), Path(args.grid) if args.grid else None,
+                      use_cache=not args.no_cache)
+    print(format_table(report))
+    print(f"{report['seconds']:.1f} s")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.grid:
+        print(f"grid: {args.grid}")
+    return 0
+
+
+def _lab_baseline(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .lab.baseline import esd
+
+    backbone, _ = _load_lab(args.model) if args.model == "lab" else (None, None)
+    t0 = time.time()
+    with tqdm(total=args.steps, desc=f"ESD {args.concept}", disable=None) as bar:
+        w = esd(backbone, args.concept, iterations=args.steps, lr=args.lr, scope=args.scope, seed=args.seed,
+                progress=bar.update)
+    err = w.save(args.out)
+    print(f"ESD erased {args.concept!r} in {time.time() - t0:.1f} s, peak RSS {_peak_rss_mb():.0f} MB; "
+          f"wrote {args.out} (LoRA relative error {err:.1e})")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .lab.baseline import esd
+    from .lab.evaluate import evaluate, format_table
+
+    concept = args.concept
+    out = Path(args.out)
+    backbone, clf = _load_lab("lab")
+    s = _settings(args)
+    print(f"erasure {__version__} demo: erase {concept!r} from the concept lab's model "
+          "(method: ESD baseline; ANT and MACE replace it as they land)")
+    t0 = time.time()
+    before = evaluate(backbone, clf, [concept], None, s)
+    with tqdm(total=args.steps, desc=f"erasing {concept}", disable=None) as bar:
+        weights = esd(backbone, concept, iterations=args.steps, seed=args.seed, progress=bar.update)
+    out.mkdir(parents=True, exist_ok=True)
+    weights.save(out / f"erase-{concept}.safetensors")
+    after = evaluate(backbone, clf, [concept], weights, s, grid=out / "grid.png")
+    print(format_table(after, before))
+    print(f"before: efficacy {before['efficacy']:.3f}  after: efficacy {after['efficacy']:.3f}")
+    (out / "report.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
+    print(f"wrote {out / f'erase-{concept}.safetensors'}, {out / 'grid.png'}, {out / 'report.json'} "
+          f"in {time.time() - t0:.0f} s (peak RSS {_peak_rss_mb():.0f} MB)")
+    return 0
+
+
+def _lab_train(args: argparse.Namespace) -> int:
+    from .lab.train import train_lab_model
+
+    train_lab_model(Path(args.out), steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                    save_every=args.save_every, log=lambda m: print(m, flush=True))
+    return 0
+
+
+def _lab_train_classifier(args: argparse.Namespace) -> int:
+    from .lab.classifier import train_classifier
+
+    train_classifier(Path(args.out), steps=args.steps, seed=args.seed, log=lambda m: print(m, flush=True))
+    return 0
+
+
+def _add_eval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sample-steps", type=int, default=10, help="DDIM steps of the evaluation sampler")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--seeds", type=int, default=8, help="seeds per prompt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .lab.model import CLASSIFIER_FILE
+
+    p = argparse.ArgumentParser(prog="python -m erasure", description="Concept erasure for diffusion models.")
+    p.add_argument("--version", action="version", version=f"erasure {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="erase one concept from the lab model and show before/after")
+    demo.add_argument("--concept", default="circle")
+    demo.add_argument("--steps", type=int, default=200, help="training iterations")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="out/demo")
+    _add_eval_flags(demo)
+    demo.set_defaults(func=_demo)
+
+    lab = sub.add_parser("lab", help="the concept lab: train, evaluate, baseline")
+    labsub = lab.add_subparsers(dest="lab_command", required=True)
+
+    ev = labsub.add_parser("eval", help="evaluate the lab model, optionally with an erasure LoRA")
+    ev.add_argument("--model", default="lab")
+    ev.add_argument("--lora", help="erasure LoRA (.safetensors) to apply")
+    ev.add_argument("--erased", help="erased concepts, ';'-separated (default: those in the LoRA's metadata)")
+    ev.add_argument("--json", help="write the report here")
+    ev.add_argument("--grid", default="out/lab-eval-grid.png", help="PNG grid of original vs edited")
+    ev.add_argument("--no-cache", action="store_true", help="regenerate the original model's images")
+    _add_eval_flags(ev)
+    ev.set_defaults(func=_lab_eval)
+
+    bl = labsub.add_parser("baseline", help="ESD-style anchor-free baseline erasure -> LoRA file")
+    bl.add_argument("--model", default="lab")
+    bl.add_argument("--concept", required=True)
+    bl.add_argument("--steps", type=int, default=200)
+    bl.add_argument("--lr", type=float, default=1e-3)
+    bl.add_argument("--scope", choices=("xattn", "unet"), default="xattn")
+    bl.add_argument("--seed", type=int, default=0)
+    bl.add_argument("--out", required=True)
+    bl.set_defaults(func=_lab_baseline)
+
+    tr = labsub.add_parser("train", help="train the lab model from scratch (about 1.5 hours on 2 CPU cores)")
+    tr.add_argument("--out", default="runs/lab-model")
+    tr.add_argument("--steps", type=int, default=4500)
+    tr.add_argument("--batch-size", type=int, default=64)
+    tr.add_argument("--lr", type=float, default=5e-4)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--save-every", type=int, default=250)
+    tr.set_defaults(func=_lab_train)
+
+    tc = labsub.add_parser("train-classifier", help="train the lab classifier (about 10 minutes on a CPU)")
+    tc.add_argument("--out", default=str(CLASSIFIER_FILE))
+    tc.add_argument("--steps", type=int, default=1500)
+    tc.add_argument("--seed", type=int, default=0)
+    tc.set_defaults(func=_lab_train_classifier)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

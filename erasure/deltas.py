@@ -1,0 +1,67 @@
+"""Trainable weight deltas on a frozen model, without writing into its weights.
+
+``TrainableDeltas`` attaches a forward hook to each chosen ``nn.Linear`` that adds ``x @ dW^T`` to its output, where
+``dW`` is a trainable parameter owned by this object. The frozen weights are never touched, so the frozen model's
+predictions (the training targets of ESD and ANT) come from the same modules with the deltas switched off
+(:meth:`disabled`), with no second copy of the model in memory. ``result()`` turns the deltas into an
+:class:`erasure.weights.ErasureWeights`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .weights import ErasureWeights
+
+
+class TrainableDeltas(nn.Module):
+    def __init__(self, modules: dict[str, nn.Linear]) -> None:
+        super().__init__()
+        if not modules:
+            raise ValueError("no layers selected to train")
+        self.names = sorted(modules)
+        self.deltas = nn.ParameterList(
+            [nn.Parameter(torch.zeros_like(modules[n].weight, dtype=torch.float32)) for n in self.names])
+        self.enabled = True
+        self._handles = [modules[n].register_forward_hook(self._hook(i)) for i, n in enumerate(self.names)]
+
+    def _hook(self, i: int):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+            if not self.enabled:
+                return output
+            d = self.deltas[i]
+            return output + nn.functional.linear(inputs[0].to(d.dtype), d).to(output.dtype)
+
+        return hook
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        prev, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = prev
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.deltas)
+
+    def all_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.deltas)
+
+    def result(self, **metadata: object) -> ErasureWeights:
+        return ErasureWeights.dense({n: p.detach() for n, p in zip(self.names, self.deltas, strict=False)}, **metadata)
+
+    def __enter__(self) -> TrainableDeltas:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()

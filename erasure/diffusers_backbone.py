@@ -1,0 +1,190 @@
+"""The backbone interface for diffusers models: SD1.x, SD2.x (eps and v-prediction), SDXL, and the lab model.
+
+Loads a diffusers folder offline (``local_files_only``); ``"lab"`` names the concept lab's model shipped in this
+package. The lab model is pixel-space (no VAE), so ``decode`` is the identity there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .backbone import NoiseSchedule, TextConditioning
+
+
+class UnsupportedModelError(ValueError):
+    """The folder or file is not a model this library can edit."""
+
+
+class DiffusersBackbone:
+    """Adapter from diffusers components to :class:`erasure.backbone.Backbone`.
+
+    ``text_encoders``/``tokenizers`` hold one entry for SD1.x/SD2.x and two for SDXL (whose second encoder is a
+    ``CLIPTextModelWithProjection`` that also supplies the pooled embedding). ``hidden_layer`` selects which hidden
+    state conditions the UNet: -1 is the final layer-normed output (SD1.x, the lab), -2 the penultimate (SD2.x, SDXL).
+    """
+
+    def __init__(self, unet: nn.Module, text_encoders: list[nn.Module], tokenizers: list, alphas_cumprod: torch.Tensor,
+                 prediction_type: str = "epsilon", vae: nn.Module | None = None, hidden_layer: int = -1,
+                 name: str = "model") -> None:
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise UnsupportedModelError(f"prediction type {prediction_type!r} is not supported (epsilon or "
+                                        "v_prediction)")
+        self._unet = unet
+        self.text_encoders = text_encoders
+        self.tokenizers = tokenizers
+        self.schedule = NoiseSchedule(alphas_cumprod.double())
+        self.prediction_type = prediction_type
+        self.vae = vae
+        self.hidden_layer = hidden_layer
+        self.name = name
+        self.clip_denoised = vae is None
+        self.is_sdxl = len(text_encoders) == 2
+        for m in [unet, *text_encoders] + ([vae] if vae is not None else []):
+            m.requires_grad_(False)
+            m.eval()
+
+    # -- basic properties ---------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self._unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self._unet.parameters()).dtype
+
+    def unet(self) -> nn.Module:
+        return self._unet
+
+    @property
+    def context_length(self) -> int:
+        return int(self.tokenizers[0].model_max_length)
+
+    def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
+        cfg = self._unet.config
+        res = resolution or (cfg.sample_size * (8 if self.vae is not None else 1))
+        scale = 8 if self.vae is not None else 1
+        return (cfg.in_channels, res // scale, res // scale)
+
+    # -- text -----------------------------------------------------------------------------------------------------
+    def _ids(self, tok, prompts: list[str]) -> torch.Tensor:
+        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids.to(self.device)
+
+    def encode_text(self, prompts: list[str]) -> TextConditioning:
+        embeds, pooled = [], None
+        for enc, tok in zip(self.text_encoders, self.tokenizers, strict=False):
+            out = enc(self._ids(tok, prompts), output_hidden_states=self.hidden_layer != -1)
+            h = out.last_hidden_state if self.hidden_layer == -1 else out.hidden_states[self.hidden_layer]
+            embeds.append(h)
+            if hasattr(out, "text_embeds"):
+                pooled = out.text_embeds
+        extras: dict[str, torch.Tensor] = {}
+        if self.is_sdxl:
+            res = self.latent_shape()[1] * 8
+            extras["text_embeds"] = pooled
+            extras["time_ids"] = torch.tensor([[res, res, 0, 0, res, res]], dtype=pooled.dtype,
+                                              device=pooled.device).expand(len(prompts), 6)
+        return TextConditioning(torch.cat(embeds, dim=-1).to(self.dtype), extras)
+
+    def tokenize(self, prompt: str) -> list[int]:
+        tok = self.tokenizers[0]
+        return tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
+
+    def token_positions(self, prompt: str, word: str) -> list[int]:
+        """Positions in the padded token sequence of ``prompt`` where ``word``'s tokens occur (every occurrence)."""
+        tok = self.tokenizers[0]
+        ids = self.tokenize(prompt)
+        sub = tok(word, add_special_tokens=False).input_ids
+        if not sub:
+            return []
+        out: list[int] = []
+        for i in range(len(ids) - len(sub) + 1):
+            if ids[i : i + len(sub)] == sub:
+                out.extend(range(i, i + len(sub)))
+        return out
+
+    # -- UNet ------------------------------------------------------------------------------------------------------
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
+        t = t.to(self.device)
+        if t.dim() == 0:
+            t = t.expand(x_t.shape[0])
+        kwargs = {}
+        if self.is_sdxl:
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond.extras["text_embeds"],
+                                           "time_ids": cond.extras["time_ids"]}
+        out = self._unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.embeds, **kwargs).sample
+        if self.prediction_type == "v_prediction":
+            a = self.schedule.alphas_cumprod.to(x_t.device)[t].view(-1, 1, 1, 1).to(out.dtype)
+            out = a.sqrt() * out + (1 - a).sqrt() * x_t.to(out.dtype)
+        return out
+
+    def cross_attention_kv(self) -> dict[str, nn.Linear]:
+        """Every cross-attention key/value projection, by module name in the UNet (diffusers naming)."""
+        return {name: m for name, m in self._unet.named_modules()
+                if name.endswith(("attn2.to_k", "attn2.to_v")) and isinstance(m, nn.Linear)}
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return latents.clamp(-1, 1)
+        sf = self.vae.config.scaling_factor
+        return self.vae.decode(latents.to(self.vae.dtype) / sf).sample.clamp(-1, 1)
+
+    def fingerprint(self) -> str:
+        """A short hash identifying the base model: every UNet parameter's name and shape, and the values of the
+        cross-attention K/V weights (what erasure edits). Cheap even for SDXL."""
+        h = hashlib.sha256()
+        for name, p in self._unet.state_dict().items():
+            h.update(f"{name}:{tuple(p.shape)};".encode())
+        for _, m in sorted(self.cross_attention_kv().items()):
+            h.update(m.weight.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def lab_model_dir() -> Path:
+    from .lab.model import MODEL_DIR
+
+    return MODEL_DIR
+
+
+def load_diffusers(path: str | Path, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> DiffusersBackbone:
+    """Load a diffusers folder (or ``"lab"``) offline as a backbone."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    name = str(path)
+    folder = lab_model_dir() if name == "lab" else Path(path)
+    if not folder.is_dir():
+        raise UnsupportedModelError(f"{folder} is not a folder; give a diffusers model folder or 'lab'")
+    if not (folder / "unet").is_dir() or not (folder / "text_encoder").is_dir():
+        raise UnsupportedModelError(
+            f"{folder} has no unet/ and text_encoder/ subfolders: only Stable Diffusion 1.x/2.x/XL style models "
+            "with a CLIP text encoder are supported")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True, torch_dtype=dtype)
+    encoders = [CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True, torch_dtype=dtype)]
+    tokenizers = [CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)]
+    hidden_layer = -1
+    if (folder / "text_encoder_2").is_dir():
+        encoders.append(CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", local_files_only=True,
+                                                                    torch_dtype=dtype))
+        tokenizers.append(CLIPTokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True))
+        hidden_layer = -2
+    sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    sched = DDPMScheduler.from_config(sched_cfg)
+    # SD1.x and SD2.x condition on the final (layer-normed) output: diffusers stores SD2's OpenCLIP encoder already
+    # truncated to 23 layers. SDXL conditions on the penultimate hidden state of both encoders.
+    vae = None
+    if (folder / "vae").is_dir():
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True, torch_dtype=dtype)
+    bb = DiffusersBackbone(unet, encoders, tokenizers, sched.alphas_cumprod, sched.config.prediction_type, vae,
+                           hidden_layer, name=name)
+    for m in [unet, *encoders] + ([vae] if vae is not None else []):
+        m.to(device)
+    return bb

@@ -1,0 +1,202 @@
+"""``lab eval``: generate the fixed evaluation set, classify it, and report per-concept accuracy and erasure metrics.
+
+The evaluation set is every lab concept's own prompts (``world.concept_prompts``) with ``seeds_own`` seeds each, and
+its synonym prompts with ``seeds_syn`` seeds each; the seeds are fixed, so the original and an edited model are
+compared image for image. The original model's images are cached on disk (keyed by the model's fingerprint and the
+settings), so evaluating an edited model costs one generation pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from ..backbone import Backbone
+from ..sampling import sample
+from ..weights import ErasureWeights, atomic_save
+from . import world
+from .classifier import HEADS, LabClassifier
+from .metrics import fidelity, summarise
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    steps: int = 10
+    guidance: float = 5.0
+    seeds_own: int = 8
+    seeds_syn: int = 4
+    seed_base: int = 1000
+    concepts: tuple[str, ...] = field(default=world.ALL_CONCEPTS)
+
+    def own_seeds(self) -> list[int]:
+        return list(range(self.seed_base, self.seed_base + self.seeds_own))
+
+    def syn_seeds(self) -> list[int]:
+        return list(range(self.seed_base + 500, self.seed_base + 500 + self.seeds_syn))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ERASURE_CACHE", Path.home() / ".cache" / "erasure"))
+
+
+def _prompt_sets(s: EvalSettings) -> tuple[list[str], list[str]]:
+    own = [p for c in s.concepts for p in world.concept_prompts(c)]
+    syn = [p for c in s.concepts for p in world.concept_prompts(c, synonyms=True)]
+    return own, syn
+
+
+def generate(backbone: Backbone, s: EvalSettings, desc: str = "generating") -> dict[str, torch.Tensor]:
+    """Images of the evaluation set: ``own`` [len(own prompts) * seeds_own, ...] and ``syn`` likewise."""
+    own, syn = _prompt_sets(s)
+    total = (len(own) * s.seeds_own + len(syn) * s.seeds_syn + 127) // 128 * s.steps
+    with tqdm(total=total, desc=desc, leave=False, disable=None) as bar:
+        a = sample(backbone, own, s.own_seeds(), s.steps, s.guidance, progress=bar.update).images
+        b = sample(backbone, syn, s.syn_seeds(), s.steps, s.guidance, progress=bar.update).images
+    return {"own": a, "syn": b}
+
+
+def original_images(backbone: Backbone, s: EvalSettings, use_cache: bool = True) -> dict[str, torch.Tensor]:
+    """The unedited model's evaluation images, from the disk cache when valid (fingerprint, settings, shapes)."""
+    fp = backbone.fingerprint() if hasattr(backbone, "fingerprint") else "unknown"
+    key = hashlib.sha256(json.dumps([fp, asdict(s), torch.__version__], sort_keys=True).encode()).hexdigest()[:20]
+    path = cache_dir() / "lab-eval" / f"{key}.safetensors"
+    own, syn = _prompt_sets(s)
+    expect = {"own": len(own) * s.seeds_own, "syn": len(syn) * s.seeds_syn}
+    if use_cache and path.exists():
+        try:
+            cached = load_file(str(path))
+            if all(k in cached and cached[k].shape[0] == n for k, n in expect.items()):
+                return cached
+        except Exception:  # corrupt cache: rebuild below
+            pass
+    images = generate(backbone, s, desc="original model")
+    if use_cache:
+        atomic_save({k: v.contiguous() for k, v in images.items()}, path, {"fingerprint": fp})
+    return images
+
+
+def _hits(clf: LabClassifier, images: torch.Tensor, prompts: list[str], concepts: tuple[str, ...], per_prompt: int,
+          synonyms: bool) -> dict[str, float]:
+    pred = clf.predict(images)
+    out: dict[str, float] = {}
+    i = 0
+    for c in concepts:
+        n = len(world.concept_prompts(c, synonyms=synonyms)) * per_prompt
+        kind = world.concept_kind(c)
+        out[c] = float((pred[kind][i : i + n] == world.concept_index(c)).float().mean())
+        i += n
+    assert i == len(prompts) * per_prompt
+    return out
+
+
+def evaluate(backbone: Backbone, clf: LabClassifier, erased: list[str] | None = None,
+             weights: ErasureWeights | None = None, settings: EvalSettings | None = None,
+             grid: Path | None = None, use_cache: bool = True) -> dict:
+    """Evaluate the model (edited by ``weights`` if given). Returns the lab's JSON layout."""
+    s = settings or EvalSettings()
+    erased = list(erased or [])
+    for c in erased:
+        world.concept_kind(c)  # raises with the list of lab concepts
+    t0 = time.time()
+    orig = original_images(backbone, s, use_cache)
+    if weights is not None:
+        with weights.applied(backbone.unet()):
+            edited = generate(backbone, s, desc="edited model")
+    else:
+        edited = orig
+    own, syn = _prompt_sets(s)
+    acc = _hits(clf, edited["own"], own, s.concepts, s.seeds_own, False)
+    syn_acc = _hits(clf, edited["syn"], syn, s.concepts, s.seeds_syn, True)
+    report: dict = {"concepts": {c: {"accuracy": acc[c], "synonym_accuracy": syn_acc[c]} for c in s.concepts}}
+    if erased:
+        keep = _unrelated_mask(s, erased)
+        report.update(summarise(acc, syn_acc, erased, fidelity(edited["own"][keep], orig["own"][keep])))
+        report["erased"] = erased
+    report["seconds"] = round(time.time() - t0, 2)
+    report["settings"] = asdict(s)
+    if grid is not None:
+        write_grid(grid, s, orig["own"], edited["own"] if weights is not None else None, erased)
+    return report
+
+
+def _unrelated_mask(s: EvalSettings, erased: list[str]) -> torch.Tensor:
+    flags = []
+    for c in s.concepts:
+        flags += [c not in erased] * (len(world.concept_prompts(c)) * s.seeds_own)
+    return torch.tensor(flags, dtype=torch.bool)
+
+
+def _rows_for(s: EvalSettings, concept: str) -> slice:
+    i = 0
+    for c in s.concepts:
+        n = len(world.concept_prompts(c)) * s.seeds_own
+        if c == concept:
+            return slice(i, i + s.seeds_own)  # the first prompt's seeds
+        i += n
+    raise KeyError(concept)
+
+
+def write_grid(path: Path, s: EvalSettings, orig: torch.Tensor, edited: torch.Tensor | None,
+               erased: list[str], scale: int = 3) -> None:
+    """PNG grid: for each shown prompt a row of seeds from the original model and, below it, the edited model."""
+    from PIL import Image, ImageDraw
+
+    shown = erased + [c for c in s.concepts if c not in erased][: max(2, 4 - len(erased))]
+    rows: list[tuple[str, torch.Tensor]] = []
+    for c in shown:
+        sl = _rows_for(s, c)
+        prompt = world.concept_prompts(c)[0]
+        tag = "erased" if c in erased else "unrelated"
+        rows.append((f"original: {prompt}", orig[sl]))
+        if edited is not None:
+            rows.append((f"edited ({tag})", edited[sl]))
+    cell, label_w = world.IMAGE_SIZE * scale, 190
+    canvas = Image.new("RGB", (label_w + cell * s.seeds_own, cell * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, imgs) in enumerate(rows):
+        draw.text((4, r * cell + cell // 2 - 6), label, fill="black")
+        for j, img in enumerate(imgs):
+            arr = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            tile = Image.fromarray(arr).resize((cell, cell), Image.NEAREST)
+            canvas.paste(tile, (label_w + j * cell, r * cell))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    canvas.save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+def format_table(report: dict, before: dict | None = None) -> str:
+    """A plain-text table of per-concept accuracies (and the summary metrics when present)."""
+    lines = []
+    head = f"{'concept':<11}{'kind':<8}{'accuracy':>10}{'synonyms':>10}"
+    if before is not None:
+        head = f"{'concept':<11}{'kind':<8}{'acc before':>11}{'acc after':>11}{'syn before':>11}{'syn after':>11}"
+    lines.append(head)
+    erased = set(report.get("erased", []))
+    for c, v in report["concepts"].items():
+        mark = " *" if c in erased else ""
+        kind = world.concept_kind(c)
+        if before is None:
+            lines.append(f"{c + mark:<11}{kind:<8}{v['accuracy']:>10.1%}{v['synonym_accuracy']:>10.1%}")
+        else:
+            b = before["concepts"][c]
+            lines.append(f"{c + mark:<11}{kind:<8}{b['accuracy']:>11.1%}{v['accuracy']:>11.1%}"
+                         f"{b['synonym_accuracy']:>11.1%}{v['synonym_accuracy']:>11.1%}")
+    if "efficacy" in report:
+        lines.append("")
+        lines.append("  ".join(f"{k} {report[k]:.3f}" for k in ("efficacy", "generality", "specificity", "H",
+                                                                  "fidelity")))
+    if erased:
+        lines.append("(* erased)")
+    return "\n".join(lines)
+
+
+__all__ = ["EvalSettings", "evaluate", "format_table", "generate", "original_images", "write_grid", "HEADS"]

@@ -1,0 +1,89 @@
+"""Training recipe of the lab model (``python -m erasure lab train``).
+
+Joint training of the UNet and the text encoder from scratch on freshly rendered images each step (the world is
+infinite, so there is no overfitting to a fixed set), epsilon-prediction MSE at uniform timesteps, 10% empty
+captions for classifier-free guidance, AdamW with warm-up and cosine decay, gradient clipping and an EMA of the
+weights (the EMA weights are what is saved). Checkpoints are written every ``save_every`` steps so a long
+background run always leaves a usable model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from . import world
+from .model import new_model, save_model
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters(), strict=False):
+            pe.lerp_(pm, 1 - decay)
+
+
+def train_lab_model(
+    out: Path,
+    steps: int = 4000,
+    batch_size: int = 64,
+    lr: float = 5e-4,
+    warmup: int = 200,
+    ema_decay: float = 0.999,
+    p_empty: float = 0.1,
+    seed: int = 0,
+    save_every: int = 250,
+    log=print,
+) -> None:
+    recipe = {k: v for k, v in locals().items() if k not in ("out", "log")}
+    recipe["command"] = (
+        f"python -m erasure lab train --out {out} --steps {steps} --batch-size {batch_size} --lr {lr} --seed {seed}"
+    )
+    unet, te, tok, sched = new_model(out, seed)
+    ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
+    for p in list(ema_unet.parameters()) + list(ema_te.parameters()):
+        p.requires_grad_(False)
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        frac = (step - warmup) / max(1, steps - warmup)
+        return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    g = torch.Generator().manual_seed(seed)
+    abar = sched.alphas_cumprod.float()
+    t0, running = time.time(), 0.0
+    for step in range(steps):
+        images, caps, _ = world.sample_batch(batch_size, g, p_empty=p_empty)
+        ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=g)
+        noise = torch.randn(images.shape, generator=g)
+        a = abar[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * images + (1 - a).sqrt() * noise
+        cond = te(ids).last_hidden_state
+        pred = unet(x_t, t, cond).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        _ema_update(ema_unet, unet, decay)
+        _ema_update(ema_te, te, decay)
+        running += loss.item()
+        if (step + 1) % 50 == 0:
+            log(f"step {step + 1}/{steps} loss {running / 50:.4f} lr {lr_at(step):.2e} {time.time() - t0:.0f}s")
+            running = 0.0
+        if (step + 1) % save_every == 0 or step + 1 == steps:
+            recipe["steps_done"] = step + 1
+            recipe["seconds"] = round(time.time() - t0, 1)
+            save_model(out, ema_unet, ema_te, sched, recipe)
+            log(f"saved {out} at step {step + 1}")

@@ -1,0 +1,113 @@
+"""Guided DDIM sampling (eta 0, classifier-free guidance), batched over prompts and seeds.
+
+Each image's initial noise comes from its own ``torch.Generator`` seeded with its seed, so an image depends only on
+(prompt, seed, settings), never on which other images share its batch: the original and an edited model can be
+compared on the same seeds, and results are reproducible. The sampler can record the trajectory (the latents
+before every step) and the frozen model's unconditional and conditional predictions along it, which is what ANT
+caches instead of regenerating trajectories at every training step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .backbone import Backbone, TextConditioning
+
+
+def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """Trailing spacing: starts at T-1 (pure noise), ends at T/num_steps - 1."""
+    if num_steps < 1:
+        raise ValueError("sampling steps must be >= 1")
+    step = num_train_timesteps / num_steps
+    return torch.tensor([round(num_train_timesteps - i * step) - 1 for i in range(num_steps)], dtype=torch.long)
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def ddim_step(schedule_abar: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int,
+              clip: bool) -> torch.Tensor:
+    a_t = schedule_abar[t].to(x.dtype)
+    a_prev = schedule_abar[t_prev].to(x.dtype) if t_prev >= 0 else torch.ones((), dtype=x.dtype)
+    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    if clip:
+        x0 = x0.clamp(-1, 1)
+        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor  # [N, 3, H, W] in [-1, 1]
+    timesteps: torch.Tensor  # [S]
+    trajectory: torch.Tensor | None = None  # [S, N, C, h, w]: the latent before each step
+    eps_uncond: torch.Tensor | None = None  # [S, N, C, h, w]
+    eps_cond: torch.Tensor | None = None  # [S, N, C, h, w]
+
+
+def guided_eps(backbone: Backbone, x: torch.Tensor, t: int | torch.Tensor, cond: TextConditioning,
+               uncond: TextConditioning, guidance: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batched forward on [uncond; cond]. Returns (guided, eps_uncond, eps_cond)."""
+    n = x.shape[0]
+    tt = torch.as_tensor(t, device=x.device).expand(2 * n) if torch.as_tensor(t).dim() == 0 else torch.cat([t, t])
+    eps = backbone.predict_noise(torch.cat([x, x]), tt, TextConditioning.cat([uncond, cond]))
+    eu, ec = eps[:n], eps[n:]
+    return eu + guidance * (ec - eu), eu, ec
+
+
+@torch.no_grad()
+def sample(
+    backbone: Backbone,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int = 20,
+    guidance: float = 5.0,
+    negative: str = "",
+    resolution: int | None = None,
+    batch_size: int = 128,
+    record: bool = False,
+    progress: Callable[[int], None] | None = None,
+    check_interrupt: Callable[[], None] | None = None,
+) -> SampleResult:
+    """Images for every (prompt, seed) pair, prompt-major: index = prompt_index * len(seeds) + seed_index."""
+    shape = backbone.latent_shape(resolution)
+    pairs = [(p, s) for p in prompts for s in seeds]
+    ts = ddim_timesteps(steps, backbone.schedule.num_timesteps)
+    abar = backbone.schedule.alphas_cumprod.to(backbone.device)
+    unique = list(dict.fromkeys(prompts + [negative]))
+    enc = backbone.encode_text(unique)
+    index = {p: i for i, p in enumerate(unique)}
+    images, trajs, eus, ecs = [], [], [], []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        x = initial_noise([s for _, s in chunk], shape).to(backbone.device, backbone.dtype)
+        cond = enc[[index[p] for p, _ in chunk]]
+        uncond = enc[[index[negative]] * len(chunk)]
+        traj, eu_l, ec_l = [], [], []
+        for i, t in enumerate(ts.tolist()):
+            if check_interrupt is not None:
+                check_interrupt()
+            g, eu, ec = guided_eps(backbone, x, t, cond, uncond, guidance)
+            if record:
+                traj.append(x.cpu())
+                eu_l.append(eu.cpu())
+                ec_l.append(ec.cpu())
+            t_prev = int(ts[i + 1]) if i + 1 < len(ts) else -1
+            x = ddim_step(abar, x, g, t, t_prev, backbone.clip_denoised)
+            if progress is not None:
+                progress(1)
+        images.append(backbone.decode(x).float().cpu())
+        if record:
+            trajs.append(torch.stack(traj, 1))
+            eus.append(torch.stack(eu_l, 1))
+            ecs.append(torch.stack(ec_l, 1))
+    res = SampleResult(torch.cat(images), ts)
+    if record:
+        res.trajectory = torch.cat(trajs).transpose(0, 1)
+        res.eps_uncond = torch.cat(eus).transpose(0, 1)
+        res.eps_cond = torch.cat(ecs).transpose(0, 1)
+    return res

@@ -1,0 +1,70 @@
+"""Tests on the committed lab model and classifier (the project's measurable world)."""
+
+import pytest
+import torch
+
+from erasure.diffusers_backbone import load_diffusers
+from erasure.lab import world
+from erasure.lab.classifier import accuracy, load_classifier, render_labelled
+from erasure.lab.evaluate import EvalSettings, evaluate
+from erasure.lab.model import CLASSIFIER_FILE
+
+# a reduced seed set of the default evaluation (same sampler settings)
+REDUCED = EvalSettings(seeds_own=4, seeds_syn=2)
+
+
+@pytest.fixture(scope="module")
+def lab():
+    return load_diffusers("lab")
+
+
+@pytest.fixture(scope="module")
+def clf():
+    return load_classifier(CLASSIFIER_FILE)
+
+
+def test_classifier_on_a_fresh_heldout_render(clf):
+    images, attrs = render_labelled(1000, seed=424242)  # a seed used neither in training nor in its own check
+    acc = accuracy(clf, images, attrs)
+    assert min(acc.values()) >= 0.98, acc
+
+
+def test_lab_backbone_layout(lab):
+    kv = lab.cross_attention_kv()
+    assert len(kv) == 12  # 6 cross-attention layers, K and V each
+    assert lab.latent_shape() == (3, 32, 32) and lab.clip_denoised
+    assert lab.token_positions("a photo of a red circle", "red") == [5]
+
+
+@pytest.mark.slow
+def test_original_model_generates_every_concept(lab, clf, tmp_path, monkeypatch):
+    monkeypatch.setenv("ERASURE_CACHE", str(tmp_path))
+    report = evaluate(lab, clf, settings=REDUCED)
+    acc = {c: v["accuracy"] for c, v in report["concepts"].items()}
+    syn = {c: v["synonym_accuracy"] for c, v in report["concepts"].items()}
+    assert min(acc.values()) >= 0.875, acc  # 7 of 8 images or better for every concept
+    assert sum(acc.values()) / len(acc) >= 0.9, acc
+    assert sum(syn.values()) / len(syn) >= 0.75, syn
+
+
+@pytest.mark.slow
+def test_sampling_the_lab_model_is_deterministic(lab):
+    from erasure.sampling import sample
+
+    a = sample(lab, ["a red circle"], [5, 6], steps=5).images
+    b = sample(lab, ["a red circle"], [5, 6], steps=5).images
+    assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_esd_baseline_reduces_the_erased_concept(lab, clf, tmp_path, monkeypatch):
+    from erasure.lab.baseline import esd
+
+    monkeypatch.setenv("ERASURE_CACHE", str(tmp_path))
+    s = EvalSettings(seeds_own=6, seeds_syn=2, concepts=("circle", "square"))
+    before = evaluate(lab, clf, ["circle"], settings=s)
+    weights = esd(lab, "circle", iterations=60, seed=0)
+    after = evaluate(lab, clf, ["circle"], weights, settings=s)
+    assert after["concepts"]["circle"]["accuracy"] <= before["concepts"]["circle"]["accuracy"] - 0.5
+    assert all(torch.isfinite(d.matrix()).all() for d in weights.deltas.values())
+    assert world.concept_kind("circle") == "shape"
