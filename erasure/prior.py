@@ -1,0 +1,62 @@
+"""The prior-preservation Gram matrix ``C = sum_p p p^T`` over the tokens of general prompts, cached on disk.
+
+``C`` depends only on the text encoder and the prompt set, never on a UNet layer: one ``D x D`` matrix serves all
+K/V matrices of all layers (MACE's reference recomputes and caches two matrices per layer). It is normalised per
+prompt (divided by the number of prompts), so the preservation weight means the same whatever the set's size. The
+cache key hashes the text encoder's weights, the prompts and the conditioning layer; a stale or corrupt file is
+rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .backbone import Backbone
+from .weights import atomic_save
+
+
+def text_encoder_hash(backbone: Backbone) -> str:
+    h = hashlib.sha256()
+    for enc in getattr(backbone, "text_encoders", []):
+        for name, p in enc.state_dict().items():
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    h.update(str(getattr(backbone, "hidden_layer", "")).encode())
+    return h.hexdigest()[:20]
+
+
+@torch.no_grad()
+def token_embeddings(backbone: Backbone, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """All token embeddings (padding included: the UNet sees it) of the prompts, [n_prompts, L, D] float64."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        out.append(backbone.encode_text(prompts[i : i + batch_size]).embeds.double().cpu())
+    return torch.cat(out)
+
+
+def gram(backbone: Backbone, prompts: list[str], cache_dir: Path | None = None) -> torch.Tensor:
+    """``C`` (float64, D x D) for ``prompts``, from the disk cache when valid."""
+    if not prompts:
+        raise ValueError("the prior-preservation prompt set is empty")
+    path = None
+    if cache_dir is not None:
+        key = hashlib.sha256(json.dumps([text_encoder_hash(backbone), prompts]).encode()).hexdigest()[:24]
+        path = Path(cache_dir) / "gram" / f"{key}.safetensors"
+        if path.exists():
+            try:
+                c = load_file(str(path))["gram"]
+                if c.dim() == 2 and c.shape[0] == c.shape[1] and torch.isfinite(c).all():
+                    return c
+            except Exception:  # corrupt: rebuilt below
+                pass
+    e = token_embeddings(backbone, prompts)
+    flat = e.reshape(-1, e.shape[-1])
+    c = (flat.T @ flat) / len(prompts)
+    if path is not None:
+        atomic_save({"gram": c.contiguous()}, path, {"prompts": str(len(prompts))})
+    return c

@@ -1,0 +1,88 @@
+"""Prompts: templates for concept prompts, and the project's own prior-preservation prompt set.
+
+MACE's reference preserves ~0.6 M COCO captions, which this project cannot ship. Instead we write a varied set
+ourselves: everyday objects and animals, people, scenes and art styles, combined through several templates into
+more than 1,000 distinct prompts, deterministically. Users can extend it with a text file (one prompt per line).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+OBJECTS = (
+    "dog cat horse bird fish cow sheep elephant bear zebra giraffe rabbit fox deer lion tiger monkey owl duck "
+    "car bicycle motorcycle bus train truck boat airplane tractor "
+    "chair table sofa bed lamp clock vase bottle cup bowl plate teapot book laptop phone television camera guitar "
+    "piano umbrella backpack handbag suitcase hat shoe kite ball skateboard bench fountain bridge house tower "
+    "castle church lighthouse windmill tree flower rose sunflower apple banana orange pizza cake sandwich bread "
+    "mountain river lake waterfall"
+).split()
+PEOPLE = (
+    "a man", "a woman", "a child", "an old man", "an old woman", "a young girl", "a young boy", "a chef",
+    "a doctor", "a firefighter", "a farmer", "a musician", "a dancer", "a soldier", "an astronaut", "a teacher",
+    "a couple", "a family", "a group of friends", "a runner",
+)
+SCENES = (
+    "in a park", "on a beach", "in a forest", "in a city street", "in a kitchen", "in a living room",
+    "on a mountain", "in the snow", "at night", "at sunset", "in the rain", "in a desert", "in a garden",
+    "by a lake", "in an office", "in a market", "on a farm", "in a library", "under the sea", "in space",
+)
+STYLES = (
+    "an oil painting", "a watercolor painting", "a pencil sketch", "a photograph", "a 3d render", "a cartoon",
+    "an anime drawing", "a pixel art image", "a charcoal drawing", "a digital illustration", "a vintage photo",
+    "a poster", "a mosaic", "an impressionist painting", "a line drawing", "a low poly render",
+)
+PRIOR_TEMPLATES = (
+    "a photo of a {o}",
+    "a {o} {s}",
+    "{p} with a {o}",
+    "{p} {s}",
+    "{st} of a {o}",
+    "{st} of {p} {s}",
+    "a close-up photo of a {o}",
+    "{p} standing next to a {o} {s}",
+)
+
+#: MACE-style templates for a concept's own prompts, per kind of concept
+CONCEPT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "object": ("a photo of the {c}", "a photo of a {c}", "a picture of a {c}", "an image of a {c}", "{c}",
+               "a close-up photo of a {c}", "a {c} in a park", "a {c} on a table", "a drawing of a {c}",
+               "a painting of a {c}"),
+    "person": ("a photo of {c}", "a portrait of {c}", "{c}", "a picture of {c}", "a close-up photo of {c}",
+               "{c} smiling", "{c} in a city street", "a painting of {c}", "an image of {c}", "{c} on stage"),
+    "style": ("a painting in the style of {c}", "an artwork by {c}", "{c}", "a landscape in the style of {c}",
+              "a portrait in the style of {c}", "art by {c}", "a still life by {c}", "a city painted by {c}",
+              "an image in the style of {c}", "a drawing by {c}"),
+    "nudity": ("{c}", "a photo of a {c} person", "a {c} woman", "a {c} man", "a {c} body", "a painting of a {c} "
+               "figure", "a {c} person on a beach", "{c} people", "a {c} model", "a picture of {c}"),
+}
+
+
+def concept_prompts(concept: str, kind: str = "object") -> list[str]:
+    if kind not in CONCEPT_TEMPLATES:
+        raise ValueError(f"unknown kind of concept {kind!r}; use one of {', '.join(CONCEPT_TEMPLATES)}")
+    return [t.format(c=concept) for t in CONCEPT_TEMPLATES[kind]]
+
+
+def prior_prompts(n: int = 1200, seed: int = 0, exclude: list[str] | tuple[str, ...] = (),
+                  extra_file: str | Path | None = None) -> list[str]:
+    """``n`` distinct general prompts (deterministic for a seed), none containing an excluded word, plus the lines
+    of ``extra_file``."""
+    rng = random.Random(seed)
+    excl = [w.lower() for w in exclude if w.strip()]
+    out: list[str] = []
+    seen: set[str] = set()
+    for _ in range(50 * n):
+        if len(out) >= n:
+            break
+        t = rng.choice(PRIOR_TEMPLATES)
+        prompt = t.format(o=rng.choice(OBJECTS), p=rng.choice(PEOPLE), s=rng.choice(SCENES), st=rng.choice(STYLES))
+        if prompt in seen or any(w in prompt.lower() for w in excl):
+            continue
+        seen.add(prompt)
+        out.append(prompt)
+    if extra_file is not None:
+        lines = Path(extra_file).read_text(encoding="utf-8").splitlines()
+        out += [line.strip() for line in lines if line.strip()]
+    return out
