@@ -86,4 +86,9 @@ class Backbone(Protocol):
 
     def unet(self) -> nn.Module: ...
 
+    def capture_attention(self, sink, resolution: int | None = None):
+        """Context manager within which every cross-attention layer calls ``sink(name, probs, (h, w))`` with
+        probabilities ``[B, heads, h*w, L]`` (carrying gradient when grad mode is on)."""
+        ...
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...

@@ -90,19 +90,19 @@ def _lab_baseline(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .lab.baseline import esd
+    from .lab.demo import erase
     from .lab.evaluate import evaluate, format_table
 
     concept = args.concept
     out = Path(args.out)
     backbone, clf = _load_lab("lab")
     s = _settings(args)
-    print(f"erasure {__version__} demo: erase {concept!r} from the concept lab's model "
-          "(method: ESD baseline; ANT and MACE replace it as they land)")
+    print(f"erasure {__version__} demo: erase {concept!r} from the concept lab's model with {args.method} "
+          "(ANT and MACE become the default as they land)")
     t0 = time.time()
     before = evaluate(backbone, clf, [concept], None, s)
     with tqdm(total=args.steps, desc=f"erasing {concept}", disable=None) as bar:
-        weights = esd(backbone, concept, iterations=args.steps, seed=args.seed, progress=bar.update)
+        weights = erase(backbone, concept, args.method, steps=args.steps, seed=args.seed, progress=bar.update)
     out.mkdir(parents=True, exist_ok=True)
     weights.save(out / f"erase-{concept}.safetensors")
     after = evaluate(backbone, clf, [concept], weights, s, grid=out / "grid.png")
@@ -143,8 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="erase one concept from the lab model and show before/after")
-    demo.add_argument("--concept", default="circle")
-    demo.add_argument("--steps", type=int, default=200, help="training iterations")
+    demo.add_argument("--concept", default="circle", help="a lab concept: a shape, colour or style")
+    demo.add_argument("--method", choices=("esd", "cfr"), default="esd",
+                      help="esd: the anchor-free baseline; cfr: MACE's closed-form refinement alone")
+    demo.add_argument("--steps", type=int, default=150, help="training iterations (esd)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="out/demo")
     _add_eval_flags(demo)

@@ -65,3 +65,59 @@ class TrainableDeltas(nn.Module):
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+class TrainableLoRA(nn.Module):
+    """Low-rank trainable deltas ``dW = up @ down * (alpha / rank)`` on frozen Linear layers, via forward hooks.
+
+    ``up`` starts at zero, so the model is unchanged before the first step (the usual LoRA initialisation).
+    """
+
+    def __init__(self, modules: dict[str, nn.Linear], rank: int = 1, alpha: float | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if not modules:
+            raise ValueError("no layers selected to train")
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1 (got {rank})")
+        self.names = sorted(modules)
+        self.rank = rank
+        self.scale = (alpha if alpha is not None else rank) / rank
+        downs, ups = [], []
+        for n in self.names:
+            w = modules[n].weight
+            down = torch.randn(rank, w.shape[1], generator=generator) / rank
+            downs.append(nn.Parameter(down.to(w.device)))
+            ups.append(nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device)))
+        self.downs = nn.ParameterList(downs)
+        self.ups = nn.ParameterList(ups)
+        self.enabled = True
+        self._handles = [modules[n].register_forward_hook(self._hook(i)) for i, n in enumerate(self.names)]
+
+    def _hook(self, i: int):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+            if not self.enabled:
+                return output
+            x = inputs[0].to(self.downs[i].dtype)
+            return output + (nn.functional.linear(nn.functional.linear(x, self.downs[i]), self.ups[i])
+                             * self.scale).to(output.dtype)
+
+        return hook
+
+    disabled = TrainableDeltas.disabled
+    remove = TrainableDeltas.remove
+    __enter__ = TrainableDeltas.__enter__
+    __exit__ = TrainableDeltas.__exit__
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def all_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.parameters())
+
+    def result(self, **metadata: object) -> ErasureWeights:
+        from .weights import Delta, _meta
+
+        deltas = {n: Delta(up=u.detach().float().cpu().clone(), down=d.detach().float().cpu().clone(),
+                           scale=self.scale) for n, u, d in zip(self.names, self.ups, self.downs, strict=True)}
+        return ErasureWeights(deltas, _meta(metadata))

@@ -128,6 +128,13 @@ class DiffusersBackbone:
         return {name: m for name, m in self._unet.named_modules()
                 if name.endswith(("attn2.to_k", "attn2.to_v")) and isinstance(m, nn.Linear)}
 
+    def capture_attention(self, sink, resolution: int | None = None):
+        """Context manager: cross-attention probabilities [B, heads, HW, L] of every layer go to ``sink``."""
+        from .attention import capture_cross_attention
+
+        _, h, w = self.latent_shape(resolution)
+        return capture_cross_attention(self._unet, sink, (h, w))
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             return latents.clamp(-1, 1)

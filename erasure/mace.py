@@ -26,6 +26,8 @@ class Concept:
     text: str
     anchor: str
     kind: str = "object"
+    #: prompts with ``{c}`` where the concept goes; default: the templates of ``kind`` (``prompts.py``)
+    templates: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.text.strip():
@@ -41,7 +43,7 @@ def aligned_pairs(backbone: Backbone, concept: Concept, templates: list[str] | N
     Positions before the concept map to themselves; positions after it shift by the difference in token count
     between concept and anchor; positions that fall off the context are dropped.
     """
-    prompts = templates or concept_prompts("{c}", concept.kind)
+    prompts = templates or list(concept.templates) or concept_prompts("{c}", concept.kind)
     src = [p.replace("{c}", concept.text) for p in prompts]
     dst = [p.replace("{c}", concept.anchor) for p in prompts]
     ef_all = backbone.encode_text(src).embeds.double().cpu()

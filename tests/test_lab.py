@@ -31,7 +31,7 @@ def test_classifier_on_a_fresh_heldout_render(clf):
 
 def test_lab_backbone_layout(lab):
     kv = lab.cross_attention_kv()
-    assert len(kv) == 12  # 6 cross-attention layers, K and V each
+    assert len(kv) == 14  # 7 cross-attention layers (2 down, 1 mid, 4 up), K and V each
     assert lab.latent_shape() == (3, 32, 32) and lab.clip_denoised
     assert lab.token_positions("a photo of a red circle", "red") == [5]
 

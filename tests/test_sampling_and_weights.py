@@ -95,3 +95,56 @@ def test_trainable_deltas_leave_weights_untouched(tiny_backbone):
     torch.testing.assert_close(merged, moved, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(bb.predict_noise(x, t, cond), ref)
     assert all(torch.equal(before[k], v) for k, v in bb.unet().state_dict().items())
+
+
+class _PointMassBackbone:
+    """The exact eps-predictor of a data distribution concentrated on one image: DDIM must land on it."""
+
+    clip_denoised = False
+
+    def __init__(self, target):
+        from erasure.backbone import NoiseSchedule
+        from erasure.lab.model import SCHEDULER_CONFIG
+        from diffusers import DDPMScheduler
+
+        self.target = target
+        self.schedule = NoiseSchedule(DDPMScheduler(**SCHEDULER_CONFIG).alphas_cumprod.double())
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+
+    def latent_shape(self, resolution=None):
+        return tuple(self.target.shape)
+
+    def encode_text(self, prompts):
+        from erasure.backbone import TextConditioning
+
+        return TextConditioning(torch.zeros(len(prompts), 1, 1))
+
+    def predict_noise(self, x, t, cond):
+        a = self.schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+        return (x - a.sqrt() * self.target) / (1 - a).sqrt()
+
+    def decode(self, x):
+        return x
+
+
+def test_ddim_recovers_the_data_under_an_exact_predictor():
+    target = torch.rand(3, 4, 4) * 2 - 1
+    out = sample(_PointMassBackbone(target), ["x"], [0, 1], steps=7, guidance=3.0).images
+    torch.testing.assert_close(out, target.expand(2, 3, 4, 4), rtol=1e-3, atol=1e-3)
+
+
+def test_attention_capture_matches_the_normal_forward(tiny_backbone):
+    bb = tiny_backbone
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([300, 300])
+    cond = bb.encode_text(["a red circle", "a square"])
+    ref = bb.predict_noise(x, t, cond)
+    seen = []
+    with bb.capture_attention(lambda n, p, hw: seen.append((n, p, hw))):
+        out = bb.predict_noise(x, t, cond)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert len(seen) == 4  # tiny model: 1 down, 1 mid and 2 up cross-attention layers
+    name, probs, hw = seen[0]
+    assert probs.shape == (2, 2, 64, 16) and hw == (8, 8)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 64))
+    # the original processors are back
+    assert all(type(p).__name__ != "CapturingProcessor" for p in bb.unet().attn_processors.values())

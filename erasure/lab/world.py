@@ -255,3 +255,42 @@ def vocabulary() -> list[str]:
         words.add(c)
         words |= set(SYNONYMS.get(c, ()))
     return sorted(words)
+
+
+def prior_prompts(exclude: list[str] | tuple[str, ...] = (), n: int = 1000, seed: int = 0) -> list[str]:
+    """General lab captions for prior preservation (the lab's counterpart of ``erasure.prompts.prior_prompts``):
+    ``n`` distinct training-style captions, none that names an excluded concept or one of its synonyms."""
+    banned = set()
+    for c in exclude:
+        banned.add(c)
+        banned |= set(SYNONYMS.get(c, ()))
+    g = torch.Generator().manual_seed(seed)
+    out: list[str] = []
+    seen: set[str] = set()
+    for _ in range(50 * n):
+        if len(out) >= n:
+            break
+        a = sample_attributes(1, g)
+        cap = caption(int(a.shape), int(a.colour), int(a.style), g)
+        if cap in seen or banned & set(cap.split()):
+            continue
+        seen.add(cap)
+        out.append(cap)
+    return out
+
+
+def concept_templates(concept: str) -> list[str]:
+    """Training-style prompts with ``{c}`` where the concept goes (what erasure methods edit on the lab model)."""
+    kind = concept_kind(concept)
+    out: list[str] = []
+    if kind == "shape":
+        for col in ("",) + COLOURS:
+            out += [" ".join(t.format(c=col, s="{c}", y="").split()) for t in TEMPLATES_SHAPE]
+        out += [" ".join(t.format(c="", s="{c}", y=y).split()) for t in TEMPLATES_STYLE for y in STYLE_CONCEPTS]
+    elif kind == "colour":
+        for s in GENERIC_NOUNS + SHAPES:
+            out += [" ".join(t.format(c="{c}", s=s, y="").split()) for t in TEMPLATES_SHAPE]
+    else:
+        for s in GENERIC_NOUNS + SHAPES:
+            out += [" ".join(t.format(c="", s=s, y="{c}").split()) for t in TEMPLATES_STYLE]
+    return list(dict.fromkeys(out))
