@@ -1,23 +1,35 @@
-"""MACE stage 2: closed-form cross-attention refinement (CFR) on every cross-attention K/V matrix.
+"""MACE (Lu et al., CVPR 2024): mass concept erasure on the cross-attention key/value projections.
 
-For each concept, template prompts containing it are encoded next to the same templates with its anchor. The
-inputs ``e_f`` are the concept prompts' token embeddings at every position EXCEPT the concept's own tokens (prefix,
-following words, end token and padding: through the causal text encoder they carry the concept's residue); the
-targets are ``W0 e_g``, the anchor prompts' aligned embeddings projected by the original matrix. With the prior
-Gram matrix ``C`` (``prior.py``) each matrix is solved in closed form (``closed_form.py``).
+Four stages, as in ``shared/docs/ALGORITHMS.md``:
 
-Stages 1 (data and masks), 3 (attention-loss LoRAs) and 4 (fusion) are issue #3's remaining work.
+1. ``generate_data``: N images per concept from the frozen model, with masks derived from the concept tokens' own
+   cross-attention maps during the same sampling pass (mid-resolution layers, later steps, heads averaged,
+   min-max normalised, thresholded). No GroundingDINO/SAM. Styles use no mask; users may pass their own masks.
+2. ``refine`` (CFR): closed-form edit of every K/V matrix mapping the concept prompts' non-concept tokens onto the
+   anchor's projections, with prior preservation through one ``D x D`` Gram matrix (``prior.py``).
+3. ``train_lora``: one rank-1 K/V LoRA per concept on the CFR model, trained to suppress the concept tokens'
+   attention inside the mask (``attention_loss``), at timesteps drawn from
+   ``p(t) ~ sigmoid(0.05 (t - 200)) - sigmoid(0.05 (t - 400))``.
+4. ``fuse``: closed-form fusion of all concept LoRAs into one set of dense K/V edits.
+
+Where the project differs from the reference code on purpose: the prior Gram matrix is shared by all layers and its
+weight applied once (the reference applies it twice and caches two matrices per layer); solves are float64 Cholesky
+instead of explicit float32 inverses; masks come from the model's own attention.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from .backbone import Backbone
 from .closed_form import least_squares_edit
+from .deltas import TrainableLoRA
 from .prompts import concept_prompts
+from .sampling import sample
 from .weights import ErasureWeights
 
 
@@ -28,6 +40,8 @@ class Concept:
     kind: str = "object"
     #: prompts with ``{c}`` where the concept goes; default: the templates of ``kind`` (``prompts.py``)
     templates: tuple[str, ...] = ()
+    #: the prompt that generates the concept's training images; default: MACE's per-kind prompt
+    data_prompt: str = ""
 
     def __post_init__(self) -> None:
         if not self.text.strip():
@@ -35,28 +49,113 @@ class Concept:
         if self.text.strip().lower() == self.anchor.strip().lower():
             raise ValueError(f"the anchor of {self.text!r} is the concept itself: choose a different anchor")
 
+    def prompts(self) -> list[str]:
+        return [t.replace("{c}", self.text) for t in (self.templates or concept_prompts("{c}", self.kind))]
 
-def aligned_pairs(backbone: Backbone, concept: Concept, templates: list[str] | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def generation_prompt(self) -> str:
+        if self.data_prompt:
+            return self.data_prompt.replace("{c}", self.text)
+        return f"a photo in the style of {self.text}" if self.kind == "style" else f"a photo of the {self.text}"
+
+
+@dataclass(frozen=True)
+class MaceSettings:
+    """Every setting of the four stages. Presets (``PRESETS``) hold the reference values per kind of concept."""
+
+    kind: str = "object"
+    anchor: str = "background"
+    images_per_concept: int = 8
+    sample_steps: int = 30
+    guidance: float = 7.5
+    mask_threshold: float = 0.5
+    use_masks: bool = True
+    lam: float = 0.1  # CFR / fusion regulariser towards the reference weights
+    preserve: float = 1.0  # prior-preservation weight in CFR (per prompt of the prior set)
+    fuse_preserve: float = 1.0  # prior-preservation weight in fusion
+    lora_steps: int = 50
+    lora_lr: float = 1e-5
+    lora_rank: int = 1
+    lora_batch: int = 1
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def override(self, **kw: object) -> MaceSettings:
+        unknown = [k for k in kw if k not in asdict(self)]
+        if unknown:
+            raise ValueError(f"unknown MACE settings: {', '.join(unknown)}")
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+PRESETS: dict[str, MaceSettings] = {
+    "object": MaceSettings(kind="object", anchor="background", lora_steps=50, lora_lr=1e-5),
+    "person": MaceSettings(kind="person", anchor="a person", lora_steps=50, lora_lr=1e-4),
+    "style": MaceSettings(kind="style", anchor="art", use_masks=False, lora_steps=50, lora_lr=1e-4),
+    "nudity": MaceSettings(kind="nudity", anchor="a person wearing clothes", lora_steps=120, lora_lr=1e-5),
+}
+
+
+# -- stage 1 ---------------------------------------------------------------------------------------------------
+@dataclass
+class ConceptData:
+    concept: Concept
+    prompt: str
+    latents: torch.Tensor  # [N, C, h, w] clean latents
+    masks: torch.Tensor  # [N, h, w] in {0, 1}
+    images: torch.Tensor | None = None  # [N, 3, H, W] decoded, for previews
+
+
+def masks_from_attention(maps: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Min-max normalise each map and threshold it; an empty result falls back to the whole image."""
+    lo = maps.flatten(1).min(1).values.view(-1, 1, 1)
+    hi = maps.flatten(1).max(1).values.view(-1, 1, 1)
+    norm = (maps - lo) / (hi - lo).clamp_min(1e-8)
+    masks = (norm >= threshold).float()
+    empty = masks.flatten(1).sum(1) == 0
+    masks[empty] = 1.0
+    return masks
+
+
+def generate_data(backbone: Backbone, concept: Concept, s: MaceSettings, user_masks: torch.Tensor | None = None,
+                  user_latents: torch.Tensor | None = None, progress: Callable[[int], None] | None = None
+                  ) -> ConceptData:
+    prompt = concept.generation_prompt()
+    if user_latents is not None:
+        masks = user_masks if user_masks is not None else torch.ones(user_latents.shape[0],
+                                                                       *user_latents.shape[2:])
+        return ConceptData(concept, prompt, user_latents, masks)
+    seeds = [s.seed * 1000 + i for i in range(s.images_per_concept)]
+    want_masks = s.use_masks and concept.kind != "style"
+    res = sample(backbone, [prompt], seeds, s.sample_steps, s.guidance, progress=progress,
+                 attention_word=concept.text if want_masks else None)
+    if want_masks:
+        masks = masks_from_attention(res.attention, s.mask_threshold)
+    else:
+        masks = torch.ones(res.latents.shape[0], *res.latents.shape[2:])
+    if user_masks is not None:
+        masks = user_masks
+    return ConceptData(concept, prompt, res.latents, masks, res.images)
+
+
+# -- stage 2 ---------------------------------------------------------------------------------------------------
+def aligned_pairs(backbone: Backbone, concept: Concept) -> tuple[torch.Tensor, torch.Tensor]:
     """``(e_f, e_g)``: concept-prompt embeddings at non-concept positions and the anchor prompts' aligned ones.
 
     Positions before the concept map to themselves; positions after it shift by the difference in token count
     between concept and anchor; positions that fall off the context are dropped.
     """
-    prompts = templates or list(concept.templates) or concept_prompts("{c}", concept.kind)
-    src = [p.replace("{c}", concept.text) for p in prompts]
-    dst = [p.replace("{c}", concept.anchor) for p in prompts]
+    templates = list(concept.templates) or concept_prompts("{c}", concept.kind)
+    src = [p.replace("{c}", concept.text) for p in templates]
+    dst = [" ".join(p.replace("{c}", concept.anchor).split()) for p in templates]
     ef_all = backbone.encode_text(src).embeds.double().cpu()
     eg_all = backbone.encode_text(dst).embeds.double().cpu()
     length = ef_all.shape[1]
     ef, eg = [], []
     for i, (ps, pd) in enumerate(zip(src, dst, strict=True)):
         cpos = backbone.token_positions(ps, concept.text)
-        apos = backbone.token_positions(pd, concept.anchor) if concept.anchor.strip() else []
         if not cpos:
             raise ValueError(f"{concept.text!r} was cut off in {ps!r}: shorten the concept")
-        start = cpos[0]
-        k = _span(cpos)
+        apos = backbone.token_positions(pd, concept.anchor) if concept.anchor.strip() else []
+        start, k = cpos[0], _span(cpos)
         m = _span(apos) if apos else 0
         for p in range(length):
             if start <= p < start + k:
@@ -76,11 +175,15 @@ def _span(positions: list[int]) -> int:
     return n
 
 
+def _kv_weights(backbone: Backbone) -> dict[str, torch.Tensor]:
+    return {n: m.weight.detach().double().cpu() for n, m in backbone.cross_attention_kv().items()}
+
+
 def refine(backbone: Backbone, concepts: list[Concept], prior: torch.Tensor | None, lam: float = 0.1,
            preserve: float = 1.0) -> ErasureWeights:
     """CFR for all concepts at once; dense K/V deltas. With no concepts the deltas are zero."""
-    kv = backbone.cross_attention_kv()
-    d = next(iter(kv.values())).weight.shape[1]
+    w0s = _kv_weights(backbone)
+    d = next(iter(w0s.values())).shape[1]
     ef_list, eg_list = [torch.zeros(0, d, dtype=torch.float64)], [torch.zeros(0, d, dtype=torch.float64)]
     for c in concepts:
         ef, eg = aligned_pairs(backbone, c)
@@ -88,10 +191,182 @@ def refine(backbone: Backbone, concepts: list[Concept], prior: torch.Tensor | No
         eg_list.append(eg)
     ef, eg = torch.cat(ef_list), torch.cat(eg_list)
     deltas = {}
-    for name, mod in kv.items():
-        w0 = mod.weight.detach().double().cpu()
+    for name, w0 in w0s.items():
         w = least_squares_edit(w0, ef, eg @ w0.T, lam, prior, preserve)
         deltas[name] = (w - w0).float()
     return ErasureWeights.dense(deltas, method="mace-cfr", concepts=[c.text for c in concepts],
-                                anchors=[c.anchor for c in concepts],
-                                settings={"lam": lam, "preserve": preserve})
+                                anchors=[c.anchor for c in concepts], settings={"lam": lam, "preserve": preserve})
+
+
+# -- stage 3 ---------------------------------------------------------------------------------------------------
+def timestep_weights(num_timesteps: int = 1000) -> torch.Tensor:
+    """MACE's ``p(t) ~ sigmoid(0.05 (t - 200)) - sigmoid(0.05 (t - 400))``, normalised."""
+    t = torch.arange(num_timesteps, dtype=torch.float64)
+    p = torch.sigmoid(0.05 * (t - 200)) - torch.sigmoid(0.05 * (t - 400))
+    return p / p.sum()
+
+
+def suppressed_positions(backbone: Backbone, prompt: str, word: str) -> list[int]:
+    """The concept's token positions plus the end token and the padding after it (they carry its residue)."""
+    pos = backbone.token_positions(prompt, word)
+    ids = backbone.tokenize(prompt) if hasattr(backbone, "tokenize") else None
+    if ids is not None:
+        eos = ids[-1]
+        first_eos = next((i for i, t in enumerate(ids) if t == eos and i > 0), len(ids))
+        pos = sorted(set(pos) | set(range(first_eos, len(ids))))
+    return pos
+
+
+@dataclass
+class AttentionLoss:
+    """Sum over layers of the squared attention of ``positions`` at masked pixels, per masked pixel and head."""
+
+    positions: list[int]
+    masks: torch.Tensor  # [B, h, w]
+    total: torch.Tensor | None = None
+    layers: int = 0
+
+    def __call__(self, name: str, probs: torch.Tensor, hw: tuple[int, int]) -> None:
+        m = torch.nn.functional.interpolate(self.masks[:, None].to(probs.device, probs.dtype), size=hw,
+                                            mode="nearest").flatten(1)  # [B, HW]
+        sel = probs[..., self.positions]  # [B, heads, HW, P]
+        val = (sel.pow(2).sum(-1) * m[:, None]).sum() / (m.sum().clamp_min(1) * probs.shape[1])
+        self.total = val if self.total is None else self.total + val
+        self.layers += 1
+
+
+@dataclass
+class LoraResult:
+    weights: ErasureWeights
+    losses: list[float] = field(default_factory=list)
+
+
+def train_lora(backbone: Backbone, data: ConceptData, base: ErasureWeights | None, s: MaceSettings,
+               progress: Callable[[int], None] | None = None,
+               check_interrupt: Callable[[], None] | None = None) -> LoraResult:
+    """Stage 3 for one concept: a rank-``s.lora_rank`` K/V LoRA on top of ``base`` (the CFR edit)."""
+    gen = torch.Generator().manual_seed(s.seed)
+    prompt = data.prompt
+    positions = suppressed_positions(backbone, prompt, data.concept.text)
+    pt = timestep_weights(backbone.schedule.num_timesteps)
+    unet = backbone.unet()
+    losses: list[float] = []
+    base = base or ErasureWeights()
+    with torch.no_grad():
+        cond_all = backbone.encode_text([prompt])
+    with base.applied(unet), TrainableLoRA(backbone.cross_attention_kv(), rank=s.lora_rank, generator=gen) as lora:
+        opt = torch.optim.AdamW(lora.parameters(), lr=s.lora_lr)
+        n = data.latents.shape[0]
+        for _step in range(s.lora_steps):
+            if check_interrupt is not None:
+                check_interrupt()
+            idx = torch.randint(0, n, (s.lora_batch,), generator=gen)
+            x0 = data.latents[idx].to(backbone.device, backbone.dtype)
+            t = torch.multinomial(pt, s.lora_batch, replacement=True, generator=gen).to(backbone.device)
+            noise = torch.randn(x0.shape, generator=gen).to(x0)
+            x_t = backbone.schedule.add_noise(x0, noise, t)
+            loss_fn = AttentionLoss(positions, data.masks[idx])
+            with backbone.capture_attention(loss_fn):
+                backbone.predict_noise(x_t, t, cond_all.repeat(s.lora_batch))
+            loss = loss_fn.total
+            if loss is None or not torch.isfinite(loss):
+                raise FloatingPointError(f"MACE attention loss is {loss} for {data.concept.text!r}: lower lora_lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(lora.parameters(), s.grad_clip)
+            opt.step()
+            losses.append(float(loss.detach()))
+            if progress is not None:
+                progress(1)
+        if not lora.all_finite():
+            raise FloatingPointError(f"MACE LoRA for {data.concept.text!r} became non-finite: lower lora_lr")
+        w = lora.result(method="mace-lora", concepts=[data.concept.text], anchors=[data.concept.anchor],
+                        settings=asdict(s))
+    return LoraResult(w, losses)
+
+
+# -- stage 4 ---------------------------------------------------------------------------------------------------
+def concept_token_embeddings(backbone: Backbone, concept: Concept) -> torch.Tensor:
+    """All tokens of the concept's prompts, [n * L, D] float64 (the ``E_i`` of the fusion)."""
+    with torch.no_grad():
+        e = backbone.encode_text(concept.prompts()).embeds.double().cpu()
+    return e.reshape(-1, e.shape[-1])
+
+
+def fuse(backbone: Backbone, items: list[tuple[Concept, ErasureWeights]], base: ErasureWeights | None,
+         prior: torch.Tensor | None, lam: float = 0.1, preserve: float = 1.0) -> ErasureWeights:
+    """Closed-form fusion: ``W* = argmin sum_i ||W E_i - (W_base + dW_i) E_i||^2 + lam ||W - W_base||^2
+    + preserve * ||(W - W0) C^(1/2)||^2``; dense K/V deltas relative to the original weights ``W0``.
+
+    ``base`` is the CFR edit shared by the concepts (``None``: the original model); each ``dW_i`` is a LoRA's K/V
+    effect relative to it (modules it does not touch contribute zero).
+    """
+    w0s = _kv_weights(backbone)
+    embeds = [concept_token_embeddings(backbone, c) for c, _ in items]
+    deltas = {}
+    for name, w0 in w0s.items():
+        wb = w0 + (base.deltas[name].matrix().double() if base is not None and name in base.deltas else 0)
+        es, vs = [], []
+        for (_, lw), e in zip(items, embeds, strict=True):
+            dw = lw.deltas[name].matrix().double() if name in lw.deltas else torch.zeros_like(w0)
+            es.append(e)
+            vs.append(e @ (wb + dw).T)
+        e = torch.cat(es) if es else torch.zeros(0, w0.shape[1], dtype=torch.float64)
+        v = torch.cat(vs) if vs else torch.zeros(0, w0.shape[0], dtype=torch.float64)
+        w = least_squares_edit(wb, e, v, lam, prior, preserve, w_prior=w0)
+        deltas[name] = (w - w0).float()
+    return ErasureWeights.dense(deltas, method="mace-fused", concepts=[c.text for c, _ in items],
+                                anchors=[c.anchor for c, _ in items],
+                                settings={"lam": lam, "fuse_preserve": preserve})
+
+
+# -- the pipeline ------------------------------------------------------------------------------------------------
+@dataclass
+class MaceResult:
+    weights: ErasureWeights
+    cfr: ErasureWeights
+    loras: list[LoraResult]
+    data: list[ConceptData]
+    seconds: float = 0.0
+    unet_evaluations: int = 0
+
+
+def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, prior: torch.Tensor | None,
+         user_data: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+         progress: Callable[[int], None] | None = None, check_interrupt: Callable[[], None] | None = None,
+         log: Callable[[str], None] | None = None) -> MaceResult:
+    """All four stages. ``user_data[concept] = (latents, masks or None)`` replaces stage 1 for that concept."""
+    if not concepts:
+        raise ValueError("no concepts to erase")
+    texts = [c.text.strip().lower() for c in concepts]
+    dup = sorted({t for t in texts if texts.count(t) > 1})
+    if dup:
+        raise ValueError(f"duplicate concepts: {', '.join(dup)}; list each concept once")
+    t0 = time.time()
+    s = settings
+    evals = 0
+    data = []
+    for c in concepts:
+        if log:
+            log(f"stage 1/4: generating {s.images_per_concept} images of {c.text!r}")
+        user = (user_data or {}).get(c.text)
+        data.append(generate_data(backbone, c, s, user_masks=user[1] if user else None,
+                                  user_latents=user[0] if user else None, progress=progress))
+        if user is None:
+            evals += 2 * s.images_per_concept * s.sample_steps
+    if log:
+        log("stage 2/4: closed-form refinement of the cross-attention K/V")
+    cfr = refine(backbone, concepts, prior, s.lam, s.preserve)
+    loras = []
+    for d in data:
+        if log:
+            log(f"stage 3/4: attention-loss LoRA for {d.concept.text!r}")
+        loras.append(train_lora(backbone, d, cfr, replace(s, seed=s.seed), progress, check_interrupt))
+        evals += s.lora_steps * s.lora_batch * 2  # forward and backward
+    if log:
+        log("stage 4/4: closed-form fusion")
+    fused = fuse(backbone, [(c, lr.weights) for c, lr in zip(concepts, loras, strict=True)], cfr, prior, s.lam,
+                 s.fuse_preserve)
+    fused.metadata.update(ErasureWeights.dense({}, method="mace", settings=asdict(s)).metadata)
+    return MaceResult(fused, cfr, loras, data, round(time.time() - t0, 2), evals)
+

@@ -43,10 +43,35 @@ def ddim_step(schedule_abar: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, t
 @dataclass
 class SampleResult:
     images: torch.Tensor  # [N, 3, H, W] in [-1, 1]
+    latents: torch.Tensor  # [N, C, h, w]: the final latents (before decoding)
     timesteps: torch.Tensor  # [S]
     trajectory: torch.Tensor | None = None  # [S, N, C, h, w]: the latent before each step
     eps_uncond: torch.Tensor | None = None  # [S, N, C, h, w]
     eps_cond: torch.Tensor | None = None  # [S, N, C, h, w]
+    attention: torch.Tensor | None = None  # [N, h, w]: the chosen tokens' cross-attention, see ``sample``
+
+
+class AttentionAccumulator:
+    """Sums, over the calls it sees, the cross-attention of chosen token positions in the conditional half of a
+    CFG batch: mean over heads, sum over the tokens, layers at the mid resolutions (latent/2 and latent/4),
+    upsampled to the latent size."""
+
+    def __init__(self, positions: list[list[int]], latent_hw: tuple[int, int]) -> None:
+        self.positions = positions
+        self.latent_hw = latent_hw
+        self.total: torch.Tensor | None = None
+        self.active = False
+
+    def __call__(self, name: str, probs: torch.Tensor, hw: tuple[int, int]) -> None:
+        lh, lw = self.latent_hw
+        if not self.active or hw not in ((lh // 2, lw // 2), (lh // 4, lw // 4)):
+            return
+        n = len(self.positions)
+        cond = probs[-n:].detach().float().mean(1)  # [n, HW, L]
+        maps = torch.stack([cond[i][:, pos].sum(-1) for i, pos in enumerate(self.positions)])
+        maps = torch.nn.functional.interpolate(maps.view(n, 1, *hw), size=self.latent_hw, mode="bilinear",
+                                               align_corners=False)[:, 0]
+        self.total = maps.cpu() if self.total is None else self.total + maps.cpu()
 
 
 def guided_eps(backbone: Backbone, x: torch.Tensor, t: int | torch.Tensor, cond: TextConditioning,
@@ -72,8 +97,15 @@ def sample(
     record: bool = False,
     progress: Callable[[int], None] | None = None,
     check_interrupt: Callable[[], None] | None = None,
+    attention_word: str | None = None,
+    attention_from: float = 0.5,
 ) -> SampleResult:
-    """Images for every (prompt, seed) pair, prompt-major: index = prompt_index * len(seeds) + seed_index."""
+    """Images for every (prompt, seed) pair, prompt-major: index = prompt_index * len(seeds) + seed_index.
+
+    With ``attention_word``, ``result.attention`` holds each image's cross-attention map of that word's tokens,
+    accumulated over the steps after the fraction ``attention_from`` of sampling (the later steps, where the map
+    sits on the object).
+    """
     shape = backbone.latent_shape(resolution)
     pairs = [(p, s) for p in prompts for s in seeds]
     ts = ddim_timesteps(steps, backbone.schedule.num_timesteps)
@@ -81,17 +113,28 @@ def sample(
     unique = list(dict.fromkeys(prompts + [negative]))
     enc = backbone.encode_text(unique)
     index = {p: i for i, p in enumerate(unique)}
-    images, trajs, eus, ecs = [], [], [], []
+    images, finals, trajs, eus, ecs, maps = [], [], [], [], [], []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         x = initial_noise([s for _, s in chunk], shape).to(backbone.device, backbone.dtype)
         cond = enc[[index[p] for p, _ in chunk]]
         uncond = enc[[index[negative]] * len(chunk)]
         traj, eu_l, ec_l = [], [], []
+        acc = None
+        if attention_word is not None:
+            positions = [backbone.token_positions(p, attention_word) for p, _ in chunk]
+            if any(not pos for pos in positions):
+                raise ValueError(f"{attention_word!r} does not occur in every prompt")
+            acc = AttentionAccumulator(positions, shape[1:])
         for i, t in enumerate(ts.tolist()):
             if check_interrupt is not None:
                 check_interrupt()
-            g, eu, ec = guided_eps(backbone, x, t, cond, uncond, guidance)
+            if acc is not None:
+                acc.active = i >= int(attention_from * len(ts))
+                with backbone.capture_attention(acc, resolution):
+                    g, eu, ec = guided_eps(backbone, x, t, cond, uncond, guidance)
+            else:
+                g, eu, ec = guided_eps(backbone, x, t, cond, uncond, guidance)
             if record:
                 traj.append(x.cpu())
                 eu_l.append(eu.cpu())
@@ -101,11 +144,16 @@ def sample(
             if progress is not None:
                 progress(1)
         images.append(backbone.decode(x).float().cpu())
+        finals.append(x.float().cpu())
+        if acc is not None:
+            maps.append(acc.total)
         if record:
             trajs.append(torch.stack(traj, 1))
             eus.append(torch.stack(eu_l, 1))
             ecs.append(torch.stack(ec_l, 1))
-    res = SampleResult(torch.cat(images), ts)
+    res = SampleResult(torch.cat(images), torch.cat(finals), ts)
+    if maps:
+        res.attention = torch.cat(maps)
     if record:
         res.trajectory = torch.cat(trajs).transpose(0, 1)
         res.eps_uncond = torch.cat(eus).transpose(0, 1)

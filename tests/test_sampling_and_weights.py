@@ -103,9 +103,10 @@ class _PointMassBackbone:
     clip_denoised = False
 
     def __init__(self, target):
+        from diffusers import DDPMScheduler
+
         from erasure.backbone import NoiseSchedule
         from erasure.lab.model import SCHEDULER_CONFIG
-        from diffusers import DDPMScheduler
 
         self.target = target
         self.schedule = NoiseSchedule(DDPMScheduler(**SCHEDULER_CONFIG).alphas_cumprod.double())

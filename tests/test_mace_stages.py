@@ -1,0 +1,92 @@
+import torch
+
+from erasure.mace import (
+    Concept,
+    MaceSettings,
+    concept_token_embeddings,
+    fuse,
+    generate_data,
+    mace,
+    masks_from_attention,
+    suppressed_positions,
+    timestep_weights,
+    train_lora,
+)
+from erasure.prior import gram
+from erasure.prompts import prior_prompts
+
+LAB_TEMPLATES = ("a {c}", "a photo of a {c}", "a red {c}", "a picture of a blue {c}")
+
+
+def _settings(**kw):
+    return MaceSettings(images_per_concept=2, sample_steps=3, guidance=3.0, lora_steps=25, lora_lr=1e-2,
+                        lora_batch=2).override(**kw)
+
+
+def test_masks_threshold_and_fall_back_to_whole_image():
+    maps = torch.zeros(2, 4, 4)
+    maps[0, 1:3, 1:3] = 1.0
+    m = masks_from_attention(maps)
+    assert m[0].sum() == 4 and m[0, 1, 1] == 1 and m[0, 0, 0] == 0
+    assert m[1].sum() == 16  # a flat map cannot locate the concept: use the whole image
+
+
+def test_timestep_distribution_peaks_between_200_and_400():
+    p = timestep_weights()
+    assert abs(float(p.sum()) - 1) < 1e-9
+    median = int((p.cumsum(0) >= 0.5).nonzero()[0])
+    assert 250 <= median <= 350
+    assert p[300] > 10 * p[100] and p[300] > 10 * p[600]
+
+
+def test_suppressed_positions_include_end_and_padding(tiny_backbone):
+    pos = suppressed_positions(tiny_backbone, "a photo of a circle", "circle")
+    assert pos == [5] + list(range(6, 16))
+
+
+def test_generate_data_shapes_and_masks(tiny_backbone):
+    c = Concept("circle", "shape", templates=LAB_TEMPLATES, data_prompt="a photo of a {c}")
+    d = generate_data(tiny_backbone, c, _settings())
+    assert d.latents.shape == (2, 3, 16, 16) and d.masks.shape == (2, 16, 16)
+    assert set(d.masks.unique().tolist()) <= {0.0, 1.0} and d.masks.sum() > 0
+    style = generate_data(tiny_backbone, Concept("striped", "plain", kind="style", templates=LAB_TEMPLATES),
+                          _settings())
+    assert bool((style.masks == 1).all())
+
+
+def test_attention_loss_decreases_during_training(tiny_backbone):
+    c = Concept("circle", "shape", templates=LAB_TEMPLATES, data_prompt="a photo of a {c}")
+    d = generate_data(tiny_backbone, c, _settings())
+    before = {k: v.clone() for k, v in tiny_backbone.unet().state_dict().items()}
+    res = train_lora(tiny_backbone, d, None, _settings(lora_steps=40))
+    first, last = sum(res.losses[:5]) / 5, sum(res.losses[-5:]) / 5
+    assert last < 0.8 * first, res.losses
+    assert all(d.rank == 1 for d in res.weights.deltas.values())
+    assert all(torch.equal(before[k], v) for k, v in tiny_backbone.unet().state_dict().items())
+
+
+def test_fusion_of_one_lora_reproduces_it_on_its_own_prompts(tiny_backbone, tmp_path):
+    bb = tiny_backbone
+    c = Concept("circle", "shape", templates=LAB_TEMPLATES, data_prompt="a photo of a {c}")
+    d = generate_data(bb, c, _settings())
+    lora = train_lora(bb, d, None, _settings()).weights
+    prior = gram(bb, prior_prompts(100, exclude=["circle"]), tmp_path)
+    fused = fuse(bb, [(c, lora)], None, prior, lam=1e-4, preserve=1e-4)
+    e = concept_token_embeddings(bb, c)
+    for name, mod in bb.cross_attention_kv().items():
+        w0 = mod.weight.detach().double()
+        want = e @ (w0 + lora.deltas[name].matrix().double()).T
+        got = e @ (w0 + fused.deltas[name].matrix().double()).T
+        change = (want - e @ w0.T).norm()
+        assert (got - want).norm() < 0.05 * change + 1e-6, name
+
+
+def test_full_pipeline_runs_and_names_its_concepts(tiny_backbone, tmp_path):
+    bb = tiny_backbone
+    concepts = [Concept(w, "shape", templates=LAB_TEMPLATES, data_prompt="a photo of a {c}")
+                for w in ("circle", "square")]
+    prior = gram(bb, prior_prompts(100), tmp_path)
+    res = mace(bb, concepts, _settings(lora_steps=3), prior)
+    assert res.weights.metadata["erasure.method"] == "mace"
+    assert len(res.loras) == 2 and set(res.weights.deltas) == set(bb.cross_attention_kv())
+    res.weights.save(tmp_path / "m.safetensors")
