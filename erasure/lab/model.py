@@ -3,8 +3,8 @@
 It is stored as an ordinary diffusers folder (``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) with no
 VAE, so the library loads it through the same diffusers adapter as a user's Stable Diffusion folder. The UNet is a
 ``UNet2DConditionModel`` with cross-attention at the 16x16 and 8x8 levels (7 cross-attention layers, 14 K/V
-matrices, counting the mid block); the text encoder is a causal ``CLIPTextModel`` like SD's, with a CLIP-format tokenizer built from the
-lab vocabulary (see ``tokenizer.py``).
+matrices, counting the mid block); the text encoder is a causal ``CLIPTextModel`` like SD's, with a CLIP-format
+tokenizer built from the lab vocabulary (see ``tokenizer.py``).
 """
 
 from __future__ import annotations
