@@ -64,11 +64,17 @@ class DiffusersBackbone:
     def context_length(self) -> int:
         return int(self.tokenizers[0].model_max_length)
 
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent cell (8 for SD's VAE, 1 for pixel-space models)."""
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
         cfg = self._unet.config
-        res = resolution or (cfg.sample_size * (8 if self.vae is not None else 1))
-        scale = 8 if self.vae is not None else 1
-        return (cfg.in_channels, res // scale, res // scale)
+        res = resolution or cfg.sample_size * self.vae_scale
+        return (cfg.in_channels, res // self.vae_scale, res // self.vae_scale)
 
     # -- text -----------------------------------------------------------------------------------------------------
     def _ids(self, tok, prompts: list[str]) -> torch.Tensor:
@@ -85,7 +91,7 @@ class DiffusersBackbone:
                 pooled = out.text_embeds
         extras: dict[str, torch.Tensor] = {}
         if self.is_sdxl:
-            res = self.latent_shape()[1] * 8
+            res = self.latent_shape()[1] * self.vae_scale
             extras["text_embeds"] = pooled
             extras["time_ids"] = torch.tensor([[res, res, 0, 0, res, res]], dtype=pooled.dtype,
                                               device=pooled.device).expand(len(prompts), 6)
