@@ -114,6 +114,60 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(path: str, device: str):
+    from .diffusers_backbone import load_diffusers
+
+    return load_diffusers(path, device=device)
+
+
+def _mace(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .lab import world
+    from .lab.demo import lab_anchor
+    from .lab.evaluate import cache_dir
+    from .mace import PRESETS, Concept, mace
+    from .prior import gram
+    from .prompts import prior_prompts
+
+    concepts = _parse_concepts(args.concepts)
+    if not concepts:
+        raise SystemExit("error: no concepts given; use --concepts \"a; b; c\"")
+    anchors = _parse_concepts(args.anchors) if args.anchors else []
+    if anchors and len(anchors) not in (1, len(concepts)):
+        raise SystemExit("error: give one anchor for all concepts or one per concept")
+    s = PRESETS[args.preset].override(images_per_concept=args.images, sample_steps=args.sample_steps,
+                                      guidance=args.guidance, lam=args.lam, preserve=args.preserve,
+                                      fuse_preserve=args.fuse_preserve, lora_steps=args.steps, lora_lr=args.lr,
+                                      lora_rank=args.rank, seed=args.seed)
+    backbone = _load_model(args.model, args.device)
+    lab = args.model == "lab"
+    items = []
+    for i, c in enumerate(concepts):
+        anchor = anchors[min(i, len(anchors) - 1)] if anchors else (lab_anchor(c) if lab else s.anchor)
+        if lab:
+            kind = world.concept_kind(c)
+            items.append(Concept(c, anchor, "style" if kind == "style" else "object",
+                                 templates=tuple(world.concept_templates(c)),
+                                 data_prompt=world.concept_prompts(c)[1].replace(c, "{c}")))
+        else:
+            items.append(Concept(c, anchor, s.kind))
+    prompts = (world.prior_prompts(exclude=concepts) if lab
+               else prior_prompts(exclude=concepts, extra_file=args.prior_file))
+    prior = gram(backbone, prompts, cache_dir())
+    total = len(items) * (s.sample_steps + s.lora_steps)
+    t0 = time.time()
+    with tqdm(total=total, desc="MACE", disable=None) as bar:
+        res = mace(backbone, items, s, prior, progress=bar.update, log=bar.write)
+    res.weights.metadata["erasure.base_model"] = backbone.fingerprint()
+    err = res.weights.save(args.out, rank=args.export_rank)
+    print(f"MACE erased {', '.join(repr(c) for c in concepts)} (anchors: "
+          f"{', '.join(repr(c.anchor) for c in items)}) in {time.time() - t0:.1f} s; "
+          f"{res.unet_evaluations} UNet evaluations; peak RSS {_peak_rss_mb():.0f} MB")
+    print(f"wrote {args.out} ({len(res.weights.deltas)} K/V matrices; LoRA relative error {err:.1e})")
+    return 0
+
+
 def _lab_train(args: argparse.Namespace) -> int:
     from .lab.train import train_lab_model
 
@@ -151,6 +205,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="out/demo")
     _add_eval_flags(demo)
     demo.set_defaults(func=_demo)
+
+    from .mace import PRESETS
+
+    mc = sub.add_parser("mace", help="MACE: mass concept erasure -> LoRA file")
+    mc.add_argument("--model", default="lab", help="a diffusers folder, or 'lab' (the concept lab's model)")
+    mc.add_argument("--concepts", required=True, help="';'-separated, e.g. \"circle; red; striped\"")
+    mc.add_argument("--anchors", help="';'-separated: one for all concepts or one per concept (default: preset's)")
+    mc.add_argument("--preset", choices=sorted(PRESETS), default="object")
+    mc.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")
+    mc.add_argument("--images", type=int, help="generated images per concept (default 8)")
+    mc.add_argument("--sample-steps", type=int, help="DDIM steps when generating them")
+    mc.add_argument("--guidance", type=float)
+    mc.add_argument("--lam", type=float, help="closed-form regulariser")
+    mc.add_argument("--preserve", type=float, help="prior-preservation weight of the refinement")
+    mc.add_argument("--fuse-preserve", type=float, help="prior-preservation weight of the fusion")
+    mc.add_argument("--steps", type=int, help="LoRA training steps per concept")
+    mc.add_argument("--lr", type=float, help="LoRA learning rate")
+    mc.add_argument("--rank", type=int, help="LoRA rank per concept (MACE: 1)")
+    mc.add_argument("--seed", type=int)
+    mc.add_argument("--prior-file", help="extra prior-preservation prompts, one per line")
+    mc.add_argument("--export-rank", type=int, help="truncate the saved LoRA to this rank (default: exact)")
+    mc.add_argument("--device", default="cpu")
+    mc.set_defaults(func=_mace)
 
     lab = sub.add_parser("lab", help="the concept lab: train, evaluate, baseline")
     labsub = lab.add_subparsers(dest="lab_command", required=True)
