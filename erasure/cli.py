@@ -101,7 +101,7 @@ def _demo(args: argparse.Namespace) -> int:
           "(ANT and MACE become the default as they land)")
     t0 = time.time()
     before = evaluate(backbone, clf, [concept], None, s)
-    with tqdm(total=args.steps, desc=f"erasing {concept}", disable=None) as bar:
+    with tqdm(desc=f"erasing {concept}", disable=None) as bar:
         weights = erase(backbone, concept, args.method, steps=args.steps, seed=args.seed, progress=bar.update)
     out.mkdir(parents=True, exist_ok=True)
     weights.save(out / f"erase-{concept}.safetensors")
@@ -123,8 +123,7 @@ def _load_model(path: str, device: str):
 def _mace(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .lab import world
-    from .lab.demo import lab_anchor
+    from .lab.demo import lab_concept, lab_prior
     from .lab.evaluate import cache_dir
     from .mace import PRESETS, Concept, mace
     from .prior import gram
@@ -144,17 +143,10 @@ def _mace(args: argparse.Namespace) -> int:
     lab = args.model == "lab"
     items = []
     for i, c in enumerate(concepts):
-        anchor = anchors[min(i, len(anchors) - 1)] if anchors else (lab_anchor(c) if lab else s.anchor)
-        if lab:
-            kind = world.concept_kind(c)
-            items.append(Concept(c, anchor, "style" if kind == "style" else "object",
-                                 templates=tuple(world.concept_templates(c)),
-                                 data_prompt=world.concept_prompts(c)[1].replace(c, "{c}")))
-        else:
-            items.append(Concept(c, anchor, s.kind))
-    prompts = (world.prior_prompts(exclude=concepts) if lab
-               else prior_prompts(exclude=concepts, extra_file=args.prior_file))
-    prior = gram(backbone, prompts, cache_dir())
+        anchor = anchors[min(i, len(anchors) - 1)] if anchors else None
+        items.append(lab_concept(c, anchor) if lab else Concept(c, anchor or s.anchor, s.kind))
+    prior = (lab_prior(backbone, concepts) if lab
+             else gram(backbone, prior_prompts(exclude=concepts, extra_file=args.prior_file), cache_dir()))
     total = len(items) * (s.sample_steps + s.lora_steps)
     t0 = time.time()
     with tqdm(total=total, desc="MACE", disable=None) as bar:
@@ -198,9 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="erase one concept from the lab model and show before/after")
     demo.add_argument("--concept", default="circle", help="a lab concept: a shape, colour or style")
-    demo.add_argument("--method", choices=("esd", "cfr"), default="esd",
-                      help="esd: the anchor-free baseline; cfr: MACE's closed-form refinement alone")
-    demo.add_argument("--steps", type=int, default=150, help="training iterations (esd)")
+    demo.add_argument("--method", choices=("esd", "cfr", "mace"), default="esd",
+                      help="esd: the anchor-free baseline; cfr: MACE's closed-form refinement alone; mace: all of MACE")
+    demo.add_argument("--steps", type=int, help="training iterations (esd: 150; mace: the preset's LoRA steps)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="out/demo")
     _add_eval_flags(demo)
@@ -245,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     bl = labsub.add_parser("baseline", help="ESD-style anchor-free baseline erasure -> LoRA file")
     bl.add_argument("--model", default="lab")
     bl.add_argument("--concept", required=True)
-    bl.add_argument("--steps", type=int, default=200)
+    bl.add_argument("--steps", type=int, default=150)
     bl.add_argument("--lr", type=float, default=1e-3)
     bl.add_argument("--scope", choices=("xattn", "unet"), default="xattn")
     bl.add_argument("--seed", type=int, default=0)

