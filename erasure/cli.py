@@ -18,9 +18,10 @@ from . import __version__
 def _parse_concepts(text: str | None) -> list[str]:
     if not text:
         return []
-    items = [c.strip() for c in text.split(";")]
-    if any(not c for c in items):
-        raise SystemExit("error: empty concept in the list; separate concepts with ';', e.g. \"circle; red\"")
+    items = [c.strip() for c in text.split(";") if c.strip()]
+    if not items:
+        raise SystemExit("error: no concept given (only separators or spaces); separate concepts with ';', "
+                         "e.g. \"circle; red\"")
     return items
 
 
