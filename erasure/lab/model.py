@@ -74,6 +74,11 @@ def new_model(folder: Path, seed: int) -> tuple[UNet2DConditionModel, CLIPTextMo
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**UNET_CONFIG)
     te = CLIPTextModel(text_config(len(tok), tok.bos_token_id, tok.eos_token_id))
+    # CLIP initialises token and position embeddings alike (std 0.02), so at first every prompt encodes to nearly
+    # the same vectors: measured after 500 steps, "a red circle" and "" still differed by only 16% and the UNet's
+    # prediction by 0.2%, and the model drew the wrong colours. Larger word embeddings make words distinct from the
+    # first step, so the UNet learns to use the text early.
+    torch.nn.init.normal_(te.get_input_embeddings().weight, std=0.5)
     sched = DDPMScheduler(**SCHEDULER_CONFIG)
     return unet, te, tok, sched
 

@@ -10,6 +10,7 @@ background run always leaves a usable model.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from pathlib import Path
@@ -36,13 +37,25 @@ def train_lab_model(
     p_empty: float = 0.1,
     seed: int = 0,
     save_every: int = 250,
+    resume: Path | None = None,
     log=print,
 ) -> None:
-    recipe = {k: v for k, v in locals().items() if k not in ("out", "log")}
+    """Train from scratch, or continue from a saved lab model folder (``resume``: its EMA weights start both the
+    trained and the EMA copy; the optimizer starts afresh with a new warm-up and cosine schedule)."""
+    recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k not in ("out", "log")}
     recipe["command"] = (
         f"python -m erasure lab train --out {out} --steps {steps} --batch-size {batch_size} --lr {lr} --seed {seed}"
+        + (f" --resume {resume}" if resume else "")
     )
     unet, te, tok, sched = new_model(out, seed)
+    if resume is not None:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet = UNet2DConditionModel.from_pretrained(resume / "unet", torch_dtype=torch.float32)
+        te = CLIPTextModel.from_pretrained(resume / "text_encoder", torch_dtype=torch.float32)
+        previous = json.loads((resume / "recipe.json").read_text()) if (resume / "recipe.json").exists() else {}
+        recipe["resumed_from"] = previous
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
     for p in list(ema_unet.parameters()) + list(ema_te.parameters()):
         p.requires_grad_(False)
