@@ -17,7 +17,7 @@ def test_no_concepts_leave_weights_unchanged(tiny_backbone, tmp_path):
 
 
 def test_aligned_pairs_skip_the_concept_tokens(tiny_backbone):
-    ef, eg = aligned_pairs(tiny_backbone, Concept("circle", "shape"), templates=["a photo of a {c}"])
+    ef, eg = aligned_pairs(tiny_backbone, Concept("circle", "shape", templates=("a photo of a {c}",)))
     assert ef.shape == eg.shape == (15, 32)  # 16 positions minus the concept's one token
 
 
