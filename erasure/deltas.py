@@ -18,23 +18,28 @@ from torch import nn
 from .weights import ErasureWeights
 
 
-class TrainableDeltas(nn.Module):
+class _HookedDeltas(nn.Module):
+    """Shared machinery: one forward hook per chosen Linear adding ``self._delta_output(i, x)`` while enabled."""
+
     def __init__(self, modules: dict[str, nn.Linear]) -> None:
         super().__init__()
         if not modules:
             raise ValueError("no layers selected to train")
         self.names = sorted(modules)
-        self.deltas = nn.ParameterList(
-            [nn.Parameter(torch.zeros_like(modules[n].weight, dtype=torch.float32)) for n in self.names])
         self.enabled = True
+        self._handles: list = []
+
+    def _attach(self, modules: dict[str, nn.Linear]) -> None:
         self._handles = [modules[n].register_forward_hook(self._hook(i)) for i, n in enumerate(self.names)]
+
+    def _delta_output(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def _hook(self, i: int):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
             if not self.enabled:
                 return output
-            d = self.deltas[i]
-            return output + nn.functional.linear(inputs[0].to(d.dtype), d).to(output.dtype)
+            return output + self._delta_output(i, inputs[0]).to(output.dtype)
 
         return hook
 
@@ -52,22 +57,36 @@ class TrainableDeltas(nn.Module):
         self._handles = []
 
     def num_trainable(self) -> int:
-        return sum(p.numel() for p in self.deltas)
+        return sum(p.numel() for p in self.parameters())
 
     def all_finite(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for p in self.deltas)
+        return all(bool(torch.isfinite(p).all()) for p in self.parameters())
 
-    def result(self, **metadata: object) -> ErasureWeights:
-        return ErasureWeights.dense({n: p.detach() for n, p in zip(self.names, self.deltas, strict=False)}, **metadata)
-
-    def __enter__(self) -> TrainableDeltas:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
 
-class TrainableLoRA(nn.Module):
+class TrainableDeltas(_HookedDeltas):
+    """Dense trainable deltas (zero at start)."""
+
+    def __init__(self, modules: dict[str, nn.Linear]) -> None:
+        super().__init__(modules)
+        self.deltas = nn.ParameterList(
+            [nn.Parameter(torch.zeros_like(modules[n].weight, dtype=torch.float32)) for n in self.names])
+        self._attach(modules)
+
+    def _delta_output(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        d = self.deltas[i]
+        return nn.functional.linear(x.to(d.dtype), d)
+
+    def result(self, **metadata: object) -> ErasureWeights:
+        return ErasureWeights.dense({n: p.detach() for n, p in zip(self.names, self.deltas, strict=True)}, **metadata)
+
+
+class TrainableLoRA(_HookedDeltas):
     """Low-rank trainable deltas ``dW = up @ down * (alpha / rank)`` on frozen Linear layers, via forward hooks.
 
     ``up`` starts at zero, so the model is unchanged before the first step (the usual LoRA initialisation).
@@ -75,45 +94,23 @@ class TrainableLoRA(nn.Module):
 
     def __init__(self, modules: dict[str, nn.Linear], rank: int = 1, alpha: float | None = None,
                  generator: torch.Generator | None = None) -> None:
-        super().__init__()
-        if not modules:
-            raise ValueError("no layers selected to train")
+        super().__init__(modules)
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1 (got {rank})")
-        self.names = sorted(modules)
         self.rank = rank
         self.scale = (alpha if alpha is not None else rank) / rank
         downs, ups = [], []
         for n in self.names:
             w = modules[n].weight
-            down = torch.randn(rank, w.shape[1], generator=generator) / rank
-            downs.append(nn.Parameter(down.to(w.device)))
+            downs.append(nn.Parameter((torch.randn(rank, w.shape[1], generator=generator) / rank).to(w.device)))
             ups.append(nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device)))
         self.downs = nn.ParameterList(downs)
         self.ups = nn.ParameterList(ups)
-        self.enabled = True
-        self._handles = [modules[n].register_forward_hook(self._hook(i)) for i, n in enumerate(self.names)]
+        self._attach(modules)
 
-    def _hook(self, i: int):
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-            if not self.enabled:
-                return output
-            x = inputs[0].to(self.downs[i].dtype)
-            return output + (nn.functional.linear(nn.functional.linear(x, self.downs[i]), self.ups[i])
-                             * self.scale).to(output.dtype)
-
-        return hook
-
-    disabled = TrainableDeltas.disabled
-    remove = TrainableDeltas.remove
-    __enter__ = TrainableDeltas.__enter__
-    __exit__ = TrainableDeltas.__exit__
-
-    def num_trainable(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def all_finite(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for p in self.parameters())
+    def _delta_output(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.downs[i].dtype)
+        return nn.functional.linear(nn.functional.linear(x, self.downs[i]), self.ups[i]) * self.scale
 
     def result(self, **metadata: object) -> ErasureWeights:
         from .weights import Delta, _meta
