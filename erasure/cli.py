@@ -82,6 +82,7 @@ def _lab_baseline(args: argparse.Namespace) -> int:
     with tqdm(total=args.steps, desc=f"ESD {args.concept}", disable=None) as bar:
         w = esd(backbone, args.concept, iterations=args.steps, lr=args.lr, scope=args.scope, seed=args.seed,
                 progress=bar.update)
+    w.metadata["erasure.base_model"] = backbone.fingerprint()
     err = w.save(args.out)
     print(f"ESD erased {args.concept!r} in {time.time() - t0:.1f} s, peak RSS {_peak_rss_mb():.0f} MB; "
           f"wrote {args.out} (LoRA relative error {err:.1e})")
@@ -105,6 +106,7 @@ def _demo(args: argparse.Namespace) -> int:
     with tqdm(desc=f"erasing {concept}", disable=None) as bar:
         weights = erase(backbone, concept, args.method, steps=args.steps, seed=args.seed, progress=bar.update)
     out.mkdir(parents=True, exist_ok=True)
+    weights.metadata["erasure.base_model"] = backbone.fingerprint()
     weights.save(out / f"erase-{concept}.safetensors")
     after = evaluate(backbone, clf, [concept], weights, s, grid=out / "grid.png")
     print(format_table(after, before))
