@@ -77,7 +77,7 @@ def _lab_baseline(args: argparse.Namespace) -> int:
 
     from .lab.baseline import esd
 
-    backbone, _ = _load_lab(args.model) if args.model == "lab" else (None, None)
+    backbone = _load_model(args.model, args.device)
     t0 = time.time()
     with tqdm(total=args.steps, desc=f"ESD {args.concept}", disable=None) as bar:
         w = esd(backbone, args.concept, iterations=args.steps, lr=args.lr, scope=args.scope, seed=args.seed,
@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_lab_eval)
 
     bl = labsub.add_parser("baseline", help="ESD-style anchor-free baseline erasure -> LoRA file")
-    bl.add_argument("--model", default="lab")
+    bl.add_argument("--model", default="lab", help="a diffusers folder, or 'lab'")
+    bl.add_argument("--device", default="cpu")
     bl.add_argument("--concept", required=True)
     bl.add_argument("--steps", type=int, default=150)
     bl.add_argument("--lr", type=float, default=1e-3)
