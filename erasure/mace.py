@@ -361,7 +361,7 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
     for d in data:
         if log:
             log(f"stage 3/4: attention-loss LoRA for {d.concept.text!r}")
-        loras.append(train_lora(backbone, d, cfr, replace(s, seed=s.seed), progress, check_interrupt))
+        loras.append(train_lora(backbone, d, cfr, s, progress, check_interrupt))
         evals += s.lora_steps * s.lora_batch * 2  # forward and backward
     if log:
         log("stage 4/4: closed-form fusion")
