@@ -18,7 +18,8 @@ from .evaluate import cache_dir
 
 METHODS = ("esd", "cfr", "mace")
 
-#: anchors for the lab's concepts in CFR: another word of the same kind that the classifier does not confuse
+#: default anchors for lab concepts: a shape maps onto the generic noun "shape", a colour onto no word at all (the
+#: caption without a colour), a style onto "plain"
 LAB_ANCHORS = {"shape": "shape", "colour": "", "style": "plain"}
 
 
