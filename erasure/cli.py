@@ -163,6 +163,79 @@ def _mace(args: argparse.Namespace) -> int:
     return 0
 
 
+AUTO_EXACT_BYTES = 256 * 2**20
+
+
+def _export_rank(weights, requested: int | None) -> int | None:
+    """``None`` (exact) when the exact file stays under 256 MB, else rank 64, unless the user chose (0 = exact)."""
+    if requested is not None:
+        return requested or None
+    exact = 0
+    for d in weights.deltas.values():
+        m = d.matrix()
+        out_f, in_f = m.shape[0], m[0].numel()
+        exact += 4 * (m.numel() + min(out_f, in_f) ** 2) if d.up is None else 4 * (d.up.numel() + d.down.numel())
+    return None if exact < AUTO_EXACT_BYTES else 64
+
+
+def _ant(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .ant import AntSettings, ant, ant_multi
+    from .lab import world
+    from .lab.demo import lab_prior
+    from .lab.evaluate import cache_dir
+    from .prior import gram
+    from .prompts import prior_prompts
+
+    if bool(args.concept) == bool(args.concepts):
+        raise SystemExit("error: give either --concept \"one concept\" or --concepts \"a; b; c\"")
+    concepts = _parse_concepts(args.concepts) if args.concepts else _parse_concepts(args.concept)
+    synonyms = _parse_concepts(args.synonyms) if args.synonyms else []
+    s = AntSettings().override(
+        steps=args.steps, lr=args.lr, batch_size=args.batch_size, trajectory_steps=args.trajectory_steps,
+        early_steps=args.early_steps, guidance=args.guidance, eta=args.eta, a1=args.a1, a2=args.a2,
+        prediction=args.prediction, trajectories=args.trajectories, refresh_every=args.refresh_every,
+        scope=args.scope, saliency_fraction=args.saliency_fraction, saliency_maps=args.saliency_maps,
+        lora_rank=args.rank, resolution=args.resolution, seed=args.seed, kind=args.kind)
+    s.validate()
+    backbone = _load_model(args.model, args.device)
+    lab = args.model == "lab"
+    templates = {c: world.concept_templates(c) for c in concepts if lab and c in world.SYNONYMS}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    if len(concepts) == 1 and not args.concepts:
+        with tqdm(total=s.steps, desc="ANT", disable=None) as bar:
+            r = ant(backbone, concepts[0], s, synonyms=tuple(synonyms), templates=templates.get(concepts[0]),
+                    progress=bar.update, log=bar.write)
+        weights, fwd, bwd = r.weights, r.unet_forwards, r.unet_backwards
+        trained = f"{r.trainable_params:,} parameters trained of {r.total_params:,} in scope"
+        if r.selected_fraction is not None:
+            trained += f" (saliency kept {r.selected_fraction:.2%})"
+    else:
+        if synonyms:
+            raise SystemExit("error: --synonyms goes with --concept (one concept); for several concepts, list "
+                             "each synonym as a concept of its own")
+        prior = (lab_prior(backbone, concepts) if lab
+                 else gram(backbone, prior_prompts(exclude=concepts, extra_file=args.prior_file), cache_dir()))
+        with tqdm(total=s.steps * len(concepts), desc="ANT", disable=None) as bar:
+            m = ant_multi(backbone, concepts, s, prior, templates=templates, lam=args.lam,
+                          preserve=args.fuse_preserve, progress=bar.update, log=bar.write)
+        weights, fwd, bwd = m.weights, m.unet_forwards, m.unet_backwards
+        trained = (f"{sum(r.trainable_params for r in m.per_concept):,} LoRA parameters trained "
+                   f"({len(concepts)} concepts x rank {s.lora_rank}), fused into {len(weights.deltas)} K/V matrices")
+    weights.metadata["erasure.base_model"] = backbone.fingerprint()
+    err = weights.save(args.out, rank=_export_rank(weights, args.export_rank))
+    peak = (f"peak GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available()
+            else f"peak RSS {_peak_rss_mb():.0f} MB")
+    print(f"ANT erased {', '.join(repr(c) for c in concepts)} in {time.time() - t0:.1f} s: {trained}; "
+          f"{fwd:,} UNet forwards, {bwd:,} backwards; {peak}")
+    print(f"wrote {args.out} ({len(weights.deltas)} layers; LoRA relative error {err:.1e})")
+    return 0
+
+
 def _lab_train(args: argparse.Namespace) -> int:
     from .lab.train import train_lab_model
 
@@ -194,8 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="erase one concept from the lab model and show before/after")
     demo.add_argument("--concept", default="red", help="a lab concept: a shape, colour or style")
-    demo.add_argument("--method", choices=("esd", "cfr", "mace"), default="esd",
-                      help="esd: the anchor-free baseline; cfr: MACE's closed-form refinement alone; mace: all of MACE")
+    demo.add_argument("--method", choices=("esd", "cfr", "mace", "ant"), default="esd",
+                      help="esd: the anchor-free baseline; cfr: MACE's closed-form refinement alone; mace: all of "
+                      "MACE; ant: ANT")
     demo.add_argument("--steps", type=int, help="training iterations (esd: 150; mace: the preset's LoRA steps)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="out/demo")
@@ -224,6 +298,45 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--export-rank", type=int, help="truncate the saved LoRA to this rank (default: exact)")
     mc.add_argument("--device", default="cpu")
     mc.set_defaults(func=_mace)
+
+    from .ant import PREDICTIONS, SCOPES, AntSettings
+    from .prompts import CONCEPT_TEMPLATES
+
+    d = AntSettings()
+    an = sub.add_parser("ant", help="ANT: trajectory-aware erasure -> LoRA file")
+    an.add_argument("--model", default="lab", help="a diffusers folder, or 'lab' (the concept lab's model)")
+    an.add_argument("--concept", help="one concept (saliency-masked finetuning by default)")
+    an.add_argument("--concepts", help="';'-separated: one ANT LoRA per concept, fused in closed form")
+    an.add_argument("--synonyms", help="';'-separated synonyms of --concept, used as prompt augmentations")
+    an.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")
+    an.add_argument("--kind", choices=sorted(CONCEPT_TEMPLATES), help=f"prompt templates (default {d.kind})")
+    an.add_argument("--steps", type=int, help=f"training steps per concept (default {d.steps})")
+    an.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
+    an.add_argument("--batch-size", type=int, help=f"trajectories per step (default {d.batch_size})")
+    an.add_argument("--trajectory-steps", type=int,
+                    help=f"DDIM steps of the trajectories (default {d.trajectory_steps})")
+    an.add_argument("--early-steps", type=int, help=f"early (kept) steps of them (default {d.early_steps})")
+    an.add_argument("--guidance", type=float, help=f"guidance of the trajectories (default {d.guidance})")
+    an.add_argument("--eta", type=float, help=f"strength of the guidance targets (default {d.eta})")
+    an.add_argument("--a1", type=float, help=f"weight of the unconditional preservation (default {d.a1})")
+    an.add_argument("--a2", type=float, help=f"weight of the early stage (default {d.a2})")
+    an.add_argument("--prediction", choices=PREDICTIONS, help=f"regressed prediction (default {d.prediction})")
+    an.add_argument("--trajectories", type=int, help=f"cached trajectories (default {d.trajectories})")
+    an.add_argument("--refresh-every", type=int, help="regenerate trajectories with the edited model every N steps "
+                    f"(default {d.refresh_every}: never)")
+    an.add_argument("--scope", choices=SCOPES, help=f"what is trained, one concept (default {d.scope})")
+    an.add_argument("--saliency-fraction", type=float, help=f"kept per saliency map (default {d.saliency_fraction})")
+    an.add_argument("--saliency-maps", type=int, help=f"maps intersected (default {d.saliency_maps})")
+    an.add_argument("--rank", type=int, help=f"LoRA rank (scope lora and --concepts; default {d.lora_rank})")
+    an.add_argument("--resolution", type=int, help="training resolution in pixels (default: the model's)")
+    an.add_argument("--seed", type=int)
+    an.add_argument("--lam", type=float, default=0.1, help="fusion regulariser (--concepts)")
+    an.add_argument("--fuse-preserve", type=float, default=1.0, help="fusion prior-preservation weight")
+    an.add_argument("--prior-file", help="extra prior-preservation prompts for the fusion, one per line")
+    an.add_argument("--export-rank", type=int, help="LoRA rank of the file (0: exact; default: exact up to "
+                    "256 MB, else 64)")
+    an.add_argument("--device", default="cpu")
+    an.set_defaults(func=_ant)
 
     lab = sub.add_parser("lab", help="the concept lab: train, evaluate, baseline")
     labsub = lab.add_subparsers(dest="lab_command", required=True)

@@ -21,7 +21,7 @@ from .weights import ErasureWeights
 class _HookedDeltas(nn.Module):
     """Shared machinery: one forward hook per chosen Linear adding ``self._delta_output(i, x)`` while enabled."""
 
-    def __init__(self, modules: dict[str, nn.Linear]) -> None:
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
         super().__init__()
         if not modules:
             raise ValueError("no layers selected to train")
@@ -29,7 +29,7 @@ class _HookedDeltas(nn.Module):
         self.enabled = True
         self._handles: list = []
 
-    def _attach(self, modules: dict[str, nn.Linear]) -> None:
+    def _attach(self, modules: dict[str, nn.Module]) -> None:
         self._handles = [modules[n].register_forward_hook(self._hook(i)) for i, n in enumerate(self.names)]
 
     def _delta_output(self, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -70,16 +70,21 @@ class _HookedDeltas(nn.Module):
 
 
 class TrainableDeltas(_HookedDeltas):
-    """Dense trainable deltas (zero at start)."""
+    """Dense trainable deltas (zero at start) on Linear and Conv2d layers."""
 
-    def __init__(self, modules: dict[str, nn.Linear]) -> None:
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
         super().__init__(modules)
         self.deltas = nn.ParameterList(
             [nn.Parameter(torch.zeros_like(modules[n].weight, dtype=torch.float32)) for n in self.names])
         self._attach(modules)
 
+        self._convs = {i: modules[n] for i, n in enumerate(self.names) if isinstance(modules[n], nn.Conv2d)}
+
     def _delta_output(self, i: int, x: torch.Tensor) -> torch.Tensor:
         d = self.deltas[i]
+        conv = self._convs.get(i)
+        if conv is not None:
+            return nn.functional.conv2d(x.to(d.dtype), d, None, conv.stride, conv.padding, conv.dilation, conv.groups)
         return nn.functional.linear(x.to(d.dtype), d)
 
     def result(self, **metadata: object) -> ErasureWeights:
@@ -118,3 +123,50 @@ class TrainableLoRA(_HookedDeltas):
         deltas = {n: Delta(up=u.detach().float().cpu().clone(), down=d.detach().float().cpu().clone(),
                            scale=self.scale) for n, u, d in zip(self.names, self.ups, self.downs, strict=True)}
         return ErasureWeights(deltas, _meta(metadata))
+
+
+def _sparse_dense(values: torch.Tensor, index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return torch.zeros(shape.numel(), dtype=values.dtype, device=values.device).index_put((index,), values).view(shape)
+
+
+def _linear_delta(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return nn.functional.linear(x.to(values.dtype), _sparse_dense(values, index, shape))
+
+
+class SparseDeltas(_HookedDeltas):
+    """Trainable deltas on chosen *entries* of Linear and Conv2d weights (ANT's saliency mask).
+
+    Only the selected entries are parameters (one flat vector per layer plus its indices), so an optimizer's state is
+    proportional to the selection, not to the model; every other entry's delta is exactly zero, so unselected
+    weights stay bit-identical when the result is applied. The dense delta of a layer exists only transiently inside
+    its forward (and is recomputed in backward through activation checkpointing instead of being kept alive).
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], masks: dict[str, torch.Tensor]) -> None:
+        chosen = {n: m for n, m in modules.items() if n in masks and bool(masks[n].any())}
+        super().__init__(chosen)
+        self.shapes = [modules[n].weight.shape for n in self.names]
+        self.indices = [masks[n].to(modules[n].weight.device).flatten().nonzero().squeeze(1) for n in self.names]
+        self.values = nn.ParameterList([nn.Parameter(torch.zeros(len(i), device=i.device)) for i in self.indices])
+        self._convs = {i: modules[n] for i, n in enumerate(self.names) if isinstance(modules[n], nn.Conv2d)}
+        self._attach(chosen)
+
+    def _delta_output(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        conv = self._convs.get(i)
+        if conv is None:
+            return checkpoint(_linear_delta, x, self.values[i], self.indices[i], self.shapes[i], use_reentrant=False)
+
+        def conv_delta(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            w = _sparse_dense(v, self.indices[i], self.shapes[i])
+            return nn.functional.conv2d(x.to(v.dtype), w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+        return checkpoint(conv_delta, x, self.values[i], use_reentrant=False)
+
+    def selected(self) -> int:
+        return sum(len(i) for i in self.indices)
+
+    def result(self, **metadata: object) -> ErasureWeights:
+        return ErasureWeights.dense({n: _sparse_dense(v.detach().float(), i, s) for n, v, i, s in
+                                     zip(self.names, self.values, self.indices, self.shapes, strict=True)}, **metadata)

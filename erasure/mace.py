@@ -293,16 +293,20 @@ def concept_token_embeddings(backbone: Backbone, concept: Concept) -> torch.Tens
     return e.reshape(-1, e.shape[-1])
 
 
-def fuse(backbone: Backbone, items: list[tuple[Concept, ErasureWeights]], base: ErasureWeights | None,
-         prior: torch.Tensor | None, lam: float = 0.1, preserve: float = 1.0) -> ErasureWeights:
+def fuse(backbone: Backbone, items: list[tuple[Concept | list[Concept], ErasureWeights]], base: ErasureWeights | None,
+         prior: torch.Tensor | None, lam: float = 0.1, preserve: float = 1.0,
+         method: str = "mace-fused") -> ErasureWeights:
     """Closed-form fusion: ``W* = argmin sum_i ||W E_i - (W_base + dW_i) E_i||^2 + lam ||W - W_base||^2
     + preserve * ||(W - W0) C^(1/2)||^2``; dense K/V deltas relative to the original weights ``W0``.
 
     ``base`` is the CFR edit shared by the concepts (``None``: the original model); each ``dW_i`` is a LoRA's K/V
-    effect relative to it (modules it does not touch contribute zero).
+    effect relative to it (modules it does not touch contribute zero). An item may carry several concepts (a file
+    that already erases a list): its ``E_i`` is then all of their prompts' tokens. Items made by any method (MACE,
+    ANT) mix freely; only their K/V effects are fused.
     """
     w0s = _kv_weights(backbone)
-    embeds = [concept_token_embeddings(backbone, c) for c, _ in items]
+    groups = [c if isinstance(c, list) else [c] for c, _ in items]
+    embeds = [torch.cat([concept_token_embeddings(backbone, c) for c in g]) for g in groups]
     deltas = {}
     for name, w0 in w0s.items():
         wb = w0 + (base.deltas[name].matrix().double() if base is not None and name in base.deltas else 0)
@@ -315,8 +319,8 @@ def fuse(backbone: Backbone, items: list[tuple[Concept, ErasureWeights]], base: 
         v = torch.cat(vs) if vs else torch.zeros(0, w0.shape[0], dtype=torch.float64)
         w = least_squares_edit(wb, e, v, lam, prior, preserve, w_prior=w0)
         deltas[name] = (w - w0).float()
-    return ErasureWeights.dense(deltas, method="mace-fused", concepts=[c.text for c, _ in items],
-                                anchors=[c.anchor for c, _ in items],
+    return ErasureWeights.dense(deltas, method=method, concepts=[c.text for g in groups for c in g],
+                                anchors=[c.anchor for g in groups for c in g],
                                 settings={"lam": lam, "fuse_preserve": preserve})
 
 

@@ -99,12 +99,13 @@ def sample(
     check_interrupt: Callable[[], None] | None = None,
     attention_word: str | None = None,
     attention_from: float = 0.5,
+    decode: bool = True,
 ) -> SampleResult:
     """Images for every (prompt, seed) pair, prompt-major: index = prompt_index * len(seeds) + seed_index.
 
     With ``attention_word``, ``result.attention`` holds each image's cross-attention map of that word's tokens,
     accumulated over the steps after the fraction ``attention_from`` of sampling (the later steps, where the map
-    sits on the object).
+    sits on the object). ``decode=False`` skips decoding (``images`` is then empty).
     """
     shape = backbone.latent_shape(resolution)
     pairs = [(p, s) for p in prompts for s in seeds]
@@ -143,7 +144,8 @@ def sample(
             x = ddim_step(abar, x, g, t, t_prev, backbone.clip_denoised)
             if progress is not None:
                 progress(1)
-        images.append(backbone.decode(x).float().cpu())
+        if decode:
+            images.append(backbone.decode(x).float().cpu())
         finals.append(x.float().cpu())
         if acc is not None:
             maps.append(acc.total)
@@ -151,7 +153,7 @@ def sample(
             trajs.append(torch.stack(traj, 1))
             eus.append(torch.stack(eu_l, 1))
             ecs.append(torch.stack(ec_l, 1))
-    res = SampleResult(torch.cat(images), torch.cat(finals), ts)
+    res = SampleResult(torch.cat(images) if images else torch.empty(0), torch.cat(finals), ts)
     if maps:
         res.attention = torch.cat(maps)
     if record:

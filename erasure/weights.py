@@ -51,7 +51,9 @@ class Delta:
         if self.dense is not None:
             return self.dense
         assert self.up is not None and self.down is not None
-        return (self.up.float() @ self.down.float()) * self.scale
+        m = (self.up.float().flatten(1) @ self.down.float().flatten(1)) * self.scale
+        # convolution LoRAs: down [r, in, kh, kw], up [out, r, 1, 1]
+        return m.view(self.up.shape[0], *self.down.shape[1:]) if self.down.dim() == 4 else m
 
     @property
     def rank(self) -> int | None:
@@ -100,9 +102,10 @@ class ErasureWeights:
         err_num, err_den = 0.0, 0.0
         for name in self.modules():
             d = self.deltas[name]
-            dw = d.matrix().float()
+            full = d.matrix().float()
+            dw = full.flatten(1)  # a convolution's delta as [out, in * kh * kw]
             if d.up is not None and (rank is None or d.rank <= rank):
-                up, down = d.up.float() * d.scale, d.down.float()
+                up, down = d.up.float().flatten(1) * d.scale, d.down.float().flatten(1)
             elif rank is None:
                 out_f, in_f = dw.shape
                 if out_f <= in_f:
@@ -117,6 +120,8 @@ class ErasureWeights:
             err_num += float(((up @ down) - dw).pow(2).sum())
             err_den += float(dw.pow(2).sum())
             key = kohya_name(name)
+            if full.dim() == 4:
+                up, down = up[:, :, None, None], down.reshape(down.shape[0], *full.shape[1:])
             tensors[f"{key}.lora_up.weight"] = up.contiguous()
             tensors[f"{key}.lora_down.weight"] = down.contiguous()
             tensors[f"{key}.alpha"] = torch.tensor(float(up.shape[1]))
@@ -168,7 +173,7 @@ class ErasureWeights:
 
     def resolve_names(self, unet: nn.Module) -> ErasureWeights:
         """Map kohya names that could not be resolved from metadata onto ``unet``'s module names."""
-        by_kohya = {kohya_name(n): n for n, m in unet.named_modules() if isinstance(m, nn.Linear)}
+        by_kohya = {kohya_name(n): n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
         deltas = {}
         for k, d in self.deltas.items():
             if k.startswith(KOHYA_PREFIX):

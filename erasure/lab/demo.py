@@ -1,7 +1,8 @@
 """Erasure methods on the lab model, with the lab's own prompts (templates, anchors, prior set).
 
 ``esd``: the anchor-free ESD baseline (``baseline.py``). ``cfr``: MACE's closed-form cross-attention refinement
-alone (stage 2 of 4). ``mace``: all four MACE stages with the object preset.
+alone (stage 2 of 4). ``mace``: all four MACE stages with the object preset. ``ant``: ANT with its default
+settings (saliency-masked for one concept; one LoRA per concept and closed-form fusion for several).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from . import world
 from .baseline import esd
 from .evaluate import cache_dir
 
-METHODS = ("esd", "cfr", "mace")
+METHODS = ("esd", "cfr", "mace", "ant")
 
 #: default anchors for lab concepts: a shape maps onto the generic noun "shape", a colour onto no word at all (the
 #: caption without a colour), a style onto "plain"
@@ -47,6 +48,14 @@ def erase(backbone: Backbone, concepts: str | list[str], method: str = "esd", st
         if len(names) != 1:
             raise ValueError("the ESD baseline erases one concept at a time")
         return esd(backbone, names[0], iterations=steps or 150, seed=seed, progress=progress)
+    if method == "ant":
+        from ..ant import AntSettings, ant, ant_multi
+
+        a = AntSettings().override(steps=steps, seed=seed)
+        if len(names) == 1:
+            return ant(backbone, names[0], a, templates=world.concept_templates(names[0]), progress=progress).weights
+        return ant_multi(backbone, names, a, lab_prior(backbone, names),
+                         templates={c: world.concept_templates(c) for c in names}, progress=progress).weights
     s = settings or PRESETS["object"]
     if steps is not None:
         s = s.override(lora_steps=steps)

@@ -1,0 +1,490 @@
+"""ANT (Li et al., ACMMM 2025): erase a concept by reversing classifier-free guidance in the mid-to-late steps.
+
+The objective (``shared/docs/ALGORITHMS.md``), per training sample: a DDIM trajectory of the concept prompt with
+guidance, from the frozen model; an early step ``k+`` (high noise, lays out the structure) and a mid/late step
+``k-``; the frozen predictions ``eps_u``, ``eps_c`` at both latents; targets
+
+    early:      eps_u + eta (eps_c - eps_u)     (keep the guidance direction)
+    mid/late:   eps_u - eta (eps_c - eps_u)     (reverse it)
+
+and the loss ``L_erase + a1 L_u(late) + a2 (L_enh + a1 L_u(early))`` with the anchor-free preservation terms
+``L_u = ||eps*_u - eps_u||^2`` carrying gradient (the reference single-concept code computes them under no_grad).
+
+Where the project differs from the reference code on purpose:
+
+* Trajectories and the frozen predictions along them are computed **once** and cached (``Trajectories``); a training
+  step then costs only the edited model's forwards and backward. ``refresh_every = N`` regenerates them with the
+  edited model every N steps (on-policy); ``cache=False`` is the reference's regenerate-every-iteration loop, kept
+  for comparison and for the benchmark.
+* The saliency mask keeps the entries with the **largest** |grad| of each map (the reference's ascending sort keeps
+  the smallest), intersected over prompt augmentations and seeds, and training touches only those entries through a
+  sparse delta (``SparseDeltas``): optimizer state is proportional to the selection, not to the UNet.
+* Saliency covers the weights of every Linear and Conv2d layer of the UNet (norms and biases, <1% of the
+  parameters, are not edited).
+* The multi-concept path trains each concept's LoRA on the cross-attention K/V projections only, so that MACE's
+  closed-form fusion (which combines K/V effects) is exact per concept rather than an approximation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import nn
+
+from .backbone import Backbone, TextConditioning
+from .deltas import SparseDeltas, TrainableDeltas, TrainableLoRA, _HookedDeltas
+from .prompts import CONCEPT_TEMPLATES
+from .sampling import ddim_step, ddim_timesteps, guided_eps, initial_noise
+from .weights import ErasureWeights, _meta
+
+SCOPES = ("saliency", "xattn", "non-xattn", "lora")
+PREDICTIONS = ("cond", "guided")
+
+
+class TrainingDivergedError(FloatingPointError):
+    """A loss or a weight became NaN/inf; nothing is returned."""
+
+
+@dataclass(frozen=True)
+class AntSettings:
+    """Every ANT setting, with the defaults used everywhere (CLI, nodes, lab). Reference values in comments."""
+
+    steps: int = 250  # reference 250
+    lr: float = 5e-4  # reference 5e-4 (Adam)
+    batch_size: int = 1  # reference 1
+    trajectory_steps: int = 50  # DDIM steps of the training trajectories (reference 50)
+    early_steps: int = 4  # the first ``early_steps`` of them are the early (structure) stage (reference ~4 of 50)
+    guidance: float = 7.5  # guidance of the trajectories, and of the edited model's guided prediction
+    eta: float = 1.0
+    a1: float = 2.5
+    a2: float = 0.5
+    #: which prediction of the edited model is regressed: its conditional one, or its guided one
+    #: (``eps*_u + guidance (eps*_c - eps*_u)``, as in the reference's multi-concept code)
+    prediction: str = "cond"
+    trajectories: int = 16  # cached trajectories: prompt augmentations cycled, new seeds on each cycle
+    refresh_every: int = 0  # regenerate trajectories with the edited model every N steps (0: never)
+    scope: str = "saliency"
+    saliency_fraction: float = 0.5  # fraction of entries each saliency map keeps (before intersecting)
+    saliency_maps: int = 8  # maps intersected: the first N trajectories (prompt augmentations x seeds)
+    lora_rank: int = 4
+    grad_clip: float = 1.0
+    resolution: int | None = None
+    seed: int = 0
+    kind: str = "object"  # which prompt templates augment the concept (object, person, style, nudity)
+
+    def override(self, **kw: object) -> AntSettings:
+        unknown = [k for k in kw if k not in asdict(self)]
+        if unknown:
+            raise ValueError(f"unknown ANT settings: {', '.join(unknown)}")
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+    def validate(self) -> None:
+        """Reject bad settings before any expensive work, naming the fix."""
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1 (got {self.steps})")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"the learning rate must be a positive number (got {self.lr})")
+        if self.batch_size < 1 or self.trajectories < 1:
+            raise ValueError("batch_size and trajectories must be >= 1")
+        if not 0 < self.early_steps < self.trajectory_steps:
+            raise ValueError(f"early_steps must be between 1 and trajectory_steps - 1 "
+                             f"(got {self.early_steps} of {self.trajectory_steps})")
+        if not 0 < self.saliency_fraction <= 1:
+            raise ValueError(f"saliency_fraction must be in (0, 1] (got {self.saliency_fraction})")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)} (got {self.prediction!r})")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)} (got {self.scope!r})")
+        if self.kind not in CONCEPT_TEMPLATES:
+            raise ValueError(f"kind must be one of {', '.join(CONCEPT_TEMPLATES)} (got {self.kind!r})")
+        for k in ("eta", "a1", "a2", "guidance", "grad_clip"):
+            v = getattr(self, k)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{k} must be a finite number >= 0 (got {v})")
+        if self.refresh_every < 0 or self.lora_rank < 1 or self.saliency_maps < 1:
+            raise ValueError("refresh_every must be >= 0, lora_rank and saliency_maps >= 1")
+
+
+# -- the objective -----------------------------------------------------------------------------------------------
+def stage_targets(eu_early: torch.Tensor, ec_early: torch.Tensor, eu_late: torch.Tensor, ec_late: torch.Tensor,
+                  eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(early target keeping the guidance direction, mid/late target reversing it)."""
+    return eu_early + eta * (ec_early - eu_early), eu_late - eta * (ec_late - eu_late)
+
+
+@dataclass
+class Batch:
+    """Training samples: the early and late latents of some trajectories, their timesteps, conditionings and the
+    frozen model's predictions there."""
+
+    x_early: torch.Tensor
+    t_early: torch.Tensor
+    x_late: torch.Tensor
+    t_late: torch.Tensor
+    cond: TextConditioning
+    eu_early: torch.Tensor
+    ec_early: torch.Tensor
+    eu_late: torch.Tensor
+    ec_late: torch.Tensor
+
+
+def ant_loss(backbone: Backbone, b: Batch, uncond: TextConditioning, s: AntSettings
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The ANT loss of the backbone as it is now (the edited model), in one batched forward of 4B."""
+    n = b.x_early.shape[0]
+    x = torch.cat([b.x_early, b.x_late, b.x_early, b.x_late])
+    t = torch.cat([b.t_early, b.t_late, b.t_early, b.t_late])
+    cond = TextConditioning.cat([b.cond, b.cond, uncond.repeat(n), uncond.repeat(n)])
+    eps = backbone.predict_noise(x, t, cond).float()
+    pc_e, pc_l, pu_e, pu_l = eps.split(n)
+    if s.prediction == "guided":
+        p_e, p_l = pu_e + s.guidance * (pc_e - pu_e), pu_l + s.guidance * (pc_l - pu_l)
+    else:
+        p_e, p_l = pc_e, pc_l
+    enh, erase = stage_targets(b.eu_early.float(), b.ec_early.float(), b.eu_late.float(), b.ec_late.float(), s.eta)
+    mse = nn.functional.mse_loss
+    parts = {"erase": mse(p_l, erase), "u_late": mse(pu_l, b.eu_late.float()), "enh": mse(p_e, enh),
+             "u_early": mse(pu_e, b.eu_early.float())}
+    loss = parts["erase"] + s.a1 * parts["u_late"] + s.a2 * (parts["enh"] + s.a1 * parts["u_early"])
+    return loss, {k: float(v.detach()) for k, v in parts.items()}
+
+
+# -- trajectories ------------------------------------------------------------------------------------------------
+@dataclass
+class Trajectories:
+    """Guided DDIM trajectories and the frozen model's predictions along them (``[N, S, C, h, w]``, on CPU)."""
+
+    prompts: list[str]
+    seeds: list[int]
+    timesteps: torch.Tensor  # [S]
+    latents: torch.Tensor
+    eps_u: torch.Tensor
+    eps_c: torch.Tensor
+
+
+def trajectory_plan(prompts: list[str], n: int, seed: int) -> tuple[list[str], list[int]]:
+    """Trajectory i uses prompt ``i % len(prompts)`` and its own seed, so augmentations are cycled first."""
+    return [prompts[i % len(prompts)] for i in range(n)], [seed * 100_003 + i for i in range(n)]
+
+
+def _run(backbone: Backbone, cond: TextConditioning, uncond: TextConditioning, seeds: list[int], ts: torch.Tensor,
+         guidance: float, upto: int, resolution: int | None) -> tuple[list[torch.Tensor], list[torch.Tensor],
+                                                                      list[torch.Tensor]]:
+    """Latents before each of the first ``upto`` + 1 steps, with the current model's eps_u, eps_c at the first
+    ``upto``."""
+    abar = backbone.schedule.alphas_cumprod.to(backbone.device)
+    x = initial_noise(seeds, backbone.latent_shape(resolution)).to(backbone.device, backbone.dtype)
+    xs, eus, ecs = [x], [], []
+    for i in range(upto):
+        t = int(ts[i])
+        g, eu, ec = guided_eps(backbone, x, t, cond, uncond.repeat(len(seeds)), guidance)
+        eus.append(eu)
+        ecs.append(ec)
+        x = ddim_step(abar, x, g, t, int(ts[i + 1]) if i + 1 < len(ts) else -1, backbone.clip_denoised)
+        xs.append(x)
+    return xs, eus, ecs
+
+
+@torch.no_grad()
+def build_trajectories(backbone: Backbone, prompts: list[str], s: AntSettings, deltas: _HookedDeltas | None = None,
+                       chunk: int = 8, check_interrupt: Callable[[], None] | None = None) -> tuple[Trajectories, int]:
+    """Trajectories of the model as it is now; the predictions stored are the *frozen* model's.
+
+    With ``deltas`` (on-policy refresh) the trajectories follow the edited model and the frozen predictions are
+    recomputed along them with the deltas switched off. Returns the trajectories and the UNet evaluations spent.
+    """
+    plan_prompts, seeds = trajectory_plan(prompts, s.trajectories, s.seed)
+    ts = ddim_timesteps(s.trajectory_steps, backbone.schedule.num_timesteps)
+    uncond = backbone.encode_text([""])
+    lat, eus, ecs = [], [], []
+    evals = 0
+    for start in range(0, len(seeds), chunk):
+        if check_interrupt is not None:
+            check_interrupt()
+        ps, ss = plan_prompts[start:start + chunk], seeds[start:start + chunk]
+        cond = backbone.encode_text(ps)
+        xs, eu, ec = _run(backbone, cond, uncond, ss, ts, s.guidance, len(ts) - 1, s.resolution)
+        evals += 2 * len(ss) * (len(ts) - 1)
+        xs = xs[:-1]
+        if deltas is not None:
+            with deltas.disabled():
+                eu, ec = [], []
+                for i, x in enumerate(xs):
+                    _, u, c = guided_eps(backbone, x, int(ts[i]), cond, uncond.repeat(len(ss)), 1.0)
+                    eu.append(u)
+                    ec.append(c)
+            evals += 2 * len(ss) * len(xs)
+        lat.append(torch.stack(xs, 1).cpu())
+        eus.append(torch.stack(eu, 1).cpu())
+        ecs.append(torch.stack(ec, 1).cpu())
+    # the last DDIM step (t smallest) is never a training sample: it has no successor worth preserving
+    return Trajectories(plan_prompts, seeds, ts[:-1], torch.cat(lat), torch.cat(eus), torch.cat(ecs)), evals
+
+
+def draw(gen: torch.Generator, n_traj: int, s: AntSettings) -> tuple[list[int], list[int], list[int]]:
+    """Which trajectories, early steps and mid/late steps a training step uses (the same draws whether or not
+    trajectories are cached)."""
+    late_steps = s.trajectory_steps - 1 - s.early_steps
+    idx = torch.randint(0, n_traj, (s.batch_size,), generator=gen).tolist()
+    ke = torch.randint(0, s.early_steps, (s.batch_size,), generator=gen).tolist()
+    kl = (s.early_steps + torch.randint(0, late_steps, (s.batch_size,), generator=gen)).tolist()
+    return idx, ke, kl
+
+
+def cached_batch(backbone: Backbone, tr: Trajectories, idx: list[int], ke: list[int], kl: list[int],
+                 enc: dict[str, TextConditioning]) -> Batch:
+    dev, dt = backbone.device, backbone.dtype
+
+    def pick(a: torch.Tensor, ks: list[int]) -> torch.Tensor:
+        return torch.stack([a[i, k] for i, k in zip(idx, ks, strict=True)]).to(dev, dt)
+
+    return Batch(pick(tr.latents, ke), tr.timesteps[ke].to(dev), pick(tr.latents, kl), tr.timesteps[kl].to(dev),
+                 TextConditioning.cat([enc[tr.prompts[i]] for i in idx]), pick(tr.eps_u, ke), pick(tr.eps_c, ke),
+                 pick(tr.eps_u, kl), pick(tr.eps_c, kl))
+
+
+@torch.no_grad()
+def uncached_batch(backbone: Backbone, deltas: _HookedDeltas, prompts: list[str], seeds: list[int], idx: list[int],
+                   ke: list[int], kl: list[int], enc: dict[str, TextConditioning], uncond: TextConditioning,
+                   s: AntSettings) -> tuple[Batch, int]:
+    """The reference's way: regenerate each drawn trajectory from noise with the edited model, up to its late step,
+    then query the frozen model at the two latents. Returns the batch and the UNet evaluations spent."""
+    ts = ddim_timesteps(s.trajectory_steps, backbone.schedule.num_timesteps)
+    xe, xl, evals = [], [], 0
+    for i, a, b in zip(idx, ke, kl, strict=True):
+        xs, _, _ = _run(backbone, enc[prompts[i]], uncond, [seeds[i]], ts, s.guidance, b, s.resolution)
+        evals += 2 * b
+        xe.append(xs[a])
+        xl.append(xs[b])
+    x_e, x_l = torch.cat(xe), torch.cat(xl)
+    cond = TextConditioning.cat([enc[prompts[i]] for i in idx])
+    t_e, t_l = ts[ke].to(backbone.device), ts[kl].to(backbone.device)
+    with deltas.disabled():
+        _, eu_e, ec_e = guided_eps(backbone, x_e, t_e, cond, uncond.repeat(len(idx)), 1.0)
+        _, eu_l, ec_l = guided_eps(backbone, x_l, t_l, cond, uncond.repeat(len(idx)), 1.0)
+    return Batch(x_e, t_e, x_l, t_l, cond, eu_e, ec_e, eu_l, ec_l), evals + 4 * len(idx)
+
+
+# -- saliency ----------------------------------------------------------------------------------------------------
+def scope_modules(backbone: Backbone, scope: str) -> dict[str, nn.Module]:
+    """The layers a scope trains: ``saliency`` every Linear/Conv2d of the UNet (entries chosen later), ``xattn``
+    the cross-attention projections, ``non-xattn`` every Linear/Conv2d outside cross-attention, ``lora`` the
+    cross-attention K/V projections (what MACE's fusion combines)."""
+    mods = {n: m for n, m in backbone.unet().named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    if scope == "saliency":
+        return mods
+    if scope == "xattn":
+        return {n: m for n, m in mods.items() if ".attn2." in n and isinstance(m, nn.Linear)}
+    if scope == "non-xattn":
+        return {n: m for n, m in mods.items() if ".attn2." not in n}
+    if scope == "lora":
+        return dict(backbone.cross_attention_kv())
+    raise ValueError(f"scope must be one of {', '.join(SCOPES)} (got {scope!r})")
+
+
+def top_fraction_mask(grads: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
+    """Per map: True for the entries with the largest |grad| (the top ``fraction`` of all entries of the map,
+    ties at the threshold kept)."""
+    flat = torch.cat([g.detach().abs().float().flatten().cpu() for g in grads.values()])
+    keep = max(1, math.ceil(fraction * flat.numel()))
+    threshold = flat.kthvalue(flat.numel() - keep + 1).values
+    return {n: (g.detach().abs().float() >= threshold.to(g.device)) for n, g in grads.items()}
+
+
+def saliency_masks(backbone: Backbone, tr: Trajectories, modules: dict[str, nn.Module], s: AntSettings,
+                   check_interrupt: Callable[[], None] | None = None,
+                   ) -> tuple[dict[str, torch.Tensor], float, int, int]:
+    """Gradients of the ANT loss at the pretrained weights, one map per trajectory (an augmentation x seed pair) of
+    the first ``saliency_maps``; each map keeps its top ``saliency_fraction``; the maps are intersected.
+
+    Each map's loss pairs every early step with up to 8 mid/late steps spread over the trajectory. Returns the masks,
+    the fraction of entries kept, the UNet forwards and the backwards spent. Weights' ``requires_grad`` flags are
+    restored; no optimizer step is taken.
+    """
+    weights = {n: m.weight for n, m in modules.items()}
+    flags = {n: w.requires_grad for n, w in weights.items()}
+    uncond = backbone.encode_text([""])
+    n_late = s.trajectory_steps - 1 - s.early_steps
+    late = sorted({s.early_steps + round(i * (n_late - 1) / 7) for i in range(min(8, n_late))})
+    early = [i % s.early_steps for i in range(len(late))]
+    mask: dict[str, torch.Tensor] | None = None
+    fwd = bwd = 0
+    try:
+        for w in weights.values():
+            w.requires_grad_(True)
+        for j in range(min(s.saliency_maps, len(tr.seeds))):
+            if check_interrupt is not None:
+                check_interrupt()
+            enc = {tr.prompts[j]: backbone.encode_text([tr.prompts[j]])}
+            b = cached_batch(backbone, tr, [j] * len(late), early, late, enc)
+            with torch.enable_grad():
+                loss, _ = ant_loss(backbone, b, uncond, s)
+                grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
+            fwd += 4 * len(late)
+            bwd += 1
+            g = {n: (gr if gr is not None else torch.zeros_like(weights[n])) for n, gr in zip(weights, grads,
+                                                                                               strict=True)}
+            m = top_fraction_mask(g, s.saliency_fraction)
+            mask = m if mask is None else {n: mask[n] & m[n] for n in mask}
+    finally:
+        for n, w in weights.items():
+            w.requires_grad_(flags[n])
+    assert mask is not None
+    total = sum(v.numel() for v in mask.values())
+    kept = sum(int(v.sum()) for v in mask.values())
+    return mask, kept / total, fwd, bwd
+
+
+# -- training ----------------------------------------------------------------------------------------------------
+@dataclass
+class AntResult:
+    weights: ErasureWeights
+    trainable_params: int
+    total_params: int  # entries of the layers in scope
+    selected_fraction: float | None  # the saliency mask's share of those entries
+    unet_forwards: int
+    unet_backwards: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+    optimizer_state_bytes: int = 0
+
+
+def concept_prompts_for(concept: str, synonyms: list[str] | tuple[str, ...] = (), kind: str = "object",
+                        templates: list[str] | tuple[str, ...] | None = None) -> list[str]:
+    """The concept's prompt augmentations: every template with the concept and with each synonym."""
+    words = [concept] + [w for w in synonyms if w.strip() and w.strip().lower() != concept.strip().lower()]
+    temps = list(templates) if templates else list(CONCEPT_TEMPLATES[kind])
+    return [t.replace("{c}", w) for t in temps for w in words]
+
+
+def _trainable(backbone: Backbone, s: AntSettings, masks: dict[str, torch.Tensor] | None,
+               gen: torch.Generator) -> _HookedDeltas:
+    mods = scope_modules(backbone, s.scope)
+    if s.scope == "saliency":
+        assert masks is not None
+        return SparseDeltas(mods, masks)
+    if s.scope == "lora":
+        return TrainableLoRA(mods, rank=s.lora_rank, generator=gen)
+    return TrainableDeltas(mods)
+
+
+def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, synonyms: tuple[str, ...] = (),
+        templates: list[str] | tuple[str, ...] | None = None, cache: bool = True,
+        progress: Callable[[int], None] | None = None, check_interrupt: Callable[[], None] | None = None,
+        log: Callable[[str], None] | None = None) -> AntResult:
+    """Erase one concept. ``templates`` (with ``{c}``) and ``synonyms`` make the prompt augmentations: the
+    trajectories' prompts and the saliency maps' prompts. ``cache=False`` runs the reference's
+    regenerate-every-iteration loop instead (same draws, same result as ``refresh_every=1``)."""
+    s = settings or AntSettings()
+    s.validate()
+    if not concept.strip():
+        raise ValueError("the concept is empty: give the word or phrase to erase")
+    t0 = time.time()
+    prompts = concept_prompts_for(concept.strip(), synonyms, s.kind, templates)
+    gen = torch.Generator().manual_seed(s.seed)
+    torch_state = torch.random.get_rng_state()
+    uncond = backbone.encode_text([""])
+    enc = {p: backbone.encode_text([p]) for p in dict.fromkeys(prompts)}
+    fwd = bwd = 0
+    tr = None
+    if cache or s.scope == "saliency":
+        if log:
+            log(f"ant: {s.trajectories} trajectories x {s.trajectory_steps} steps with the frozen model")
+        tr, ev = build_trajectories(backbone, prompts, s, check_interrupt=check_interrupt)
+        fwd += ev
+    masks, fraction = None, None
+    if s.scope == "saliency":
+        assert tr is not None
+        masks, fraction, f2, b2 = saliency_masks(backbone, tr, scope_modules(backbone, "saliency"), s,
+                                                 check_interrupt)
+        fwd, bwd = fwd + f2, bwd + b2
+        if log:
+            log(f"ant: saliency keeps {fraction:.2%} of the UNet's Linear/Conv2d weights")
+    plan_prompts, seeds = trajectory_plan(prompts, s.trajectories, s.seed)
+    total = sum(m.weight.numel() for m in scope_modules(backbone, s.scope).values())
+    losses: list[float] = []
+    try:
+        with _trainable(backbone, s, masks, gen) as deltas:
+            opt = torch.optim.Adam(deltas.parameters(), lr=s.lr)
+            for step in range(s.steps):
+                if check_interrupt is not None:
+                    check_interrupt()
+                if cache and s.refresh_every and step > 0 and step % s.refresh_every == 0:
+                    tr, ev = build_trajectories(backbone, prompts, s, deltas, check_interrupt=check_interrupt)
+                    fwd += ev
+                idx, ke, kl = draw(gen, s.trajectories, s)
+                if cache:
+                    assert tr is not None
+                    b = cached_batch(backbone, tr, idx, ke, kl, enc)
+                else:
+                    b, ev = uncached_batch(backbone, deltas, plan_prompts, seeds, idx, ke, kl, enc, uncond, s)
+                    fwd += ev
+                loss, _ = ant_loss(backbone, b, uncond, s)
+                fwd += 4 * s.batch_size
+                bwd += 1
+                if not torch.isfinite(loss):
+                    raise TrainingDivergedError(f"the ANT loss became {loss.item()} at step {step}: lower the "
+                                                f"learning rate (now {s.lr})")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if s.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(deltas.parameters(), s.grad_clip)
+                opt.step()
+                losses.append(float(loss.detach()))
+                if progress is not None:
+                    progress(1)
+                if log and (step + 1) % 50 == 0:
+                    log(f"ant step {step + 1}/{s.steps} loss {loss.item():.4f}")
+            if not deltas.all_finite():
+                raise TrainingDivergedError("the ANT weights became non-finite: lower the learning rate")
+            opt_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                            if torch.is_tensor(t))
+            trained = deltas.num_trainable()
+            weights = deltas.result(method="ant", concepts=[concept.strip()], synonyms=list(synonyms),
+                                    settings=asdict(s), selected_fraction=fraction)
+    finally:
+        torch.random.set_rng_state(torch_state)
+    return AntResult(weights, trained, total, fraction, fwd, bwd, round(time.time() - t0, 2), losses, opt_bytes)
+
+
+@dataclass
+class AntMultiResult:
+    weights: ErasureWeights
+    per_concept: list[AntResult]
+    unet_forwards: int
+    unet_backwards: int
+    seconds: float
+
+
+def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | None, prior: torch.Tensor | None,
+              templates: dict[str, list[str]] | None = None, lam: float = 0.1, preserve: float = 1.0,
+              progress: Callable[[int], None] | None = None, check_interrupt: Callable[[], None] | None = None,
+              log: Callable[[str], None] | None = None) -> AntMultiResult:
+    """Many concepts: one ANT LoRA per concept on the cross-attention K/V, then MACE's closed-form fusion."""
+    from .mace import Concept, fuse
+
+    names = [c.strip() for c in concepts]
+    if not names or any(not c for c in names):
+        raise ValueError("a concept is empty: give one word or phrase per concept")
+    low = [c.lower() for c in names]
+    dup = sorted({c for c in low if low.count(c) > 1})
+    if dup:
+        raise ValueError(f"duplicate concepts: {', '.join(dup)}; list each concept once")
+    s = (settings or AntSettings()).override(scope="lora")
+    t0 = time.time()
+    results, items = [], []
+    for c in names:
+        if log:
+            log(f"ant: concept {len(results) + 1}/{len(names)}: {c!r}")
+        temps = (templates or {}).get(c)
+        r = ant(backbone, c, s, templates=temps, progress=progress, check_interrupt=check_interrupt, log=log)
+        results.append(r)
+        items.append((Concept(c, "", s.kind, templates=tuple(temps or CONCEPT_TEMPLATES[s.kind])), r.weights))
+    fused = fuse(backbone, items, None, prior, lam=lam, preserve=preserve, method="ant-fused")
+    fused.metadata.update(_meta({"settings": asdict(s), "fuse": {"lam": lam, "preserve": preserve}}))
+    return AntMultiResult(fused, results, sum(r.unet_forwards for r in results),
+                          sum(r.unet_backwards for r in results), round(time.time() - t0, 2))
