@@ -126,14 +126,15 @@ def generate_data(backbone: Backbone, concept: Concept, s: MaceSettings, user_ma
     seeds = [s.seed * 1000 + i for i in range(s.images_per_concept)]
     want_masks = s.use_masks and concept.kind != "style"
     res = sample(backbone, [prompt], seeds, s.sample_steps, s.guidance, progress=progress,
-                 attention_word=concept.text if want_masks else None)
+                 attention_word=concept.text if want_masks else None,
+                 decode=not getattr(backbone, "latent_only", False))
     if want_masks:
         masks = masks_from_attention(res.attention, s.mask_threshold)
     else:
         masks = torch.ones(res.latents.shape[0], *res.latents.shape[2:])
     if user_masks is not None:
         masks = user_masks
-    return ConceptData(concept, prompt, res.latents, masks, res.images)
+    return ConceptData(concept, prompt, res.latents, masks, res.images if len(res.images) else None)
 
 
 # -- stage 2 ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,280 @@
+"""ComfyUI's MODEL (a ModelPatcher) and CLIP as the erasure library's backbone, and erasure results as patches.
+
+The library's methods see epsilon predictions on VP latents ``x_t = sqrt(abar) x0 + sqrt(1 - abar) eps`` at integer
+DDPM timesteps, which is exactly what ComfyUI's SD1.x/SD2.x/SDXL ``diffusion_model(x_t, t, context, y)`` computes;
+v-prediction models are converted with ``eps = sqrt(abar) v + sqrt(1 - abar) x_t``.
+
+Module names are ComfyUI's (ldm layout, ``input_blocks.1.1.transformer_blocks.0.attn2.to_k``). At the edges
+(LoRA sockets and files) they are translated to diffusers names through ComfyUI's own ``unet_to_diffusers`` map, so a
+LoRA made here is the same file as one made from a diffusers model, and loads in LoraLoader, A1111/Forge and
+diffusers alike.
+
+The three host traps (``shared/docs/COMFYUI.md``) are handled here: results become patches on a ``clone()`` (never
+writes into the shared weights); training swaps each weight for a non-inference copy for its duration and puts the
+original Parameter objects back (``trainable``); progress and Cancel go through ComfyUI's ProgressBar and interrupt
+check (in the node modules).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from collections.abc import Iterator
+
+import comfy.model_management
+import comfy.utils
+import torch
+from torch import nn
+
+from ..erasure.backbone import NoiseSchedule, TextConditioning
+from ..erasure.weights import ErasureWeights, kohya_name
+
+#: ComfyUI model configs this pack supports (class names in comfy/supported_models.py)
+SUPPORTED = {"SD15": "SD1.x", "SD20": "SD2.x", "SDXL": "SDXL"}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def check_supported(model) -> str:
+    """The family name of a supported MODEL, or a clear error naming what is supported."""
+    config = type(getattr(model.model, "model_config", None)).__name__
+    mtype = getattr(model.model, "model_type", None)
+    if config not in SUPPORTED or getattr(mtype, "name", "") not in ("EPS", "V_PREDICTION"):
+        raise UnsupportedModelError(
+            f"this model ({config}, {getattr(mtype, 'name', mtype)}) is not supported: concept erasure works on "
+            f"SD1.x, SD2.x (epsilon or v-prediction) and SDXL UNets; load one of those with a checkpoint loader")
+    return SUPPORTED[config]
+
+
+def ldm_to_diffusers(model) -> dict[str, str]:
+    """ComfyUI module name -> diffusers module name, for every weight of the UNet."""
+    mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    return {v[: -len(".weight")]: k[: -len(".weight")] for k, v in mapping.items() if k.endswith(".weight")}
+
+
+class ComfyBackbone:
+    """The library's Backbone protocol on a ModelPatcher + CLIP (see ``erasure/backbone.py``)."""
+
+    clip_denoised = False
+    #: no VAE in a MODEL: the library keeps latents (previews decode with the VAE socket)
+    latent_only = True
+
+    def __init__(self, model, clip, resolution: int | None = None) -> None:
+        if clip is None:
+            raise ValueError("no CLIP given: connect the checkpoint's CLIP output (erasure needs the text encoder)")
+        self.family = check_supported(model)
+        self.patcher = model
+        self.clip = clip
+        self.text_encoders = [clip.cond_stage_model]  # what the prior cache's key hashes
+        base = model.model
+        sampling = model.get_model_object("model_sampling")
+        sigmas = sampling.sigmas.detach().float().cpu()
+        self.schedule = NoiseSchedule(1.0 / (1.0 + sigmas**2))
+        self.v_prediction = base.model_type.name == "V_PREDICTION"
+        self.channels = base.latent_format.latent_channels
+        self.default_resolution = resolution or (1024 if self.family == "SDXL" else
+                                                 768 if self.v_prediction else 512)
+        self._hw = (self.default_resolution // 8, self.default_resolution // 8)
+
+    # -- devices -------------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Put the UNet on ComfyUI's device under its memory management (full load: training needs every layer)."""
+        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+
+    @property
+    def device(self) -> torch.device:
+        return self.patcher.load_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patcher.model.get_dtype()
+
+    def unet(self) -> nn.Module:
+        return self.patcher.model.diffusion_model
+
+    def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
+        r = resolution or self.default_resolution
+        if r % 8:
+            raise ValueError(f"resolution must be a multiple of 8 (got {r})")
+        return (self.channels, r // 8, r // 8)
+
+    # -- text ----------------------------------------------------------------------------------------------------
+    def _tokens(self, prompt: str, word_ids: bool = False):
+        return self.clip.tokenize(prompt, return_word_ids=word_ids)
+
+    def encode_text(self, prompts: list[str], batch: int = 32) -> TextConditioning:
+        """Per-token embeddings ``[B, 77, D]``. Without pooled outputs to keep (SD1.x/2.x), up to ``batch`` prompts
+        go through the encoder at once as the 77-token sections of one long prompt (ComfyUI encodes the sections
+        of a prompt as one batch and concatenates them), which is then cut back into prompts."""
+        toks = []
+        for p in prompts:
+            tokens = self._tokens(p)
+            if any(len(sections) > 1 for sections in tokens.values()):
+                raise ValueError(f"the prompt {p[:60]!r} is longer than the text encoder's 75 tokens: shorten it")
+            toks.append(tokens)
+        embeds, pooled = [], []
+        if self.family == "SDXL":
+            for tokens in toks:
+                cond, pool = self.clip.encode_from_tokens(tokens, return_pooled=True)
+                embeds.append(cond)
+                pooled.append(pool)
+        else:
+            for i in range(0, len(toks), batch):
+                group = toks[i : i + batch]
+                packed = {k: [t[k][0] for t in group] for k in group[0]}
+                cond = self.clip.encode_from_tokens(packed)
+                embeds.append(cond.reshape(len(group), -1, cond.shape[-1]))
+        e = torch.cat(embeds).to(self.device, self.dtype)
+        extras = {}
+        if self.family == "SDXL":
+            r = self.default_resolution
+            y = [self.patcher.model.encode_adm(pooled_output=p, width=r, height=r, target_width=r, target_height=r,
+                                               crop_w=0, crop_h=0) for p in pooled]
+            extras["y"] = torch.cat(y).to(self.device, self.dtype)
+        return TextConditioning(e, extras)
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return [t[0] for t in next(iter(self._tokens(prompt).values()))[0]]
+
+    def token_positions(self, prompt: str, word: str) -> list[int]:
+        """Positions (in the 77-token sequence) of the tokens of ``word`` inside ``prompt``'s tokens."""
+        full = self.tokenize(prompt)
+        ids = self.tokenize(word)
+        special = {full[0], full[-1]}
+        sub = [t for t in ids if t not in special]
+        if not word.strip() or not sub:
+            return []
+        for i in range(len(full) - len(sub) + 1):
+            if full[i : i + len(sub)] == sub:
+                return list(range(i, i + len(sub)))
+        return []
+
+    # -- prediction ----------------------------------------------------------------------------------------------
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
+        x = x_t.to(self.device, self.dtype)
+        t = torch.as_tensor(t, device=self.device).expand(x.shape[0]) if torch.as_tensor(t).dim() == 0 else t
+        t = t.to(self.device)
+        out = self.unet()(x, timesteps=t.float(), context=cond.embeds.to(self.device, self.dtype),
+                          y=cond.extras.get("y"))
+        if self.v_prediction:
+            a = self.schedule.alphas_cumprod.to(self.device)[t.long()].view(-1, 1, 1, 1).to(out.dtype)
+            out = a.sqrt() * out + (1 - a).sqrt() * x
+        return out
+
+    def cross_attention_kv(self) -> dict[str, nn.Linear]:
+        return {n: m for n, m in self.unet().named_modules()
+                if isinstance(m, nn.Linear) and (n.endswith("attn2.to_k") or n.endswith("attn2.to_v"))}
+
+    @contextlib.contextmanager
+    def capture_attention(self, sink, resolution: int | None = None) -> Iterator[None]:
+        """Explicit softmax attention in every cross-attention layer for the duration, reporting probabilities
+        ``[B, heads, HW, L]`` to ``sink(name, probs, (h, w))``; the layers' own forwards are put back on exit."""
+        lh, lw = self.latent_shape(resolution)[1:]
+        mods = {n[: -len(".to_k")]: None for n in self.cross_attention_kv() if n.endswith("to_k")}
+        named = dict(self.unet().named_modules())
+        saved = {}
+        try:
+            for name in mods:
+                m = named[name]
+                saved[name] = m.__dict__.get("forward")
+                m.forward = _capturing_forward(m, name, sink, lh, lw)
+            yield
+        finally:
+            for name, fwd in saved.items():
+                if fwd is None:
+                    named[name].__dict__.pop("forward", None)
+                else:
+                    named[name].forward = fwd
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("decoding needs a VAE: the preview node decodes with the VAE socket")
+
+    def fingerprint(self) -> str:
+        """A short hash of the UNet's and text encoder's weights (samples of every tensor), for caches and files."""
+        h = hashlib.sha256()
+        for n, p in list(self.unet().state_dict().items())[::7]:
+            h.update(n.encode())
+            h.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def _capturing_forward(m: nn.Module, name: str, sink, lh: int, lw: int):
+    def forward(x, context=None, value=None, mask=None, transformer_options=None):
+        q = m.to_q(x)
+        ctx = x if context is None else context
+        k = m.to_k(ctx)
+        v = m.to_v(ctx if value is None else value)
+        b, n, inner = q.shape
+        h = m.heads
+        d = inner // h
+        q, k, v = (z.reshape(b, -1, h, d).transpose(1, 2) for z in (q, k, v))
+        probs = (q.float() @ k.float().transpose(-1, -2) * d**-0.5).softmax(-1)
+        f = round(math.sqrt(lh * lw / n))
+        sink(name, probs, (lh // f, lw // f))
+        out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(b, n, inner)
+        return m.to_out(out)
+
+    return forward
+
+
+@contextlib.contextmanager
+def trainable(backbone: ComfyBackbone) -> Iterator[None]:
+    """Training inside a prompt (TRAP 2): grad on, inference mode off, and every UNet weight swapped for a
+    non-inference copy (requires_grad False) for the duration. The original Parameter objects, which other
+    branches of the graph share (TRAP 1), are put back untouched on exit, even on error or Cancel."""
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    with torch.inference_mode(False), torch.enable_grad():
+        try:
+            for mod in backbone.unet().modules():
+                for pname, p in list(mod._parameters.items()):
+                    if p is None:
+                        continue
+                    swapped.append((mod, pname, p))
+                    mod._parameters[pname] = nn.Parameter(p.detach().clone(), requires_grad=False)
+            yield
+        finally:
+            for mod, pname, p in swapped:
+                mod._parameters[pname] = p
+
+
+def to_lora_dict(weights: ErasureWeights, model, rank: int | None = None) -> tuple[dict[str, torch.Tensor], float]:
+    """Kohya tensors with diffusers module names (what every tool loads), and the relative factorisation error."""
+    names = ldm_to_diffusers(model)
+    renamed = ErasureWeights({names.get(k, k): d for k, d in weights.deltas.items()}, dict(weights.metadata))
+    return renamed.to_lora(rank)
+
+
+def from_lora(weights: ErasureWeights, model) -> ErasureWeights:
+    """A LoRA read from a file or socket (diffusers, ldm or kohya names) with ComfyUI module names, checked against
+    the model: a LoRA for another base model is refused with the reason."""
+    to_ldm = {v: k for k, v in ldm_to_diffusers(model).items()}
+    named = dict(model.model.diffusion_model.named_modules())
+    by_kohya = {kohya_name(n): n for n in named} | {kohya_name(d): ldm for d, ldm in to_ldm.items()}
+    out = {}
+    for k, d in weights.deltas.items():
+        name = to_ldm.get(k, k if k in named else by_kohya.get(k))
+        if name is None or name not in named:
+            raise ValueError(f"the LoRA layer {k!r} does not exist in this model: the LoRA was made for another "
+                             "base model (e.g. SD1.5 vs SDXL); use it with the model it was made for")
+        w = named[name].weight
+        if tuple(d.matrix().shape) != tuple(w.shape):
+            raise ValueError(f"the LoRA layer {k!r} has shape {tuple(d.matrix().shape)}, this model's "
+                             f"{tuple(w.shape)}: the LoRA was made for another base model")
+        out[name] = d
+    return ErasureWeights(out, dict(weights.metadata))
+
+
+def patched_model(model, weights: ErasureWeights, strength: float = 1.0):
+    """A clone of ``model`` with the erasure as weight-diff patches (TRAP 1: the input's weights are untouched)."""
+    m = model.clone()
+    patches = {}
+    for name, d in weights.deltas.items():
+        patches[f"diffusion_model.{name}.weight"] = ("diff", (d.matrix().to(torch.float32),))
+    missing = set(patches) - set(m.add_patches(patches, strength))
+    if missing:
+        raise ValueError(f"{len(missing)} erasure layers did not match this model (e.g. {sorted(missing)[0]}): "
+                         "the erasure was made for another base model")
+    return m

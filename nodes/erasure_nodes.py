@@ -1,0 +1,354 @@
+"""The pack's nodes (ComfyUI V3 schema API). Thin: validate inputs, call the ``erasure`` library, wrap the result.
+
+Every erasure node returns a MODEL (a patched clone: the input MODEL is never modified) and a ``LORA_MODEL`` (ComfyUI's
+own LoRA socket type: a dict of kohya-keyed tensors that ``LoraModelLoader`` and ``SaveLoRA`` accept). Ours is a dict
+subclass that also carries the erasure metadata (method, concepts, settings, base model), which the Save and Fuse
+nodes use and other nodes ignore.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..erasure.ant import PREDICTIONS, SCOPES, AntSettings, ant, ant_multi
+from ..erasure.lab.evaluate import cache_dir
+from ..erasure.mace import PRESETS, Concept, fuse, mace
+from ..erasure.prior import gram
+from ..erasure.prompts import prior_prompts
+from ..erasure.weights import META_PREFIX, ErasureWeights, _meta, atomic_save
+from .comfy_backbone import ComfyBackbone, from_lora, patched_model, to_lora_dict, trainable
+
+CATEGORY = "erasure"
+LoraModel = io.Custom("LORA_MODEL")
+EXACT_LIMIT_BYTES = 256 * 2**20
+
+
+class ErasureLora(dict):
+    """A LORA_MODEL (``dict[str, Tensor]``) that also carries safetensors metadata."""
+
+    metadata: dict[str, str]
+
+    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        super().__init__(tensors)
+        self.metadata = dict(metadata)
+
+
+def _split(text: str) -> list[str]:
+    return [c.strip() for c in re.split(r"[;\n]", text or "") if c.strip()]
+
+
+def _progress(total: int):
+    bar = comfy.utils.ProgressBar(total)
+    return (lambda n=1: bar.update(n)), comfy.model_management.throw_exception_if_processing_interrupted
+
+
+def _export(weights: ErasureWeights, model, backbone: ComfyBackbone) -> ErasureLora:
+    """The LoRA socket value: exact when it stays under 256 MB, else a rank-64 truncated SVD (error in metadata)."""
+    weights.metadata[META_PREFIX + "base_model"] = backbone.fingerprint()
+    weights.metadata[META_PREFIX + "base_family"] = backbone.family
+    size = sum(4 * (d.matrix().numel() + min(d.matrix().shape[0], d.matrix()[0].numel()) ** 2)
+               for d in weights.deltas.values())
+    rank = None if size < EXACT_LIMIT_BYTES or all(d.up is not None for d in weights.deltas.values()) else 64
+    tensors, err = to_lora_dict(weights, model, rank)
+    meta = dict(weights.metadata)
+    meta[META_PREFIX + "lora_relative_error"] = f"{err:.3e}"
+    return ErasureLora(tensors, meta)
+
+
+def _lora_weights(lora: dict, model) -> ErasureWeights:
+    """A LORA_MODEL socket value (ours or ComfyUI's) as erasure weights with ComfyUI module names."""
+    from ..erasure.weights import Delta
+
+    deltas = {}
+    for k, down in lora.items():
+        if not k.endswith(".lora_down.weight"):
+            continue
+        base = k[: -len(".lora_down.weight")]
+        up = lora.get(base + ".lora_up.weight")
+        if up is None:
+            raise ValueError(f"the LoRA has {base}.lora_down but no lora_up: it is incomplete")
+        alpha = lora.get(base + ".alpha")
+        scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
+        name = base[len("lora_unet_"):] if base.startswith("lora_unet_") else base
+        deltas[name] = Delta(up=up, down=down, scale=scale)
+    if not deltas:
+        raise ValueError("this LoRA holds no lora_up/lora_down weights (PEFT lora_A/lora_B keys are not supported)")
+    w = ErasureWeights(deltas, dict(getattr(lora, "metadata", {})))
+    return from_lora(_underscored(w, model), model)
+
+
+def _underscored(w: ErasureWeights, model) -> ErasureWeights:
+    """Kohya names have dots replaced by underscores; map them back to module names of either layout."""
+    from .comfy_backbone import ldm_to_diffusers
+
+    names = ldm_to_diffusers(model)
+    lookup = {k.replace(".", "_"): k for k in names} | {v.replace(".", "_"): v for v in names.values()}
+    return ErasureWeights({lookup.get(k, k): d for k, d in w.deltas.items()}, w.metadata)
+
+
+def _concepts_of(lora: dict) -> list[str]:
+    try:
+        got = json.loads(getattr(lora, "metadata", {}).get(META_PREFIX + "concepts", "[]"))
+        return [c for c in got if isinstance(c, str)]
+    except (json.JSONDecodeError, TypeError):
+        return []
+
+
+# -- nodes -------------------------------------------------------------------------------------------------------
+class EraseConceptANT(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        d = AntSettings()
+        return io.Schema(
+            node_id="EraseConceptANT", display_name="Erase Concept (ANT)", category=CATEGORY,
+            description="Erase one concept by reversing classifier-free guidance in the mid-to-late denoising steps "
+                        "(ANT), training only the most salient weights.",
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.x / SD2.x / SDXL model to erase from (left unchanged)."),
+                io.Clip.Input("clip", tooltip="The model's text encoder (CLIP)."),
+                io.String.Input("concept", default="", tooltip="The word or phrase to erase, e.g. 'nudity'."),
+                io.String.Input("synonyms", default="", multiline=True, optional=True,
+                                tooltip="Other words for the concept, ';' or one per line: used as prompt "
+                                        "augmentations for the saliency mask and the trajectories."),
+                io.Int.Input("steps", default=d.steps, min=1, max=10000, tooltip="Training steps."),
+                io.Float.Input("learning_rate", default=d.lr, min=1e-7, max=1e-1, step=1e-6,
+                               tooltip="Adam learning rate."),
+                io.Combo.Input("scope", options=list(SCOPES), default=d.scope,
+                               tooltip="saliency: only the most salient weights (single concept); xattn: "
+                                       "cross-attention; non-xattn: everything else; lora: a K/V LoRA."),
+                io.Float.Input("saliency_fraction", default=d.saliency_fraction, min=0.001, max=1.0, step=0.01,
+                               tooltip="Fraction of weights each saliency map keeps before the maps are "
+                                       "intersected."),
+                io.Combo.Input("prediction", options=list(PREDICTIONS), default=d.prediction,
+                               tooltip="Which prediction of the edited model is trained: guided or conditional."),
+                io.Int.Input("resolution", default=0, min=0, max=2048, step=8,
+                             tooltip="Training resolution in pixels; 0 = the model's native one."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of trajectories and sampling."),
+                io.Int.Input("trajectories", default=d.trajectories, min=1, max=256,
+                             tooltip="Denoising trajectories generated once with the original model and reused."),
+                io.Int.Input("trajectory_steps", default=d.trajectory_steps, min=3, max=200,
+                             tooltip="DDIM steps of each trajectory."),
+                io.Int.Input("early_steps", default=d.early_steps, min=1, max=199,
+                             tooltip="The first steps, where the guidance direction is kept (structure)."),
+                io.Int.Input("saliency_maps", default=d.saliency_maps, min=1, max=64,
+                             tooltip="Saliency maps (prompt augmentation x seed) intersected."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the concept erased."),
+                     LoraModel.Output(display_name="LORA", tooltip="The erasure as a LoRA (save it or fuse it).")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, concept, steps, learning_rate, scope, saliency_fraction, prediction, resolution,
+                seed, synonyms="", trajectories=16, trajectory_steps=50, early_steps=4,
+                saliency_maps=8) -> io.NodeOutput:
+        if not concept.strip():
+            raise ValueError("the concept is empty: type the word or phrase to erase")
+        s = AntSettings(steps=steps, lr=learning_rate, scope=scope, saliency_fraction=saliency_fraction,
+                        prediction=prediction, seed=seed, resolution=resolution or None, trajectories=trajectories,
+                        trajectory_steps=trajectory_steps, early_steps=early_steps, saliency_maps=saliency_maps)
+        s.validate()
+        bb = ComfyBackbone(model, clip, resolution or None)
+        progress, interrupt = _progress(steps)
+        bb.load()
+        with trainable(bb):
+            r = ant(bb, concept.strip(), s, synonyms=tuple(_split(synonyms)), progress=progress,
+                    check_interrupt=interrupt)
+        return io.NodeOutput(patched_model(model, r.weights), _export(r.weights, model, bb))
+
+
+class MassEraseMACE(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MassEraseMACE", display_name="Mass Erase (MACE)", category=CATEGORY,
+            description="Erase many concepts at once: closed-form cross-attention refinement, one attention-loss "
+                        "LoRA per concept, closed-form fusion (MACE).",
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.x / SD2.x / SDXL model to erase from (left unchanged)."),
+                io.Clip.Input("clip", tooltip="The model's text encoder (CLIP)."),
+                io.String.Input("concepts", default="", multiline=True,
+                                tooltip="Concepts to erase, one per line (or ';'-separated)."),
+                io.Combo.Input("preset", options=sorted(PRESETS), default="object",
+                               tooltip="Reference settings per kind of concept (anchor, learning rate, masks)."),
+                io.String.Input("anchors", default="", optional=True,
+                                tooltip="What each concept maps to: one anchor for all, or one per concept "
+                                        "(';'-separated). Empty: the preset's."),
+                io.String.Input("preserve_prompts", default="", multiline=True, optional=True,
+                                tooltip="Extra prompts whose outputs must not change, one per line."),
+                io.Int.Input("lora_steps", default=0, min=0, max=5000,
+                             tooltip="LoRA steps per concept; 0 = the preset's."),
+                io.Int.Input("resolution", default=0, min=0, max=2048, step=8,
+                             tooltip="Generation resolution in pixels; 0 = the model's native one."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the generated images."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the concepts erased."),
+                     LoraModel.Output(display_name="LORA", tooltip="The erasure as a LoRA.")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, concepts, preset, lora_steps, resolution, seed, anchors="",
+                preserve_prompts="") -> io.NodeOutput:
+        names = _split(concepts)
+        if not names:
+            raise ValueError("no concepts given: type one concept per line")
+        anchor_list = [a.strip() for a in (anchors or "").split(";")] if (anchors or "").strip() else []
+        if anchor_list and len(anchor_list) not in (1, len(names)):
+            raise ValueError(f"{len(anchor_list)} anchors for {len(names)} concepts: give one anchor for all, or "
+                             "one per concept")
+        s = PRESETS[preset].override(lora_steps=lora_steps or None, seed=seed)
+        items = [Concept(c, anchor_list[min(i, len(anchor_list) - 1)] if anchor_list else s.anchor, s.kind)
+                 for i, c in enumerate(names)]
+        bb = ComfyBackbone(model, clip, resolution or None)
+        progress, interrupt = _progress(len(items) * (s.sample_steps + s.lora_steps))
+        bb.load()
+        with trainable(bb):
+            extra = [p.strip() for p in (preserve_prompts or "").splitlines() if p.strip()]
+            prior = gram(bb, prior_prompts(exclude=names) + extra, cache_dir())
+            r = mace(bb, items, s, prior, progress=progress, check_interrupt=interrupt)
+        return io.NodeOutput(patched_model(model, r.weights), _export(r.weights, model, bb))
+
+
+class FuseErasureLoRAs(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FuseErasureLoRAs", display_name="Fuse Erasure LoRAs", category=CATEGORY,
+            description="Combine erasure LoRAs (ANT and MACE mixed) into one by MACE's closed-form fusion of their "
+                        "cross-attention K/V effects.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model the LoRAs were made for."),
+                io.Clip.Input("clip", tooltip="Its text encoder (the fusion uses the concepts' embeddings)."),
+                LoraModel.Input("lora_1", tooltip="An erasure LoRA (from an erase node or Load Erasure LoRA)."),
+                LoraModel.Input("lora_2", tooltip="Another erasure LoRA."),
+                LoraModel.Input("lora_3", optional=True, tooltip="Optional third LoRA."),
+                LoraModel.Input("lora_4", optional=True, tooltip="Optional fourth LoRA."),
+                io.String.Input("concepts", default="", multiline=True, optional=True,
+                                tooltip="Only for LoRAs without erasure metadata: their concepts, one line per "
+                                        "LoRA in order, ';'-separated within a line."),
+                io.Float.Input("preserve", default=1.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="Weight of prior preservation in the fusion."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the fused erasure."),
+                     LoraModel.Output(display_name="LORA", tooltip="The fused erasure as one LoRA.")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, lora_1, lora_2, preserve, lora_3=None, lora_4=None, concepts="") -> io.NodeOutput:
+        loras = [x for x in (lora_1, lora_2, lora_3, lora_4) if x is not None]
+        lines = [ln for ln in (concepts or "").splitlines()]
+        bb = ComfyBackbone(model, clip)
+        items = []
+        for i, lora in enumerate(loras):
+            names = _concepts_of(lora) or (_split(lines[i]) if i < len(lines) else [])
+            if not names:
+                raise ValueError(f"LoRA {i + 1} carries no erasure metadata: write its concepts on line {i + 1} of "
+                                 "'concepts'")
+            kind = "object"
+            items.append(([Concept(n, "", kind) for n in names], _lora_weights(lora, model)))
+        prior = gram(bb, prior_prompts(exclude=[n for c, _ in items for n in (x.text for x in c)]), cache_dir())
+        fused = fuse(bb, items, None, prior, preserve=preserve, method="fused")
+        return io.NodeOutput(patched_model(model, fused), _export(fused, model, bb))
+
+
+class ApplyErasedModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ApplyErasedModel", display_name="Apply Erased Model", category=CATEGORY,
+            description="Apply an erasure LoRA (socket or file in models/loras) to a model, as a patch.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model (left unchanged)."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
+                               tooltip="How strongly to apply the erasure."),
+                LoraModel.Input("lora", optional=True, tooltip="An erasure LoRA socket (takes precedence)."),
+                io.Combo.Input("lora_name", options=["(none)"] + folder_paths.get_filename_list("loras"),
+                               optional=True, tooltip="Or a LoRA file from models/loras."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the erasure applied.")],
+        )
+
+    @classmethod
+    def execute(cls, model, strength, lora=None, lora_name="(none)") -> io.NodeOutput:
+        if lora is not None:
+            w = _lora_weights(lora, model)
+        elif lora_name and lora_name != "(none)":
+            w = from_lora(_underscored(ErasureWeights.load(folder_paths.get_full_path_or_raise("loras", lora_name)),
+                                       model), model)
+        else:
+            raise ValueError("connect an erasure LoRA or choose a LoRA file")
+        return io.NodeOutput(patched_model(model, w, strength))
+
+
+def _safe_name(name: str) -> str:
+    """A file name inside models/loras: no folders, no dots at the start, safetensors suffix."""
+    base = os.path.basename(name.replace("\\", "/")).strip().lstrip(".")
+    base = re.sub(r"[^A-Za-z0-9._ -]", "_", base)
+    if not base or base in ("safetensors", ".safetensors"):
+        raise ValueError("the file name is empty: type a name such as 'erased-nudity'")
+    return base if base.endswith(".safetensors") else base + ".safetensors"
+
+
+class SaveErasureLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SaveErasureLoRA", display_name="Save Erasure LoRA", category=CATEGORY, is_output_node=True,
+            description="Write an erasure LoRA into models/loras with its metadata (atomically).",
+            inputs=[
+                LoraModel.Input("lora", tooltip="The erasure LoRA to save."),
+                io.String.Input("filename", default="erasure", tooltip="File name in models/loras."),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name."),
+            ],
+            outputs=[],
+        )
+
+    @classmethod
+    def execute(cls, lora, filename, overwrite) -> io.NodeOutput:
+        folder = folder_paths.get_folder_paths("loras")[0]
+        path = os.path.join(folder, _safe_name(filename))
+        if os.path.exists(path) and not overwrite:
+            raise ValueError(f"{os.path.basename(path)} already exists in models/loras: choose another name or "
+                             "switch on overwrite")
+        meta = dict(getattr(lora, "metadata", {})) or _meta({"method": "unknown"})
+        from pathlib import Path
+
+        atomic_save({k: v.contiguous() for k, v in lora.items()}, Path(path), meta)
+        return io.NodeOutput()
+
+
+class LoadErasureLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoadErasureLoRA", display_name="Load Erasure LoRA", category=CATEGORY,
+            description="Read a LoRA from models/loras with its erasure metadata (safetensors only).",
+            inputs=[io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                                   tooltip="A .safetensors LoRA file in models/loras.")],
+            outputs=[LoraModel.Output(display_name="LORA", tooltip="The LoRA, with its metadata.")],
+        )
+
+    @classmethod
+    def execute(cls, lora_name) -> io.NodeOutput:
+        if not lora_name.endswith(".safetensors"):
+            raise ValueError(f"{lora_name}: only .safetensors files are read")
+        from safetensors import safe_open
+
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        with safe_open(path, "pt") as f:
+            meta = {str(k): str(v) for k, v in (f.metadata() or {}).items()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return io.NodeOutput(ErasureLora(tensors, meta))
+
+
+NODES: list[type[io.ComfyNode]] = [EraseConceptANT, MassEraseMACE, FuseErasureLoRAs, ApplyErasedModel,
+                                   SaveErasureLoRA, LoadErasureLoRA]
+
+__all__ = ["NODES", "ErasureLora", "ant_multi"]

@@ -1,0 +1,171 @@
+"""The pack in a real ComfyUI: registration, execution in the real executor, LoRA interop, safety of the input."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from .conftest import StubServer, run_prompt
+
+PACK_NODES = ("EraseConceptANT", "MassEraseMACE", "FuseErasureLoRAs", "ApplyErasedModel", "SaveErasureLoRA",
+              "LoadErasureLoRA")
+FAST_ANT = {"concept": "cat", "synonyms": "kitten", "steps": 2, "learning_rate": 1e-3, "scope": "saliency",
+            "saliency_fraction": 0.5, "prediction": "guided", "resolution": 64, "seed": 0, "trajectories": 2,
+            "trajectory_steps": 6, "early_steps": 2, "saliency_maps": 2}
+
+
+def test_pack_registers_every_node(comfy):
+    mapping = comfy["nodes"].NODE_CLASS_MAPPINGS
+    for n in PACK_NODES:
+        assert n in mapping, f"{n} not registered"
+
+
+def _unet_out(model, seed: int = 0) -> torch.Tensor:
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model], force_full_load=True)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ctx = torch.randn(1, 77, 768, generator=g)
+    with torch.inference_mode():
+        dm = model.model.diffusion_model
+        return dm(x.to(model.model.get_dtype()), timesteps=torch.tensor([500.0]),
+                  context=ctx.to(model.model.get_dtype())).float().clone()
+
+
+def _ant(comfy, model, clip, **kw):
+    node = comfy["nodes"].NODE_CLASS_MAPPINGS["EraseConceptANT"]
+    with torch.inference_mode():  # as inside a prompt (TRAP 2)
+        out = node.execute(model=model, clip=clip, **(FAST_ANT | kw))
+    return out.result if hasattr(out, "result") else out
+
+
+def test_ant_node_patches_a_clone_and_the_lora_loads_in_the_stock_loader(comfy, loaded):
+    model, clip, _ = loaded
+    before = _unet_out(model)
+    erased, lora = _ant(comfy, model, clip)
+    assert erased is not model
+    assert torch.equal(_unet_out(model), before), "the input MODEL changed (TRAP 1)"
+    edited = _unet_out(erased)
+    assert not torch.allclose(edited, before), "the erasure did nothing"
+    # save with our node, load with ComfyUI's stock LoraLoader: same UNet output as the node's MODEL
+    nodes = comfy["nodes"]
+    nodes.NODE_CLASS_MAPPINGS["SaveErasureLoRA"].execute(lora=lora, filename="ant-cat", overwrite=True)
+    import folder_paths
+
+    assert "ant-cat.safetensors" in folder_paths.get_filename_list("loras")
+    with torch.inference_mode():
+        stock, _ = nodes.LoraLoader().load_lora(model, clip, "ant-cat.safetensors", 1.0, 0.0)
+    assert torch.allclose(_unet_out(stock), edited, atol=1e-4, rtol=1e-3)
+    # ComfyUI's own LORA_MODEL socket (LoraModelLoader) accepts the node's LoRA output directly
+    with torch.inference_mode():
+        via_socket = nodes.NODE_CLASS_MAPPINGS["LoraModelLoader"].execute(model, lora, 1.0)
+    via_socket = via_socket.result[0] if hasattr(via_socket, "result") else via_socket[0]
+    assert torch.allclose(_unet_out(via_socket), edited, atol=1e-4, rtol=1e-3)
+    # our Apply node on the file, and Load Erasure LoRA keeps the metadata
+    with torch.inference_mode():
+        applied = nodes.NODE_CLASS_MAPPINGS["ApplyErasedModel"].execute(model, 1.0, None, "ant-cat.safetensors")
+        back = nodes.NODE_CLASS_MAPPINGS["LoadErasureLoRA"].execute("ant-cat.safetensors")
+    applied = applied.result[0] if hasattr(applied, "result") else applied[0]
+    back = back.result[0] if hasattr(back, "result") else back[0]
+    assert torch.allclose(_unet_out(applied), edited, atol=1e-4, rtol=1e-3)
+    assert back.metadata["erasure.method"] == "ant" and "cat" in back.metadata["erasure.concepts"]
+    assert torch.equal(_unet_out(model), before)
+
+
+def test_workflow_executes_in_the_real_executor_with_progress(comfy, tiny_ckpt):
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_ckpt}},
+        "2": {"class_type": "EraseConceptANT", "inputs": {"model": ["1", 0], "clip": ["1", 1]} | FAST_ANT},
+        "3": {"class_type": "SaveErasureLoRA", "inputs": {"lora": ["2", 1], "filename": "wf-cat", "overwrite": True}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "7": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "positive": ["4", 0], "negative": ["5", 0],
+                                                   "latent_image": ["6", 0], "seed": 0, "steps": 2, "cfg": 5.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+    }
+    ex, server = run_prompt(prompt)
+    assert ex.success, ex.status_messages
+    steps = [(d["value"], d["max"]) for e, d in server.events if e == "progress" and d["node"] == "2"]
+    assert steps and steps[-1] == (FAST_ANT["steps"], FAST_ANT["steps"]), \
+        f"no step-by-step progress from the erasure node reached the client: {steps}"
+
+
+def test_cancel_stops_training_and_leaves_the_model_untouched(comfy, loaded):
+    import comfy.model_management as mm
+
+    model, clip, _ = loaded
+    before = _unet_out(model)
+    timer = threading.Timer(1.0, mm.interrupt_current_processing, args=(True,))
+    timer.start()
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            _ant(comfy, model, clip, steps=100000)
+    finally:
+        timer.cancel()
+        mm.interrupt_current_processing(False)
+    assert torch.equal(_unet_out(model), before)
+
+
+def test_unsupported_and_bad_inputs_get_clear_messages(comfy, loaded):
+    model, clip, _ = loaded
+    with pytest.raises(ValueError, match="empty"):
+        _ant(comfy, model, clip, concept="   ")
+    with pytest.raises(ValueError, match="CLIP"):
+        _ant(comfy, model, None)
+    import copy
+
+    fake = copy.copy(model)
+    fake.model = type("Flux", (), {"model_config": object(), "model_type": None})()
+    with pytest.raises(ValueError, match="SD1.x, SD2.x"):
+        _ant(comfy, fake, clip)
+
+
+def test_server_stub_is_clean():
+    assert StubServer().events == []
+
+
+def _out(result, i=0):
+    return (result.result if hasattr(result, "result") else result)[i]
+
+
+def test_batched_text_encoding_equals_one_prompt_at_a_time(comfy, loaded):
+    import sys
+
+    model, clip, _ = loaded
+    mod = sys.modules[comfy["nodes"].NODE_CLASS_MAPPINGS["EraseConceptANT"].__module__]
+    bb = mod.ComfyBackbone(model, clip)
+    prompts = ["a cat", "a photo of a dog in a park", ""]
+    together = bb.encode_text(prompts).embeds
+    alone = torch.cat([bb.encode_text([p]).embeds for p in prompts])
+    assert together.shape == (3, 77, 768)
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_mace_and_fuse_nodes_mix_ant_and_mace_loras(comfy, loaded, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setenv("ERASURE_CACHE", str(tmp_path))
+    nodes = comfy["nodes"].NODE_CLASS_MAPPINGS
+    # the prior set is 1,200 prompts through the full CLIP-L: too slow for a CPU test; a few stand in
+    mod = sys.modules[nodes["MassEraseMACE"].__module__]
+    monkeypatch.setattr(mod, "prior_prompts", lambda exclude=(), **kw: ["a house", "a tree", "a man", "a car"])
+    model, clip, _ = loaded
+    before = _unet_out(model)
+    with torch.inference_mode():
+        mace_model, mace_lora = (_out(r, 0), _out(r, 1)) if (r := nodes["MassEraseMACE"].execute(
+            model=model, clip=clip, concepts="cat\ndog", preset="object", lora_steps=2, resolution=64, seed=0)) else ()
+    assert mace_lora.metadata["erasure.method"] == "mace"
+    assert not torch.allclose(_unet_out(mace_model), before)
+    _, ant_lora = _ant(comfy, model, clip, concept="bird", synonyms="", scope="lora")
+    with torch.inference_mode():
+        r = nodes["FuseErasureLoRAs"].execute(model=model, clip=clip, lora_1=mace_lora, lora_2=ant_lora, preserve=1.0)
+    fused_model, fused = _out(r, 0), _out(r, 1)
+    assert set(__import__("json").loads(fused.metadata["erasure.concepts"])) == {"cat", "dog", "bird"}
+    assert not torch.allclose(_unet_out(fused_model), before)
+    assert torch.equal(_unet_out(model), before)
