@@ -348,7 +348,63 @@ class LoadErasureLoRA(io.ComfyNode):
         return io.NodeOutput(ErasureLora(tensors, meta))
 
 
+class PreviewErasure(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PreviewErasure", display_name="Preview Erasure (before/after)", category=CATEGORY,
+            description="Render the same seeds through the original and the erased model, for erased and for "
+                        "unrelated prompts, as one grid: row pairs original/erased per prompt, one column per seed.",
+            inputs=[
+                io.Model.Input("original", tooltip="The model before erasure."),
+                io.Model.Input("erased", tooltip="The model after erasure (from an erase or apply node)."),
+                io.Clip.Input("clip", tooltip="The text encoder."),
+                io.Vae.Input("vae", tooltip="The VAE that decodes the images."),
+                io.String.Input("erased_prompts", default="", multiline=True,
+                                tooltip="Prompts of the erased concept, one per line."),
+                io.String.Input("unrelated_prompts", default="", multiline=True,
+                                tooltip="Prompts that should not change, one per line."),
+                io.Int.Input("seeds", default=4, min=1, max=16, tooltip="Columns: one seed each."),
+                io.Int.Input("steps", default=20, min=1, max=150, tooltip="DDIM steps."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=30.0, step=0.5, tooltip="Guidance scale."),
+                io.Int.Input("resolution", default=0, min=0, max=2048, step=8,
+                             tooltip="Image size in pixels; 0 = the model's native one."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="First seed."),
+            ],
+            outputs=[io.Image.Output(display_name="IMAGE", tooltip="The before/after grid.")],
+        )
+
+    @classmethod
+    def execute(cls, original, erased, clip, vae, erased_prompts, unrelated_prompts, seeds, steps, cfg, resolution,
+                seed) -> io.NodeOutput:
+        from ..erasure.sampling import sample
+
+        prompts = _split_lines(erased_prompts) + _split_lines(unrelated_prompts)
+        if not prompts:
+            raise ValueError("no prompts: give at least one erased or unrelated prompt, one per line")
+        seed_list = list(range(seed, seed + seeds))
+        progress, interrupt = _progress(2 * steps * ((len(prompts) * seeds + 127) // 128))
+        rows = []
+        for model in (original, erased):
+            bb = ComfyBackbone(model, clip, resolution or None)
+            bb.load()
+            res = sample(bb, prompts, seed_list, steps, cfg, resolution=resolution or None, decode=False,
+                         progress=progress, check_interrupt=interrupt)
+            latents = model.model.latent_format.process_out(res.latents.float())
+            rows.append(vae.decode(latents).float().cpu())  # [P * S, H, W, 3] in [0, 1]
+        h, w = rows[0].shape[1:3]
+        a = rows[0].reshape(len(prompts), seeds, h, w, 3)
+        b = rows[1].reshape(len(prompts), seeds, h, w, 3)
+        grid = torch.stack([a, b], 1).reshape(2 * len(prompts), seeds, h, w, 3)  # original/erased row pairs
+        grid = grid.permute(0, 2, 1, 3, 4).reshape(1, 2 * len(prompts) * h, seeds * w, 3)
+        return io.NodeOutput(grid.clamp(0, 1))
+
+
+def _split_lines(text: str) -> list[str]:
+    return [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+
+
 NODES: list[type[io.ComfyNode]] = [EraseConceptANT, MassEraseMACE, FuseErasureLoRAs, ApplyErasedModel,
-                                   SaveErasureLoRA, LoadErasureLoRA]
+                                   SaveErasureLoRA, LoadErasureLoRA, PreviewErasure]
 
 __all__ = ["NODES", "ErasureLora", "ant_multi"]

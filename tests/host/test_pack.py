@@ -10,7 +10,7 @@ import torch
 from .conftest import StubServer, run_prompt
 
 PACK_NODES = ("EraseConceptANT", "MassEraseMACE", "FuseErasureLoRAs", "ApplyErasedModel", "SaveErasureLoRA",
-              "LoadErasureLoRA")
+              "LoadErasureLoRA", "PreviewErasure")
 FAST_ANT = {"concept": "cat", "synonyms": "kitten", "steps": 2, "learning_rate": 1e-3, "scope": "saliency",
             "saliency_fraction": 0.5, "prediction": "guided", "resolution": 64, "seed": 0, "trajectories": 2,
             "trajectory_steps": 6, "early_steps": 2, "saliency_maps": 2}
@@ -169,3 +169,19 @@ def test_mace_and_fuse_nodes_mix_ant_and_mace_loras(comfy, loaded, tmp_path, mon
     assert set(__import__("json").loads(fused.metadata["erasure.concepts"])) == {"cat", "dog", "bird"}
     assert not torch.allclose(_unet_out(fused_model), before)
     assert torch.equal(_unet_out(model), before)
+
+
+def test_preview_grid_pairs_original_and_erased_rows(comfy, loaded):
+    nodes = comfy["nodes"].NODE_CLASS_MAPPINGS
+    model, clip, vae = loaded
+    erased, _ = _ant(comfy, model, clip)
+    with torch.inference_mode():
+        grid = _out(nodes["PreviewErasure"].execute(model, erased, clip, vae, "a cat", "a dog\na house", 2, 2, 5.0,
+                                                    64, 0))
+        again = _out(nodes["PreviewErasure"].execute(model, model, clip, vae, "a cat", "", 2, 2, 5.0, 64, 0))
+    assert grid.shape == (1, 6 * 64, 2 * 64, 3)
+    assert float(grid.min()) >= 0 and float(grid.max()) <= 1
+    assert torch.equal(again[:, :64], again[:, 64:128]), "same model, same seeds: rows must match"
+    assert not torch.equal(grid[:, :64], grid[:, 64:128]), ("the erased row equals the original",
+                                                            float(grid.mean()), float(grid.std()),
+                                                            float((grid[:, :64] - grid[:, 64:128]).abs().max()))

@@ -16,6 +16,8 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
+            if p.dim() == 0:  # scalars (TAESD's vae_scale/vae_shift) keep their initial values
+                continue
             if p.dim() >= 2:
                 fan_in = p[0].numel()
                 p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
