@@ -115,7 +115,7 @@ class EraseConceptANT(io.ComfyNode):
                 io.Model.Input("model", tooltip="The SD1.x / SD2.x / SDXL model to erase from (left unchanged)."),
                 io.Clip.Input("clip", tooltip="The model's text encoder (CLIP)."),
                 io.String.Input("concept", default="", tooltip="The word or phrase to erase, e.g. 'nudity'."),
-                io.String.Input("synonyms", default="", multiline=True, optional=True,
+                io.String.Input("synonyms", default="", multiline=True,
                                 tooltip="Other words for the concept, ';' or one per line: used as prompt "
                                         "augmentations for the saliency mask and the trajectories."),
                 io.Int.Input("steps", default=d.steps, min=1, max=10000, tooltip="Training steps."),
@@ -178,10 +178,10 @@ class MassEraseMACE(io.ComfyNode):
                                 tooltip="Concepts to erase, one per line (or ';'-separated)."),
                 io.Combo.Input("preset", options=sorted(PRESETS), default="object",
                                tooltip="Reference settings per kind of concept (anchor, learning rate, masks)."),
-                io.String.Input("anchors", default="", optional=True,
+                io.String.Input("anchors", default="",
                                 tooltip="What each concept maps to: one anchor for all, or one per concept "
                                         "(';'-separated). Empty: the preset's."),
-                io.String.Input("preserve_prompts", default="", multiline=True, optional=True,
+                io.String.Input("preserve_prompts", default="", multiline=True,
                                 tooltip="Extra prompts whose outputs must not change, one per line."),
                 io.Int.Input("lora_steps", default=0, min=0, max=5000,
                              tooltip="LoRA steps per concept; 0 = the preset's."),
@@ -230,7 +230,7 @@ class FuseErasureLoRAs(io.ComfyNode):
                 LoraModel.Input("lora_2", tooltip="Another erasure LoRA."),
                 LoraModel.Input("lora_3", optional=True, tooltip="Optional third LoRA."),
                 LoraModel.Input("lora_4", optional=True, tooltip="Optional fourth LoRA."),
-                io.String.Input("concepts", default="", multiline=True, optional=True,
+                io.String.Input("concepts", default="", multiline=True,
                                 tooltip="Only for LoRAs without erasure metadata: their concepts, one line per "
                                         "LoRA in order, ';'-separated within a line."),
                 io.Float.Input("preserve", default=1.0, min=0.0, max=100.0, step=0.1,
