@@ -174,14 +174,17 @@ def trajectory_plan(prompts: list[str], n: int, seed: int) -> tuple[list[str], l
 
 
 def _run(backbone: Backbone, cond: TextConditioning, uncond: TextConditioning, seeds: list[int], ts: torch.Tensor,
-         guidance: float, upto: int, resolution: int | None) -> tuple[list[torch.Tensor], list[torch.Tensor],
-                                                                      list[torch.Tensor]]:
+         guidance: float, upto: int, resolution: int | None,
+         check_interrupt: Callable[[], None] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor],
+                                                                     list[torch.Tensor]]:
     """Latents before each of the first ``upto`` + 1 steps, with the current model's eps_u, eps_c at the first
     ``upto``."""
     abar = backbone.schedule.alphas_cumprod.to(backbone.device)
     x = initial_noise(seeds, backbone.latent_shape(resolution)).to(backbone.device, backbone.dtype)
     xs, eus, ecs = [x], [], []
     for i in range(upto):
+        if check_interrupt is not None:  # every step, so that Cancel is answered within one UNet call
+            check_interrupt()
         t = int(ts[i])
         g, eu, ec = guided_eps(backbone, x, t, cond, uncond.repeat(len(seeds)), guidance)
         eus.append(eu)
@@ -209,7 +212,7 @@ def build_trajectories(backbone: Backbone, prompts: list[str], s: AntSettings, d
             check_interrupt()
         ps, ss = plan_prompts[start:start + chunk], seeds[start:start + chunk]
         cond = backbone.encode_text(ps)
-        xs, eu, ec = _run(backbone, cond, uncond, ss, ts, s.guidance, len(ts) - 1, s.resolution)
+        xs, eu, ec = _run(backbone, cond, uncond, ss, ts, s.guidance, len(ts) - 1, s.resolution, check_interrupt)
         evals += 2 * len(ss) * (len(ts) - 1)
         xs = xs[:-1]
         if deltas is not None:

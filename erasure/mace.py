@@ -116,8 +116,8 @@ def masks_from_attention(maps: torch.Tensor, threshold: float = 0.5) -> torch.Te
 
 
 def generate_data(backbone: Backbone, concept: Concept, s: MaceSettings, user_masks: torch.Tensor | None = None,
-                  user_latents: torch.Tensor | None = None, progress: Callable[[int], None] | None = None
-                  ) -> ConceptData:
+                  user_latents: torch.Tensor | None = None, progress: Callable[[int], None] | None = None,
+                  check_interrupt: Callable[[], None] | None = None) -> ConceptData:
     prompt = concept.generation_prompt()
     if user_latents is not None:
         masks = user_masks if user_masks is not None else torch.ones(user_latents.shape[0],
@@ -127,7 +127,7 @@ def generate_data(backbone: Backbone, concept: Concept, s: MaceSettings, user_ma
     want_masks = s.use_masks and concept.kind != "style"
     res = sample(backbone, [prompt], seeds, s.sample_steps, s.guidance, progress=progress,
                  attention_word=concept.text if want_masks else None,
-                 decode=not getattr(backbone, "latent_only", False))
+                 decode=not getattr(backbone, "latent_only", False), check_interrupt=check_interrupt)
     if want_masks:
         masks = masks_from_attention(res.attention, s.mask_threshold)
     else:
@@ -356,7 +356,8 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
             log(f"stage 1/4: generating {s.images_per_concept} images of {c.text!r}")
         user = (user_data or {}).get(c.text)
         data.append(generate_data(backbone, c, s, user_masks=user[1] if user else None,
-                                  user_latents=user[0] if user else None, progress=progress))
+                                  user_latents=user[0] if user else None, progress=progress,
+                                  check_interrupt=check_interrupt))
         if user is None:
             evals += 2 * s.images_per_concept * s.sample_steps
     if log:

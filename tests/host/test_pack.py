@@ -97,19 +97,51 @@ def test_workflow_executes_in_the_real_executor_with_progress(comfy, tiny_ckpt):
 
 
 def test_cancel_stops_training_and_leaves_the_model_untouched(comfy, loaded):
+    import time
+
     import comfy.model_management as mm
 
     model, clip, _ = loaded
     before = _unet_out(model)
-    timer = threading.Timer(1.0, mm.interrupt_current_processing, args=(True,))
-    timer.start()
-    try:
-        with pytest.raises(mm.InterruptProcessingException):
-            _ant(comfy, model, clip, steps=100000)
-    finally:
-        timer.cancel()
-        mm.interrupt_current_processing(False)
+    fired: list[float] = []
+
+    def cancel() -> None:
+        fired.append(time.monotonic())
+        mm.interrupt_current_processing(True)
+
+    for delay in (0.3, 3.0):  # during the trajectories/saliency phase, and during training
+        timer = threading.Timer(delay, cancel)
+        timer.start()
+        try:
+            with pytest.raises(mm.InterruptProcessingException):
+                _ant(comfy, model, clip, steps=100000, trajectories=8, trajectory_steps=50)
+            stopped = time.monotonic()
+        finally:
+            timer.cancel()
+            mm.interrupt_current_processing(False)
+        assert stopped - fired[-1] < 1.0, f"Cancel took {stopped - fired[-1]:.2f} s"
     assert torch.equal(_unet_out(model), before)
+
+
+def test_rerun_with_unchanged_inputs_does_not_retrain(comfy, tiny_ckpt):
+    import execution
+
+    from .conftest import StubServer, _install_progress_hook
+
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_ckpt}},
+        "2": {"class_type": "EraseConceptANT", "inputs": {"model": ["1", 0], "clip": ["1", 1]} | FAST_ANT},
+        "3": {"class_type": "SaveErasureLoRA", "inputs": {"lora": ["2", 1], "filename": "cached", "overwrite": True}},
+    }
+    server = StubServer()
+    _install_progress_hook(server)
+    ex = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    for run in range(2):
+        n_before = len(server.events)
+        ex.execute(prompt, f"p{run}", {"client_id": None}, ["3"])
+        assert ex.success
+        trained = [d for e, d in server.events[n_before:] if e == "progress" and d["node"] == "2"]
+        assert bool(trained) == (run == 0), f"run {run}: {len(trained)} progress events from the erasure node"
 
 
 def test_unsupported_and_bad_inputs_get_clear_messages(comfy, loaded):
