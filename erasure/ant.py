@@ -27,6 +27,7 @@ Where the project differs from the reference code on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -62,6 +63,10 @@ class AntSettings:
     eta: float = 1.0
     a1: float = 2.5
     a2: float = 0.5
+    #: weight of the project's preservation term (not in the paper): the edited model's conditional prediction for
+    #: prompts *without* the concept must match the frozen one at the same latents (0 = the paper's objective)
+    preserve: float = 5.0  # lab sweep: 0 -> specificity 0.81, 1 -> 0.86, 5 -> 0.92 (efficacy 1.0, 1.0, 0.88)
+    preserve_prompts: int = 64  # how many of the prior-preservation prompts are used
     #: which prediction of the edited model is regressed: its conditional one, or its guided one
     #: (``eps*_u + guidance (eps*_c - eps*_u)``, as in the reference's multi-concept code). Measured on the lab:
     #: with "cond" the initial loss is tiny (late-step guidance differences are small) and Adam's noise dominates;
@@ -103,7 +108,7 @@ class AntSettings:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)} (got {self.scope!r})")
         if self.kind not in CONCEPT_TEMPLATES:
             raise ValueError(f"kind must be one of {', '.join(CONCEPT_TEMPLATES)} (got {self.kind!r})")
-        for k in ("eta", "a1", "a2", "guidance", "grad_clip"):
+        for k in ("eta", "a1", "a2", "guidance", "grad_clip", "preserve"):
             v = getattr(self, k)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{k} must be a finite number >= 0 (got {v})")
@@ -132,17 +137,38 @@ class Batch:
     ec_early: torch.Tensor
     eu_late: torch.Tensor
     ec_late: torch.Tensor
+    #: optional preservation samples: other prompts at the same latents, with the frozen model's predictions
+    pres_cond: TextConditioning | None = None
+    pres_early: torch.Tensor | None = None
+    pres_late: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def add_preservation(backbone: Backbone, deltas: _HookedDeltas | None, b: Batch, prompts: TextConditioning,
+                     which: list[int]) -> int:
+    """Attach preservation targets to ``b``: prompts ``which`` (rows of ``prompts``) at the batch's latents, with the
+    frozen model's predictions. Returns the UNet evaluations spent."""
+    cond = prompts[which]
+    x = torch.cat([b.x_early, b.x_late])
+    t = torch.cat([b.t_early, b.t_late])
+    ctx = deltas.disabled() if deltas is not None else contextlib.nullcontext()
+    with ctx:
+        eps = backbone.predict_noise(x, t, TextConditioning.cat([cond, cond]))
+    b.pres_cond, (b.pres_early, b.pres_late) = cond, eps.split(len(which))
+    return 2 * len(which)
 
 
 def ant_loss(backbone: Backbone, b: Batch, uncond: TextConditioning, s: AntSettings
              ) -> tuple[torch.Tensor, dict[str, float]]:
     """The ANT loss of the backbone as it is now (the edited model), in one batched forward of 4B."""
     n = b.x_early.shape[0]
-    x = torch.cat([b.x_early, b.x_late, b.x_early, b.x_late])
-    t = torch.cat([b.t_early, b.t_late, b.t_early, b.t_late])
-    cond = TextConditioning.cat([b.cond, b.cond, uncond.repeat(n), uncond.repeat(n)])
-    eps = backbone.predict_noise(x, t, cond).float()
-    pc_e, pc_l, pu_e, pu_l = eps.split(n)
+    xs = [b.x_early, b.x_late, b.x_early, b.x_late]
+    ts = [b.t_early, b.t_late, b.t_early, b.t_late]
+    conds = [b.cond, b.cond, uncond.repeat(n), uncond.repeat(n)]
+    if b.pres_cond is not None:
+        xs, ts, conds = xs + [b.x_early, b.x_late], ts + [b.t_early, b.t_late], conds + [b.pres_cond, b.pres_cond]
+    eps = backbone.predict_noise(torch.cat(xs), torch.cat(ts), TextConditioning.cat(conds)).float()
+    pc_e, pc_l, pu_e, pu_l = eps.split(n)[:4]
     if s.prediction == "guided":
         p_e, p_l = pu_e + s.guidance * (pc_e - pu_e), pu_l + s.guidance * (pc_l - pu_l)
     else:
@@ -152,6 +178,10 @@ def ant_loss(backbone: Backbone, b: Batch, uncond: TextConditioning, s: AntSetti
     parts = {"erase": mse(p_l, erase), "u_late": mse(pu_l, b.eu_late.float()), "enh": mse(p_e, enh),
              "u_early": mse(pu_e, b.eu_early.float())}
     loss = parts["erase"] + s.a1 * parts["u_late"] + s.a2 * (parts["enh"] + s.a1 * parts["u_early"])
+    if b.pres_cond is not None:
+        pp_e, pp_l = eps.split(n)[4:]
+        parts["preserve"] = 0.5 * (mse(pp_e, b.pres_early.float()) + mse(pp_l, b.pres_late.float()))
+        loss = loss + s.preserve * parts["preserve"]
     return loss, {k: float(v.detach()) for k, v in parts.items()}
 
 
@@ -379,11 +409,13 @@ def _trainable(backbone: Backbone, s: AntSettings, masks: dict[str, torch.Tensor
 
 def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, synonyms: tuple[str, ...] = (),
         templates: list[str] | tuple[str, ...] | None = None, cache: bool = True,
+        preserve_prompts: list[str] | None = None,
         progress: Callable[[int], None] | None = None, check_interrupt: Callable[[], None] | None = None,
         log: Callable[[str], None] | None = None) -> AntResult:
     """Erase one concept. ``templates`` (with ``{c}``) and ``synonyms`` make the prompt augmentations: the
     trajectories' prompts and the saliency maps' prompts. ``cache=False`` runs the reference's
-    regenerate-every-iteration loop instead (same draws, same result as ``refresh_every=1``)."""
+    regenerate-every-iteration loop instead (same draws, same result as ``refresh_every=1``). ``preserve_prompts``:
+    prompts without the concept for the preservation term (default: the project's prior set minus the concept)."""
     s = settings or AntSettings()
     s.validate()
     if not concept.strip():
@@ -394,6 +426,16 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
     torch_state = torch.random.get_rng_state()
     uncond = backbone.encode_text([""])
     enc = {p: backbone.encode_text([p]) for p in dict.fromkeys(prompts)}
+    pres = None
+    if s.preserve > 0:
+        if preserve_prompts is None:
+            from .prompts import prior_prompts
+
+            preserve_prompts = prior_prompts(n=s.preserve_prompts, exclude=[concept, *synonyms])
+        pres_list = [p for p in preserve_prompts if p.strip()][: s.preserve_prompts]
+        if not pres_list:
+            raise ValueError("no preservation prompts: give some, or set preserve to 0")
+        pres = backbone.encode_text(pres_list)
     fwd = bwd = 0
     tr = None
     if cache or s.scope == "saliency":
@@ -422,14 +464,17 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
                     tr, ev = build_trajectories(backbone, prompts, s, deltas, check_interrupt=check_interrupt)
                     fwd += ev
                 idx, ke, kl = draw(gen, s.trajectories, s)
+                which = torch.randint(0, len(pres), (s.batch_size,), generator=gen).tolist() if pres else []
                 if cache:
                     assert tr is not None
                     b = cached_batch(backbone, tr, idx, ke, kl, enc)
                 else:
                     b, ev = uncached_batch(backbone, deltas, plan_prompts, seeds, idx, ke, kl, enc, uncond, s)
                     fwd += ev
+                if pres is not None:
+                    fwd += add_preservation(backbone, deltas, b, pres, which)
                 loss, _ = ant_loss(backbone, b, uncond, s)
-                fwd += 4 * s.batch_size
+                fwd += (6 if pres is not None else 4) * s.batch_size
                 bwd += 1
                 if not torch.isfinite(loss):
                     raise TrainingDivergedError(f"the ANT loss became {loss.item()} at step {step}: lower the "
@@ -467,6 +512,7 @@ class AntMultiResult:
 
 def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | None, prior: torch.Tensor | None,
               templates: dict[str, list[str]] | None = None, lam: float = 0.1, preserve: float = 1.0,
+              preserve_prompts: list[str] | None = None,
               progress: Callable[[int], None] | None = None, check_interrupt: Callable[[], None] | None = None,
               log: Callable[[str], None] | None = None) -> AntMultiResult:
     """Many concepts: one ANT LoRA per concept on the cross-attention K/V, then MACE's closed-form fusion."""
@@ -486,7 +532,10 @@ def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | N
         if log:
             log(f"ant: concept {len(results) + 1}/{len(names)}: {c!r}")
         temps = (templates or {}).get(c)
-        r = ant(backbone, c, s, templates=temps, progress=progress, check_interrupt=check_interrupt, log=log)
+        pres = None if preserve_prompts is None else [p for p in preserve_prompts
+                                                      if not set(p.lower().split()) & set(low)]
+        r = ant(backbone, c, s, templates=temps, preserve_prompts=pres, progress=progress,
+                check_interrupt=check_interrupt, log=log)
         results.append(r)
         items.append((Concept(c, "", s.kind, templates=tuple(temps or CONCEPT_TEMPLATES[s.kind])), r.weights))
     fused = fuse(backbone, items, None, prior, lam=lam, preserve=preserve, method="ant-fused")

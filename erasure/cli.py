@@ -198,7 +198,7 @@ def _ant(args: argparse.Namespace) -> int:
         early_steps=args.early_steps, guidance=args.guidance, eta=args.eta, a1=args.a1, a2=args.a2,
         prediction=args.prediction, trajectories=args.trajectories, refresh_every=args.refresh_every,
         scope=args.scope, saliency_fraction=args.saliency_fraction, saliency_maps=args.saliency_maps,
-        lora_rank=args.rank, resolution=args.resolution, seed=args.seed, kind=args.kind)
+        lora_rank=args.rank, resolution=args.resolution, seed=args.seed, kind=args.kind, preserve=args.preserve)
     s.validate()
     backbone = _load_model(args.model, args.device)
     lab = args.model == "lab"
@@ -209,6 +209,8 @@ def _ant(args: argparse.Namespace) -> int:
     if len(concepts) == 1 and not args.concepts:
         with tqdm(total=s.steps, desc="ANT", disable=None) as bar:
             r = ant(backbone, concepts[0], s, synonyms=tuple(synonyms), templates=templates.get(concepts[0]),
+                    preserve_prompts=world.prior_prompts(exclude=concepts) if lab else
+                    prior_prompts(exclude=[*concepts, *synonyms], extra_file=args.prior_file),
                     progress=bar.update, log=bar.write)
         weights, fwd, bwd = r.weights, r.unet_forwards, r.unet_backwards
         trained = f"{r.trainable_params:,} parameters trained of {r.total_params:,} in scope"
@@ -222,7 +224,10 @@ def _ant(args: argparse.Namespace) -> int:
                  else gram(backbone, prior_prompts(exclude=concepts, extra_file=args.prior_file), cache_dir()))
         with tqdm(total=s.steps * len(concepts), desc="ANT", disable=None) as bar:
             m = ant_multi(backbone, concepts, s, prior, templates=templates, lam=args.lam,
-                          preserve=args.fuse_preserve, progress=bar.update, log=bar.write)
+                          preserve=args.fuse_preserve,
+                          preserve_prompts=world.prior_prompts(exclude=concepts) if lab else
+                          prior_prompts(exclude=concepts, extra_file=args.prior_file),
+                          progress=bar.update, log=bar.write)
         weights, fwd, bwd = m.weights, m.unet_forwards, m.unet_backwards
         trained = (f"{sum(r.trainable_params for r in m.per_concept):,} LoRA parameters trained "
                    f"({len(concepts)} concepts x rank {s.lora_rank}), fused into {len(weights.deltas)} K/V matrices")
@@ -320,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--eta", type=float, help=f"strength of the guidance targets (default {d.eta})")
     an.add_argument("--a1", type=float, help=f"weight of the unconditional preservation (default {d.a1})")
     an.add_argument("--a2", type=float, help=f"weight of the early stage (default {d.a2})")
+    an.add_argument("--preserve", type=float, help="weight of the preservation of prompts without the concept "
+                    f"(the project's addition; 0 = the paper's loss; default {d.preserve})")
     an.add_argument("--prediction", choices=PREDICTIONS, help=f"regressed prediction (default {d.prediction})")
     an.add_argument("--trajectories", type=int, help=f"cached trajectories (default {d.trajectories})")
     an.add_argument("--refresh-every", type=int, help="regenerate trajectories with the edited model every N steps "
@@ -332,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--seed", type=int)
     an.add_argument("--lam", type=float, default=0.1, help="fusion regulariser (--concepts)")
     an.add_argument("--fuse-preserve", type=float, default=1.0, help="fusion prior-preservation weight")
-    an.add_argument("--prior-file", help="extra prior-preservation prompts for the fusion, one per line")
+    an.add_argument("--prior-file", help="extra prior-preservation prompts (preservation term and fusion), one "
+                    "per line")
     an.add_argument("--export-rank", type=int, help="LoRA rank of the file (0: exact; default: exact up to "
                     "256 MB, else 64)")
     an.add_argument("--device", default="cpu")

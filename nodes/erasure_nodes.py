@@ -127,6 +127,9 @@ class EraseConceptANT(io.ComfyNode):
                 io.Float.Input("saliency_fraction", default=d.saliency_fraction, min=0.001, max=1.0, step=0.01,
                                tooltip="Fraction of weights each saliency map keeps before the maps are "
                                        "intersected."),
+                io.Float.Input("preserve", default=d.preserve, min=0.0, max=100.0, step=0.5,
+                               tooltip="Weight that keeps prompts without the concept unchanged (0 = the paper's "
+                                       "loss)."),
                 io.Combo.Input("prediction", options=list(PREDICTIONS), default=d.prediction,
                                tooltip="Which prediction of the edited model is trained: guided or conditional."),
                 io.Int.Input("resolution", default=0, min=0, max=2048, step=8,
@@ -148,12 +151,13 @@ class EraseConceptANT(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concept, steps, learning_rate, scope, saliency_fraction, prediction, resolution,
                 seed, synonyms="", trajectories=16, trajectory_steps=50, early_steps=4,
-                saliency_maps=8) -> io.NodeOutput:
+                saliency_maps=8, preserve=5.0) -> io.NodeOutput:
         if not concept.strip():
             raise ValueError("the concept is empty: type the word or phrase to erase")
         s = AntSettings(steps=steps, lr=learning_rate, scope=scope, saliency_fraction=saliency_fraction,
                         prediction=prediction, seed=seed, resolution=resolution or None, trajectories=trajectories,
-                        trajectory_steps=trajectory_steps, early_steps=early_steps, saliency_maps=saliency_maps)
+                        trajectory_steps=trajectory_steps, early_steps=early_steps, saliency_maps=saliency_maps,
+                        preserve=preserve)
         s.validate()
         bb = ComfyBackbone(model, clip, resolution or None)
         progress, interrupt = _progress(steps)

@@ -53,9 +53,11 @@ def erase(backbone: Backbone, concepts: str | list[str], method: str = "esd", st
 
         a = AntSettings().override(steps=steps, seed=seed)
         if len(names) == 1:
-            return ant(backbone, names[0], a, templates=world.concept_templates(names[0]), progress=progress).weights
+            return ant(backbone, names[0], a, templates=world.concept_templates(names[0]),
+                       preserve_prompts=world.prior_prompts(exclude=names), progress=progress).weights
         return ant_multi(backbone, names, a, lab_prior(backbone, names),
-                         templates={c: world.concept_templates(c) for c in names}, progress=progress).weights
+                         templates={c: world.concept_templates(c) for c in names},
+                         preserve_prompts=world.prior_prompts(exclude=names), progress=progress).weights
     s = settings or PRESETS["object"]
     if steps is not None:
         s = s.override(lora_steps=steps)

@@ -12,8 +12,8 @@ from .conftest import StubServer, run_prompt
 PACK_NODES = ("EraseConceptANT", "MassEraseMACE", "FuseErasureLoRAs", "ApplyErasedModel", "SaveErasureLoRA",
               "LoadErasureLoRA", "PreviewErasure")
 FAST_ANT = {"concept": "cat", "synonyms": "kitten", "steps": 2, "learning_rate": 1e-3, "scope": "saliency",
-            "saliency_fraction": 0.5, "prediction": "guided", "resolution": 64, "seed": 0, "trajectories": 2,
-            "trajectory_steps": 6, "early_steps": 2, "saliency_maps": 2}
+            "preserve": 5.0, "saliency_fraction": 0.5, "prediction": "guided", "resolution": 64, "seed": 0,
+            "trajectories": 2, "trajectory_steps": 6, "early_steps": 2, "saliency_maps": 2}
 
 
 def test_pack_registers_every_node(comfy):
