@@ -370,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--out", required=True)
     bl.set_defaults(func=_lab_baseline)
 
-    tr = labsub.add_parser("train", help="train the lab model from scratch (about 55 minutes on 2 CPU cores)")
+    tr = labsub.add_parser("train", help="train (or with --resume, continue training) the lab model; 3,000 steps take "
+                           "about 55 minutes on 2 CPU cores")
     tr.add_argument("--out", default="runs/lab-model")
     tr.add_argument("--steps", type=int, default=4500)
     tr.add_argument("--batch-size", type=int, default=64)

@@ -11,7 +11,6 @@ from erasure.lab.model import CLASSIFIER_FILE
 
 # a reduced seed set of the default evaluation (same sampler settings)
 REDUCED = EvalSettings(seeds_own=4, seeds_syn=2)
-SHAPE_FLOOR = 0.4
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +42,10 @@ def test_original_model_generates_every_concept(lab, clf, tmp_path, monkeypatch)
     report = evaluate(lab, clf, settings=REDUCED)
     acc = {c: v["accuracy"] for c, v in report["concepts"].items()}
     syn = {c: v["synonym_accuracy"] for c, v in report["concepts"].items()}
-    # colours and styles meet the lab's bar (>= 90%; 7 of 8 images on this reduced seed set)
-    for c in world.COLOURS + world.STYLE_CONCEPTS:
+    # every concept meets the lab's bar (>= 90% on its prompts, >= 75% on synonyms; on this reduced set of 8 and 4
+    # images per concept that is at least 7 of 8 and 3 of 4; the full evaluation measured 100% everywhere)
+    for c in world.ALL_CONCEPTS:
         assert acc[c] >= 0.875 and syn[c] >= 0.75, (c, acc[c], syn[c])
-    # shapes do NOT meet it yet (the committed model draws rounded shapes; README "Known shortfall"): this guards
-    # the level reached so that a regression shows, and must be raised to the bar when the model is retrained
-    shapes = [acc[c] for c in world.SHAPES]
-    assert sum(shapes) / len(shapes) >= SHAPE_FLOOR, acc
 
 
 @pytest.mark.slow
