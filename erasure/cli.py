@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="erase one concept from the lab model and show before/after")
-    demo.add_argument("--concept", default="red", help="a lab concept: a shape, colour or style")
+    demo.add_argument("--concept", default="circle", help="a lab concept: a shape, colour or style")
     demo.add_argument("--method", choices=("esd", "cfr", "mace", "ant"), default="esd",
                       help="esd: the anchor-free baseline; cfr: MACE's closed-form refinement alone; mace: all of "
                       "MACE; ant: ANT")
