@@ -100,7 +100,7 @@ def _demo(args: argparse.Namespace) -> int:
     backbone, clf = _load_lab("lab")
     s = _settings(args)
     print(f"erasure {__version__} demo: erase {concept!r} from the concept lab's model with {args.method} "
-          "(ANT and MACE become the default as they land)")
+          "(the default method has the best H on the lab today; --method ant|mace|cfr for the others)")
     t0 = time.time()
     before = evaluate(backbone, clf, [concept], None, s)
     with tqdm(desc=f"erasing {concept}", disable=None) as bar:
