@@ -13,7 +13,7 @@ PACK_NODES = ("EraseConceptANT", "MassEraseMACE", "FuseErasureLoRAs", "ApplyEras
               "LoadErasureLoRA", "PreviewErasure")
 FAST_ANT = {"concept": "cat", "synonyms": "kitten", "steps": 2, "learning_rate": 1e-3, "scope": "saliency",
             "preserve": 5.0, "saliency_fraction": 0.5, "prediction": "guided", "resolution": 64, "seed": 0,
-            "trajectories": 2, "trajectory_steps": 6, "early_steps": 2, "saliency_maps": 2}
+            "trajectories": 2, "trajectory_steps": 6, "early_steps": 2, "saliency_maps": 2, "refresh_every": 1}
 
 
 def test_pack_registers_every_node(comfy):
