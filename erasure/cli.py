@@ -163,19 +163,11 @@ def _mace(args: argparse.Namespace) -> int:
     return 0
 
 
-AUTO_EXACT_BYTES = 256 * 2**20
-
-
 def _export_rank(weights, requested: int | None) -> int | None:
-    """``None`` (exact) when the exact file stays under 256 MB, else rank 64, unless the user chose (0 = exact)."""
+    """The user's ``--export-rank`` (0 = exact), else the weights' own choice (exact up to 256 MB, else 64)."""
     if requested is not None:
         return requested or None
-    exact = 0
-    for d in weights.deltas.values():
-        m = d.matrix()
-        out_f, in_f = m.shape[0], m[0].numel()
-        exact += 4 * (m.numel() + min(out_f, in_f) ** 2) if d.up is None else 4 * (d.up.numel() + d.down.numel())
-    return None if exact < AUTO_EXACT_BYTES else 64
+    return weights.export_rank()
 
 
 def _ant(args: argparse.Namespace) -> int:

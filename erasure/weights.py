@@ -96,6 +96,18 @@ class ErasureWeights:
                 mods[name].weight.data = data
 
     # -- LoRA export ----------------------------------------------------------------------------------------------
+    def export_rank(self, exact_limit_bytes: int = 256 * 2**20, fallback: int = 64) -> int | None:
+        """The rank for a shareable file: ``None`` (exact) while the exact file stays under ``exact_limit_bytes``
+        (dense deltas are stored as identity factorisations), else ``fallback`` (truncated SVD, error reported)."""
+        size = 0
+        for d in self.deltas.values():
+            if d.up is not None:
+                size += 4 * (d.up.numel() + d.down.numel())
+            else:
+                out_f, in_f = d.dense.shape[0], d.dense[0].numel()
+                size += 4 * (d.dense.numel() + min(out_f, in_f) ** 2)
+        return None if size < exact_limit_bytes else fallback
+
     def to_lora(self, rank: int | None = None) -> tuple[dict[str, torch.Tensor], float]:
         """Kohya-keyed LoRA tensors and the relative Frobenius error of the factorisation (0.0 when exact)."""
         tensors: dict[str, torch.Tensor] = {}

@@ -28,7 +28,6 @@ from .comfy_backbone import ComfyBackbone, from_lora, patched_model, to_lora_dic
 
 CATEGORY = "erasure"
 LoraModel = io.Custom("LORA_MODEL")
-EXACT_LIMIT_BYTES = 256 * 2**20
 
 
 class ErasureLora(dict):
@@ -54,10 +53,7 @@ def _export(weights: ErasureWeights, model, backbone: ComfyBackbone) -> ErasureL
     """The LoRA socket value: exact when it stays under 256 MB, else a rank-64 truncated SVD (error in metadata)."""
     weights.metadata[META_PREFIX + "base_model"] = backbone.fingerprint()
     weights.metadata[META_PREFIX + "base_family"] = backbone.family
-    size = sum(4 * (d.matrix().numel() + min(d.matrix().shape[0], d.matrix()[0].numel()) ** 2)
-               for d in weights.deltas.values())
-    rank = None if size < EXACT_LIMIT_BYTES or all(d.up is not None for d in weights.deltas.values()) else 64
-    tensors, err = to_lora_dict(weights, model, rank)
+    tensors, err = to_lora_dict(weights, model, weights.export_rank())
     meta = dict(weights.metadata)
     meta[META_PREFIX + "lora_relative_error"] = f"{err:.3e}"
     return ErasureLora(tensors, meta)

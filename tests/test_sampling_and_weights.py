@@ -151,3 +151,13 @@ def test_attention_capture_matches_the_normal_forward(tiny_backbone):
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 64))
     # the original processors are back
     assert all(type(p).__name__ != "CapturingProcessor" for p in bb.unet().attn_processors.values())
+
+
+def test_export_rank_is_exact_until_the_file_would_be_large():
+    from erasure.weights import ErasureWeights
+
+    w = ErasureWeights.dense({"a": torch.ones(8, 4), "b": torch.ones(3, 2, 3, 3)})
+    # identity factorisation: a 8x4 -> 4*(32 + 16) bytes, b 3x18 -> 4*(54 + 9) bytes
+    assert w.export_rank() is None
+    assert w.export_rank(exact_limit_bytes=4 * (48 + 63)) == 64
+    assert w.export_rank(exact_limit_bytes=4 * (48 + 63) + 1) is None
