@@ -18,7 +18,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..erasure.ant import PREDICTIONS, SCOPES, AntSettings, ant, ant_multi
+from ..erasure.ant import PREDICTIONS, SCOPES, AntSettings, ant
 from ..erasure.lab.evaluate import cache_dir
 from ..erasure.mace import PRESETS, Concept, fuse, mace
 from ..erasure.prior import gram
@@ -213,8 +213,7 @@ class MassEraseMACE(io.ComfyNode):
         progress, interrupt = _progress(len(items) * (s.sample_steps + s.lora_steps))
         bb.load()
         with trainable(bb):
-            extra = [p.strip() for p in (preserve_prompts or "").splitlines() if p.strip()]
-            prior = gram(bb, prior_prompts(exclude=names) + extra, cache_dir())
+            prior = gram(bb, prior_prompts(exclude=names) + _split_lines(preserve_prompts), cache_dir())
             r = mace(bb, items, s, prior, progress=progress, check_interrupt=interrupt)
         return io.NodeOutput(patched_model(model, r.weights), _export(r.weights, model, bb))
 
@@ -246,7 +245,7 @@ class FuseErasureLoRAs(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, lora_1, lora_2, preserve, lora_3=None, lora_4=None, concepts="") -> io.NodeOutput:
         loras = [x for x in (lora_1, lora_2, lora_3, lora_4) if x is not None]
-        lines = [ln for ln in (concepts or "").splitlines()]
+        lines = (concepts or "").splitlines()
         bb = ComfyBackbone(model, clip)
         items = []
         for i, lora in enumerate(loras):
@@ -254,8 +253,7 @@ class FuseErasureLoRAs(io.ComfyNode):
             if not names:
                 raise ValueError(f"LoRA {i + 1} carries no erasure metadata: write its concepts on line {i + 1} of "
                                  "'concepts'")
-            kind = "object"
-            items.append(([Concept(n, "", kind) for n in names], _lora_weights(lora, model)))
+            items.append(([Concept(n, "", "object") for n in names], _lora_weights(lora, model)))
         prior = gram(bb, prior_prompts(exclude=[n for c, _ in items for n in (x.text for x in c)]), cache_dir())
         fused = fuse(bb, items, None, prior, preserve=preserve, method="fused")
         return io.NodeOutput(patched_model(model, fused), _export(fused, model, bb))
@@ -409,5 +407,3 @@ def _split_lines(text: str) -> list[str]:
 
 NODES: list[type[io.ComfyNode]] = [EraseConceptANT, MassEraseMACE, FuseErasureLoRAs, ApplyErasedModel,
                                    SaveErasureLoRA, LoadErasureLoRA, PreviewErasure]
-
-__all__ = ["NODES", "ErasureLora", "ant_multi"]
