@@ -1,0 +1,142 @@
+"""Single-file (ldm-keyed .safetensors) checkpoints: tiny SD1.x / SD2.x / SDXL models round-trip to the same outputs,
+and everything else is refused with a message that names what is supported."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import pytest
+import torch
+from ldm_export import tiny_model, write_checkpoint
+from safetensors.torch import save_file
+
+from erasure.diffusers_backbone import UnsupportedModelError
+from erasure.single_file import load_single_file
+
+PROMPTS = ["a photo of a cat", "Van Gogh, starry night", ""]
+
+
+@lru_cache
+def _model(family: str):
+    return tiny_model(family)
+
+
+def model(family: str):
+    """A cached tiny model and a fresh copy of its ldm state dict (tests may edit the dict)."""
+    ref, ldm = _model(family)
+    return ref, dict(ldm)
+
+
+def _same_outputs(ref, bb) -> None:
+    with torch.no_grad():
+        a, b = ref.encode_text(PROMPTS), bb.encode_text(PROMPTS)
+        torch.testing.assert_close(b.embeds, a.embeds, rtol=0, atol=1e-5)
+        assert a.extras.keys() == b.extras.keys()
+        for k in a.extras:
+            torch.testing.assert_close(b.extras[k], a.extras[k], rtol=0, atol=1e-5)
+        g = torch.Generator().manual_seed(0)
+        x, t = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([5, 400, 990])
+        torch.testing.assert_close(bb.predict_noise(x, t, b), ref.predict_noise(x, t, a), rtol=0, atol=1e-5)
+        torch.testing.assert_close(bb.decode(x[:1]), ref.decode(x[:1]), rtol=0, atol=1e-5)
+    assert bb.fingerprint() == ref.fingerprint()
+    assert len(bb.cross_attention_kv()) == len(ref.cross_attention_kv())
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_ldm_file_loads_to_the_same_model(family, tmp_path):
+    ref, ldm = model(family)
+    path = write_checkpoint(ldm, tmp_path / f"{family}.safetensors")
+    loaded = load_single_file(path, prediction="v" if family == "sd2" else None)
+    bb = loaded.backbone
+    assert loaded.family == family and bb.prediction_type == ref.prediction_type
+    assert bb.hidden_layer == ref.hidden_layer and bb.is_sdxl == (family == "sdxl")
+    assert [t.pad_token_id for t in bb.tokenizers] == [t.pad_token_id for t in ref.tokenizers]
+    assert bb.latent_shape() == ref.latent_shape()  # 512 / 768 / 1024 px by family
+    _same_outputs(ref, bb)
+
+
+def test_sd2_prediction_is_assumed_and_said(tmp_path):
+    _, ldm = model("sd2")
+    path = write_checkpoint(ldm, tmp_path / "sd2.safetensors")
+    loaded = load_single_file(path, with_vae=False)
+    assert loaded.prediction == "eps" and "assumed" in loaded.summary() and "--model-prediction v" in loaded.summary()
+    assert loaded.backbone.latent_shape() == (4, 64, 64)  # 512 px for an eps SD2.x (2-base)
+    ldm["v_pred"] = torch.tensor([])  # what ComfyUI writes into v-prediction checkpoints it saves
+    loaded = load_single_file(write_checkpoint(ldm, tmp_path / "sd2v.safetensors"), with_vae=False)
+    assert loaded.prediction == "v" and loaded.backbone.prediction_type == "v_prediction"
+    assert loaded.backbone.latent_shape() == (4, 96, 96)
+
+
+def test_half_precision_file_and_no_vae(tmp_path):
+    ref, ldm = model("sd1")
+    ldm = {k: v for k, v in ldm.items() if not k.startswith("first_stage_model.")}
+    loaded = load_single_file(write_checkpoint(ldm, tmp_path / "fp16.safetensors", torch.float16))
+    bb = loaded.backbone
+    assert bb.dtype == torch.float32 and bb.vae is None and bb.latent_only and not bb.clip_denoised
+    assert bb.latent_shape() == (4, 64, 64) and "latents only" in loaded.summary()
+    with torch.no_grad():
+        c = ref.encode_text(PROMPTS[:1])
+        x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+        torch.testing.assert_close(bb.predict_noise(x, t, c), ref.predict_noise(x, t, c), rtol=0, atol=2e-2)
+    with pytest.raises(UnsupportedModelError, match="without a VAE"):
+        bb.decode(x)
+
+
+def test_pickle_checkpoints_are_refused_unopened(tmp_path, monkeypatch):
+    import builtins
+
+    real_open = builtins.open
+
+    def guarded(file, *a, **kw):
+        assert not str(file).endswith(".ckpt"), "the .ckpt file was opened"
+        return real_open(file, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: pytest.fail("torch.load was called"))
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not a pickle")
+    for path in (ckpt, tmp_path / "missing.ckpt", tmp_path / "model.pt"):
+        with pytest.raises(UnsupportedModelError, match=r"only \.safetensors .* Convert it to \.safetensors"):
+            load_single_file(path)
+
+
+def _tiny_file(tmp_path, keys: list[str]):
+    path = tmp_path / "other.safetensors"
+    save_file({k: torch.zeros(2, 2) for k in keys}, str(path))
+    return path
+
+
+@pytest.mark.parametrize(("keys", "what"), [
+    (["model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias",
+      "text_encoders.clip_l.transformer.text_model.embeddings.position_embedding.weight"], "Stable Diffusion 3"),
+    (["model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale"], "Flux"),
+    (["double_blocks.0.img_attn.norm.key_norm.scale", "single_blocks.0.linear1.weight"], "Flux"),
+    (["model.diffusion_model.input_blocks.1.0.time_stack.0.in_layers.0.weight"], "video"),
+    (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"], "LoRA"),
+    (["input_blocks.0.0.weight", "out.2.weight"], "UNet alone"),
+    (["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.conv_in.weight"], "no text encoder"),
+    (["encoder.conv_in.weight", "decoder.conv_in.weight"], "no Stable Diffusion UNet"),
+])
+def test_other_architectures_get_a_clear_message(tmp_path, keys, what):
+    with pytest.raises(UnsupportedModelError, match=what) as e:
+        load_single_file(_tiny_file(tmp_path, keys))
+    assert "SD1.x" not in str(e.value) and "Stable Diffusion 1.x, 2.x" in str(e.value)
+
+
+def test_inpainting_model_is_refused(tmp_path):
+    _, ldm = model("sd1")
+    w = ldm["model.diffusion_model.input_blocks.0.0.weight"]
+    ldm["model.diffusion_model.input_blocks.0.0.weight"] = torch.cat([w, w, w[:, :1]], dim=1)  # 9 channels
+    with pytest.raises(UnsupportedModelError, match=r"9 input channels \(an inpainting model\)"):
+        load_single_file(write_checkpoint(ldm, tmp_path / "inpaint.safetensors"))
+
+
+def test_damaged_or_foreign_files(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}     ")
+    with pytest.raises(UnsupportedModelError, match="could not be read as safetensors"):
+        load_single_file(bad)
+    other = tmp_path / "model.gguf"
+    other.write_bytes(b"GGUF")
+    with pytest.raises(UnsupportedModelError, match="not a .safetensors file"):
+        load_single_file(other)
