@@ -1,6 +1,7 @@
-"""Command line: ``python -m erasure {demo,lab} ...``.
+"""Command line: ``python -m erasure {demo,mace,ant,lab} ...``.
 
-``--model lab`` (the default everywhere) is the concept lab's model shipped in this package.
+``--model lab`` (the default everywhere) is the concept lab's model shipped in this package; ``mace``, ``ant`` and
+``lab baseline`` also take a diffusers folder or a single-file SD1.x/SD2.x/SDXL ``.safetensors`` checkpoint.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _lab_baseline(args: argparse.Namespace) -> int:
 
     from .lab.baseline import esd
 
-    backbone = _load_model(args.model, args.device)
+    backbone = _load_model(args)
     t0 = time.time()
     with tqdm(total=args.steps, desc=f"ESD {args.concept}", disable=None) as bar:
         w = esd(backbone, args.concept, iterations=args.steps, lr=args.lr, scope=args.scope, seed=args.seed,
@@ -117,10 +118,39 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(path: str, device: str):
+MODEL_HELP = ("'lab' (the concept lab's model), a diffusers folder, or a single-file SD1.x/SD2.x/SDXL checkpoint "
+              "(.safetensors, original ldm keys, as ComfyUI/A1111 use)")
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="lab", help=MODEL_HELP)
+    p.add_argument("--tokenizer", help="single files: a folder with CLIP's vocab.json + merges.txt (e.g. a diffusers "
+                   "model's tokenizer/ or ComfyUI's comfy/sd1_tokenizer); default: the built-in copy of CLIP's "
+                   "tokenizer (identical)")
+    p.add_argument("--model-prediction", choices=("eps", "v"), help="single files: what the model predicts (default: "
+                   "eps for SD1.x/SDXL, or v when the file carries ComfyUI's v_pred marker; SD2.x is guessed from "
+                   "the weights as ComfyUI does, and the summary says so: 768-v models are v)")
+    p.add_argument("--device", default="cpu")
+
+
+def _load_model(args: argparse.Namespace, need_vae: bool = False):
+    """The backbone for ``--model``: 'lab', a diffusers folder, or a single .safetensors/.ckpt file (the latter
+    refused unopened). Single files print what was detected and assumed; their VAE is loaded only if ``need_vae``."""
     from .diffusers_backbone import load_diffusers
 
-    return load_diffusers(path, device=device)
+    path = Path(args.model).expanduser()
+    if args.model == "lab" or path.is_dir():
+        for flag in ("tokenizer", "model_prediction"):
+            if getattr(args, flag, None):
+                raise SystemExit(f"error: --{flag.replace('_', '-')} applies to single-file checkpoints; a diffusers "
+                                 "folder brings its own tokenizer/ and scheduler/")
+        return load_diffusers(args.model, device=args.device)
+    from .single_file import load_single_file
+
+    loaded = load_single_file(path, device=args.device, tokenizer=getattr(args, "tokenizer", None),
+                              prediction=getattr(args, "model_prediction", None), with_vae=need_vae)
+    print(f"model: {loaded.summary()}", flush=True)
+    return loaded.backbone
 
 
 def _mace(args: argparse.Namespace) -> int:
@@ -131,6 +161,7 @@ def _mace(args: argparse.Namespace) -> int:
     from .mace import PRESETS, Concept, mace
     from .prior import gram
     from .prompts import prior_prompts
+    from .user_images import load_user_data
 
     concepts = _parse_concepts(args.concepts)
     if not concepts:
@@ -142,18 +173,19 @@ def _mace(args: argparse.Namespace) -> int:
                                       guidance=args.guidance, lam=args.lam, preserve=args.preserve,
                                       fuse_preserve=args.fuse_preserve, lora_steps=args.steps, lora_lr=args.lr,
                                       lora_rank=args.rank, seed=args.seed)
-    backbone = _load_model(args.model, args.device)
+    backbone = _load_model(args, need_vae=bool(args.image_dir))
     lab = args.model == "lab"
     items = []
     for i, c in enumerate(concepts):
         anchor = anchors[min(i, len(anchors) - 1)] if anchors else None
         items.append(lab_concept(c, anchor) if lab else Concept(c, anchor or s.anchor, s.kind))
+    user_data = load_user_data(backbone, args.image_dir, concepts, log=print) if args.image_dir else {}
     prior = (lab_prior(backbone, concepts) if lab
              else gram(backbone, prior_prompts(exclude=concepts, extra_file=args.prior_file), cache_dir()))
-    total = len(items) * (s.sample_steps + s.lora_steps)
+    total = sum((0 if c in user_data else s.sample_steps) + s.lora_steps for c in concepts)
     t0 = time.time()
     with tqdm(total=total, desc="MACE", disable=None) as bar:
-        res = mace(backbone, items, s, prior, progress=bar.update, log=bar.write)
+        res = mace(backbone, items, s, prior, user_data=user_data, progress=bar.update, log=bar.write)
     res.weights.metadata["erasure.base_model"] = backbone.fingerprint()
     err = res.weights.save(args.out, rank=args.export_rank)
     print(f"MACE erased {', '.join(repr(c) for c in concepts)} (anchors: "
@@ -192,7 +224,7 @@ def _ant(args: argparse.Namespace) -> int:
         scope=args.scope, saliency_fraction=args.saliency_fraction, saliency_maps=args.saliency_maps,
         lora_rank=args.rank, resolution=args.resolution, seed=args.seed, kind=args.kind, preserve=args.preserve)
     s.validate()
-    backbone = _load_model(args.model, args.device)
+    backbone = _load_model(args)
     lab = args.model == "lab"
     templates = {c: world.concept_templates(c) for c in concepts if lab and c in world.SYNONYMS}
     if torch.cuda.is_available():
@@ -276,12 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .mace import PRESETS
 
     mc = sub.add_parser("mace", help="MACE: mass concept erasure -> LoRA file")
-    mc.add_argument("--model", default="lab", help="a diffusers folder, or 'lab' (the concept lab's model)")
+    _add_model_flags(mc)
     mc.add_argument("--concepts", required=True, help="';'-separated, e.g. \"circle; red; striped\"")
     mc.add_argument("--anchors", help="';'-separated: one for all concepts or one per concept (default: preset's)")
     mc.add_argument("--preset", choices=sorted(PRESETS), default="object")
     mc.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")
     mc.add_argument("--images", type=int, help="generated images per concept (default 8)")
+    mc.add_argument("--image-dir", help="your own images instead of generated ones: DIR/<concept>/NAME.png with an "
+                    "optional DIR/<concept>/NAME.mask.png (white = concept); concepts without a folder are generated")
     mc.add_argument("--sample-steps", type=int, help="DDIM steps when generating them")
     mc.add_argument("--guidance", type=float)
     mc.add_argument("--lam", type=float, help="closed-form regulariser")
@@ -293,7 +327,6 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--seed", type=int)
     mc.add_argument("--prior-file", help="extra prior-preservation prompts, one per line")
     mc.add_argument("--export-rank", type=int, help="truncate the saved LoRA to this rank (default: exact)")
-    mc.add_argument("--device", default="cpu")
     mc.set_defaults(func=_mace)
 
     from .ant import PREDICTIONS, SCOPES, AntSettings
@@ -301,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = AntSettings()
     an = sub.add_parser("ant", help="ANT: trajectory-aware erasure -> LoRA file")
-    an.add_argument("--model", default="lab", help="a diffusers folder, or 'lab' (the concept lab's model)")
+    _add_model_flags(an)
     an.add_argument("--concept", help="one concept (saliency-masked finetuning by default)")
     an.add_argument("--concepts", help="';'-separated: one ANT LoRA per concept, fused in closed form")
     an.add_argument("--synonyms", help="';'-separated synonyms of --concept, used as prompt augmentations")
@@ -335,7 +368,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "per line")
     an.add_argument("--export-rank", type=int, help="LoRA rank of the file (0: exact; default: exact up to "
                     "256 MB, else 64)")
-    an.add_argument("--device", default="cpu")
     an.set_defaults(func=_ant)
 
     lab = sub.add_parser("lab", help="the concept lab: train, evaluate, baseline")
@@ -352,8 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_lab_eval)
 
     bl = labsub.add_parser("baseline", help="ESD-style anchor-free baseline erasure -> LoRA file")
-    bl.add_argument("--model", default="lab", help="a diffusers folder, or 'lab'")
-    bl.add_argument("--device", default="cpu")
+    _add_model_flags(bl)
     bl.add_argument("--concept", required=True)
     bl.add_argument("--steps", type=int, default=150)
     bl.add_argument("--lr", type=float, default=1e-3)

@@ -11,8 +11,10 @@ Nothing is downloaded: ``tokenizer_from_folder`` reads ``vocab.json`` + ``merges
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import json
+import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -54,11 +56,18 @@ def _load(folder: Path, max_length: int, pad_token: str):
                                          bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=pad_token)
 
 
+@lru_cache(maxsize=1)
+def _builtin_folder() -> Path:
+    """The vendored tokenizer written out once per process (transformers 4.x and 5.x both read it from files)."""
+    d = Path(tempfile.mkdtemp(prefix="erasure-clip-tok-"))
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
+    write_clip_tokenizer_files(d)
+    return d
+
+
 def builtin_clip_tokenizer(max_length: int = 77, pad_token: str = PAD_END):
     """CLIP's tokenizer from the vendored BPE merges (no network, no user files)."""
-    with tempfile.TemporaryDirectory(prefix="erasure-clip-tok-") as d:
-        write_clip_tokenizer_files(Path(d))
-        return _load(Path(d), max_length, pad_token)
+    return _load(_builtin_folder(), max_length, pad_token)
 
 
 def tokenizer_from_folder(folder: str | Path, max_length: int = 77, pad_token: str = PAD_END):

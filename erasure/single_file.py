@@ -245,7 +245,7 @@ def load_single_file(path: str | Path, device: str | torch.device = "cpu", dtype
             raise UnsupportedModelError(f"the text encoders give {widths}-d embeddings but the UNet's cross-attention "
                                         f"expects {ucfg['cross_attention_dim']}; {SUPPORTED}")
 
-        vae, vae_note = None, "not loaded"
+        vae, vae_note = None, "not loaded (not needed)"
         if vcfg is not None:
             vae = _build(lambda: AutoencoderKL(**vcfg), L.vae_weights(get, shapes, vcfg), "VAE")
             vae_note = "converted"

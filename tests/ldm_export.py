@@ -156,16 +156,20 @@ def _randomise_norms(m: torch.nn.Module, seed: int) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-def tiny_model(family: str, seed: int = 0) -> tuple[DiffusersBackbone, dict[str, torch.Tensor]]:
-    """A tiny model of ``family`` ("sd1", "sd2", "sdxl") as a reference backbone, and its ldm-keyed state dict."""
+def tiny_model(family: str, seed: int = 0, attention_first: bool = True) -> tuple[DiffusersBackbone, dict]:
+    """A tiny model of ``family`` ("sd1", "sd2", "sdxl") as a reference backbone, and its ldm-keyed state dict.
+
+    ``attention_first=False`` (SD1 only) moves the cross-attention to the second level, where the default 512 px
+    gives 32x32 attention maps instead of 64x64: end-to-end runs of the methods stay fast.
+    """
     ac = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
     vae = tiny_vae(seed, 0.13025 if family == "sdxl" else 0.18215)
     torch.manual_seed(seed)
     if family == "sd1":
         unet = UNet2DConditionModel(
             sample_size=64, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D")[:: 1 if attention_first else -1],
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")[:: 1 if attention_first else -1],
             cross_attention_dim=128, attention_head_dim=8)
         te = _clip(128, 2, "quick_gelu", 49407, seed=seed)
         encoders, pads, hidden, pred = [te], [PAD_END], -1, "epsilon"

@@ -140,3 +140,47 @@ def test_damaged_or_foreign_files(tmp_path):
     other.write_bytes(b"GGUF")
     with pytest.raises(UnsupportedModelError, match="not a .safetensors file"):
         load_single_file(other)
+
+
+def test_cli_runs_mace_and_ant_on_a_single_file(tmp_path, monkeypatch, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from erasure.cli import main
+    from erasure.clip_tokenizer import write_clip_tokenizer_files
+    from erasure.weights import ErasureWeights
+
+    monkeypatch.setenv("ERASURE_CACHE", str(tmp_path / "cache"))
+    ref, ldm = tiny_model("sd1", attention_first=False)
+    ckpt = write_checkpoint(ldm, tmp_path / "tiny-sd15.safetensors")
+    tok = tmp_path / "tok"
+    write_clip_tokenizer_files(tok)
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 64, 3), dtype=np.uint8)).save(
+        tmp_path / "imgs" / "cat" / "x.png")
+    out = tmp_path / "mace.safetensors"
+    assert main(["mace", "--model", str(ckpt), "--tokenizer", str(tok), "--concepts", "cat", "--image-dir",
+                 str(tmp_path / "imgs"), "--steps", "2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "SD1.x single file" in text and f"tokenizer from {tok}" in text and "VAE converted" in text
+    w = ErasureWeights.load(out)
+    assert w.metadata["erasure.base_model"] == ref.fingerprint() and len(w.deltas) == len(ref.cross_attention_kv())
+    out = tmp_path / "ant.safetensors"
+    assert main(["ant", "--model", str(ckpt), "--concept", "cat", "--scope", "xattn", "--steps", "2",
+                 "--trajectories", "1", "--trajectory-steps", "4", "--early-steps", "1", "--batch-size", "1",
+                 "--resolution", "64", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "built-in CLIP BPE" in text and "VAE not loaded" in text and out.exists()
+
+
+def test_cli_flag_errors(tmp_path, capsys):
+    from erasure.cli import main
+
+    with pytest.raises(SystemExit, match="--tokenizer applies to single-file checkpoints"):
+        main(["ant", "--model", "lab", "--concept", "circle", "--tokenizer", str(tmp_path), "--out", "x"])
+    assert main(["ant", "--model", str(tmp_path / "m.ckpt"), "--concept", "c", "--out", "x"]) == 2
+    assert "only .safetensors checkpoints are read" in capsys.readouterr().err
+    _, ldm = model("sd1")
+    ckpt = write_checkpoint(ldm, tmp_path / "m.safetensors")
+    assert main(["ant", "--model", str(ckpt), "--tokenizer", str(tmp_path), "--concept", "c", "--out", "x"]) == 2
+    assert "vocab.json and merges.txt not found" in capsys.readouterr().err
