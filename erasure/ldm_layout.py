@@ -181,7 +181,9 @@ def _text_config(cls, vocab: int, width: int, positions: int, inner: int, layers
 def clip_weights(get: Getter, shapes: Shapes, prefix: str) -> dict[str, torch.Tensor]:
     """CLIP text-model weights keyed as in ``CLIPTextModel`` without the ``text_model.`` prefix."""
     p = clip_prefix(shapes, prefix)
-    return {k[len(p):]: get(k) for k in shapes if k.startswith(p) and not k.endswith("position_ids")}
+    parts = ("embeddings.", "encoder.", "final_layer_norm.")  # not text_projection (ComfyUI saves one), logit_scale
+    return {k[len(p):]: get(k) for k in shapes
+            if k.startswith(p) and k[len(p):].startswith(parts) and not k.endswith("position_ids")}
 
 
 def openclip_config(shapes: Shapes, prefix: str, drop_last: bool, pad_token_id: int, with_projection: bool):
@@ -210,7 +212,8 @@ _OPENCLIP_UNUSED = ("logit_scale", "attn_mask")
 def openclip_weights(get: Getter, shapes: Shapes, prefix: str, layers: int,
                      with_projection: bool) -> dict[str, torch.Tensor]:
     """OpenCLIP text-tower weights as ``CLIPTextModel`` keys (no ``text_model.`` prefix), plus ``text_projection``
-    when ``with_projection``. Every tensor under ``prefix`` is either mapped or known to be unused."""
+    when ``with_projection``. Every tensor under ``prefix`` is either mapped or known to be unused (a leftover image
+    tower under ``visual.`` is ignored)."""
     out: dict[str, torch.Tensor] = {
         "embeddings.token_embedding.weight": get(f"{prefix}token_embedding.weight"),
         "embeddings.position_embedding.weight": get(f"{prefix}positional_embedding"),
@@ -239,7 +242,7 @@ def openclip_weights(get: Getter, shapes: Shapes, prefix: str, layers: int,
             for name, part in zip(("q", "k", "v"), get(k).chunk(3, dim=0), strict=True):
                 out[f"encoder.layers.{i}.self_attn.{name}_proj.{kind}"] = part.clone()
     used |= {k for k in shapes if k.startswith(prefix) and ".attn.in_proj_" in k}
-    left = sorted(k for k in shapes if k.startswith(prefix) and k not in used)
+    left = sorted(k for k in shapes if k.startswith(prefix) and k not in used and not k.startswith(prefix + "visual."))
     if left:
         raise UnsupportedModelError(f"unknown OpenCLIP text-encoder tensors, e.g. {left[0]}")
     return out

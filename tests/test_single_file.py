@@ -184,3 +184,31 @@ def test_cli_flag_errors(tmp_path, capsys):
     ckpt = write_checkpoint(ldm, tmp_path / "m.safetensors")
     assert main(["ant", "--model", str(ckpt), "--tokenizer", str(tmp_path), "--concept", "c", "--out", "x"]) == 2
     assert "vocab.json and merges.txt not found" in capsys.readouterr().err
+
+
+def test_older_sd1_key_forms_and_position_ids(tmp_path):
+    """Files written before transformers moved CLIP under ``text_model.``, and files that keep ``position_ids``."""
+    ref, ldm = model("sd1")
+    old = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+           for k, v in ldm.items()}
+    old["cond_stage_model.transformer.embeddings.position_ids"] = torch.arange(77)[None]
+    old["cond_stage_model.transformer.text_projection.weight"] = torch.eye(128)  # as ComfyUI saves SD1.x files
+    bb = load_single_file(write_checkpoint(old, tmp_path / "old.safetensors")).backbone
+    with torch.no_grad():
+        torch.testing.assert_close(bb.encode_text(PROMPTS).embeds, ref.encode_text(PROMPTS).embeds, rtol=0, atol=1e-5)
+
+
+def test_sd2_prediction_heuristic_and_zero_snr_schedule():
+    from erasure.single_file import _schedule, choose_prediction
+
+    key = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+    shapes = {key: (320,)}
+    for std, want in ((0.2, "v"), (0.02, "eps")):
+        pred, why = choose_prediction("sd2", shapes, lambda k, s=std: torch.randn(320) * s, None)
+        assert pred == want and "guessed" in why
+    assert choose_prediction("sd2", shapes, lambda k: torch.randn(320), "eps") == ("eps", "as requested")
+    assert choose_prediction("sdxl", {"v_pred": (0,)}, None, None)[0] == "v"
+    plain, notes = _schedule({})
+    zsnr, znotes = _schedule({"ztsnr": (0,)})
+    assert notes == [] and "zero-terminal-SNR" in znotes[0]
+    assert 0 < float(zsnr[-1]) < 1e-7 < float(plain[-1]) and abs(float(zsnr[0] - plain[0])) < 1e-3
