@@ -212,3 +212,68 @@ def test_sd2_prediction_heuristic_and_zero_snr_schedule():
     zsnr, znotes = _schedule({"ztsnr": (0,)})
     assert notes == [] and "zero-terminal-SNR" in znotes[0]
     assert 0 < float(zsnr[-1]) < 1e-7 < float(plain[-1]) and abs(float(zsnr[0] - plain[0])) < 1e-3
+
+
+REAL_UNETS = {  # the released models' diffusers UNet configs
+    "sd1": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=8),
+    "sd2": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=1024,
+                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=(5, 10, 20, 20),
+                use_linear_projection=True),
+    "sdxl": dict(block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816),
+}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_real_size_layouts_give_the_released_configs(family):
+    """The shapes of SD1.5, SD2.1 and SDXL base (built on the meta device: no weights) infer their own configs."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from ldm_export import unet_to_ldm
+
+    from erasure.ldm_layout import unet_config
+
+    with init_empty_weights():
+        real = UNet2DConditionModel(**REAL_UNETS[family])
+    shapes = {k: tuple(v.shape) for k, v in unet_to_ldm(real).items()}
+    shapes["conditioner.embedders.1.model.text_projection"] = (1280, 1280)  # SDXL's pooled width
+    cfg = unet_config(shapes, family)
+    with init_empty_weights():
+        inferred = UNet2DConditionModel(**cfg)
+    for key in ("block_out_channels", "layers_per_block", "cross_attention_dim", "down_block_types",
+                "up_block_types", "use_linear_projection", "addition_embed_type", "addition_time_embed_dim",
+                "projection_class_embeddings_input_dim"):
+        assert _seq(inferred.config[key]) == _seq(real.config[key]), key
+    heads = [m.heads for n, m in inferred.named_modules() if n.endswith("attn2")]
+    assert heads == [m.heads for n, m in real.named_modules() if n.endswith("attn2")]
+    assert len(heads) == {"sd1": 16, "sd2": 16, "sdxl": 70}[family]
+    assert {k: tuple(v.shape) for k, v in inferred.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in real.state_dict().items()}
+
+
+def _seq(v) -> tuple:
+    return tuple(v) if isinstance(v, (list, tuple)) else (v,)
+
+
+@pytest.mark.parametrize(("prefix", "width", "layers", "drop_last", "heads"), [
+    ("cond_stage_model.model.", 1024, 24, True, 16),  # SD2.x: OpenCLIP ViT-H, conditioned on its 23rd layer
+    ("conditioner.embedders.1.model.", 1280, 32, False, 20),  # SDXL: OpenCLIP ViT-bigG
+])
+def test_real_size_openclip_configs(prefix, width, layers, drop_last, heads):
+    from erasure.ldm_layout import openclip_config
+
+    shapes = {f"{prefix}token_embedding.weight": (49408, width), f"{prefix}positional_embedding": (77, width),
+              f"{prefix}text_projection": (width, width)}
+    for i in range(layers):
+        shapes[f"{prefix}transformer.resblocks.{i}.mlp.c_fc.weight"] = (4 * width, width)
+    cfg = openclip_config(shapes, prefix, drop_last, 0, with_projection=not drop_last)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size) == (
+        width, layers - drop_last, heads, 4 * width)
+    assert cfg.hidden_act == "gelu" and cfg.max_position_embeddings == 77 and cfg.pad_token_id == 0
