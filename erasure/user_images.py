@@ -140,6 +140,9 @@ def load_user_data(backbone, root: str | Path, concepts: list[str],
             raise ValueError(f"every mask of {concept!r} is black, so nothing would be erased; white marks the "
                              f"concept (or remove the masks to use whole images)")
         latents = encode_images(backbone, torch.stack([p for p, _ in loaded]))
+        if latents.shape[1:] != (channels, h, w) and getattr(backbone, "vae", None) is None:
+            raise ValueError(f"the model has {channels}-channel latents but no VAE to encode images into them; give "
+                             "a model with its VAE (a diffusers folder with vae/, or a checkpoint that has one)")
         if latents.shape[1:] != (channels, h, w):
             raise ValueError(f"images of {concept!r} encode to {tuple(latents.shape[1:])}, but the model expects "
                              f"latents {(channels, h, w)}")

@@ -103,6 +103,9 @@ def test_latent_models_encode_with_their_vae(tmp_path):
                                latent_scale=8)
     with pytest.raises(ValueError, match="needs the model's VAE"):
         load_user_data(no_vae, tmp_path, ["cat"])
+    folder_without_vae = DiffusersBackbone(ref.unet(), ref.text_encoders, ref.tokenizers, ref.schedule.alphas_cumprod)
+    with pytest.raises(ValueError, match="4-channel latents but no VAE"):
+        load_user_data(folder_without_vae, tmp_path, ["cat"])
 
 
 def _data(backbone, masks: torch.Tensor) -> ConceptData:
