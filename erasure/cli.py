@@ -87,6 +87,7 @@ def _lab_baseline(args: argparse.Namespace) -> int:
     err = w.save(args.out)
     print(f"ESD erased {args.concept!r} in {time.time() - t0:.1f} s, peak RSS {_peak_rss_mb():.0f} MB; "
           f"wrote {args.out} (LoRA relative error {err:.1e})")
+    _print_model_note(args)
     return 0
 
 
@@ -135,7 +136,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def _load_model(args: argparse.Namespace, need_vae: bool = False):
     """The backbone for ``--model``: 'lab', a diffusers folder, or a single .safetensors/.ckpt file (the latter
-    refused unopened). Single files print what was detected and assumed; their VAE is loaded only if ``need_vae``."""
+    refused unopened). Single files print what was detected and assumed (``args.model_note`` keeps it for the run's
+    closing summary); their VAE is loaded only if ``need_vae``."""
     from .diffusers_backbone import load_diffusers
 
     path = Path(args.model).expanduser()
@@ -149,8 +151,14 @@ def _load_model(args: argparse.Namespace, need_vae: bool = False):
 
     loaded = load_single_file(path, device=args.device, tokenizer=getattr(args, "tokenizer", None),
                               prediction=getattr(args, "model_prediction", None), with_vae=need_vae)
-    print(f"model: {loaded.summary()}", flush=True)
+    args.model_note = loaded.summary()
+    print(f"model: {args.model_note}", flush=True)
     return loaded.backbone
+
+
+def _print_model_note(args: argparse.Namespace) -> None:
+    if getattr(args, "model_note", None):
+        print(f"model: {args.model_note}")
 
 
 def _mace(args: argparse.Namespace) -> int:
@@ -161,7 +169,7 @@ def _mace(args: argparse.Namespace) -> int:
     from .mace import PRESETS, Concept, mace
     from .prior import gram
     from .prompts import prior_prompts
-    from .user_images import load_user_data
+    from .user_images import find_user_images, load_user_data
 
     concepts = _parse_concepts(args.concepts)
     if not concepts:
@@ -173,6 +181,8 @@ def _mace(args: argparse.Namespace) -> int:
                                       guidance=args.guidance, lam=args.lam, preserve=args.preserve,
                                       fuse_preserve=args.fuse_preserve, lora_steps=args.steps, lora_lr=args.lr,
                                       lora_rank=args.rank, seed=args.seed)
+    if args.image_dir:
+        find_user_images(args.image_dir, concepts)  # the layout's errors before a long model load
     backbone = _load_model(args, need_vae=bool(args.image_dir))
     lab = args.model == "lab"
     items = []
@@ -192,6 +202,7 @@ def _mace(args: argparse.Namespace) -> int:
           f"{', '.join(repr(c.anchor) for c in items)}) in {time.time() - t0:.1f} s; "
           f"{res.unet_evaluations} UNet evaluations; peak RSS {_peak_rss_mb():.0f} MB")
     print(f"wrote {args.out} ({len(res.weights.deltas)} K/V matrices; LoRA relative error {err:.1e})")
+    _print_model_note(args)
     return 0
 
 
@@ -262,6 +273,7 @@ def _ant(args: argparse.Namespace) -> int:
     print(f"ANT erased {', '.join(repr(c) for c in concepts)} in {time.time() - t0:.1f} s: {trained}; "
           f"{fwd:,} UNet forwards, {bwd:,} backwards; {peak}")
     print(f"wrote {args.out} ({len(weights.deltas)} layers; LoRA relative error {err:.1e})")
+    _print_model_note(args)
     return 0
 
 

@@ -171,6 +171,7 @@ def test_cli_runs_mace_and_ant_on_a_single_file(tmp_path, monkeypatch, capsys):
                  "--resolution", "64", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "built-in CLIP BPE" in text and "VAE not loaded" in text and out.exists()
+    assert text.count("model: tiny-sd15.safetensors: SD1.x") == 2  # at the start and in the closing summary
 
 
 def test_cli_flag_errors(tmp_path, capsys):
