@@ -78,7 +78,7 @@ def read_shapes(path: Path) -> Shapes:
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for damaged headers
         raise UnsupportedModelError(f"{path.name} could not be read as safetensors ({e})") from e
 
