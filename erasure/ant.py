@@ -44,6 +44,7 @@ from .weights import ErasureWeights, _meta
 
 SCOPES = ("saliency", "xattn", "non-xattn", "lora")
 PREDICTIONS = ("cond", "guided")
+SAMPLINGS = ("on-policy", "cached")
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -72,7 +73,11 @@ class AntSettings:
     #: with "cond" the initial loss is tiny (late-step guidance differences are small) and Adam's noise dominates;
     #: "guided" amplifies the concept's direction by the guidance scale and the loss falls (README, ANT table).
     prediction: str = "guided"
-    trajectories: int = 16  # cached trajectories: prompt augmentations cycled, new seeds on each cycle
+    #: where the training latents come from. "on-policy": every step regenerates its trajectory from noise with the
+    #: edited model, up to the drawn late step (the reference's loop); "cached": frozen-model trajectories computed
+    #: once (and refreshed every ``refresh_every`` steps), so that a step costs only the training forwards
+    sampling: str = "on-policy"
+    trajectories: int = 16  # cached trajectories and saliency maps: augmentations cycled, new seeds each cycle
     #: regenerate trajectories with the edited model every N steps (0: never). Measured on the final lab model
     #: (circle, 4-seed eval): never -> efficacy 0.00, every 25 -> 0.75 (H 0 -> 0.65), at 4x the time
     refresh_every: int = 25
@@ -104,6 +109,8 @@ class AntSettings:
                              f"(got {self.early_steps} of {self.trajectory_steps})")
         if not 0 < self.saliency_fraction <= 1:
             raise ValueError(f"saliency_fraction must be in (0, 1] (got {self.saliency_fraction})")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)} (got {self.sampling!r})")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)} (got {self.prediction!r})")
         if self.scope not in SCOPES:
@@ -410,18 +417,20 @@ def _trainable(backbone: Backbone, s: AntSettings, masks: dict[str, torch.Tensor
 
 
 def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, synonyms: tuple[str, ...] = (),
-        templates: list[str] | tuple[str, ...] | None = None, cache: bool = True,
+        templates: list[str] | tuple[str, ...] | None = None, cache: bool | None = None,
         preserve_prompts: list[str] | None = None,
         progress: Callable[[int], None] | None = None, check_interrupt: Callable[[], None] | None = None,
         log: Callable[[str], None] | None = None) -> AntResult:
     """Erase one concept. ``templates`` (with ``{c}``) and ``synonyms`` make the prompt augmentations: the
-    trajectories' prompts and the saliency maps' prompts. ``cache=False`` runs the reference's
-    regenerate-every-iteration loop instead (same draws, same result as ``refresh_every=1``). ``preserve_prompts``:
+    trajectories' prompts and the saliency maps' prompts. ``cache`` overrides ``settings.sampling``: ``False``
+    is the on-policy loop (same draws, same result as cached with ``refresh_every=1``). ``preserve_prompts``:
     prompts without the concept for the preservation term (default: the project's prior set minus the concept)."""
     s = settings or AntSettings()
     s.validate()
     if not concept.strip():
         raise ValueError("the concept is empty: give the word or phrase to erase")
+    if cache is None:
+        cache = s.sampling == "cached"
     t0 = time.time()
     prompts = concept_prompts_for(concept.strip(), synonyms, s.kind, templates)
     gen = torch.Generator().manual_seed(s.seed)

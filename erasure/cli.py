@@ -231,13 +231,15 @@ def _ant(args: argparse.Namespace) -> int:
     s = AntSettings().override(
         steps=args.steps, lr=args.lr, batch_size=args.batch_size, trajectory_steps=args.trajectory_steps,
         early_steps=args.early_steps, guidance=args.guidance, eta=args.eta, a1=args.a1, a2=args.a2,
-        prediction=args.prediction, trajectories=args.trajectories, refresh_every=args.refresh_every,
+        prediction=args.prediction, sampling=args.sampling, trajectories=args.trajectories,
+        refresh_every=args.refresh_every,
         scope=args.scope, saliency_fraction=args.saliency_fraction, saliency_maps=args.saliency_maps,
         lora_rank=args.rank, resolution=args.resolution, seed=args.seed, kind=args.kind, preserve=args.preserve)
     s.validate()
     backbone = _load_model(args)
     lab = args.model == "lab"
-    templates = {c: world.concept_templates(c) for c in concepts if lab and c in world.SYNONYMS}
+    templates = {c: world.concept_templates(c, with_other_concepts=False) for c in concepts
+                 if lab and c in world.SYNONYMS}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -341,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--export-rank", type=int, help="truncate the saved LoRA to this rank (default: exact)")
     mc.set_defaults(func=_mace)
 
-    from .ant import PREDICTIONS, SCOPES, AntSettings
+    from .ant import PREDICTIONS, SAMPLINGS, SCOPES, AntSettings
     from .prompts import CONCEPT_TEMPLATES
 
     d = AntSettings()
@@ -365,7 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--preserve", type=float, help="weight of the preservation of prompts without the concept "
                     f"(the project's addition; 0 = the paper's loss; default {d.preserve})")
     an.add_argument("--prediction", choices=PREDICTIONS, help=f"regressed prediction (default {d.prediction})")
-    an.add_argument("--trajectories", type=int, help=f"cached trajectories (default {d.trajectories})")
+    an.add_argument("--sampling", choices=SAMPLINGS, help="where training latents come from: on-policy (the edited "
+                    f"model's trajectory at every step) or cached (frozen once) (default {d.sampling})")
+    an.add_argument("--trajectories", type=int, help=f"trajectory seeds x augmentations (default {d.trajectories})")
     an.add_argument("--refresh-every", type=int, help="regenerate trajectories with the edited model every N steps "
                     f"(default {d.refresh_every}: never)")
     an.add_argument("--scope", choices=SCOPES, help=f"what is trained, one concept (default {d.scope})")

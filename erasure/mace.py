@@ -77,6 +77,8 @@ class MaceSettings:
     lora_rank: int = 1
     lora_batch: int = 1
     grad_clip: float = 1.0
+    #: also suppress the end token and padding after the concept (the reference's positions)
+    suppress_end: bool = True
     seed: int = 0
 
     def override(self, **kw: object) -> MaceSettings:
@@ -207,12 +209,12 @@ def timestep_weights(num_timesteps: int = 1000) -> torch.Tensor:
     return p / p.sum()
 
 
-def suppressed_positions(backbone: Backbone, prompt: str, word: str) -> list[int]:
-    """The concept's token positions plus the end token and the padding after it (they carry its residue)."""
+def suppressed_positions(backbone: Backbone, prompt: str, word: str, end: bool = True) -> list[int]:
+    """The concept's token positions plus (``end``) the end token and the padding after it (they carry its residue)."""
     pos = backbone.token_positions(prompt, word)
-    ids = backbone.tokenize(prompt) if hasattr(backbone, "tokenize") else None
+    ids = backbone.tokenize(prompt) if hasattr(backbone, "tokenize") and end else None
     if ids is not None:
-        eos = ids[-1]
+        eos = backbone.tokenize("")[1]  # [start, end, padding...]: the end token, whatever the padding token is
         first_eos = next((i for i, t in enumerate(ids) if t == eos and i > 0), len(ids))
         pos = sorted(set(pos) | set(range(first_eos, len(ids))))
     return pos
@@ -248,7 +250,7 @@ def train_lora(backbone: Backbone, data: ConceptData, base: ErasureWeights | Non
     """Stage 3 for one concept: a rank-``s.lora_rank`` K/V LoRA on top of ``base`` (the CFR edit)."""
     gen = torch.Generator().manual_seed(s.seed)
     prompt = data.prompt
-    positions = suppressed_positions(backbone, prompt, data.concept.text)
+    positions = suppressed_positions(backbone, prompt, data.concept.text, s.suppress_end)
     pt = timestep_weights(backbone.schedule.num_timesteps)
     unet = backbone.unet()
     losses: list[float] = []

@@ -53,10 +53,10 @@ def erase(backbone: Backbone, concepts: str | list[str], method: str = "esd", st
 
         a = AntSettings().override(steps=steps, seed=seed)
         if len(names) == 1:
-            return ant(backbone, names[0], a, templates=world.concept_templates(names[0]),
+            return ant(backbone, names[0], a, templates=world.concept_templates(names[0], False),
                        preserve_prompts=world.prior_prompts(exclude=names), progress=progress).weights
         return ant_multi(backbone, names, a, lab_prior(backbone, names),
-                         templates={c: world.concept_templates(c) for c in names},
+                         templates={c: world.concept_templates(c, False) for c in names},
                          preserve_prompts=world.prior_prompts(exclude=names), progress=progress).weights
     s = settings or PRESETS["object"]
     if steps is not None:
