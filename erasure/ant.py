@@ -36,8 +36,10 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
+from . import validation
 from .backbone import Backbone, TextConditioning
 from .deltas import SparseDeltas, TrainableDeltas, TrainableLoRA, _HookedDeltas
+from .guards import entry_point
 from .prompts import CONCEPT_TEMPLATES
 from .sampling import ddim_step, ddim_timesteps, guided_eps, initial_noise
 from .weights import ErasureWeights, _meta
@@ -409,6 +411,7 @@ def _trainable(backbone: Backbone, s: AntSettings, masks: dict[str, torch.Tensor
     return TrainableDeltas(mods)
 
 
+@entry_point("ANT", "the resolution, batch_size, trajectories or trajectory_steps, or use scope 'lora'")
 def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, synonyms: tuple[str, ...] = (),
         templates: list[str] | tuple[str, ...] | None = None, cache: bool = True,
         preserve_prompts: list[str] | None = None,
@@ -420,10 +423,13 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
     prompts without the concept for the preservation term (default: the project's prior set minus the concept)."""
     s = settings or AntSettings()
     s.validate()
-    if not concept.strip():
-        raise ValueError("the concept is empty: give the word or phrase to erase")
+    validation.check_learning_rate(s.lr)
+    concept = validation.check_concept(concept)
+    validation.check_resolution(s.resolution)
     t0 = time.time()
     prompts = concept_prompts_for(concept.strip(), synonyms, s.kind, templates)
+    validation.check_fits_context(backbone, concept, prompts)
+    validation.check_model_finite(backbone.unet())
     gen = torch.Generator().manual_seed(s.seed)
     torch_state = torch.random.get_rng_state()
     uncond = backbone.encode_text([""])
@@ -512,6 +518,7 @@ class AntMultiResult:
     seconds: float
 
 
+@entry_point("ANT", "the resolution, batch_size, trajectories or trajectory_steps, or the LoRA rank")
 def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | None, prior: torch.Tensor | None,
               templates: dict[str, list[str]] | None = None, lam: float = 0.1, preserve: float = 1.0,
               preserve_prompts: list[str] | None = None,
@@ -520,14 +527,10 @@ def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | N
     """Many concepts: one ANT LoRA per concept on the cross-attention K/V, then MACE's closed-form fusion."""
     from .mace import Concept, fuse
 
-    names = [c.strip() for c in concepts]
-    if not names or any(not c for c in names):
-        raise ValueError("a concept is empty: give one word or phrase per concept")
+    names = validation.check_concepts(concepts)
     low = [c.lower() for c in names]
-    dup = sorted({c for c in low if low.count(c) > 1})
-    if dup:
-        raise ValueError(f"duplicate concepts: {', '.join(dup)}; list each concept once")
     s = (settings or AntSettings()).override(scope="lora")
+    s.validate()
     t0 = time.time()
     results, items = [], []
     for c in names:
