@@ -46,6 +46,21 @@ def clean_text(text: object, limit: int = MAX_TEXT) -> str:
     return " ".join(s.split())[:limit]
 
 
+def split_list(text: str | None) -> list[str]:
+    """Items of a text box: separated by ';' or new lines, stripped, empty ones dropped (concepts, synonyms)."""
+    return [c.strip() for c in re.split(r"[;\n]", text or "") if c.strip()]
+
+
+def node_concepts(concepts: str | None, anchors: str | None = None) -> tuple[list[str], list[str]]:
+    """The MACE node's text boxes as (concepts, anchors): concepts one per line or ';'-separated, anchors
+    ';'-separated (one for all or one per concept; none = the preset's), checked as :func:`check_concepts` and
+    :func:`check_anchors` do."""
+    names = check_concepts(split_list(concepts))
+    anchor_list = [a.strip() for a in anchors.split(";")] if anchors and anchors.strip() else []
+    check_anchors(names, anchor_list)
+    return names, anchor_list
+
+
 def check_concepts(concepts: Iterable[str], what: str = "concept") -> list[str]:
     """The concepts stripped; refuses an empty list, an empty or whitespace-only entry, text longer than
     ``MAX_TEXT`` and duplicates (case-insensitive)."""
@@ -117,10 +132,10 @@ def check_number(name: str, value: object, low: float = 0.0, high: float = math.
     """A finite number in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
     ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
           and (value > low if low_open else value >= low) and value <= high)
+    if not ok and high == math.inf:
+        raise ValueError(f"{name} must be a finite number {'>' if low_open else '>='} {low:g} (got {value})")
     if not ok:
-        lo = f"> {low:g}" if low_open else f">= {low:g}"
-        rng = f"a finite number {lo}" if high == math.inf else f"in {'(' if low_open else '['}{low:g}, {high:g}]"
-        raise ValueError(f"{name} must be {rng} (got {value})")
+        raise ValueError(f"{name} must be in {'(' if low_open else '['}{low:g}, {high:g}] (got {value})")
     return float(value)
 
 

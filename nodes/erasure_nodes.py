@@ -9,7 +9,6 @@ nodes use and other nodes ignore.
 from __future__ import annotations
 
 import os
-import re
 
 import comfy.model_management
 import comfy.utils
@@ -42,7 +41,7 @@ class ErasureLora(dict):
 
 
 def _split(text: str) -> list[str]:
-    return [c.strip() for c in re.split(r"[;\n]", text or "") if c.strip()]
+    return validation.split_list(text)
 
 
 def _message(check) -> bool | str:
@@ -208,20 +207,12 @@ class MassEraseMACE(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, concepts: str | None = None, anchors: str | None = None) -> bool | str:
-        def check() -> None:
-            if concepts is not None:
-                names = validation.check_concepts(_split(concepts))
-                if anchors is not None and anchors.strip():
-                    validation.check_anchors(names, [a.strip() for a in anchors.split(";")])
-
-        return _message(check)
+        return _message(lambda: concepts is None or validation.node_concepts(concepts, anchors))
 
     @classmethod
     def execute(cls, model, clip, concepts, preset, lora_steps, resolution, seed, anchors="",
                 preserve_prompts="") -> io.NodeOutput:
-        names = validation.check_concepts(_split(concepts))
-        anchor_list = [a.strip() for a in (anchors or "").split(";")] if (anchors or "").strip() else []
-        validation.check_anchors(names, anchor_list)
+        names, anchor_list = validation.node_concepts(concepts, anchors)
         s = PRESETS[preset].override(lora_steps=lora_steps or None, seed=seed)
         items = [Concept(c, anchor_list[min(i, len(anchor_list) - 1)] if anchor_list else s.anchor, s.kind)
                  for i, c in enumerate(names)]

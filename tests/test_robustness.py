@@ -571,7 +571,8 @@ def _code_messages() -> list[re.Pattern]:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.JoinedStr):
                 parts = [re.escape(v.value) if isinstance(v, ast.Constant) else ".+?" for v in node.values]
-                out.append(re.compile("".join(parts), re.S))
+                if sum(len(v.value) for v in node.values if isinstance(v, ast.Constant)) >= 20:  # not f"{x}: {y}"
+                    out.append(re.compile("".join(parts), re.S))
             elif isinstance(node, ast.Constant) and isinstance(node.value, str) and len(node.value) > 15:
                 out.append(re.compile(re.escape(node.value)))
     return out
@@ -583,7 +584,7 @@ def _troubleshooting_rows() -> list[tuple[str, str]]:
     rows = []
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
-        if len(cells) == 3 and cells[1].startswith("`"):
+        if len(cells) == 3 and cells[1].startswith("`") and cells[1].endswith("`"):
             rows.append((cells[0], cells[1]))
     return rows
 
@@ -596,4 +597,35 @@ def test_every_troubleshooting_message_exists_in_the_code():
         for quoted in re.findall(r"`([^`]+)`", cell):
             # `<...>` marks a value that the message fills in (a name, a number)
             msg = re.sub(r"<[^<>]*>", "X", quoted.replace("error: ", "", 1))
-            assert any(p.search(msg) for p in code), f"{case}: the message {quoted!r} is not in the code"
+            assert any(p.fullmatch(msg) for p in code), f"{case}: the message {quoted!r} is not in the code"
+
+
+# -- the command line: faults end with a message and write nothing ---------------------------------------------------
+@pytest.mark.parametrize(("exc", "rc", "says"), [
+    (TrainingDivergedError("the ANT loss became nan at step 3: lower the learning rate (now 0.1)"), 1,
+     "error: the ANT loss became nan at step 3: lower the learning rate (now 0.1); nothing was written"),
+    (ErasureOutOfMemoryError("ANT ran out of memory: lower the resolution"), 1,
+     "error: ANT ran out of memory: lower the resolution; nothing was written"),
+    (KeyboardInterrupt(), 130, "interrupted: nothing was written"),
+])
+def test_command_line_faults_write_nothing(tmp_path, monkeypatch, capsys, exc, rc, says):
+    import erasure.ant as ant_mod
+    from erasure import cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda *a: object())
+    monkeypatch.setattr(ant_mod, "ant", lambda *a, **kw: (_ for _ in ()).throw(exc))
+    out = tmp_path / "erased.safetensors"
+    assert cli.main(["ant", "--concept", "circle", "--out", str(out)]) == rc
+    assert says in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_command_line_prints_key_errors_without_quotes(monkeypatch, capsys):
+    from erasure import cli
+
+    def missing(*a):
+        raise KeyError("LoRA key lora_unet_x matches no layer of this model: the LoRA was made for another base model")
+
+    monkeypatch.setattr(cli, "_load_lab", missing)
+    assert cli.main(["lab", "eval", "--lora", "x.safetensors"]) == 2
+    assert capsys.readouterr().err.startswith("error: LoRA key lora_unet_x matches no layer")
