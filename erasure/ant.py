@@ -428,7 +428,8 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
     validation.check_resolution(s.resolution)
     t0 = time.time()
     prompts = concept_prompts_for(concept.strip(), synonyms, s.kind, templates)
-    validation.check_fits_context(backbone, concept, prompts)
+    for word in (concept, *synonyms):  # each word must fit whole in the prompts made from it
+        validation.check_fits_context(backbone, word, concept_prompts_for(word, (), s.kind, templates))
     validation.check_model_finite(backbone.unet())
     gen = torch.Generator().manual_seed(s.seed)
     torch_state = torch.random.get_rng_state()
