@@ -532,6 +532,8 @@ def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | N
     low = [c.lower() for c in names]
     s = (settings or AntSettings()).override(scope="lora")
     s.validate()
+    validation.check_learning_rate(s.lr)
+    validation.check_ant_concepts_fit(backbone, names, s.kind, templates)
     t0 = time.time()
     results, items = [], []
     for c in names:

@@ -132,7 +132,7 @@ def _mace(args: argparse.Namespace) -> int:
     from .mace import PRESETS, Concept, mace
     from .prior import gram
     from .prompts import prior_prompts
-    from .validation import check_anchors, check_concepts, check_mace_settings
+    from .validation import check_anchors, check_concepts, check_mace_inputs, check_mace_settings
 
     concepts = _parse_concepts(args.concepts)
     if not concepts:
@@ -152,6 +152,7 @@ def _mace(args: argparse.Namespace) -> int:
     for i, c in enumerate(concepts):
         anchor = anchors[min(i, len(anchors) - 1)] if anchors else None
         items.append(lab_concept(c, anchor) if lab else Concept(c, anchor or s.anchor, s.kind))
+    check_mace_inputs(backbone, items, s)  # before the prior, which costs a text-encoder pass per prompt
     prior = (lab_prior(backbone, concepts) if lab
              else gram(backbone, prior_prompts(exclude=concepts, extra_file=args.prior_file), cache_dir()))
     total = len(items) * (s.sample_steps + s.lora_steps)
@@ -195,7 +196,7 @@ def _ant(args: argparse.Namespace) -> int:
 
     if bool(args.concept) == bool(args.concepts):
         raise SystemExit("error: give either --concept \"one concept\" or --concepts \"a; b; c\"")
-    from .validation import check_concepts, check_resolution
+    from .validation import check_ant_concepts_fit, check_concepts, check_resolution
 
     concepts = check_concepts(_parse_concepts(args.concepts) if args.concepts else _parse_concepts(args.concept))
     synonyms = _parse_concepts(args.synonyms) if args.synonyms else []
@@ -228,6 +229,7 @@ def _ant(args: argparse.Namespace) -> int:
         if synonyms:
             raise SystemExit("error: --synonyms goes with --concept (one concept); for several concepts, list "
                              "each synonym as a concept of its own")
+        check_ant_concepts_fit(backbone, concepts, s.kind, templates)  # before the prior (a pass per prompt)
         prior = (lab_prior(backbone, concepts) if lab
                  else gram(backbone, prior_prompts(exclude=concepts, extra_file=args.prior_file), cache_dir()))
         with tqdm(total=s.steps * len(concepts), desc="ANT", disable=None) as bar:

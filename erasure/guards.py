@@ -87,9 +87,9 @@ def entry_point(method: str, advice: str) -> Callable[[F], F]:
                     if not _is_oom(e):
                         raise
             # only out of memory gets here; raised outside the handler so that the failed call's frames (and the
-            # tensors they hold) are freed first
-            gc.collect()
+            # tensors they hold) are freed first, and the accelerator's cached blocks given back
             if torch.cuda.is_available():
+                gc.collect()
                 torch.cuda.empty_cache()
             raise ErasureOutOfMemoryError(oom_message(method, advice))
 

@@ -109,6 +109,16 @@ def check_fits_context(backbone, text: str, prompts: Iterable[str]) -> None:
                              "(CLIP reads 75 tokens): shorten it")
 
 
+def check_ant_concepts_fit(backbone, concepts: list[str], kind: str = "object",
+                           templates: Mapping[str, Iterable[str]] | None = None) -> None:
+    """Every concept of a multi-concept ANT run fits the context in its prompts, checked before the first concept
+    is trained (and before the caller builds the prior)."""
+    from .ant import concept_prompts_for
+
+    for c in concepts:
+        check_fits_context(backbone, c, concept_prompts_for(c, (), kind, (templates or {}).get(c)))
+
+
 # -- numbers ---------------------------------------------------------------------------------------------------
 def check_count(name: str, value: object, low: int = 1) -> int:
     """A whole number >= ``low`` (steps, images, ranks, batch sizes)."""
@@ -209,11 +219,13 @@ def check_model_finite(unet: nn.Module) -> None:
                              "or was saved in a precision that overflowed; load another copy")
 
 
-def check_lora_tensors(tensors: Mapping[str, torch.Tensor], source: str = "the LoRA") -> None:
-    """A kohya-style LoRA as read from a file or a socket: every ``lora_down`` has its ``lora_up`` of the same rank,
-    alphas are single finite numbers, every tensor is finite floating point."""
+def check_lora_tensors(tensors: Mapping[str, torch.Tensor], source: str = "the LoRA", require_lora: bool = True
+                       ) -> None:
+    """A kohya-style LoRA as read from a file or a socket: every tensor is finite floating point, every
+    ``lora_down`` has its ``lora_up`` of the same rank, alphas are single numbers. ``require_lora=False`` lets other
+    adapter formats (LoHa, LoKr: ComfyUI's Load/Save LoRA sockets carry them too) through the pair checks."""
     bases = [k[: -len(".lora_down.weight")] for k in tensors if k.endswith(".lora_down.weight")]
-    if not bases:
+    if not bases and require_lora:
         raise ValueError(f"{source} holds no LoRA (lora_up/lora_down) weights (PEFT lora_A/lora_B keys are not "
                          "supported: convert it to kohya keys)")
     for k, t in tensors.items():

@@ -217,6 +217,7 @@ class MassEraseMACE(io.ComfyNode):
         items = [Concept(c, anchor_list[min(i, len(anchor_list) - 1)] if anchor_list else s.anchor, s.kind)
                  for i, c in enumerate(names)]
         bb = ComfyBackbone(model, clip, resolution or None)
+        validation.check_mace_inputs(bb, items, s)  # before the prior: a CLIP pass per prompt
         progress, interrupt = _progress(len(items) * (s.sample_steps + s.lora_steps))
         bb.load()
         with trainable(bb):
@@ -261,6 +262,7 @@ class FuseErasureLoRAs(io.ComfyNode):
                 raise ValueError(f"LoRA {i + 1} carries no erasure metadata: write its concepts on line {i + 1} of "
                                  "'concepts'")
             items.append(([Concept(n, "", "object") for n in names], _lora_weights(lora, model)))
+        validation.check_fuse_inputs(bb, items, 0.1, preserve)  # before the prior: a CLIP pass per prompt
         prior = gram(bb, prior_prompts(exclude=[n for c, _ in items for n in (x.text for x in c)]), cache_dir())
         fused = fuse(bb, items, None, prior, preserve=preserve, method="fused")
         return io.NodeOutput(patched_model(model, fused), _export(fused, model, bb))
@@ -321,7 +323,7 @@ class SaveErasureLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, lora, filename, overwrite) -> io.NodeOutput:
         folder = folder_paths.get_folder_paths("loras")[0]
-        validation.check_lora_tensors(lora)
+        validation.check_lora_tensors(lora, "the LoRA", require_lora=False)
         path = str(validation.path_inside(folder, filename))
         if os.path.exists(path) and not overwrite:
             raise ValueError(f"{os.path.basename(path)} already exists in models/loras: choose another name or "
@@ -351,7 +353,7 @@ class LoadErasureLoRA(io.ComfyNode):
             raise ValueError(f"{lora_name}: only .safetensors files are read")
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         tensors, meta = read_safetensors(path)
-        validation.check_lora_tensors(tensors, lora_name)
+        validation.check_lora_tensors(tensors, lora_name, require_lora=False)
         return io.NodeOutput(ErasureLora(tensors, meta))
 
 

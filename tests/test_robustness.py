@@ -116,10 +116,11 @@ def test_ant_refuses_bad_input_before_any_work(bb, concept, kw, match):
 
 
 @pytest.mark.parametrize(("concepts", "match"), [(["circle", " Circle "], "duplicate concepts: circle"),
-                                                 (["circle", "  "], "is empty"), ([], "no concepts given")])
+                                                 (["circle", "  "], "is empty"), ([], "no concepts given"),
+                                                 (["circle", LONG], "does not fit in the text encoder's context")])
 def test_ant_multi_refuses_empty_and_duplicate_concepts(bb, concepts, match):
     with pytest.raises(ValueError, match=match):
-        ant_multi(bb, concepts, FAST, None)
+        ant_multi(bb, concepts, FAST, None, templates={c: TEMPLATES for c in concepts})
     assert bb.calls == 0
 
 
@@ -629,3 +630,12 @@ def test_command_line_prints_key_errors_without_quotes(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_load_lab", missing)
     assert cli.main(["lab", "eval", "--lora", "x.safetensors"]) == 2
     assert capsys.readouterr().err.startswith("error: LoRA key lora_unet_x matches no layer")
+
+
+def test_other_adapter_formats_pass_the_socket_checks_but_not_nan():
+    lokr = {"lora_unet_a.lokr_w1": torch.ones(2, 2), "lora_unet_a.lokr_w2": torch.ones(3, 3)}
+    validation.check_lora_tensors(lokr, "x", require_lora=False)
+    with pytest.raises(ValueError, match="holds no LoRA"):
+        validation.check_lora_tensors(lokr, "x")
+    with pytest.raises(ValueError, match="contains NaN"):
+        validation.check_lora_tensors(lokr | {"lora_unet_a.alpha": torch.tensor(math.nan)}, "x", require_lora=False)
