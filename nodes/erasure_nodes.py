@@ -297,11 +297,6 @@ class ApplyErasedModel(io.ComfyNode):
         return io.NodeOutput(patched_model(model, w, strength))
 
 
-def _safe_name(name: str) -> str:
-    """A file name inside models/loras: no folders, no dots at the start, safetensors suffix."""
-    return validation.safe_filename(name)
-
-
 class SaveErasureLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
