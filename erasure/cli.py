@@ -49,6 +49,7 @@ def _settings(args: argparse.Namespace):
 
 def _lab_eval(args: argparse.Namespace) -> int:
     from .lab.evaluate import evaluate, format_table
+    from .validation import concepts_from_metadata
     from .weights import ErasureWeights
 
     erased = _parse_concepts(args.erased)
@@ -57,17 +58,15 @@ def _lab_eval(args: argparse.Namespace) -> int:
     if args.lora:
         weights = ErasureWeights.load(args.lora).resolve_names(backbone.unet())
         if not erased:
-            try:
-                erased = [c for c in json.loads(weights.metadata.get("erasure.concepts", "[]")) if isinstance(c, str)]
-            except json.JSONDecodeError:
-                erased = []
+            erased = concepts_from_metadata(weights.metadata)
     report = evaluate(backbone, clf, erased, weights, _settings(args), Path(args.grid) if args.grid else None,
                       use_cache=not args.no_cache)
     print(format_table(report))
     print(f"{report['seconds']:.1f} s")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        from .files import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(report, indent=2))
     if args.grid:
         print(f"grid: {args.grid}")
     return 0
@@ -113,7 +112,9 @@ def _demo(args: argparse.Namespace) -> int:
     after = evaluate(backbone, clf, [concept], weights, s, grid=out / "grid.png")
     print(format_table(after, before))
     print(f"before: efficacy {before['efficacy']:.3f}  after: efficacy {after['efficacy']:.3f}")
-    (out / "report.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
+    from .files import atomic_write_text
+
+    atomic_write_text(out / "report.json", json.dumps({"before": before, "after": after}, indent=2))
     print(f"wrote {out / f'erase-{concept}.safetensors'}, {out / 'grid.png'}, {out / 'report.json'} "
           f"in {time.time() - t0:.0f} s (peak RSS {_peak_rss_mb():.0f} MB)")
     return 0
@@ -170,17 +171,20 @@ def _mace(args: argparse.Namespace) -> int:
     from .prior import gram
     from .prompts import prior_prompts
     from .user_images import find_user_images, load_user_data
+    from .validation import check_anchors, check_concepts, check_mace_inputs, check_mace_settings
 
     concepts = _parse_concepts(args.concepts)
     if not concepts:
         raise SystemExit("error: no concepts given; use --concepts \"a; b; c\"")
+    concepts = check_concepts(concepts)
     anchors = _parse_concepts(args.anchors) if args.anchors else []
-    if anchors and len(anchors) not in (1, len(concepts)):
-        raise SystemExit("error: give one anchor for all concepts or one per concept")
+    check_anchors(concepts, anchors)
+    _check_out(args.out)
     s = PRESETS[args.preset].override(images_per_concept=args.images, sample_steps=args.sample_steps,
                                       guidance=args.guidance, lam=args.lam, preserve=args.preserve,
                                       fuse_preserve=args.fuse_preserve, lora_steps=args.steps, lora_lr=args.lr,
                                       lora_rank=args.rank, seed=args.seed)
+    check_mace_settings(s)
     if args.image_dir:
         find_user_images(args.image_dir, concepts)  # the layout's errors before a long model load
     backbone = _load_model(args, need_vae=bool(args.image_dir))
@@ -189,6 +193,7 @@ def _mace(args: argparse.Namespace) -> int:
     for i, c in enumerate(concepts):
         anchor = anchors[min(i, len(anchors) - 1)] if anchors else None
         items.append(lab_concept(c, anchor) if lab else Concept(c, anchor or s.anchor, s.kind))
+    check_mace_inputs(backbone, items, s)  # before the prior, which costs a text-encoder pass per prompt
     user_data = load_user_data(backbone, args.image_dir, concepts, log=print) if args.image_dir else {}
     prior = (lab_prior(backbone, concepts) if lab
              else gram(backbone, prior_prompts(exclude=concepts, extra_file=args.prior_file), cache_dir()))
@@ -204,6 +209,14 @@ def _mace(args: argparse.Namespace) -> int:
     print(f"wrote {args.out} ({len(res.weights.deltas)} K/V matrices; LoRA relative error {err:.1e})")
     _print_model_note(args)
     return 0
+
+
+def _check_out(out: str) -> None:
+    """Before any work: the LoRA file to write must be a .safetensors file name, not a folder."""
+    if not str(out).endswith(".safetensors"):
+        raise ValueError(f"--out {out!r} must end in .safetensors (the only format written)")
+    if Path(out).is_dir():
+        raise ValueError(f"--out {out!r} is a folder: give a file name ending in .safetensors")
 
 
 def _export_rank(weights, requested: int | None) -> int | None:
@@ -226,8 +239,11 @@ def _ant(args: argparse.Namespace) -> int:
 
     if bool(args.concept) == bool(args.concepts):
         raise SystemExit("error: give either --concept \"one concept\" or --concepts \"a; b; c\"")
-    concepts = _parse_concepts(args.concepts) if args.concepts else _parse_concepts(args.concept)
+    from .validation import check_ant_concepts_fit, check_concepts, check_resolution
+
+    concepts = check_concepts(_parse_concepts(args.concepts) if args.concepts else _parse_concepts(args.concept))
     synonyms = _parse_concepts(args.synonyms) if args.synonyms else []
+    _check_out(args.out)
     s = AntSettings().override(
         steps=args.steps, lr=args.lr, batch_size=args.batch_size, trajectory_steps=args.trajectory_steps,
         early_steps=args.early_steps, guidance=args.guidance, eta=args.eta, a1=args.a1, a2=args.a2,
@@ -236,6 +252,7 @@ def _ant(args: argparse.Namespace) -> int:
         scope=args.scope, saliency_fraction=args.saliency_fraction, saliency_maps=args.saliency_maps,
         lora_rank=args.rank, resolution=args.resolution, seed=args.seed, kind=args.kind, preserve=args.preserve)
     s.validate()
+    check_resolution(s.resolution)
     backbone = _load_model(args)
     lab = args.model == "lab"
     templates = {c: world.concept_templates(c, with_other_concepts=False) for c in concepts
@@ -257,6 +274,7 @@ def _ant(args: argparse.Namespace) -> int:
         if synonyms:
             raise SystemExit("error: --synonyms goes with --concept (one concept); for several concepts, list "
                              "each synonym as a concept of its own")
+        check_ant_concepts_fit(backbone, concepts, s.kind, templates)  # before the prior (a pass per prompt)
         prior = (lab_prior(backbone, concepts) if lab
                  else gram(backbone, prior_prompts(exclude=concepts, extra_file=args.prior_file), cache_dir()))
         with tqdm(total=s.steps * len(concepts), desc="ANT", disable=None) as bar:
@@ -436,5 +454,15 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
     except (ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # training diverged (NaN/inf): nothing was written
+        print(f"error: {e}; nothing was written", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        from .guards import ErasureOutOfMemoryError
+
+        if not isinstance(e, ErasureOutOfMemoryError):
+            raise
+        print(f"error: {e}; nothing was written", file=sys.stderr)
+        return 1

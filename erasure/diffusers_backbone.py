@@ -14,10 +14,7 @@ import torch
 from torch import nn
 
 from .backbone import NoiseSchedule, TextConditioning
-
-
-class UnsupportedModelError(ValueError):
-    """The folder or file is not a model this library can edit."""
+from .validation import UnsupportedModelError, check_model_folder
 
 
 class DiffusersBackbone:
@@ -179,12 +176,7 @@ def load_diffusers(path: str | Path, device: str | torch.device = "cpu",
 
     name = str(path)
     folder = lab_model_dir() if name == "lab" else Path(path)
-    if not folder.is_dir():
-        raise UnsupportedModelError(f"{folder} is not a folder; give a diffusers model folder or 'lab'")
-    if not (folder / "unet").is_dir() or not (folder / "text_encoder").is_dir():
-        raise UnsupportedModelError(
-            f"{folder} has no unet/ and text_encoder/ subfolders: only Stable Diffusion 1.x/2.x/XL style models "
-            "with a CLIP text encoder are supported")
+    check_model_folder(folder)
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True, torch_dtype=dtype)
     encoders = [CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True, torch_dtype=dtype)]
     tokenizers = [CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)]

@@ -25,9 +25,11 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from . import validation
 from .backbone import Backbone
 from .closed_form import least_squares_edit
 from .deltas import TrainableLoRA
+from .guards import entry_point
 from .prompts import concept_prompts
 from .sampling import sample
 from .weights import ErasureWeights
@@ -296,6 +298,7 @@ def concept_token_embeddings(backbone: Backbone, concept: Concept) -> torch.Tens
     return e.reshape(-1, e.shape[-1])
 
 
+@entry_point("the fusion", "the number of LoRAs fused at once")
 def fuse(backbone: Backbone, items: list[tuple[Concept | list[Concept], ErasureWeights]], base: ErasureWeights | None,
          prior: torch.Tensor | None, lam: float = 0.1, preserve: float = 1.0,
          method: str = "mace-fused") -> ErasureWeights:
@@ -307,6 +310,7 @@ def fuse(backbone: Backbone, items: list[tuple[Concept | list[Concept], ErasureW
     that already erases a list): its ``E_i`` is then all of their prompts' tokens. Items made by any method (MACE,
     ANT) mix freely; only their K/V effects are fused.
     """
+    validation.check_fuse_inputs(backbone, items, lam, preserve)
     w0s = _kv_weights(backbone)
     groups = [c if isinstance(c, list) else [c] for c, _ in items]
     embeds = [torch.cat([concept_token_embeddings(backbone, c) for c in g]) for g in groups]
@@ -338,17 +342,13 @@ class MaceResult:
     unet_evaluations: int = 0
 
 
+@entry_point("MACE", "the resolution, images_per_concept or lora_batch")
 def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, prior: torch.Tensor | None,
          user_data: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None,
          progress: Callable[[int], None] | None = None, check_interrupt: Callable[[], None] | None = None,
          log: Callable[[str], None] | None = None) -> MaceResult:
     """All four stages. ``user_data[concept] = (latents, masks or None)`` replaces stage 1 for that concept."""
-    if not concepts:
-        raise ValueError("no concepts to erase")
-    texts = [c.text.strip().lower() for c in concepts]
-    dup = sorted({t for t in texts if texts.count(t) > 1})
-    if dup:
-        raise ValueError(f"duplicate concepts: {', '.join(dup)}; list each concept once")
+    validation.check_mace_inputs(backbone, concepts, settings)
     t0 = time.time()
     s = settings
     evals = 0

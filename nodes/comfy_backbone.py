@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..erasure.backbone import NoiseSchedule, TextConditioning
+from ..erasure.guards import model_lock
 from ..erasure.weights import ErasureWeights, kohya_name
 
 #: ComfyUI model configs this pack supports (class names in comfy/supported_models.py)
@@ -224,9 +225,11 @@ def _capturing_forward(m: nn.Module, name: str, sink, lh: int, lw: int):
 def trainable(backbone: ComfyBackbone) -> Iterator[None]:
     """Training inside a prompt (TRAP 2): grad on, inference mode off, and every UNet weight swapped for a
     non-inference copy (requires_grad False) for the duration. The original Parameter objects, which other
-    branches of the graph share (TRAP 1), are put back untouched on exit, even on error or Cancel."""
+    branches of the graph share (TRAP 1), are put back untouched on exit, even on error or Cancel. The model's lock
+    (``erasure.guards.model_lock``) is held throughout, so two erasures of one MODEL (or of its clones, which share
+    the UNet) take turns instead of swapping each other's weights."""
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
-    with torch.inference_mode(False), torch.enable_grad():
+    with model_lock(backbone.unet()), torch.inference_mode(False), torch.enable_grad():
         try:
             for mod in backbone.unet().modules():
                 for pname, p in list(mod._parameters.items()):

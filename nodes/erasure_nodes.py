@@ -8,9 +8,7 @@ nodes use and other nodes ignore.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 
 import comfy.model_management
 import comfy.utils
@@ -18,7 +16,9 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
+from ..erasure import validation
 from ..erasure.ant import PREDICTIONS, SCOPES, AntSettings, ant
+from ..erasure.files import read_safetensors
 from ..erasure.lab.evaluate import cache_dir
 from ..erasure.mace import PRESETS, Concept, fuse, mace
 from ..erasure.prior import gram
@@ -41,7 +41,16 @@ class ErasureLora(dict):
 
 
 def _split(text: str) -> list[str]:
-    return [c.strip() for c in re.split(r"[;\n]", text or "") if c.strip()]
+    return validation.split_list(text)
+
+
+def _message(check) -> bool | str:
+    """A node's ``validate_inputs`` answer: True, or the check's message (shown before the graph runs)."""
+    try:
+        check()
+    except ValueError as e:
+        return str(e)
+    return True
 
 
 def _progress(total: int):
@@ -63,6 +72,7 @@ def _lora_weights(lora: dict, model) -> ErasureWeights:
     """A LORA_MODEL socket value (ours or ComfyUI's) as erasure weights with ComfyUI module names."""
     from ..erasure.weights import Delta
 
+    validation.check_lora_tensors(lora)
     deltas = {}
     for k, down in lora.items():
         if not k.endswith(".lora_down.weight"):
@@ -91,11 +101,7 @@ def _underscored(w: ErasureWeights, model) -> ErasureWeights:
 
 
 def _concepts_of(lora: dict) -> list[str]:
-    try:
-        got = json.loads(getattr(lora, "metadata", {}).get(META_PREFIX + "concepts", "[]"))
-        return [c for c in got if isinstance(c, str)]
-    except (json.JSONDecodeError, TypeError):
-        return []
+    return validation.concepts_from_metadata(getattr(lora, "metadata", None) or {}, META_PREFIX + "concepts")
 
 
 # -- nodes -------------------------------------------------------------------------------------------------------
@@ -148,11 +154,14 @@ class EraseConceptANT(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, concept: str | None = None) -> bool | str:
+        return _message(lambda: concept is None or validation.check_concept(concept))
+
+    @classmethod
     def execute(cls, model, clip, concept, steps, learning_rate, scope, saliency_fraction, prediction, resolution,
                 seed, synonyms="", trajectories=16, trajectory_steps=50, early_steps=4,
                 saliency_maps=8, preserve=5.0, refresh_every=25) -> io.NodeOutput:
-        if not concept.strip():
-            raise ValueError("the concept is empty: type the word or phrase to erase")
+        concept = validation.check_concept(concept)
         s = AntSettings(steps=steps, lr=learning_rate, scope=scope, saliency_fraction=saliency_fraction,
                         prediction=prediction, seed=seed, resolution=resolution or None, trajectories=trajectories,
                         trajectory_steps=trajectory_steps, early_steps=early_steps, saliency_maps=saliency_maps,
@@ -197,19 +206,18 @@ class MassEraseMACE(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, concepts: str | None = None, anchors: str | None = None) -> bool | str:
+        return _message(lambda: concepts is None or validation.node_concepts(concepts, anchors))
+
+    @classmethod
     def execute(cls, model, clip, concepts, preset, lora_steps, resolution, seed, anchors="",
                 preserve_prompts="") -> io.NodeOutput:
-        names = _split(concepts)
-        if not names:
-            raise ValueError("no concepts given: type one concept per line")
-        anchor_list = [a.strip() for a in (anchors or "").split(";")] if (anchors or "").strip() else []
-        if anchor_list and len(anchor_list) not in (1, len(names)):
-            raise ValueError(f"{len(anchor_list)} anchors for {len(names)} concepts: give one anchor for all, or "
-                             "one per concept")
+        names, anchor_list = validation.node_concepts(concepts, anchors)
         s = PRESETS[preset].override(lora_steps=lora_steps or None, seed=seed)
         items = [Concept(c, anchor_list[min(i, len(anchor_list) - 1)] if anchor_list else s.anchor, s.kind)
                  for i, c in enumerate(names)]
         bb = ComfyBackbone(model, clip, resolution or None)
+        validation.check_mace_inputs(bb, items, s)  # before the prior: a CLIP pass per prompt
         progress, interrupt = _progress(len(items) * (s.sample_steps + s.lora_steps))
         bb.load()
         with trainable(bb):
@@ -254,6 +262,7 @@ class FuseErasureLoRAs(io.ComfyNode):
                 raise ValueError(f"LoRA {i + 1} carries no erasure metadata: write its concepts on line {i + 1} of "
                                  "'concepts'")
             items.append(([Concept(n, "", "object") for n in names], _lora_weights(lora, model)))
+        validation.check_fuse_inputs(bb, items, 0.1, preserve)  # before the prior: a CLIP pass per prompt
         prior = gram(bb, prior_prompts(exclude=[n for c, _ in items for n in (x.text for x in c)]), cache_dir())
         fused = fuse(bb, items, None, prior, preserve=preserve, method="fused")
         return io.NodeOutput(patched_model(model, fused), _export(fused, model, bb))
@@ -288,15 +297,6 @@ class ApplyErasedModel(io.ComfyNode):
         return io.NodeOutput(patched_model(model, w, strength))
 
 
-def _safe_name(name: str) -> str:
-    """A file name inside models/loras: no folders, no dots at the start, safetensors suffix."""
-    base = os.path.basename(name.replace("\\", "/")).strip().lstrip(".")
-    base = re.sub(r"[^A-Za-z0-9._ -]", "_", base)
-    if not base or base in ("safetensors", ".safetensors"):
-        raise ValueError("the file name is empty: type a name such as 'erased-nudity'")
-    return base if base.endswith(".safetensors") else base + ".safetensors"
-
-
 class SaveErasureLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -312,13 +312,19 @@ class SaveErasureLoRA(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename: str | None = None) -> bool | str:
+        return _message(lambda: filename is None or validation.safe_filename(filename))
+
+    @classmethod
     def execute(cls, lora, filename, overwrite) -> io.NodeOutput:
         folder = folder_paths.get_folder_paths("loras")[0]
-        path = os.path.join(folder, _safe_name(filename))
+        validation.check_lora_tensors(lora, "the LoRA", require_lora=False)
+        path = str(validation.path_inside(folder, filename))
         if os.path.exists(path) and not overwrite:
             raise ValueError(f"{os.path.basename(path)} already exists in models/loras: choose another name or "
                              "switch on overwrite")
-        meta = dict(getattr(lora, "metadata", {})) or _meta({"method": "unknown"})
+        meta = {str(k): str(v) for k, v in (getattr(lora, "metadata", None) or {}).items()} or _meta(
+            {"method": "unknown"})
         from pathlib import Path
 
         atomic_save({k: v.contiguous() for k, v in lora.items()}, Path(path), meta)
@@ -340,12 +346,9 @@ class LoadErasureLoRA(io.ComfyNode):
     def execute(cls, lora_name) -> io.NodeOutput:
         if not lora_name.endswith(".safetensors"):
             raise ValueError(f"{lora_name}: only .safetensors files are read")
-        from safetensors import safe_open
-
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
-        with safe_open(path, "pt") as f:
-            meta = {str(k): str(v) for k, v in (f.metadata() or {}).items()}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors, meta = read_safetensors(path)
+        validation.check_lora_tensors(tensors, lora_name, require_lora=False)
         return io.NodeOutput(ErasureLora(tensors, meta))
 
 

@@ -178,12 +178,14 @@ def test_cli_flag_errors(tmp_path, capsys):
     from erasure.cli import main
 
     with pytest.raises(SystemExit, match="--tokenizer applies to single-file checkpoints"):
-        main(["ant", "--model", "lab", "--concept", "circle", "--tokenizer", str(tmp_path), "--out", "x"])
-    assert main(["ant", "--model", str(tmp_path / "m.ckpt"), "--concept", "c", "--out", "x"]) == 2
+        main(["ant", "--model", "lab", "--concept", "circle", "--tokenizer", str(tmp_path),
+              "--out", "x.safetensors"])
+    assert main(["ant", "--model", str(tmp_path / "m.ckpt"), "--concept", "c", "--out", "x.safetensors"]) == 2
     assert "only .safetensors checkpoints are read" in capsys.readouterr().err
     _, ldm = model("sd1")
     ckpt = write_checkpoint(ldm, tmp_path / "m.safetensors")
-    assert main(["ant", "--model", str(ckpt), "--tokenizer", str(tmp_path), "--concept", "c", "--out", "x"]) == 2
+    assert main(["ant", "--model", str(ckpt), "--tokenizer", str(tmp_path), "--concept", "c",
+                 "--out", "x.safetensors"]) == 2
     assert "vocab.json and merges.txt not found" in capsys.readouterr().err
 
 
