@@ -38,14 +38,35 @@ class UnsupportedModelError(ValueError):
     pass
 
 
+def prediction_type(model) -> str | None:
+    """``"eps"`` or ``"v"``: what the MODEL's UNet predicts, read from its ``model_sampling`` object (which is what
+    ComfyUI samples with: a ModelSamplingDiscrete node can turn an SD1.x/SD2.x checkpoint detected as epsilon into
+    v-prediction without touching its ``model_type``). ``None`` for anything else (LCM, x0, EDM, flow schedules)."""
+    import comfy.model_sampling as ms
+
+    sampling = model.get_model_object("model_sampling")
+    kind = type(sampling)
+    discrete = (isinstance(sampling, ms.ModelSamplingDiscrete) and kind.sigma is ms.ModelSamplingDiscrete.sigma
+                and kind.timestep is ms.ModelSamplingDiscrete.timestep)
+    if not discrete or kind.calculate_input is not ms.EPS.calculate_input:
+        return None
+    if kind.calculate_denoised is ms.EPS.calculate_denoised:
+        return "eps"
+    if kind.calculate_denoised is ms.V_PREDICTION.calculate_denoised:
+        return "v"
+    return None
+
+
 def check_supported(model) -> str:
     """The family name of a supported MODEL, or a clear error naming what is supported."""
     config = type(getattr(model.model, "model_config", None)).__name__
-    mtype = getattr(model.model, "model_type", None)
-    if config not in SUPPORTED or getattr(mtype, "name", "") not in ("EPS", "V_PREDICTION"):
+    pred = prediction_type(model) if config in SUPPORTED else None
+    if pred is None:
+        mtype = getattr(model.model, "model_type", None)
         raise UnsupportedModelError(
             f"this model ({config}, {getattr(mtype, 'name', mtype)}) is not supported: concept erasure works on "
-            f"SD1.x, SD2.x (epsilon or v-prediction) and SDXL UNets; load one of those with a checkpoint loader")
+            f"SD1.x, SD2.x and SDXL UNets with the discrete epsilon or v-prediction schedule; load one of those "
+            "with a checkpoint loader (Model Sampling Discrete: eps or v_prediction only)")
     return SUPPORTED[config]
 
 
@@ -73,10 +94,11 @@ class ComfyBackbone:
         sampling = model.get_model_object("model_sampling")
         sigmas = sampling.sigmas.detach().float().cpu()
         self.schedule = NoiseSchedule(1.0 / (1.0 + sigmas**2))
-        self.v_prediction = base.model_type.name == "V_PREDICTION"
+        self.v_prediction = prediction_type(model) == "v"
         self.channels = base.latent_format.latent_channels
         self.default_resolution = resolution or (1024 if self.family == "SDXL" else
                                                  768 if self.v_prediction else 512)
+        #: latent size of the UNet input being evaluated (the attention maps' layout); set by predict_noise
         self._hw = (self.default_resolution // 8, self.default_resolution // 8)
 
     # -- devices -------------------------------------------------------------------------------------------------
@@ -155,6 +177,7 @@ class ComfyBackbone:
     # -- prediction ----------------------------------------------------------------------------------------------
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
         x = x_t.to(self.device, self.dtype)
+        self._hw = (x.shape[-2], x.shape[-1])
         t = torch.as_tensor(t, device=self.device).expand(x.shape[0]) if torch.as_tensor(t).dim() == 0 else t
         t = t.to(self.device)
         out = self.unet()(x, timesteps=t.float(), context=cond.embeds.to(self.device, self.dtype),
@@ -171,8 +194,9 @@ class ComfyBackbone:
     @contextlib.contextmanager
     def capture_attention(self, sink, resolution: int | None = None) -> Iterator[None]:
         """Explicit softmax attention in every cross-attention layer for the duration, reporting probabilities
-        ``[B, heads, HW, L]`` to ``sink(name, probs, (h, w))``; the layers' own forwards are put back on exit."""
-        lh, lw = self.latent_shape(resolution)[1:]
+        ``[B, heads, HW, L]`` to ``sink(name, probs, (h, w))``; the layers' own forwards are put back on exit.
+        The map layout follows the latents actually evaluated (user images may differ from ``resolution``)."""
+        self._hw = self.latent_shape(resolution)[1:]
         mods = {n[: -len(".to_k")]: None for n in self.cross_attention_kv() if n.endswith("to_k")}
         named = dict(self.unet().named_modules())
         saved = {}
@@ -180,7 +204,7 @@ class ComfyBackbone:
             for name in mods:
                 m = named[name]
                 saved[name] = m.__dict__.get("forward")
-                m.forward = _capturing_forward(m, name, sink, lh, lw)
+                m.forward = _capturing_forward(m, name, sink, lambda: self._hw)
             yield
         finally:
             for name, fwd in saved.items():
@@ -201,7 +225,7 @@ class ComfyBackbone:
         return h.hexdigest()[:16]
 
 
-def _capturing_forward(m: nn.Module, name: str, sink, lh: int, lw: int):
+def _capturing_forward(m: nn.Module, name: str, sink, latent_hw):
     def forward(x, context=None, value=None, mask=None, transformer_options=None):
         q = m.to_q(x)
         ctx = x if context is None else context
@@ -212,8 +236,9 @@ def _capturing_forward(m: nn.Module, name: str, sink, lh: int, lw: int):
         d = inner // h
         q, k, v = (z.reshape(b, -1, h, d).transpose(1, 2) for z in (q, k, v))
         probs = (q.float() @ k.float().transpose(-1, -2) * d**-0.5).softmax(-1)
+        lh, lw = latent_hw()
         f = round(math.sqrt(lh * lw / n))
-        sink(name, probs, (lh // f, lw // f))
+        sink(name, probs, (-(-lh // f), -(-lw // f)))  # each downsampling rounds up (stride-2 conv, padding 1)
         out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(b, n, inner)
         return m.to_out(out)
 

@@ -25,6 +25,7 @@ from ..erasure.prior import gram
 from ..erasure.prompts import prior_prompts
 from ..erasure.weights import META_PREFIX, ErasureWeights, _meta, atomic_save
 from .comfy_backbone import ComfyBackbone, from_lora, patched_model, to_lora_dict, trainable
+from .user_images import user_training_data
 
 CATEGORY = "erasure"
 LoraModel = io.Custom("LORA_MODEL")
@@ -191,6 +192,18 @@ class MassEraseMACE(io.ComfyNode):
                 io.Int.Input("resolution", default=0, min=0, max=2048, step=8,
                              tooltip="Generation resolution in pixels; 0 = the model's native one."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the generated images."),
+                io.Latent.Input("latents", optional=True,
+                                tooltip="Optional: your own training images of the concepts, as latents (VAE "
+                                        "Encode with this checkpoint's VAE). They replace the generated images of "
+                                        "the concepts they show; the others are generated as usual."),
+                io.Mask.Input("masks", optional=True,
+                              tooltip="Optional: where each image shows its concept (white = concept), one mask "
+                                      "per image or one for all, at the images' size. Not connected: a mask set "
+                                      "on the latents (Set Latent Noise Mask), else whole images."),
+                io.String.Input("image_concepts", default="", optional=True,
+                                tooltip="Which concept each image shows: one number per image, comma-separated "
+                                        "(1 = first concept line), e.g. '1,1,2'. Empty: the images are split "
+                                        "evenly in concept order (2 concepts, 6 images: 3 each)."),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the concepts erased."),
                      LoraModel.Output(display_name="LORA", tooltip="The erasure as a LoRA.")],
@@ -198,7 +211,7 @@ class MassEraseMACE(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concepts, preset, lora_steps, resolution, seed, anchors="",
-                preserve_prompts="") -> io.NodeOutput:
+                preserve_prompts="", latents=None, masks=None, image_concepts="") -> io.NodeOutput:
         names = _split(concepts)
         if not names:
             raise ValueError("no concepts given: type one concept per line")
@@ -210,11 +223,20 @@ class MassEraseMACE(io.ComfyNode):
         items = [Concept(c, anchor_list[min(i, len(anchor_list) - 1)] if anchor_list else s.anchor, s.kind)
                  for i, c in enumerate(names)]
         bb = ComfyBackbone(model, clip, resolution or None)
-        progress, interrupt = _progress(len(items) * (s.sample_steps + s.lora_steps))
+        samples = latents.get("samples") if isinstance(latents, dict) else None
+        if latents is not None and samples is None:
+            raise ValueError("the latents input holds no samples: connect VAE Encode's LATENT output")
+        if masks is None and isinstance(latents, dict):
+            masks = latents.get("noise_mask")
+        x0 = None if samples is None else model.model.latent_format.process_in(samples.float())
+        user = user_training_data(names, x0, masks, image_concepts, bb.channels)  # fails before any work
+        progress, interrupt = _progress((len(items) - len(user)) * s.sample_steps + len(items) * s.lora_steps)
         bb.load()
         with trainable(bb):
+            # ordinary copies: training cannot save inference tensors for backward (TRAP 2)
+            user = {k: (x.clone(), m.clone()) for k, (x, m) in user.items()}
             prior = gram(bb, prior_prompts(exclude=names) + _split_lines(preserve_prompts), cache_dir())
-            r = mace(bb, items, s, prior, progress=progress, check_interrupt=interrupt)
+            r = mace(bb, items, s, prior, user_data=user, progress=progress, check_interrupt=interrupt)
         return io.NodeOutput(patched_model(model, r.weights), _export(r.weights, model, bb))
 
 

@@ -94,7 +94,7 @@ def mass_erase_mace() -> dict:
     w = Workflow()
     ck = checkpoint(w)
     mace = w.node("MassEraseMACE", (400, 200),
-                  ["Mickey Mouse\nSpider-Man\nPikachu", "object", "", "", 0, 0, 0],
+                  ["Mickey Mouse\nSpider-Man\nPikachu", "object", "", "", 0, 0, 0, ""],
                   [("model", "MODEL"), ("clip", "CLIP")], [("MODEL", "MODEL"), ("LORA", "LORA_MODEL")],
                   size=(340, 360))
     w.link(ck, 0, mace, "model")
