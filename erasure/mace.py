@@ -212,7 +212,7 @@ def suppressed_positions(backbone: Backbone, prompt: str, word: str) -> list[int
     pos = backbone.token_positions(prompt, word)
     ids = backbone.tokenize(prompt) if hasattr(backbone, "tokenize") else None
     if ids is not None:
-        eos = ids[-1]
+        eos = backbone.tokenize("")[1]  # the end token (the padding differs: SD1 pads with it, SD2 with 0)
         first_eos = next((i for i, t in enumerate(ids) if t == eos and i > 0), len(ids))
         pos = sorted(set(pos) | set(range(first_eos, len(ids))))
     return pos

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import comfy.model_management
@@ -29,6 +30,9 @@ from torch import nn
 
 from ..erasure.backbone import NoiseSchedule, TextConditioning
 from ..erasure.weights import ErasureWeights, kohya_name
+
+#: prompts whose embeddings a backbone keeps (SDXL: 128 x 77 x 2048 values, 40 MB in fp16)
+TEXT_CACHE_SIZE = 128
 
 #: ComfyUI model configs this pack supports (class names in comfy/supported_models.py)
 SUPPORTED = {"SD15": "SD1.x", "SD20": "SD2.x", "SDXL": "SDXL"}
@@ -90,6 +94,7 @@ class ComfyBackbone:
         self.patcher = model
         self.clip = clip
         self.text_encoders = [clip.cond_stage_model]  # what the prior cache's key hashes
+        self._text_cache: OrderedDict[str, TextConditioning] = OrderedDict()
         base = model.model
         sampling = model.get_model_object("model_sampling")
         sigmas = sampling.sigmas.detach().float().cpu()
@@ -128,9 +133,28 @@ class ComfyBackbone:
         return self.clip.tokenize(prompt, return_word_ids=word_ids)
 
     def encode_text(self, prompts: list[str], batch: int = 32) -> TextConditioning:
-        """Per-token embeddings ``[B, 77, D]``. Without pooled outputs to keep (SD1.x/2.x), up to ``batch`` prompts
-        go through the encoder at once as the 77-token sections of one long prompt (ComfyUI encodes the sections
-        of a prompt as one batch and concatenates them), which is then cut back into prompts."""
+        """Per-token embeddings ``[B, 77, D]``; the last ``TEXT_CACHE_SIZE`` prompts are remembered, because the
+        methods encode the same few prompts many times (the empty prompt, trajectory prompts at every refresh) and
+        the text encoder never changes during a node's run (on CPU an OpenCLIP-H prompt costs over a second)."""
+        cache = self._text_cache
+        missing = list(dict.fromkeys(p for p in prompts if p not in cache))
+        if len(missing) > TEXT_CACHE_SIZE:  # a prior set: encoded once, not kept
+            return self._encode(prompts, batch)
+        if missing:
+            got = self._encode(missing, batch)
+            for i, p in enumerate(missing):
+                cache[p] = got[i : i + 1]
+        for p in prompts:
+            cache.move_to_end(p)
+        out = TextConditioning.cat([cache[p] for p in prompts])
+        while len(cache) > TEXT_CACHE_SIZE:
+            cache.popitem(last=False)
+        return out
+
+    def _encode(self, prompts: list[str], batch: int) -> TextConditioning:
+        """Without pooled outputs to keep (SD1.x/2.x), up to ``batch`` prompts go through the encoder at once as the
+        77-token sections of one long prompt (ComfyUI encodes the sections of a prompt as one batch and
+        concatenates them), which is then cut back into prompts."""
         toks = []
         for p in prompts:
             tokens = self._tokens(p)
@@ -165,7 +189,7 @@ class ComfyBackbone:
         """Positions (in the 77-token sequence) of the tokens of ``word`` inside ``prompt``'s tokens."""
         full = self.tokenize(prompt)
         ids = self.tokenize(word)
-        special = {full[0], full[-1]}
+        special = set(self.tokenize(""))  # start, end and padding (SD2's OpenCLIP pads with 0, not with end)
         sub = [t for t in ids if t not in special]
         if not word.strip() or not sub:
             return []
