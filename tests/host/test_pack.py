@@ -28,11 +28,14 @@ def _unet_out(model, seed: int = 0) -> torch.Tensor:
     comfy.model_management.load_models_gpu([model], force_full_load=True)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 4, 8, 8, generator=g)
-    ctx = torch.randn(1, 77, model.model.model_config.unet_config["context_dim"], generator=g)
+    config = model.model.model_config.unet_config
+    dtype = model.model.get_dtype()
+    ctx = torch.randn(1, 77, config["context_dim"], generator=g)
+    adm = config.get("adm_in_channels")  # SDXL: pooled text + size vector
+    y = torch.randn(1, adm, generator=g).to(dtype) if adm else None
     with torch.inference_mode():
         dm = model.model.diffusion_model
-        return dm(x.to(model.model.get_dtype()), timesteps=torch.tensor([500.0]),
-                  context=ctx.to(model.model.get_dtype())).float().clone()
+        return dm(x.to(dtype), timesteps=torch.tensor([500.0]), context=ctx.to(dtype), y=y).float().clone()
 
 
 def _ant(comfy, model, clip, **kw):

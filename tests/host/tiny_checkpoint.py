@@ -22,22 +22,23 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
                 continue
             if p.dim() >= 2:
                 fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)  # one tensor at a time in float32
             elif name.endswith("weight"):  # norms
                 p.fill_(1.0)
             else:
                 p.zero_()
 
 
-def _unet(context_dim: int, linear: bool, seed: int) -> torch.nn.Module:
+def _unet(context_dim: int, linear: bool, seed: int, **layout) -> torch.nn.Module:
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    unet = UNetModel(image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=1,
-                     channel_mult=(1,), num_heads=8 if not linear else -1, num_head_channels=-1 if not linear else 64,
-                     use_spatial_transformer=True, transformer_depth=[1], transformer_depth_output=[1, 1],
-                     transformer_depth_middle=1, context_dim=context_dim, use_linear_in_transformer=linear,
-                     operations=comfy.ops.disable_weight_init, dtype=torch.float32)
+    config = dict(num_res_blocks=1, channel_mult=(1,), transformer_depth=[1], transformer_depth_output=[1, 1],
+                  transformer_depth_middle=1) | layout
+    heads = {"num_heads": -1, "num_head_channels": 64} if linear else {"num_heads": 8}
+    unet = UNetModel(image_size=32, in_channels=4, model_channels=320, out_channels=4, use_spatial_transformer=True,
+                     context_dim=context_dim, use_linear_in_transformer=linear, dtype=torch.float32,
+                     operations=comfy.ops.disable_weight_init, **heads, **config)
     _randomise(unet, seed)
     return unet
 
@@ -75,6 +76,29 @@ def build_tiny_sd2(path: Path, seed: int = 0) -> Path:
     _randomise(clip, seed + 1)
     return _save(path, _unet(1024, True, seed), _open_clip_keys(clip.state_dict(), "cond_stage_model.model."),
                  seed)
+
+
+def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
+    """SDXL: detection matches the input blocks' transformer depths [0, 0, 2, 2, 10, 10], a 2048-d context and the
+    2816-d pooled+size input, but not the channel multipliers: three levels at 320 channels (~120 M parameters)
+    instead of SDXL's 1-2-4 (2.6 B). The text encoders are the full CLIP-L and OpenCLIP bigG (695 M): stored in
+    float16, built layer by layer in float16 to keep the peak memory near the file's 1.9 GB."""
+    import comfy.sd1_clip
+    from comfy.sdxl_clip import SDXLClipG
+
+    unet = _unet(2048, True, seed, num_res_blocks=2, channel_mult=(1, 1, 1), transformer_depth=[0, 0, 2, 2, 10, 10],
+                 transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1], transformer_depth_middle=1,
+                 num_classes="sequential", adm_in_channels=2816)
+    clip_l = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float16, layer="hidden", layer_idx=-2)
+    _randomise(clip_l, seed + 1)
+    text = {f"conditioner.embedders.0.{k}": v for k, v in clip_l.state_dict().items()
+            if k.startswith("transformer.text_model.")}
+    del clip_l
+    clip_g = SDXLClipG(device="cpu", dtype=torch.float16)
+    _randomise(clip_g, seed + 3)
+    text.update(_open_clip_keys(clip_g.state_dict(), "conditioner.embedders.1.model."))
+    del clip_g
+    return _save(path, unet, text, seed)
 
 
 def _open_clip_keys(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
