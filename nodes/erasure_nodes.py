@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import asdict
 
 import comfy.model_management
 import comfy.utils
@@ -24,6 +25,7 @@ from ..erasure.mace import PRESETS, Concept, fuse, mace
 from ..erasure.prior import gram
 from ..erasure.prompts import prior_prompts
 from ..erasure.weights import META_PREFIX, ErasureWeights, _meta, atomic_save
+from . import result_cache
 from .comfy_backbone import ComfyBackbone, from_lora, patched_model, to_lora_dict, trainable
 from .user_images import user_training_data
 
@@ -39,6 +41,13 @@ class ErasureLora(dict):
     def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
         super().__init__(tensors)
         self.metadata = dict(metadata)
+
+
+def _cache_input() -> io.Boolean.Input:
+    return io.Boolean.Input("cache_result", default=False, optional=True,
+                            tooltip="Keep the result in output/erasure-cache and reuse it whenever the same model "
+                                    "(with its patches), text encoder, settings and concepts come again, also after "
+                                    "a restart. Files are as large as the edit.")
 
 
 def _split(text: str) -> list[str]:
@@ -143,6 +152,7 @@ class EraseConceptANT(io.ComfyNode):
                                      "faster, but it erased less on the concept lab)."),
                 io.Int.Input("saliency_maps", default=d.saliency_maps, min=1, max=64,
                              tooltip="Saliency maps (prompt augmentation x seed) intersected."),
+                _cache_input(),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the concept erased."),
                      LoraModel.Output(display_name="LORA", tooltip="The erasure as a LoRA (save it or fuse it).")],
@@ -151,7 +161,7 @@ class EraseConceptANT(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concept, steps, learning_rate, scope, saliency_fraction, prediction, resolution,
                 seed, synonyms="", trajectories=16, trajectory_steps=50, early_steps=4,
-                saliency_maps=8, preserve=5.0, refresh_every=25) -> io.NodeOutput:
+                saliency_maps=8, preserve=5.0, refresh_every=25, cache_result=False) -> io.NodeOutput:
         if not concept.strip():
             raise ValueError("the concept is empty: type the word or phrase to erase")
         s = AntSettings(steps=steps, lr=learning_rate, scope=scope, saliency_fraction=saliency_fraction,
@@ -162,10 +172,18 @@ class EraseConceptANT(io.ComfyNode):
         bb = ComfyBackbone(model, clip, resolution or None)
         progress, interrupt = _progress(steps)
         bb.load()
-        with trainable(bb):
-            r = ant(bb, concept.strip(), s, synonyms=tuple(_split(synonyms)), progress=progress,
-                    check_interrupt=interrupt)
-        return io.NodeOutput(patched_model(model, r.weights), _export(r.weights, model, bb))
+        key = result_cache.result_key("ant", bb, {"concept": concept.strip(), "synonyms": _split(synonyms),
+                                                  "settings": asdict(s)}) if cache_result else None
+        weights = result_cache.load(key, bb.unet()) if key else None
+        if weights is not None:
+            progress(steps)  # cached: the bar completes at once
+        else:
+            with trainable(bb):
+                weights = ant(bb, concept.strip(), s, synonyms=tuple(_split(synonyms)), progress=progress,
+                              check_interrupt=interrupt).weights
+            if key:
+                result_cache.save(key, weights)
+        return io.NodeOutput(patched_model(model, weights), _export(weights, model, bb))
 
 
 class MassEraseMACE(io.ComfyNode):
@@ -204,6 +222,7 @@ class MassEraseMACE(io.ComfyNode):
                                 tooltip="Which concept each image shows: one number per image, comma-separated "
                                         "(1 = first concept line), e.g. '1,1,2'. Empty: the images are split "
                                         "evenly in concept order (2 concepts, 6 images: 3 each)."),
+                _cache_input(),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the concepts erased."),
                      LoraModel.Output(display_name="LORA", tooltip="The erasure as a LoRA.")],
@@ -211,7 +230,7 @@ class MassEraseMACE(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concepts, preset, lora_steps, resolution, seed, anchors="",
-                preserve_prompts="", latents=None, masks=None, image_concepts="") -> io.NodeOutput:
+                preserve_prompts="", latents=None, masks=None, image_concepts="", cache_result=False) -> io.NodeOutput:
         names = _split(concepts)
         if not names:
             raise ValueError("no concepts given: type one concept per line")
@@ -230,14 +249,28 @@ class MassEraseMACE(io.ComfyNode):
             masks = latents.get("noise_mask")
         x0 = None if samples is None else model.model.latent_format.process_in(samples.float())
         user = user_training_data(names, x0, masks, image_concepts, bb.channels)  # fails before any work
-        progress, interrupt = _progress((len(items) - len(user)) * s.sample_steps + len(items) * s.lora_steps)
+        total = (len(items) - len(user)) * s.sample_steps + len(items) * s.lora_steps
+        progress, interrupt = _progress(total)
         bb.load()
-        with trainable(bb):
-            # ordinary copies: training cannot save inference tensors for backward (TRAP 2)
-            user = {k: (x.clone(), m.clone()) for k, (x, m) in user.items()}
-            prior = gram(bb, prior_prompts(exclude=names) + _split_lines(preserve_prompts), cache_dir())
-            r = mace(bb, items, s, prior, user_data=user, progress=progress, check_interrupt=interrupt)
-        return io.NodeOutput(patched_model(model, r.weights), _export(r.weights, model, bb))
+        key = None
+        if cache_result:
+            settings = {"concepts": [asdict(c) for c in items], "preserve_prompts": _split_lines(preserve_prompts),
+                        "settings": asdict(s)}
+            user_tensors = {f"{k}.{i}": t for k, pair in user.items() for i, t in enumerate(pair)}
+            key = result_cache.result_key("mace", bb, settings, user_tensors)
+        weights = result_cache.load(key, bb.unet()) if key else None
+        if weights is not None:
+            progress(total)  # cached: the bar completes at once
+        else:
+            with trainable(bb):
+                # ordinary copies: training cannot save inference tensors for backward (TRAP 2)
+                user = {k: (x.clone(), m.clone()) for k, (x, m) in user.items()}
+                prior = gram(bb, prior_prompts(exclude=names) + _split_lines(preserve_prompts), cache_dir())
+                weights = mace(bb, items, s, prior, user_data=user, progress=progress,
+                               check_interrupt=interrupt).weights
+            if key:
+                result_cache.save(key, weights)
+        return io.NodeOutput(patched_model(model, weights), _export(weights, model, bb))
 
 
 class FuseErasureLoRAs(io.ComfyNode):
