@@ -67,6 +67,7 @@ def result_key(method: str, backbone, settings: dict, tensors: dict[str, torch.T
         _update(h, "clip." + name, t)
     for name, t in sorted((tensors or {}).items()):
         _update(h, "user." + name, t)
+    backbone.load()  # the UNet back on its device, should loading the CLIP have moved it
     return h.hexdigest()
 
 
