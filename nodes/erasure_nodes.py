@@ -9,6 +9,7 @@ nodes use and other nodes ignore.
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 
 import comfy.model_management
 import comfy.utils
@@ -17,14 +18,16 @@ import torch
 from comfy_api.latest import io
 
 from ..erasure import validation
-from ..erasure.ant import PREDICTIONS, SCOPES, AntSettings, ant
+from ..erasure.ant import PREDICTIONS, SAMPLINGS, SCOPES, AntSettings, ant
 from ..erasure.files import read_safetensors
 from ..erasure.lab.evaluate import cache_dir
 from ..erasure.mace import PRESETS, Concept, fuse, mace
 from ..erasure.prior import gram
 from ..erasure.prompts import prior_prompts
 from ..erasure.weights import META_PREFIX, ErasureWeights, _meta, atomic_save
+from . import result_cache
 from .comfy_backbone import ComfyBackbone, from_lora, patched_model, to_lora_dict, trainable
+from .user_images import user_training_data
 
 CATEGORY = "erasure"
 LoraModel = io.Custom("LORA_MODEL")
@@ -38,6 +41,13 @@ class ErasureLora(dict):
     def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
         super().__init__(tensors)
         self.metadata = dict(metadata)
+
+
+def _cache_input() -> io.Boolean.Input:
+    return io.Boolean.Input("cache_result", default=False, optional=True,
+                            tooltip="Keep the result in output/erasure-cache and reuse it whenever the same model "
+                                    "(with its patches), text encoder, settings and concepts come again, also after "
+                                    "a restart. Files are as large as the edit.")
 
 
 def _split(text: str) -> list[str]:
@@ -137,17 +147,22 @@ class EraseConceptANT(io.ComfyNode):
                 io.Int.Input("resolution", default=0, min=0, max=2048, step=8,
                              tooltip="Training resolution in pixels; 0 = the model's native one."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of trajectories and sampling."),
+                io.Combo.Input("sampling", options=list(SAMPLINGS), default=d.sampling, optional=True,
+                               tooltip="on-policy: each step follows the edited model's own denoising trajectory "
+                                       "(erased the concept on the concept lab); cached: trajectories of the "
+                                       "original model made once and reused (cheaper, erased far less on the lab)."),
                 io.Int.Input("trajectories", default=d.trajectories, min=1, max=256,
-                             tooltip="Denoising trajectories generated once with the original model and reused."),
+                             tooltip="Seeds x prompt augmentations of the trajectories (and of the saliency maps)."),
                 io.Int.Input("trajectory_steps", default=d.trajectory_steps, min=3, max=200,
                              tooltip="DDIM steps of each trajectory."),
                 io.Int.Input("early_steps", default=d.early_steps, min=1, max=199,
                              tooltip="The first steps, where the guidance direction is kept (structure)."),
                 io.Int.Input("refresh_every", default=d.refresh_every, min=0, max=10000,
-                             tooltip="Regenerate the trajectories with the edited model every N steps (0 = never: "
-                                     "faster, but it erased less on the concept lab)."),
+                             tooltip="cached sampling only: regenerate the trajectories with the edited model "
+                                     "every N steps (0 = never)."),
                 io.Int.Input("saliency_maps", default=d.saliency_maps, min=1, max=64,
                              tooltip="Saliency maps (prompt augmentation x seed) intersected."),
+                _cache_input(),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the concept erased."),
                      LoraModel.Output(display_name="LORA", tooltip="The erasure as a LoRA (save it or fuse it).")],
@@ -159,21 +174,31 @@ class EraseConceptANT(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concept, steps, learning_rate, scope, saliency_fraction, prediction, resolution,
-                seed, synonyms="", trajectories=16, trajectory_steps=50, early_steps=4,
-                saliency_maps=8, preserve=5.0, refresh_every=25) -> io.NodeOutput:
+                seed, synonyms="", trajectories=None, trajectory_steps=None, early_steps=None,
+                saliency_maps=None, preserve=None, refresh_every=None, cache_result=False,
+                sampling=None) -> io.NodeOutput:
         concept = validation.check_concept(concept)
-        s = AntSettings(steps=steps, lr=learning_rate, scope=scope, saliency_fraction=saliency_fraction,
-                        prediction=prediction, seed=seed, resolution=resolution or None, trajectories=trajectories,
-                        trajectory_steps=trajectory_steps, early_steps=early_steps, saliency_maps=saliency_maps,
-                        preserve=preserve, refresh_every=refresh_every)
+        s = AntSettings().override(
+            steps=steps, lr=learning_rate, scope=scope, saliency_fraction=saliency_fraction, prediction=prediction,
+            seed=seed, resolution=resolution or None, trajectories=trajectories, trajectory_steps=trajectory_steps,
+            early_steps=early_steps, saliency_maps=saliency_maps, preserve=preserve, refresh_every=refresh_every,
+            sampling=sampling)
         s.validate()
         bb = ComfyBackbone(model, clip, resolution or None)
         progress, interrupt = _progress(steps)
         bb.load()
-        with trainable(bb):
-            r = ant(bb, concept.strip(), s, synonyms=tuple(_split(synonyms)), progress=progress,
-                    check_interrupt=interrupt)
-        return io.NodeOutput(patched_model(model, r.weights), _export(r.weights, model, bb))
+        key = result_cache.result_key("ant", bb, {"concept": concept.strip(), "synonyms": _split(synonyms),
+                                                  "settings": asdict(s)}) if cache_result else None
+        weights = result_cache.load(key, bb.unet()) if key else None
+        if weights is not None:
+            progress(steps)  # cached: the bar completes at once
+        else:
+            with trainable(bb):
+                weights = ant(bb, concept.strip(), s, synonyms=tuple(_split(synonyms)), progress=progress,
+                              check_interrupt=interrupt).weights
+            if key:
+                result_cache.save(key, weights)
+        return io.NodeOutput(patched_model(model, weights), _export(weights, model, bb))
 
 
 class MassEraseMACE(io.ComfyNode):
@@ -200,6 +225,19 @@ class MassEraseMACE(io.ComfyNode):
                 io.Int.Input("resolution", default=0, min=0, max=2048, step=8,
                              tooltip="Generation resolution in pixels; 0 = the model's native one."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the generated images."),
+                io.Latent.Input("latents", optional=True,
+                                tooltip="Optional: your own training images of the concepts, as latents (VAE "
+                                        "Encode with this checkpoint's VAE). They replace the generated images of "
+                                        "the concepts they show; the others are generated as usual."),
+                io.Mask.Input("masks", optional=True,
+                              tooltip="Optional: where each image shows its concept (white = concept), one mask "
+                                      "per image or one for all, at the images' size. Not connected: a mask set "
+                                      "on the latents (Set Latent Noise Mask), else whole images."),
+                io.String.Input("image_concepts", default="", optional=True,
+                                tooltip="Which concept each image shows: one number per image, comma-separated "
+                                        "(1 = first concept line), e.g. '1,1,2'. Empty: the images are split "
+                                        "evenly in concept order (2 concepts, 6 images: 3 each)."),
+                _cache_input(),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the concepts erased."),
                      LoraModel.Output(display_name="LORA", tooltip="The erasure as a LoRA.")],
@@ -211,19 +249,42 @@ class MassEraseMACE(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concepts, preset, lora_steps, resolution, seed, anchors="",
-                preserve_prompts="") -> io.NodeOutput:
+                preserve_prompts="", latents=None, masks=None, image_concepts="", cache_result=False) -> io.NodeOutput:
         names, anchor_list = validation.node_concepts(concepts, anchors)
         s = PRESETS[preset].override(lora_steps=lora_steps or None, seed=seed)
         items = [Concept(c, anchor_list[min(i, len(anchor_list) - 1)] if anchor_list else s.anchor, s.kind)
                  for i, c in enumerate(names)]
         bb = ComfyBackbone(model, clip, resolution or None)
         validation.check_mace_inputs(bb, items, s)  # before the prior: a CLIP pass per prompt
-        progress, interrupt = _progress(len(items) * (s.sample_steps + s.lora_steps))
+        samples = latents.get("samples") if isinstance(latents, dict) else None
+        if latents is not None and samples is None:
+            raise ValueError("the latents input holds no samples: connect VAE Encode's LATENT output")
+        if masks is None and isinstance(latents, dict):
+            masks = latents.get("noise_mask")
+        x0 = None if samples is None else model.model.latent_format.process_in(samples.float())
+        user = user_training_data(names, x0, masks, image_concepts, bb.channels)  # fails before any work
+        total = (len(items) - len(user)) * s.sample_steps + len(items) * s.lora_steps
+        progress, interrupt = _progress(total)
         bb.load()
-        with trainable(bb):
-            prior = gram(bb, prior_prompts(exclude=names) + _split_lines(preserve_prompts), cache_dir())
-            r = mace(bb, items, s, prior, progress=progress, check_interrupt=interrupt)
-        return io.NodeOutput(patched_model(model, r.weights), _export(r.weights, model, bb))
+        key = None
+        if cache_result:
+            settings = {"concepts": [asdict(c) for c in items], "preserve_prompts": _split_lines(preserve_prompts),
+                        "settings": asdict(s)}
+            user_tensors = {f"{k}.{i}": t for k, pair in user.items() for i, t in enumerate(pair)}
+            key = result_cache.result_key("mace", bb, settings, user_tensors)
+        weights = result_cache.load(key, bb.unet()) if key else None
+        if weights is not None:
+            progress(total)  # cached: the bar completes at once
+        else:
+            with trainable(bb):
+                # ordinary copies: training cannot save inference tensors for backward (TRAP 2)
+                user = {k: (x.clone(), m.clone()) for k, (x, m) in user.items()}
+                prior = gram(bb, prior_prompts(exclude=names) + _split_lines(preserve_prompts), cache_dir())
+                weights = mace(bb, items, s, prior, user_data=user, progress=progress,
+                               check_interrupt=interrupt).weights
+            if key:
+                result_cache.save(key, weights)
+        return io.NodeOutput(patched_model(model, weights), _export(weights, model, bb))
 
 
 class FuseErasureLoRAs(io.ComfyNode):
