@@ -122,7 +122,7 @@ class EraseConceptANT(io.ComfyNode):
         return io.Schema(
             node_id="EraseConceptANT", display_name="Erase Concept (ANT)", category=CATEGORY,
             description="Erase one concept by reversing classifier-free guidance in the mid-to-late denoising steps "
-                        "(ANT), training only the most salient weights.",
+                        "(ANT), training the cross-attention (or only the most salient weights: scope saliency).",
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.x / SD2.x / SDXL model to erase from (left unchanged)."),
                 io.Clip.Input("clip", tooltip="The model's text encoder (CLIP)."),
@@ -147,10 +147,6 @@ class EraseConceptANT(io.ComfyNode):
                 io.Int.Input("resolution", default=0, min=0, max=2048, step=8,
                              tooltip="Training resolution in pixels; 0 = the model's native one."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of trajectories and sampling."),
-                io.Combo.Input("sampling", options=list(SAMPLINGS), default=d.sampling, optional=True,
-                               tooltip="on-policy: each step follows the edited model's own denoising trajectory "
-                                       "(erased the concept on the concept lab); cached: trajectories of the "
-                                       "original model made once and reused (cheaper, erased far less on the lab)."),
                 io.Int.Input("trajectories", default=d.trajectories, min=1, max=256,
                              tooltip="Seeds x prompt augmentations of the trajectories (and of the saliency maps)."),
                 io.Int.Input("trajectory_steps", default=d.trajectory_steps, min=3, max=200,
@@ -163,6 +159,10 @@ class EraseConceptANT(io.ComfyNode):
                 io.Int.Input("saliency_maps", default=d.saliency_maps, min=1, max=64,
                              tooltip="Saliency maps (prompt augmentation x seed) intersected."),
                 _cache_input(),
+                io.Combo.Input("sampling", options=list(SAMPLINGS), default=d.sampling, optional=True,
+                               tooltip="on-policy: each step follows the edited model's own denoising trajectory "
+                                       "(erased the concept on the concept lab); cached: trajectories of the "
+                                       "original model made once and reused (cheaper, erased far less on the lab)."),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the concept erased."),
                      LoraModel.Output(display_name="LORA", tooltip="The erasure as a LoRA (save it or fuse it).")],
