@@ -183,7 +183,7 @@ def _mace(args: argparse.Namespace) -> int:
     s = PRESETS[args.preset].override(images_per_concept=args.images, sample_steps=args.sample_steps,
                                       guidance=args.guidance, lam=args.lam, preserve=args.preserve,
                                       fuse_preserve=args.fuse_preserve, lora_steps=args.steps, lora_lr=args.lr,
-                                      lora_rank=args.rank, seed=args.seed)
+                                      lora_rank=args.rank, seed=args.seed, suppress_end=args.suppress_end)
     check_mace_settings(s)
     if args.image_dir:
         find_user_images(args.image_dir, concepts)  # the layout's errors before a long model load
@@ -356,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--steps", type=int, help="LoRA training steps per concept")
     mc.add_argument("--lr", type=float, help="LoRA learning rate")
     mc.add_argument("--rank", type=int, help="LoRA rank per concept (MACE: 1)")
+    mc.add_argument("--suppress-end", action=argparse.BooleanOptionalAction, default=None,
+                    help="the attention loss also suppresses the end token and padding (the reference; default)")
     mc.add_argument("--seed", type=int)
     mc.add_argument("--prior-file", help="extra prior-preservation prompts, one per line")
     mc.add_argument("--export-rank", type=int, help="truncate the saved LoRA to this rank (default: exact)")

@@ -79,7 +79,11 @@ class MaceSettings:
     lora_rank: int = 1
     lora_batch: int = 1
     grad_clip: float = 1.0
-    #: also suppress the end token and padding after the concept (the reference's positions)
+    #: also suppress the end token and padding after the concept (the reference's positions). On the lab model the
+    #: end token and padding carry nothing of the concept (their keys for "a photo of a circle" and "... square" have
+    #: cosine 0.998), so suppressing them suppresses every prompt's padding: measured with lr 1e-3 and 200 steps,
+    #: specificity 0.22 with them, 0.92 without (README, MACE sweep). Kept on by default as the reference does:
+    #: CLIP's end token does carry the prompt's content in SD.
     suppress_end: bool = True
     seed: int = 0
 
