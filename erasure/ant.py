@@ -44,7 +44,7 @@ from .prompts import CONCEPT_TEMPLATES
 from .sampling import ddim_step, ddim_timesteps, guided_eps, initial_noise
 from .weights import ErasureWeights, _meta
 
-SCOPES = ("saliency", "xattn", "non-xattn", "lora")
+SCOPES = ("saliency", "xattn", "non-xattn", "kv", "lora")
 PREDICTIONS = ("cond", "guided")
 SAMPLINGS = ("on-policy", "cached")
 
@@ -325,8 +325,8 @@ def uncached_batch(backbone: Backbone, deltas: _HookedDeltas, prompts: list[str]
 # -- saliency ----------------------------------------------------------------------------------------------------
 def scope_modules(backbone: Backbone, scope: str) -> dict[str, nn.Module]:
     """The layers a scope trains: ``saliency`` every Linear/Conv2d of the UNet (entries chosen later), ``xattn``
-    the cross-attention projections, ``non-xattn`` every Linear/Conv2d outside cross-attention, ``lora`` the
-    cross-attention K/V projections (what MACE's fusion combines)."""
+    the cross-attention projections, ``non-xattn`` every Linear/Conv2d outside cross-attention, ``kv`` (dense) and
+    ``lora`` (low rank) the cross-attention K/V projections (what MACE's fusion combines)."""
     mods = {n: m for n, m in backbone.unet().named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     if scope == "saliency":
         return mods
@@ -334,7 +334,7 @@ def scope_modules(backbone: Backbone, scope: str) -> dict[str, nn.Module]:
         return {n: m for n, m in mods.items() if ".attn2." in n and isinstance(m, nn.Linear)}
     if scope == "non-xattn":
         return {n: m for n, m in mods.items() if ".attn2." not in n}
-    if scope == "lora":
+    if scope in ("kv", "lora"):
         return dict(backbone.cross_attention_kv())
     raise ValueError(f"scope must be one of {', '.join(SCOPES)} (got {scope!r})")
 
@@ -542,12 +542,14 @@ def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | N
               preserve_prompts: list[str] | None = None,
               progress: Callable[[int], None] | None = None, check_interrupt: Callable[[], None] | None = None,
               log: Callable[[str], None] | None = None) -> AntMultiResult:
-    """Many concepts: one ANT LoRA per concept on the cross-attention K/V, then MACE's closed-form fusion."""
+    """Many concepts: one ANT edit per concept on the cross-attention K/V (dense, or a LoRA with scope ``lora``),
+    then MACE's closed-form fusion of their K/V effects."""
     from .mace import Concept, fuse
 
     names = validation.check_concepts(concepts)
     low = [c.lower() for c in names]
-    s = (settings or AntSettings()).override(scope="lora")
+    s = settings or AntSettings()
+    s = s.override(scope="lora" if s.scope == "lora" else "kv")
     s.validate()
     validation.check_learning_rate(s.lr)
     validation.check_ant_concepts_fit(backbone, names, s.kind, templates)
