@@ -19,7 +19,7 @@ from erasure.ant import (
 from erasure.deltas import SparseDeltas
 
 FAST = AntSettings(steps=3, trajectory_steps=6, early_steps=2, trajectories=3, saliency_maps=2,
-                   saliency_fraction=0.5, batch_size=2, guidance=3.0)
+                   saliency_fraction=0.5, batch_size=2, guidance=3.0, scope="saliency")
 TEMPLATES = ["a {c}", "a red {c}"]
 
 
