@@ -25,7 +25,7 @@ from erasure.weights import Delta, ErasureWeights
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = AntSettings(steps=3, trajectory_steps=6, early_steps=2, trajectories=2, saliency_maps=2, batch_size=1,
-                   guidance=3.0, refresh_every=0, preserve=1.0)
+                   guidance=3.0, refresh_every=0, preserve=1.0, scope="saliency")
 TEMPLATES = ["a {c}", "a red {c}"]
 PRES = ["a square", "a blue triangle"]
 LAB_TEMPLATES = ("a {c}", "a red {c}")
