@@ -284,8 +284,9 @@ def _ant(args: argparse.Namespace) -> int:
                           prior_prompts(exclude=concepts, extra_file=args.prior_file),
                           progress=bar.update, log=bar.write)
         weights, fwd, bwd = m.weights, m.unet_forwards, m.unet_backwards
-        trained = (f"{sum(r.trainable_params for r in m.per_concept):,} LoRA parameters trained "
-                   f"({len(concepts)} concepts x rank {s.lora_rank}), fused into {len(weights.deltas)} K/V matrices")
+        kind = f"rank-{s.lora_rank} LoRA" if s.scope == "lora" else "dense K/V"
+        trained = (f"{sum(r.trainable_params for r in m.per_concept):,} parameters trained ({len(concepts)} "
+                   f"concepts, {kind} each), fused into {len(weights.deltas)} K/V matrices")
     weights.metadata["erasure.base_model"] = backbone.fingerprint()
     err = weights.save(args.out, rank=_export_rank(weights, args.export_rank))
     peak = (f"peak GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available()
@@ -364,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--export-rank", type=int, help="truncate the saved LoRA to this rank (default: exact)")
     mc.set_defaults(func=_mace)
 
-    from .ant import PREDICTIONS, SAMPLINGS, SCOPES, AntSettings
+    from .ant import FUSE_LAM, FUSE_PRESERVE, PREDICTIONS, SAMPLINGS, SCOPES, AntSettings
     from .prompts import CONCEPT_TEMPLATES
 
     d = AntSettings()
@@ -399,8 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--rank", type=int, help=f"LoRA rank (scope lora and --concepts; default {d.lora_rank})")
     an.add_argument("--resolution", type=int, help="training resolution in pixels (default: the model's)")
     an.add_argument("--seed", type=int)
-    an.add_argument("--lam", type=float, default=0.1, help="fusion regulariser (--concepts)")
-    an.add_argument("--fuse-preserve", type=float, default=1.0, help="fusion prior-preservation weight")
+    an.add_argument("--lam", type=float, default=FUSE_LAM, help=f"fusion regulariser (--concepts; default {FUSE_LAM})")
+    an.add_argument("--fuse-preserve", type=float, default=FUSE_PRESERVE,
+                    help=f"fusion prior-preservation weight (default {FUSE_PRESERVE})")
     an.add_argument("--prior-file", help="extra prior-preservation prompts (preservation term and fusion), one "
                     "per line")
     an.add_argument("--export-rank", type=int, help="LoRA rank of the file (0: exact; default: exact up to "
