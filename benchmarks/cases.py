@@ -37,10 +37,7 @@ class Size:
     dtype: str
     latent: dict[str, int]  # "method/arch" -> latent size
     ant: dict  # AntSettings overrides, shared by ours and the reference
-    ant_multi_concepts: int
     mace: dict  # MaceSettings overrides
-    mace_concepts: tuple[int, ...]
-    fusion_loras: tuple[int, ...]
     prior_prompts: int
     #: cells run at this size: (method, arch, concepts)
     cells: tuple[tuple[str, str, int], ...]
@@ -74,19 +71,20 @@ SIZES: dict[str, Size] = {
         "smoke", "tiny", "cpu", "float32",
         latent={"ant-single/sd15": 8, "ant-multi/sd15": 8, "mace/sd15": 8, "fusion/sd15": 8,
                 "ant-single/sdxl": 8, "ant-multi/sdxl": 8, "mace/sdxl": 8, "fusion/sdxl": 8},
-        ant=_SMOKE_ANT, ant_multi_concepts=2, mace=_SMOKE_MACE, mace_concepts=(1, 2, 3), fusion_loras=(2, 4),
+        ant=_SMOKE_ANT, mace=_SMOKE_MACE,
         prior_prompts=8,
-        cells=_cells({"sd15": {"ant-single": (1,), "ant-multi": (2,), "mace": (1, 2, 3), "fusion": (2, 4)},
-                      "sdxl": {"ant-single": (1,), "mace": (1,), "fusion": (2,)}})),
-    # 2 shared CPU cores, 24 GiB: the real SD1.5 everywhere; SDXL only where it fits (see ``skipped``)
+        cells=_cells({"sd15": {"ant-single": (1,), "ant-multi": (2,), "mace": (1, 3), "fusion": (2, 4)},
+                      "sdxl": {"ant-single": (1,), "mace": (1,)}})),
+    # 2 CPU cores shared with other work, 24 GiB: 64 px; the real SD1.5 except ANT single (SD1.5's layout at half
+    # width, see ``scales``); SDXL only where it fits (see ``skipped``)
     "cpu": Size(
         "cpu", "full", "cpu", "float32",
-        latent={"ant-single/sd15": 16, "ant-multi/sd15": 8, "mace/sd15": 8, "fusion/sd15": 8, "mace/sdxl": 8},
-        ant=dict(steps=4, trajectory_steps=6, early_steps=2, trajectories=4, saliency_maps=2, refresh_every=2,
+        latent={"ant-single/sd15": 8, "ant-multi/sd15": 8, "mace/sd15": 8, "fusion/sd15": 8, "mace/sdxl": 8},
+        ant=dict(steps=4, trajectory_steps=6, early_steps=2, trajectories=2, saliency_maps=2, refresh_every=2,
                  preserve_prompts=16),
-        ant_multi_concepts=2, ant_multi=dict(steps=2),
-        mace=dict(images_per_concept=2, sample_steps=2, lora_steps=1),
-        mace_concepts=(1, 10, 50), fusion_loras=(10, 100), prior_prompts=64,
+        ant_multi=dict(steps=2),
+        mace=dict(images_per_concept=1, sample_steps=2, lora_steps=1),
+        prior_prompts=64,
         cells=_cells({"sd15": {"ant-single": (1,), "ant-multi": (2,), "mace": (1, 10, 50), "fusion": (10, 100)},
                       "sdxl": {"mace": (1,)}}),
         # measured: ours on the real SD1.5 was killed for memory in the saliency step (full-UNet gradients plus the
@@ -108,9 +106,8 @@ SIZES: dict[str, Size] = {
                 "ant-single/sdxl": 64, "mace/sdxl": 64, "fusion/sdxl": 64},
         ant=dict(steps=20, trajectory_steps=50, early_steps=4, trajectories=16, saliency_maps=8, refresh_every=10),
         ant_multi=dict(steps=10),
-        ant_multi_concepts=2,
         mace=dict(images_per_concept=2, sample_steps=10, lora_steps=10),
-        mace_concepts=(1, 10, 50), fusion_loras=(10, 100), prior_prompts=1200,
+        prior_prompts=1200,
         cells=_cells({"sd15": {"ant-single": (1,), "ant-multi": (2,), "mace": (1, 10, 50), "fusion": (10, 100)},
                       "sdxl": {"ant-single": (1,), "mace": (1, 10), "fusion": (10,)}}),
         skipped=(("ant-multi", "sdxl", "left out of the 8-minute budget"),
@@ -120,8 +117,8 @@ SIZES: dict[str, Size] = {
     # refresh every 25), on the tiny layout: UNet evaluations do not depend on the model's width, so this counts
     # exactly what the defaults cost on a real model; its times are not the real model's
     "counts": Size(
-        "counts", "tiny", "cpu", "float32", latent={"ant-single/sd15": 8}, ant={}, ant_multi_concepts=0, mace={},
-        mace_concepts=(), fusion_loras=(), prior_prompts=64, cells=(("ant-single", "sd15", 1),)),
+        "counts", "tiny", "cpu", "float32", latent={"ant-single/sd15": 8}, ant={}, mace={},
+        prior_prompts=64, cells=(("ant-single", "sd15", 1),)),
 }
 
 
@@ -129,7 +126,7 @@ def size_settings(size: Size) -> dict:
     """The settings to write beside the rows."""
     return {"scale": size.scale, "scales": size.scales, "device": size.device, "dtype": size.dtype,
             "latent": size.latent, "pixels": {k: 8 * v for k, v in size.latent.items()},
-            "ant": asdict(size.ant_settings()), "ant_multi_concepts": size.ant_multi_concepts,
+            "ant": asdict(size.ant_settings()),
             "ant_multi": size.ant_multi,
             "mace": asdict(size.mace_settings()), "prior_prompts": size.prior_prompts}
 
@@ -193,7 +190,8 @@ def run_cell(size: Size, method: str, impl: str, arch: str, concepts: int, varia
             r = ant(bb, names[0], s_ant, preserve_prompts=prior_list)
             extra = {"selected_fraction": r.selected_fraction, "library_unet_forwards": r.unet_forwards}
         elif method == "ant-single":
-            extra = reference_ant_single(bb, frozen, names[0], s_ant)
+            n_pres = min(s_ant.preserve_prompts, len(prior_list)) if s_ant.preserve > 0 else 0
+            extra = reference_ant_single(bb, frozen, names[0], s_ant, n_preserve=n_pres)
         elif method == "ant-multi" and impl == "ours":
             ant_multi(bb, names, s_ant, prior, preserve_prompts=prior_list)
         elif method == "ant-multi":

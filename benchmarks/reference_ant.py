@@ -16,8 +16,8 @@ Multi concept: per concept a rank-64, alpha-1 LoRA (AdamW) with the same per-ite
 prediction, then MACE's published fusion (``reference_mace.reference_fuse``). Which projections the reference's LoRA
 covers is taken to be the cross-attention K/V that the fusion consumes.
 
-The draws (trajectory, early and late step) come from the library's ``draw`` with the same generator, so ours and
-the reference train on the same schedule of samples.
+The single-concept draws (trajectory, early and late step) come from the library's ``draw`` with the same generator
+and seed as ours, so both train on the same schedule of samples (``counts.py`` replays it).
 """
 
 from __future__ import annotations
@@ -92,8 +92,12 @@ def _sample(edited: DiffusersBackbone, frozen: DiffusersBackbone, prompts: list[
 
 
 def reference_ant_single(bb: DiffusersBackbone, frozen: DiffusersBackbone, concept: str, s: AntSettings,
-                         templates: list[str] | None = None) -> dict[str, float]:
-    """The published single-concept loop. ``bb``'s UNet is trained in place (the benchmark's throwaway model)."""
+                         templates: list[str] | None = None, n_preserve: int = 0) -> dict[str, float]:
+    """The published single-concept loop. ``bb``'s UNet is trained in place (the benchmark's throwaway model).
+
+    ``n_preserve``: how many preservation prompts ours draws from (it draws one index per sample from the same
+    generator after each ``draw``); the reference makes the same draw and ignores it, so that both follow the same
+    sequence of trajectories and steps."""
     prompts = concept_prompts_for(concept, (), s.kind, templates)
     plan_prompts, seeds = trajectory_plan(prompts, s.trajectories, s.seed)
     gen = torch.Generator().manual_seed(s.seed)
@@ -127,6 +131,8 @@ def reference_ant_single(bb: DiffusersBackbone, frozen: DiffusersBackbone, conce
     opt = torch.optim.Adam(params.values(), lr=s.lr)
     for _ in range(s.steps):
         idx, ke, kl = draw(gen, s.trajectories, s)
+        if n_preserve:
+            torch.randint(0, n_preserve, (s.batch_size,), generator=gen)
         loss = _sample(bb, frozen, plan_prompts, seeds, enc, uncond, idx, ke, kl, s, uncond_grad=False)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -138,6 +138,29 @@ def format_ratios(rs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def default_counts() -> dict:
+    """ANT single's UNet evaluations at the library's default settings, replayed (``counts.py``)."""
+    from benchmarks.counts import ours_ant_single, reference_ant_single
+    from erasure.ant import AntSettings
+
+    s = AntSettings()
+    ours, ref = ours_ant_single(s), reference_ant_single(s, n_preserve=s.preserve_prompts)
+    no_refresh = ours_ant_single(s.override(refresh_every=0))
+    return {"settings": {k: getattr(s, k) for k in ("steps", "trajectory_steps", "early_steps", "trajectories",
+                                                      "saliency_maps", "refresh_every", "batch_size", "preserve")},
+            "ours": ours, "ours_no_refresh": no_refresh, "reference": ref,
+            "ratio_reference_over_ours": round(ref["total"] / ours["total"], 2),
+            "ratio_reference_over_ours_no_refresh": round(ref["total"] / no_refresh["total"], 2)}
+
+
+def format_counts(c: dict) -> str:
+    return ("\n== ANT single at the library's default settings: UNet evaluations (replayed, counts.py) ==\n"
+            f"ours (refresh every {c['settings']['refresh_every']}): {c['ours']}\n"
+            f"ours without refresh: {c['ours_no_refresh']}\nreference: {c['reference']}\n"
+            f"reference / ours: {c['ratio_reference_over_ours']} with refresh, "
+            f"{c['ratio_reference_over_ours_no_refresh']} without")
+
+
 def _write(path: Path, out: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -179,29 +202,17 @@ def main(argv: list[str] | None = None) -> int:
             _write(Path(args.json), {"size": size.name, "settings": size_settings(size), "rows": rows,
                                      "partial": True})
     rs = ratios(rows)
-    counts = None
-    if size.name in ("cpu", "gpu") and (not only or "ant-single" in only):
-        cs = SIZES["counts"]
-        crows = [{"method": m, "impl": i, "concepts": n, "arch": a, "variant": v,
-                  **_in_process_cell(cs, m, i, a, n, v)} for m, i, a, n, v in plan(cs)]
-        counts = {"settings": size_settings(cs), "rows": crows, "ratios": ratios(crows)}
-        print(f"[{time.perf_counter() - t0:7.0f} s] counts at the default ANT settings done", file=sys.stderr)
     out = {"size": size.name, "settings": size_settings(size), "rows": rows, "ratios": rs,
            "skipped": [{"method": m, "arch": a, "reason": r} for m, a, r in size.skipped],
            "total_s": round(time.perf_counter() - t0, 1)}
-    if counts is not None:
-        out["default_counts"] = counts
+    out["default_counts"] = default_counts()
     if not args.no_projection:
         from benchmarks.projection import project
 
         out["projection"] = project(size, rows)
     print(format_tables(rows))
     print(format_ratios(rs))
-    if counts is not None:
-        print("\n## ANT single at the library's default settings "
-              "(tiny layout: counts exact, times not the real model's)")
-        print(format_tables(counts["rows"]))
-        print(format_ratios(counts["ratios"]))
+    print(format_counts(out["default_counts"]))
     if "projection" in out:
         from benchmarks.projection import format_projection
 
