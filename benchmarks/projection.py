@@ -100,6 +100,12 @@ def _line(latents: list[int], values: list[int], target: int) -> tuple[float, fl
     return a + b * target * target, check
 
 
+def _late_steps(s: AntSettings) -> set[int]:
+    """The mid/late steps each saliency map pairs with early ones (as ``erasure.ant.saliency_masks``)."""
+    n_late = s.trajectory_steps - 1 - s.early_steps
+    return {s.early_steps + round(i * (n_late - 1) / 7) for i in range(min(8, n_late))}
+
+
 def project_arch(probe: dict, selected_fraction: float | None, weight_bytes: int = 2) -> dict:
     """Projected peaks (bytes) at the arch's target resolution with the library's default settings."""
     arch = probe["arch"]
@@ -111,8 +117,7 @@ def project_arch(probe: dict, selected_fraction: float | None, weight_bytes: int
     s, m = AntSettings(), MaceSettings()
     weights = (probe["unet_params"] + probe["text_encoder_params"]) * weight_bytes
     lc = probe["linear_conv_params"]
-    n_late = s.trajectory_steps - 1 - s.early_steps
-    saliency_rows = 4 * len({s.early_steps + round(i * (n_late - 1) / 7) for i in range(min(8, n_late))})
+    saliency_rows = 4 * len(_late_steps(s))
     train_rows = 6 if s.preserve > 0 else 4
     out = {"arch": arch, "pixels": 8 * lat, "weight_bytes": weight_bytes, "weights": weights,
            "activation_per_row_full_unet": act_full, "activation_per_row_mace": act_mace,
@@ -129,20 +134,45 @@ def project_arch(probe: dict, selected_fraction: float | None, weight_bytes: int
         ant_single[label] = {"selected_fraction": round(f, 4), "saliency_phase": saliency, "training_phase": train,
                              "peak": max(saliency, train)}
     out["ant-single"] = ant_single
-    out["ant-single-reference"] = {  # fp32 as published: two UNets, full gradients, Adam, a mask; 2 rows with grad
-        "peak": probe["unet_params"] * (4 + 4 + 4 + 8 + 1) + probe["text_encoder_params"] * 4
-        + 2 * act_full * 4 / weight_bytes}
+    # the reference in float32 as published: two UNets, full gradients, a mask (1 byte per parameter); saliency with
+    # the conditional rows of 8 pairs carrying gradient (16 rows), then training (2 rows) with Adam's two moments
+    p32 = probe["unet_params"]
+    act32 = act_full * 4 / weight_bytes
+    ref_sal = p32 * (4 + 4 + 4 + 1) + probe["text_encoder_params"] * 4 + 2 * len(_late_steps(s)) * act32
+    ref_train = p32 * (4 + 4 + 4 + 8 + 1) + probe["text_encoder_params"] * 4 + 2 * act32
+    out["ant-single-reference"] = {"saliency_phase": ref_sal, "training_phase": ref_train,
+                                   "peak": max(ref_sal, ref_train)}
     out["ant-multi"] = {"peak": weights + train_rows * act_full}
     out["mace"] = {"peak": weights + m.lora_batch * act_mace}
     out["rows"] = {"saliency": saliency_rows, "ant_training": train_rows, "mace_lora": m.lora_batch}
     return out
 
 
+def _probe_in_subprocess(arch: str, scale: str) -> dict:
+    """The probe in its own process: SDXL's weights alone are 13 GiB in float32, and a process killed for memory
+    must not take the whole benchmark's results with it."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, "-m", "benchmarks.projection", arch, scale], cwd=root, capture_output=True,
+                       text=True)
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("PROBE "):
+            return json.loads(line[6:])
+    return {"arch": arch, "error": f"exit {p.returncode}: {(p.stderr or '').strip().splitlines()[-1:]}"}
+
+
 def project(size, rows: list[dict]) -> dict:
     """Probe both archs at the size's scale on CPU and project; ``measured`` holds GPU peaks when on a GPU."""
     res = {"method": __doc__.split("\n\n")[1].strip(), "archs": {}}
     for arch in ("sd15", "sdxl"):
-        probe = probe_activations(arch, size.scale)
+        probe = _probe_in_subprocess(arch, size.scale)
+        if "error" in probe:
+            res["archs"][arch] = {"probe": probe}
+            continue
         fr = [r.get("selected_fraction") for r in rows if r.get("method") == "ant-single" and r.get("arch") == arch
               and r.get("impl") == "ours" and r.get("selected_fraction") is not None]
         res["archs"][arch] = {"probe": probe, "projection": project_arch(probe, fr[0] if fr else None)}
@@ -184,6 +214,9 @@ def format_projection(p: dict) -> str:
     g = 2**30
     lines = ["", "== projected peak GPU memory (GiB), 16-bit weights, default settings, no checkpointing =="]
     for arch, d in p["archs"].items():
+        if "projection" not in d:
+            lines.append(f"{arch}: probe failed ({d['probe'].get('error')})")
+            continue
         pr = d["projection"]
         lines.append(f"{arch} at {pr['pixels']} px (target < {pr['target_gib']} GiB): weights {pr['weights'] / g:.2f}, "
                      f"activations/row {pr['activation_per_row_full_unet'] / g:.2f} (UNet), "
@@ -200,3 +233,10 @@ def format_projection(p: dict) -> str:
         val = m.get("error") or f"{m['peak_mem_bytes'] / g:.2f} GiB"
         lines.append(f"measured on GPU: {m['method']} {m['arch']} {m['pixels']} px bf16: {val}")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print("PROBE " + json.dumps(probe_activations(sys.argv[1], sys.argv[2])), flush=True)

@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--in-process", action="store_true", help="run every cell in this process (the smoke test)")
     ap.add_argument("--no-projection", action="store_true", help="skip the memory projection")
     ap.add_argument("--cell-timeout", type=float, default=3600, help="seconds before a cell is abandoned")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="combine the rows of earlier runs of this size (run in parts, e.g. --only/--arch in "
+                         "parallel) instead of running cells; ratios and the projection are recomputed")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -185,7 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only.split(",")) if args.only else None
     rows: list[dict] = []
     t0 = time.perf_counter()
-    for method, impl, arch, n, variant in plan(size):
+    merged_from = []
+    for f in args.merge or []:
+        part = json.loads(Path(f).read_text())
+        if part.get("size") != size.name:
+            raise SystemExit(f"error: {f} is a --size {part.get('size')} run, not {size.name}")
+        rows += part["rows"]
+        merged_from.append({"file": Path(f).name, "total_s": part.get("total_s")})
+    for method, impl, arch, n, variant in ([] if args.merge else plan(size)):
         if (only and method not in only) or (args.arch and arch != args.arch):
             continue
         t = time.perf_counter()
@@ -205,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {"size": size.name, "settings": size_settings(size), "rows": rows, "ratios": rs,
            "skipped": [{"method": m, "arch": a, "reason": r} for m, a, r in size.skipped],
            "total_s": round(time.perf_counter() - t0, 1)}
+    if merged_from:
+        out["merged_from"] = merged_from
     out["default_counts"] = default_counts()
     if not args.no_projection:
         from benchmarks.projection import project
