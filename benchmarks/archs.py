@@ -100,16 +100,32 @@ def tokenizer_dir() -> Path:
 def build_backbone(arch: str, scale: str, latent: int, dtype: torch.dtype = torch.float32,
                    device: str = "cpu", seed: int = 0) -> DiffusersBackbone:
     """A randomly initialised model of the given shape as a library backbone."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
     from diffusers.utils import logging as dlog
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     dlog.set_verbosity_error()
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {', '.join(SCALES)} (got {scale!r})")
     torch.manual_seed(seed)
     tok = CLIPTokenizer.from_pretrained(tokenizer_dir())
-    with torch.device(device):  # initialised where it runs: seconds on a GPU instead of half a minute on a CPU
+    from diffusers import DDPMScheduler
+
+    alphas_cumprod = DDPMScheduler(**SD_SCHEDULE).alphas_cumprod
+    previous = torch.get_default_dtype()
+    # initialised where it runs (seconds on a GPU instead of half a minute on a CPU) and in its dtype (a float32
+    # copy of SDXL alone would be 13 GiB)
+    torch.set_default_dtype(dtype)
+    try:
+        return _build(arch, scale, latent, device, tok, alphas_cumprod)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _build(arch: str, scale: str, latent: int, device: str, tok, alphas_cumprod: torch.Tensor) -> DiffusersBackbone:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.device(device):
         unet = UNet2DConditionModel(**unet_config(arch, scale, latent))
         encoders, tokenizers = [], []
         for i, tc in enumerate(text_configs(arch, scale)):
@@ -117,13 +133,8 @@ def build_backbone(arch: str, scale: str, latent: int, dtype: torch.dtype = torc
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id, **tc)
             encoders.append(CLIPTextModelWithProjection(cfg) if i == 1 else CLIPTextModel(cfg))
             tokenizers.append(tok)
-    sched = DDPMScheduler(**SD_SCHEDULE)
-    bb = DiffusersBackbone(unet, encoders, tokenizers, sched.alphas_cumprod, hidden_layer=-2 if arch == "sdxl" else -1,
-                           name=f"bench-{arch}-{scale}")
-    if dtype != torch.float32:
-        for m in [unet, *encoders]:
-            m.to(dtype=dtype)
-    return bb
+    return DiffusersBackbone(unet, encoders, tokenizers, alphas_cumprod,
+                             hidden_layer=-2 if arch == "sdxl" else -1, name=f"bench-{arch}-{scale}")
 
 
 def param_count(module: torch.nn.Module) -> int:

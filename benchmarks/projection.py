@@ -8,11 +8,13 @@ Method: peak = resident tensors, counted exactly, + activations saved for backwa
   float32; a sparse delta's int64 indices.
 * Measured: the bytes of the tensors autograd saves for backward in one row's forward (a
   ``saved_tensors_hooks`` sum over distinct storages, parameters excluded), on the real architecture at three
-  small latent sizes on this machine, in float32. Saved activations grow linearly with the pixel count once
-  attention is computed without materialising the HW x HW matrix (PyTorch's SDPA on GPU and CPU), so a line
-  through the two smallest sizes is extrapolated to the target and checked against the third; 16-bit halves it.
-  Two graphs are measured: the whole UNet (gradient reaches every layer: ANT, full finetuning) and MACE's
-  attention-loss graph (rank-1 K/V LoRA, explicit attention probabilities, gradient only through cross-attention).
+  small latent sizes on this machine, in float32 (SDXL: bfloat16, to fit in memory). Saved activations grow
+  linearly with the pixel count once attention is computed without materialising the HW x HW matrix (PyTorch's
+  SDPA on GPU and CPU), so a line through the two smallest sizes is extrapolated to the target and checked against
+  the third, then scaled to 16 bits.
+  Two graphs are measured: the whole UNet (gradients for every weight: ANT's saliency maps and sparse deltas,
+  full finetuning) and MACE's attention-loss graph (rank-1 K/V LoRA, explicit attention probabilities, gradient
+  only through cross-attention).
 * Assumptions: no UNet gradient checkpointing (the library enables none), no CPU offload of the UNet, the text
   encoders resident on the GPU, the library's default settings (ANT: saliency maps of 4 x 8 rows, training
   forwards of 6 rows with the preservation term; MACE: LoRA batch 1). The sparse delta's size depends on the
@@ -25,7 +27,9 @@ the target resolution in bf16 with the default batch shapes (``measure_peak``), 
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -63,18 +67,26 @@ def _inputs(bb, latent: int) -> tuple[torch.Tensor, torch.Tensor, object]:
     return x, torch.tensor([500], device=bb.device), bb.encode_text(["a photo of a dog"])
 
 
+def probe_dtype(arch: str, scale: str) -> torch.dtype:
+    """float32, except the real SDXL, probed in bfloat16 so that it fits beside other work in 24 GiB."""
+    return torch.bfloat16 if (arch, scale) == ("sdxl", "full") else torch.float32
+
+
 def probe_activations(arch: str, scale: str, device: str = "cpu") -> dict:
-    """Saved bytes per row (float32) at the probe latents, for the full-UNet graph and MACE's graph."""
+    """Saved bytes per row (in ``probe_dtype``) at the probe latents, for the full-UNet graph and MACE's graph."""
     latents = PROBE_LATENTS[scale]
-    bb = build_backbone(arch, scale, latents[0], torch.float32, device)
+    dtype = probe_dtype(arch, scale)
+    bb = build_backbone(arch, scale, latents[0], dtype, device)
     unet = bb.unet()
     params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
     full, attn = [], []
     for lat in latents:
         x, t, cond = _inputs(bb, lat)
-        x.requires_grad_(True)  # the gradient reaches every layer, as it does for deltas on every layer
+        # gradients for every weight: each layer keeps its input, as ANT's saliency maps (and full finetuning) do,
+        # and as ANT's sparse deltas do (their hook on every Linear/Conv2d keeps the layer's input for backward)
+        unet.requires_grad_(True)
         full.append(saved_bytes(lambda x=x, t=t, cond=cond: bb.predict_noise(x, t, cond), params))
-        x = x.detach()
+        unet.requires_grad_(False)
         with TrainableLoRA(bb.cross_attention_kv(), rank=1) as lora:
             lora_params = params | {p.untyped_storage().data_ptr() for p in lora.parameters()}
             loss = AttentionLoss([5, 6, 7], torch.ones(1, lat, lat))
@@ -86,7 +98,8 @@ def probe_activations(arch: str, scale: str, device: str = "cpu") -> dict:
             attn.append(saved_bytes(mace_fwd, lora_params))
     te = sum(param_count(e) for e in bb.text_encoders)
     layers = {n: m.weight.numel() for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    return {"arch": arch, "scale": scale, "latents": list(latents), "full_unet_bytes_per_row": full,
+    return {"arch": arch, "scale": scale, "latents": list(latents), "dtype_bytes": dtype.itemsize,
+            "full_unet_bytes_per_row": full,
             "mace_graph_bytes_per_row": attn, "unet_params": param_count(unet), "text_encoder_params": te,
             "linear_conv_params": sum(layers.values()), "largest_layer_params": max(layers.values())}
 
@@ -112,7 +125,7 @@ def project_arch(probe: dict, selected_fraction: float | None, weight_bytes: int
     lat = TARGET_LATENT[arch]
     act_full, err_full = _line(probe["latents"], probe["full_unet_bytes_per_row"], lat)
     act_mace, err_mace = _line(probe["latents"], probe["mace_graph_bytes_per_row"], lat)
-    half = weight_bytes / 4  # probes ran in float32
+    half = weight_bytes / probe.get("dtype_bytes", 4)  # activations scale with the dtype the probe ran in
     act_full, act_mace = act_full * half, act_mace * half
     s, m = AntSettings(), MaceSettings()
     weights = (probe["unet_params"] + probe["text_encoder_params"]) * weight_bytes
@@ -137,7 +150,7 @@ def project_arch(probe: dict, selected_fraction: float | None, weight_bytes: int
     # the reference in float32 as published: two UNets, full gradients, a mask (1 byte per parameter); saliency with
     # the conditional rows of 8 pairs carrying gradient (16 rows), then training (2 rows) with Adam's two moments
     p32 = probe["unet_params"]
-    act32 = act_full * 4 / weight_bytes
+    act32 = act_full * 4 / weight_bytes  # the reference runs in float32
     ref_sal = p32 * (4 + 4 + 4 + 1) + probe["text_encoder_params"] * 4 + 2 * len(_late_steps(s)) * act32
     ref_train = p32 * (4 + 4 + 4 + 8 + 1) + probe["text_encoder_params"] * 4 + 2 * act32
     out["ant-single-reference"] = {"saliency_phase": ref_sal, "training_phase": ref_train,
@@ -151,10 +164,8 @@ def project_arch(probe: dict, selected_fraction: float | None, weight_bytes: int
 def _probe_in_subprocess(arch: str, scale: str) -> dict:
     """The probe in its own process: SDXL's weights alone are 13 GiB in float32, and a process killed for memory
     must not take the whole benchmark's results with it."""
-    import json
     import subprocess
     import sys
-    from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
     p = subprocess.run([sys.executable, "-m", "benchmarks.projection", arch, scale], cwd=root, capture_output=True,
@@ -165,11 +176,19 @@ def _probe_in_subprocess(arch: str, scale: str) -> dict:
     return {"arch": arch, "error": f"exit {p.returncode}: {(p.stderr or '').strip().splitlines()[-1:]}"}
 
 
-def project(size, rows: list[dict]) -> dict:
-    """Probe both archs at the size's scale on CPU and project; ``measured`` holds GPU peaks when on a GPU."""
+def project(size, rows: list[dict], probe_dir: Path | None = None) -> dict:
+    """Probe both archs at the size's scale on CPU and project; ``measured`` holds GPU peaks when on a GPU.
+    ``probe_dir``: reuse (or keep) each probe's result there as ``probe-<arch>-<scale>.json``."""
     res = {"method": __doc__.split("\n\n")[1].strip(), "archs": {}}
     for arch in ("sd15", "sdxl"):
-        probe = _probe_in_subprocess(arch, size.scale)
+        cached = probe_dir / f"probe-{arch}-{size.scale}.json" if probe_dir else None
+        if cached is not None and cached.exists():
+            probe = json.loads(cached.read_text())
+        else:
+            probe = _probe_in_subprocess(arch, size.scale)
+            if cached is not None and "error" not in probe:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                cached.write_text(json.dumps(probe, indent=1))
         if "error" in probe:
             res["archs"][arch] = {"probe": probe}
             continue
@@ -236,7 +255,6 @@ def format_projection(p: dict) -> str:
 
 
 if __name__ == "__main__":
-    import json
     import sys
 
     print("PROBE " + json.dumps(probe_activations(sys.argv[1], sys.argv[2])), flush=True)

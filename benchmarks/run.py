@@ -174,8 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--only", help="run only the cells whose method is in this comma-separated list")
     ap.add_argument("--arch", help="run only this architecture (sd15 or sdxl)")
+    ap.add_argument("--impl", choices=("ours", "reference"), help="run only this implementation")
+    ap.add_argument("--concepts", type=int, help="run only the cells with this many concepts")
     ap.add_argument("--in-process", action="store_true", help="run every cell in this process (the smoke test)")
     ap.add_argument("--no-projection", action="store_true", help="skip the memory projection")
+    ap.add_argument("--probe-dir", help="reuse (or keep) the projection's activation probes in this folder")
     ap.add_argument("--cell-timeout", type=float, default=3600, help="seconds before a cell is abandoned")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="combine the rows of earlier runs of this size (run in parts, e.g. --only/--arch in "
@@ -196,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += part["rows"]
         merged_from.append({"file": Path(f).name, "total_s": part.get("total_s")})
     for method, impl, arch, n, variant in ([] if args.merge else plan(size)):
-        if (only and method not in only) or (args.arch and arch != args.arch):
+        if ((only and method not in only) or (args.arch and arch != args.arch) or (args.impl and impl != args.impl)
+                or (args.concepts and n != args.concepts)):
             continue
         t = time.perf_counter()
         if args.in_process:
@@ -221,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_projection:
         from benchmarks.projection import project
 
-        out["projection"] = project(size, rows)
+        out["projection"] = project(size, rows, Path(args.probe_dir) if args.probe_dir else None)
     print(format_tables(rows))
     print(format_ratios(rs))
     print(format_counts(out["default_counts"]))
