@@ -48,8 +48,14 @@ class Size:
     #: AntSettings overrides for ANT multi on top of ``ant`` (its reference trains 10 iterations per concept)
     ant_multi: dict = field(default_factory=dict)
 
+    #: "method/arch" -> dtype, where it differs from ``dtype``
+    dtypes: dict[str, str] = field(default_factory=dict)
+
     def scale_of(self, method: str, arch: str) -> str:
         return self.scales.get(f"{method}/{arch}", self.scale)
+
+    def dtype_of(self, method: str, arch: str) -> str:
+        return self.dtypes.get(f"{method}/{arch}", self.dtype)
 
     def ant_settings(self) -> AntSettings:
         return AntSettings().override(**self.ant)
@@ -90,6 +96,8 @@ SIZES: dict[str, Size] = {
         # measured: ours on the real SD1.5 was killed for memory in the saliency step (full-UNet gradients plus the
         # float32 copy and kthvalue of all 860 M of them on the host); the reference needs more still
         scales={"ant-single/sd15": "half"},
+        # SDXL's float32 weights and text encoders (13 GiB) do not fit beside other work here: bf16 for both impls
+        dtypes={"mace/sdxl": "bfloat16"},
         skipped=(("ant-single", "sdxl", "full-UNet gradients of a 2.6 G-parameter UNet (ours: saliency; reference: "
                   "Adam) need more than the 24 GiB of this machine; run --size gpu"),
                  ("ant-multi", "sdxl", "too slow on 2 CPU cores (float64 closed form over 140 K/V matrices of "
@@ -124,7 +132,8 @@ SIZES: dict[str, Size] = {
 
 def size_settings(size: Size) -> dict:
     """The settings to write beside the rows."""
-    return {"scale": size.scale, "scales": size.scales, "device": size.device, "dtype": size.dtype,
+    return {"scale": size.scale, "scales": size.scales, "dtypes": size.dtypes, "device": size.device,
+            "dtype": size.dtype,
             "latent": size.latent, "pixels": {k: 8 * v for k, v in size.latent.items()},
             "ant": asdict(size.ant_settings()),
             "ant_multi": size.ant_multi,
@@ -153,7 +162,8 @@ def run_cell(size: Size, method: str, impl: str, arch: str, concepts: int, varia
     if method not in METHODS or impl not in IMPLS:
         raise ValueError(f"unknown cell {method}/{impl}")
     latent = size.latent[f"{method}/{arch}"]
-    dtype = getattr(torch, size.dtype)
+    dtype_name = size.dtype_of(method, arch)
+    dtype = getattr(torch, dtype_name)
     device = torch.device(size.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -206,7 +216,7 @@ def run_cell(size: Size, method: str, impl: str, arch: str, concepts: int, varia
             reference_fuse(bb, items, loras, None, caches, s_mace.lam, s_mace.fuse_preserve)
     row = {"method": method, "impl": impl, "concepts": concepts, "arch": arch, **meter.figures(),
            "time_per_concept_s": round(meter.wall_s / concepts, 3), "variant": variant,
-           "pixels": 8 * latent, "latent": latent, "scale": scale, "dtype": size.dtype, "device": str(device),
+           "pixels": 8 * latent, "latent": latent, "scale": scale, "dtype": dtype_name, "device": str(device),
            "unet_params": param_count(bb.unet()), "model_build_s": round(build_s, 2), "setup_s": round(setup_s, 2)}
     row.update(extra)
     return row

@@ -17,13 +17,13 @@ def _cell(r: dict) -> str:
     return (f"| {r['method']} | {r['impl']}{'' if r['variant'] == 'default' else ' ' + r['variant']} | "
             f"{r['arch']}{scale} {r['pixels']} px | {r['concepts']} | {r['unet_evals']:,} / "
             f"{r['unet_backward_evals']:,} / {r['unet_forward_calls']:,} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
-            f"{r['time_per_concept_s']:.2f} | {r['peak_mem_bytes'] / GIB:.2f} | "
+            f"{r['time_per_concept_s']:.1f} / {r['cpu_s'] / r['concepts']:.1f} | {r['peak_mem_bytes'] / GIB:.2f} | "
             f"{r['optimizer_state_bytes'] / 2**20:,.1f} | {r['trainable_params']:,} |")
 
 
 def tables(d: dict) -> str:
     out = ["| method | impl | arch, resolution | concepts | UNet evals fwd / bwd / calls | wall s | CPU s | "
-           "s per concept | peak GiB | optimizer MiB | trainable |",
+           "s per concept (wall / CPU) | peak GiB | optimizer MiB | trainable |",
            "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     out += [_cell(r) for r in d["rows"]]
     out += ["", "| method | arch | concepts | ours | UNet evals ref/ours | wall ref/ours | CPU ref/ours | "
