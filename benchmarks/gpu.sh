@@ -14,5 +14,6 @@ mkdir -p benchmarks/results
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee benchmarks/results/gpu.log
 # the closed-form steps run on the host in float64: give them the host's cores
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
+# cells in this process (CUDA peaks are reset per cell); the projection reuses the committed activation probes
 timeout "${BENCH_TIMEOUT:-470}" "$PY" benchmarks/run.py --size gpu --json benchmarks/results/gpu.json \
-  --in-process 2>&1 | tee -a benchmarks/results/gpu.log
+  --in-process --probe-dir benchmarks/results/probes 2>&1 | tee -a benchmarks/results/gpu.log
