@@ -139,11 +139,13 @@ def format_ratios(rs: list[dict]) -> str:
 
 
 def default_counts() -> dict:
-    """ANT single's UNet evaluations at the library's default settings, replayed (``counts.py``)."""
+    """ANT single's UNet evaluations at the defaults the benchmark measured (``cases.MEASURED_DEFAULTS``),
+    replayed (``counts.py``)."""
+    from benchmarks.cases import MEASURED_DEFAULTS
     from benchmarks.counts import ours_ant_single, reference_ant_single
     from erasure.ant import AntSettings
 
-    s = AntSettings()
+    s = AntSettings().override(**MEASURED_DEFAULTS)
     ours, ref = ours_ant_single(s), reference_ant_single(s, n_preserve=s.preserve_prompts)
     no_refresh = ours_ant_single(s.override(refresh_every=0))
     return {"settings": {k: getattr(s, k) for k in ("steps", "trajectory_steps", "early_steps", "trajectories",
@@ -154,7 +156,7 @@ def default_counts() -> dict:
 
 
 def format_counts(c: dict) -> str:
-    return ("\n== ANT single at the library's default settings: UNet evaluations (replayed, counts.py) ==\n"
+    return ("\n== ANT single at the measured defaults: UNet evaluations (replayed, counts.py) ==\n"
             f"ours (refresh every {c['settings']['refresh_every']}): {c['ours']}\n"
             f"ours without refresh: {c['ours_no_refresh']}\nreference: {c['reference']}\n"
             f"reference / ours: {c['ratio_reference_over_ours']} with refresh, "

@@ -1,6 +1,7 @@
-"""Command line: ``python -m erasure {demo,lab} ...``.
+"""Command line: ``python -m erasure {demo,mace,ant,lab} ...``.
 
-``--model lab`` (the default everywhere) is the concept lab's model shipped in this package.
+``--model lab`` (the default everywhere) is the concept lab's model shipped in this package; ``mace``, ``ant`` and
+``lab baseline`` also take a diffusers folder or a single-file SD1.x/SD2.x/SDXL ``.safetensors`` checkpoint.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def _settings(args: argparse.Namespace):
 
 def _lab_eval(args: argparse.Namespace) -> int:
     from .lab.evaluate import evaluate, format_table
+    from .validation import concepts_from_metadata
     from .weights import ErasureWeights
 
     erased = _parse_concepts(args.erased)
@@ -56,17 +58,15 @@ def _lab_eval(args: argparse.Namespace) -> int:
     if args.lora:
         weights = ErasureWeights.load(args.lora).resolve_names(backbone.unet())
         if not erased:
-            try:
-                erased = [c for c in json.loads(weights.metadata.get("erasure.concepts", "[]")) if isinstance(c, str)]
-            except json.JSONDecodeError:
-                erased = []
+            erased = concepts_from_metadata(weights.metadata)
     report = evaluate(backbone, clf, erased, weights, _settings(args), Path(args.grid) if args.grid else None,
                       use_cache=not args.no_cache)
     print(format_table(report))
     print(f"{report['seconds']:.1f} s")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        from .files import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(report, indent=2))
     if args.grid:
         print(f"grid: {args.grid}")
     return 0
@@ -77,7 +77,7 @@ def _lab_baseline(args: argparse.Namespace) -> int:
 
     from .lab.baseline import esd
 
-    backbone = _load_model(args.model, args.device)
+    backbone = _load_model(args)
     t0 = time.time()
     with tqdm(total=args.steps, desc=f"ESD {args.concept}", disable=None) as bar:
         w = esd(backbone, args.concept, iterations=args.steps, lr=args.lr, scope=args.scope, seed=args.seed,
@@ -86,6 +86,7 @@ def _lab_baseline(args: argparse.Namespace) -> int:
     err = w.save(args.out)
     print(f"ESD erased {args.concept!r} in {time.time() - t0:.1f} s, peak RSS {_peak_rss_mb():.0f} MB; "
           f"wrote {args.out} (LoRA relative error {err:.1e})")
+    _print_model_note(args)
     return 0
 
 
@@ -100,7 +101,7 @@ def _demo(args: argparse.Namespace) -> int:
     backbone, clf = _load_lab("lab")
     s = _settings(args)
     print(f"erasure {__version__} demo: erase {concept!r} from the concept lab's model with {args.method} "
-          "(the default method has the best H on the lab today; --method ant|mace|cfr for the others)")
+          "(the default method has the best H on the lab today; --method esd|mace|cfr for the others)")
     t0 = time.time()
     before = evaluate(backbone, clf, [concept], None, s)
     with tqdm(desc=f"erasing {concept}", disable=None) as bar:
@@ -111,16 +112,54 @@ def _demo(args: argparse.Namespace) -> int:
     after = evaluate(backbone, clf, [concept], weights, s, grid=out / "grid.png")
     print(format_table(after, before))
     print(f"before: efficacy {before['efficacy']:.3f}  after: efficacy {after['efficacy']:.3f}")
-    (out / "report.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
+    from .files import atomic_write_text
+
+    atomic_write_text(out / "report.json", json.dumps({"before": before, "after": after}, indent=2))
     print(f"wrote {out / f'erase-{concept}.safetensors'}, {out / 'grid.png'}, {out / 'report.json'} "
           f"in {time.time() - t0:.0f} s (peak RSS {_peak_rss_mb():.0f} MB)")
     return 0
 
 
-def _load_model(path: str, device: str):
+MODEL_HELP = ("'lab' (the concept lab's model), a diffusers folder, or a single-file SD1.x/SD2.x/SDXL checkpoint "
+              "(.safetensors, original ldm keys, as ComfyUI/A1111 use)")
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="lab", help=MODEL_HELP)
+    p.add_argument("--tokenizer", help="single files: a folder with CLIP's vocab.json + merges.txt (e.g. a diffusers "
+                   "model's tokenizer/ or ComfyUI's comfy/sd1_tokenizer); default: the built-in copy of CLIP's "
+                   "tokenizer (identical)")
+    p.add_argument("--model-prediction", choices=("eps", "v"), help="single files: what the model predicts (default: "
+                   "eps for SD1.x/SDXL, or v when the file carries ComfyUI's v_pred marker; SD2.x is guessed from "
+                   "the weights as ComfyUI does, and the summary says so: 768-v models are v)")
+    p.add_argument("--device", default="cpu")
+
+
+def _load_model(args: argparse.Namespace, need_vae: bool = False):
+    """The backbone for ``--model``: 'lab', a diffusers folder, or a single .safetensors/.ckpt file (the latter
+    refused unopened). Single files print what was detected and assumed (``args.model_note`` keeps it for the run's
+    closing summary); their VAE is loaded only if ``need_vae``."""
     from .diffusers_backbone import load_diffusers
 
-    return load_diffusers(path, device=device)
+    path = Path(args.model).expanduser()
+    if args.model == "lab" or path.is_dir():
+        for flag in ("tokenizer", "model_prediction"):
+            if getattr(args, flag, None):
+                raise SystemExit(f"error: --{flag.replace('_', '-')} applies to single-file checkpoints; a diffusers "
+                                 "folder brings its own tokenizer/ and scheduler/")
+        return load_diffusers(args.model, device=args.device)
+    from .single_file import load_single_file
+
+    loaded = load_single_file(path, device=args.device, tokenizer=getattr(args, "tokenizer", None),
+                              prediction=getattr(args, "model_prediction", None), with_vae=need_vae)
+    args.model_note = loaded.summary()
+    print(f"model: {args.model_note}", flush=True)
+    return loaded.backbone
+
+
+def _print_model_note(args: argparse.Namespace) -> None:
+    if getattr(args, "model_note", None):
+        print(f"model: {args.model_note}")
 
 
 def _mace(args: argparse.Namespace) -> int:
@@ -131,36 +170,53 @@ def _mace(args: argparse.Namespace) -> int:
     from .mace import PRESETS, Concept, mace
     from .prior import gram
     from .prompts import prior_prompts
+    from .user_images import find_user_images, load_user_data
+    from .validation import check_anchors, check_concepts, check_mace_inputs, check_mace_settings
 
     concepts = _parse_concepts(args.concepts)
     if not concepts:
         raise SystemExit("error: no concepts given; use --concepts \"a; b; c\"")
+    concepts = check_concepts(concepts)
     anchors = _parse_concepts(args.anchors) if args.anchors else []
-    if anchors and len(anchors) not in (1, len(concepts)):
-        raise SystemExit("error: give one anchor for all concepts or one per concept")
+    check_anchors(concepts, anchors)
+    _check_out(args.out)
     s = PRESETS[args.preset].override(images_per_concept=args.images, sample_steps=args.sample_steps,
                                       guidance=args.guidance, lam=args.lam, preserve=args.preserve,
                                       fuse_preserve=args.fuse_preserve, lora_steps=args.steps, lora_lr=args.lr,
-                                      lora_rank=args.rank, seed=args.seed)
-    backbone = _load_model(args.model, args.device)
+                                      lora_rank=args.rank, seed=args.seed, suppress_end=args.suppress_end)
+    check_mace_settings(s)
+    if args.image_dir:
+        find_user_images(args.image_dir, concepts)  # the layout's errors before a long model load
+    backbone = _load_model(args, need_vae=bool(args.image_dir))
     lab = args.model == "lab"
     items = []
     for i, c in enumerate(concepts):
         anchor = anchors[min(i, len(anchors) - 1)] if anchors else None
         items.append(lab_concept(c, anchor) if lab else Concept(c, anchor or s.anchor, s.kind))
+    check_mace_inputs(backbone, items, s)  # before the prior, which costs a text-encoder pass per prompt
+    user_data = load_user_data(backbone, args.image_dir, concepts, log=print) if args.image_dir else {}
     prior = (lab_prior(backbone, concepts) if lab
              else gram(backbone, prior_prompts(exclude=concepts, extra_file=args.prior_file), cache_dir()))
-    total = len(items) * (s.sample_steps + s.lora_steps)
+    total = sum((0 if c in user_data else s.sample_steps) + s.lora_steps for c in concepts)
     t0 = time.time()
     with tqdm(total=total, desc="MACE", disable=None) as bar:
-        res = mace(backbone, items, s, prior, progress=bar.update, log=bar.write)
+        res = mace(backbone, items, s, prior, user_data=user_data, progress=bar.update, log=bar.write)
     res.weights.metadata["erasure.base_model"] = backbone.fingerprint()
     err = res.weights.save(args.out, rank=args.export_rank)
     print(f"MACE erased {', '.join(repr(c) for c in concepts)} (anchors: "
           f"{', '.join(repr(c.anchor) for c in items)}) in {time.time() - t0:.1f} s; "
           f"{res.unet_evaluations} UNet evaluations; peak RSS {_peak_rss_mb():.0f} MB")
     print(f"wrote {args.out} ({len(res.weights.deltas)} K/V matrices; LoRA relative error {err:.1e})")
+    _print_model_note(args)
     return 0
+
+
+def _check_out(out: str) -> None:
+    """Before any work: the LoRA file to write must be a .safetensors file name, not a folder."""
+    if not str(out).endswith(".safetensors"):
+        raise ValueError(f"--out {out!r} must end in .safetensors (the only format written)")
+    if Path(out).is_dir():
+        raise ValueError(f"--out {out!r} is a folder: give a file name ending in .safetensors")
 
 
 def _export_rank(weights, requested: int | None) -> int | None:
@@ -183,18 +239,24 @@ def _ant(args: argparse.Namespace) -> int:
 
     if bool(args.concept) == bool(args.concepts):
         raise SystemExit("error: give either --concept \"one concept\" or --concepts \"a; b; c\"")
-    concepts = _parse_concepts(args.concepts) if args.concepts else _parse_concepts(args.concept)
+    from .validation import check_ant_concepts_fit, check_concepts, check_resolution
+
+    concepts = check_concepts(_parse_concepts(args.concepts) if args.concepts else _parse_concepts(args.concept))
     synonyms = _parse_concepts(args.synonyms) if args.synonyms else []
+    _check_out(args.out)
     s = AntSettings().override(
         steps=args.steps, lr=args.lr, batch_size=args.batch_size, trajectory_steps=args.trajectory_steps,
         early_steps=args.early_steps, guidance=args.guidance, eta=args.eta, a1=args.a1, a2=args.a2,
-        prediction=args.prediction, trajectories=args.trajectories, refresh_every=args.refresh_every,
+        prediction=args.prediction, sampling=args.sampling, trajectories=args.trajectories,
+        refresh_every=args.refresh_every,
         scope=args.scope, saliency_fraction=args.saliency_fraction, saliency_maps=args.saliency_maps,
         lora_rank=args.rank, resolution=args.resolution, seed=args.seed, kind=args.kind, preserve=args.preserve)
     s.validate()
-    backbone = _load_model(args.model, args.device)
+    check_resolution(s.resolution)
+    backbone = _load_model(args)
     lab = args.model == "lab"
-    templates = {c: world.concept_templates(c) for c in concepts if lab and c in world.SYNONYMS}
+    templates = {c: world.concept_templates(c, with_other_concepts=False) for c in concepts
+                 if lab and c in world.SYNONYMS}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -212,6 +274,7 @@ def _ant(args: argparse.Namespace) -> int:
         if synonyms:
             raise SystemExit("error: --synonyms goes with --concept (one concept); for several concepts, list "
                              "each synonym as a concept of its own")
+        check_ant_concepts_fit(backbone, concepts, s.kind, templates)  # before the prior (a pass per prompt)
         prior = (lab_prior(backbone, concepts) if lab
                  else gram(backbone, prior_prompts(exclude=concepts, extra_file=args.prior_file), cache_dir()))
         with tqdm(total=s.steps * len(concepts), desc="ANT", disable=None) as bar:
@@ -230,6 +293,7 @@ def _ant(args: argparse.Namespace) -> int:
     print(f"ANT erased {', '.join(repr(c) for c in concepts)} in {time.time() - t0:.1f} s: {trained}; "
           f"{fwd:,} UNet forwards, {bwd:,} backwards; {peak}")
     print(f"wrote {args.out} ({len(weights.deltas)} layers; LoRA relative error {err:.1e})")
+    _print_model_note(args)
     return 0
 
 
@@ -264,10 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="erase one concept from the lab model and show before/after")
     demo.add_argument("--concept", default="circle", help="a lab concept: a shape, colour or style")
-    demo.add_argument("--method", choices=("esd", "cfr", "mace", "ant"), default="esd",
-                      help="esd: the anchor-free baseline; cfr: MACE's closed-form refinement alone; mace: all of "
-                      "MACE; ant: ANT")
-    demo.add_argument("--steps", type=int, help="training iterations (esd: 150; mace: the preset's LoRA steps)")
+    demo.add_argument("--method", choices=("ant", "esd", "cfr", "mace"), default="ant",
+                      help="ant: ANT (the best H on the lab); esd: the anchor-free baseline; cfr: MACE's closed-form "
+                      "refinement alone; mace: all of MACE")
+    demo.add_argument("--steps", type=int, help="training iterations (ant: 150; esd: 150; mace: the preset's LoRA "
+                      "steps)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="out/demo")
     _add_eval_flags(demo)
@@ -276,12 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .mace import PRESETS
 
     mc = sub.add_parser("mace", help="MACE: mass concept erasure -> LoRA file")
-    mc.add_argument("--model", default="lab", help="a diffusers folder, or 'lab' (the concept lab's model)")
+    _add_model_flags(mc)
     mc.add_argument("--concepts", required=True, help="';'-separated, e.g. \"circle; red; striped\"")
     mc.add_argument("--anchors", help="';'-separated: one for all concepts or one per concept (default: preset's)")
     mc.add_argument("--preset", choices=sorted(PRESETS), default="object")
     mc.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")
     mc.add_argument("--images", type=int, help="generated images per concept (default 8)")
+    mc.add_argument("--image-dir", help="your own images instead of generated ones: DIR/<concept>/NAME.png with an "
+                    "optional DIR/<concept>/NAME.mask.png (white = concept); concepts without a folder are generated")
     mc.add_argument("--sample-steps", type=int, help="DDIM steps when generating them")
     mc.add_argument("--guidance", type=float)
     mc.add_argument("--lam", type=float, help="closed-form regulariser")
@@ -290,18 +357,19 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--steps", type=int, help="LoRA training steps per concept")
     mc.add_argument("--lr", type=float, help="LoRA learning rate")
     mc.add_argument("--rank", type=int, help="LoRA rank per concept (MACE: 1)")
+    mc.add_argument("--suppress-end", action=argparse.BooleanOptionalAction, default=None,
+                    help="the attention loss also suppresses the end token and padding (the reference; default)")
     mc.add_argument("--seed", type=int)
     mc.add_argument("--prior-file", help="extra prior-preservation prompts, one per line")
     mc.add_argument("--export-rank", type=int, help="truncate the saved LoRA to this rank (default: exact)")
-    mc.add_argument("--device", default="cpu")
     mc.set_defaults(func=_mace)
 
-    from .ant import PREDICTIONS, SCOPES, AntSettings
+    from .ant import PREDICTIONS, SAMPLINGS, SCOPES, AntSettings
     from .prompts import CONCEPT_TEMPLATES
 
     d = AntSettings()
     an = sub.add_parser("ant", help="ANT: trajectory-aware erasure -> LoRA file")
-    an.add_argument("--model", default="lab", help="a diffusers folder, or 'lab' (the concept lab's model)")
+    _add_model_flags(an)
     an.add_argument("--concept", help="one concept (saliency-masked finetuning by default)")
     an.add_argument("--concepts", help="';'-separated: one ANT LoRA per concept, fused in closed form")
     an.add_argument("--synonyms", help="';'-separated synonyms of --concept, used as prompt augmentations")
@@ -320,7 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--preserve", type=float, help="weight of the preservation of prompts without the concept "
                     f"(the project's addition; 0 = the paper's loss; default {d.preserve})")
     an.add_argument("--prediction", choices=PREDICTIONS, help=f"regressed prediction (default {d.prediction})")
-    an.add_argument("--trajectories", type=int, help=f"cached trajectories (default {d.trajectories})")
+    an.add_argument("--sampling", choices=SAMPLINGS, help="where training latents come from: on-policy (the edited "
+                    f"model's trajectory at every step) or cached (frozen once) (default {d.sampling})")
+    an.add_argument("--trajectories", type=int, help=f"trajectory seeds x augmentations (default {d.trajectories})")
     an.add_argument("--refresh-every", type=int, help="regenerate trajectories with the edited model every N steps "
                     f"(default {d.refresh_every}: never)")
     an.add_argument("--scope", choices=SCOPES, help=f"what is trained, one concept (default {d.scope})")
@@ -335,7 +405,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "per line")
     an.add_argument("--export-rank", type=int, help="LoRA rank of the file (0: exact; default: exact up to "
                     "256 MB, else 64)")
-    an.add_argument("--device", default="cpu")
     an.set_defaults(func=_ant)
 
     lab = sub.add_parser("lab", help="the concept lab: train, evaluate, baseline")
@@ -352,8 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_lab_eval)
 
     bl = labsub.add_parser("baseline", help="ESD-style anchor-free baseline erasure -> LoRA file")
-    bl.add_argument("--model", default="lab", help="a diffusers folder, or 'lab'")
-    bl.add_argument("--device", default="cpu")
+    _add_model_flags(bl)
     bl.add_argument("--concept", required=True)
     bl.add_argument("--steps", type=int, default=150)
     bl.add_argument("--lr", type=float, default=1e-3)
@@ -389,5 +457,15 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
     except (ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # training diverged (NaN/inf): nothing was written
+        print(f"error: {e}; nothing was written", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        from .guards import ErasureOutOfMemoryError
+
+        if not isinstance(e, ErasureOutOfMemoryError):
+            raise
+        print(f"error: {e}; nothing was written", file=sys.stderr)
+        return 1

@@ -14,10 +14,7 @@ import torch
 from torch import nn
 
 from .backbone import NoiseSchedule, TextConditioning
-
-
-class UnsupportedModelError(ValueError):
-    """The folder or file is not a model this library can edit."""
+from .validation import UnsupportedModelError, check_model_folder
 
 
 class DiffusersBackbone:
@@ -26,11 +23,13 @@ class DiffusersBackbone:
     ``text_encoders``/``tokenizers`` hold one entry for SD1.x/SD2.x and two for SDXL (whose second encoder is a
     ``CLIPTextModelWithProjection`` that also supplies the pooled embedding). ``hidden_layer`` selects which hidden
     state conditions the UNet: -1 is the final layer-normed output (SD1.x, the lab), -2 the penultimate (SD2.x, SDXL).
+    ``latent_scale``: pixels per latent cell of a latent model loaded without its VAE (a single-file checkpoint whose
+    VAE is missing or not in the standard layout); such a backbone is ``latent_only`` and cannot decode.
     """
 
     def __init__(self, unet: nn.Module, text_encoders: list[nn.Module], tokenizers: list, alphas_cumprod: torch.Tensor,
                  prediction_type: str = "epsilon", vae: nn.Module | None = None, hidden_layer: int = -1,
-                 name: str = "model") -> None:
+                 name: str = "model", latent_scale: int | None = None) -> None:
         if prediction_type not in ("epsilon", "v_prediction"):
             raise UnsupportedModelError(f"prediction type {prediction_type!r} is not supported (epsilon or "
                                         "v_prediction)")
@@ -42,7 +41,10 @@ class DiffusersBackbone:
         self.vae = vae
         self.hidden_layer = hidden_layer
         self.name = name
-        self.clip_denoised = vae is None
+        self.latent_scale = latent_scale if vae is None else None
+        #: a latent model without a VAE: methods must not ask for decoded images
+        self.latent_only = self.latent_scale is not None
+        self.clip_denoised = vae is None and not self.latent_only
         self.is_sdxl = len(text_encoders) == 2
         for m in [unet, *text_encoders] + ([vae] if vae is not None else []):
             m.requires_grad_(False)
@@ -68,7 +70,7 @@ class DiffusersBackbone:
     def vae_scale(self) -> int:
         """Pixels per latent cell (8 for SD's VAE, 1 for pixel-space models)."""
         if self.vae is None:
-            return 1
+            return self.latent_scale or 1
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
@@ -142,6 +144,8 @@ class DiffusersBackbone:
         return capture_cross_attention(self._unet, sink, (h, w))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.latent_only:
+            raise UnsupportedModelError(f"{self.name} was loaded without a VAE, so latents cannot be decoded")
         if self.vae is None:
             return latents.clamp(-1, 1)
         sf = self.vae.config.scaling_factor
@@ -172,12 +176,7 @@ def load_diffusers(path: str | Path, device: str | torch.device = "cpu",
 
     name = str(path)
     folder = lab_model_dir() if name == "lab" else Path(path)
-    if not folder.is_dir():
-        raise UnsupportedModelError(f"{folder} is not a folder; give a diffusers model folder or 'lab'")
-    if not (folder / "unet").is_dir() or not (folder / "text_encoder").is_dir():
-        raise UnsupportedModelError(
-            f"{folder} has no unet/ and text_encoder/ subfolders: only Stable Diffusion 1.x/2.x/XL style models "
-            "with a CLIP text encoder are supported")
+    check_model_folder(folder)
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True, torch_dtype=dtype)
     encoders = [CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True, torch_dtype=dtype)]
     tokenizers = [CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)]

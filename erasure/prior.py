@@ -4,7 +4,7 @@
 K/V matrices of all layers (MACE's reference recomputes and caches two matrices per layer). It is normalised per
 prompt (divided by the number of prompts), so the preservation weight means the same whatever the set's size. The
 cache key hashes the text encoder's weights, the prompts and the conditioning layer; a stale or corrupt file is
-rebuilt.
+rebuilt (the file carries its content hash, checked on load with its shape: ``files.load_cache``).
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from .backbone import Backbone
-from .weights import atomic_save
+from .files import load_cache, save_cache
 
 
 def text_encoder_hash(backbone: Backbone) -> str:
@@ -47,16 +46,14 @@ def gram(backbone: Backbone, prompts: list[str], cache_dir: Path | None = None) 
     if cache_dir is not None:
         key = hashlib.sha256(json.dumps([text_encoder_hash(backbone), prompts]).encode()).hexdigest()[:24]
         path = Path(cache_dir) / "gram" / f"{key}.safetensors"
-        if path.exists():
-            try:
-                c = load_file(str(path))["gram"]
-                if c.dim() == 2 and c.shape[0] == c.shape[1] and torch.isfinite(c).all():
-                    return c
-            except Exception:  # corrupt: rebuilt below
-                pass
+        d = backbone.cross_attention_kv()
+        dim = next(iter(d.values())).weight.shape[1] if d else None
+        cached = load_cache(path, {"gram": (dim, dim)})  # None when missing, corrupt (hash) or of another shape
+        if cached is not None and bool(torch.isfinite(cached["gram"]).all()):
+            return cached["gram"]
     e = token_embeddings(backbone, prompts)
     flat = e.reshape(-1, e.shape[-1])
     c = (flat.T @ flat) / len(prompts)
     if path is not None:
-        atomic_save({"gram": c.contiguous()}, path, {"prompts": str(len(prompts))})
+        save_cache({"gram": c}, path, {"prompts": str(len(prompts))})
     return c

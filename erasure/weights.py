@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
+from .files import atomic_save, read_safetensors
+from .validation import check_lora_tensors
 
 KOHYA_PREFIX = "lora_unet_"
 META_PREFIX = "erasure."
@@ -154,12 +152,9 @@ class ErasureWeights:
     def load(cls, path: str | Path) -> ErasureWeights:
         """Read a kohya-format LoRA (ours or anyone's) back as LoRA deltas. Only safetensors are read."""
         path = Path(path)
-        if path.suffix != ".safetensors":
-            raise ValueError(f"{path.name}: only .safetensors files are read (never pickles)")
-        with safe_open(str(path), "pt") as f:
-            meta = dict(f.metadata() or {})
-            keys = list(f.keys())
-            tensors = {k: f.get_tensor(k) for k in keys}
+        tensors, meta = read_safetensors(path)
+        check_lora_tensors(tensors, path.name)
+        keys = list(tensors)
         names: dict[str, str] = {}
         try:
             listed = json.loads(meta.get(META_PREFIX + "modules", "[]"))
@@ -173,14 +168,10 @@ class ErasureWeights:
                 continue
             base = k[: -len(".lora_down.weight")]
             up, down = tensors.get(base + ".lora_up.weight"), tensors[k]
-            if up is None:
-                raise ValueError(f"{path.name}: {base} has lora_down but no lora_up")
             alpha = tensors.get(base + ".alpha")
             r = down.shape[0]
             scale = float(alpha) / r if alpha is not None else 1.0
             deltas[names.get(base, base)] = Delta(up=up, down=down, scale=scale)
-        if not deltas:
-            raise ValueError(f"{path.name} holds no LoRA (lora_up/lora_down) weights")
         return cls(deltas, meta)
 
     def resolve_names(self, unet: nn.Module) -> ErasureWeights:
@@ -199,17 +190,3 @@ class ErasureWeights:
 
 def _meta(values: dict[str, object]) -> dict[str, str]:
     return {META_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
-
-
-def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """save_file to a temporary file in the target folder, then rename: a crash never leaves a truncated file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

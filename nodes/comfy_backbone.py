@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import comfy.model_management
@@ -28,7 +29,11 @@ import torch
 from torch import nn
 
 from ..erasure.backbone import NoiseSchedule, TextConditioning
+from ..erasure.guards import model_lock
 from ..erasure.weights import ErasureWeights, kohya_name
+
+#: prompts whose embeddings a backbone keeps (SDXL: 128 x 77 x 2048 values, 40 MB in fp16)
+TEXT_CACHE_SIZE = 128
 
 #: ComfyUI model configs this pack supports (class names in comfy/supported_models.py)
 SUPPORTED = {"SD15": "SD1.x", "SD20": "SD2.x", "SDXL": "SDXL"}
@@ -38,14 +43,35 @@ class UnsupportedModelError(ValueError):
     pass
 
 
+def prediction_type(model) -> str | None:
+    """``"eps"`` or ``"v"``: what the MODEL's UNet predicts, read from its ``model_sampling`` object (which is what
+    ComfyUI samples with: a ModelSamplingDiscrete node can turn an SD1.x/SD2.x checkpoint detected as epsilon into
+    v-prediction without touching its ``model_type``). ``None`` for anything else (LCM, x0, EDM, flow schedules)."""
+    import comfy.model_sampling as ms
+
+    sampling = model.get_model_object("model_sampling")
+    kind = type(sampling)
+    discrete = (isinstance(sampling, ms.ModelSamplingDiscrete) and kind.sigma is ms.ModelSamplingDiscrete.sigma
+                and kind.timestep is ms.ModelSamplingDiscrete.timestep)
+    if not discrete or kind.calculate_input is not ms.EPS.calculate_input:
+        return None
+    if kind.calculate_denoised is ms.EPS.calculate_denoised:
+        return "eps"
+    if kind.calculate_denoised is ms.V_PREDICTION.calculate_denoised:
+        return "v"
+    return None
+
+
 def check_supported(model) -> str:
     """The family name of a supported MODEL, or a clear error naming what is supported."""
     config = type(getattr(model.model, "model_config", None)).__name__
-    mtype = getattr(model.model, "model_type", None)
-    if config not in SUPPORTED or getattr(mtype, "name", "") not in ("EPS", "V_PREDICTION"):
+    pred = prediction_type(model) if config in SUPPORTED else None
+    if pred is None:
+        mtype = getattr(model.model, "model_type", None)
         raise UnsupportedModelError(
             f"this model ({config}, {getattr(mtype, 'name', mtype)}) is not supported: concept erasure works on "
-            f"SD1.x, SD2.x (epsilon or v-prediction) and SDXL UNets; load one of those with a checkpoint loader")
+            f"SD1.x, SD2.x and SDXL UNets with the discrete epsilon or v-prediction schedule; load one of those "
+            "with a checkpoint loader (Model Sampling Discrete: eps or v_prediction only)")
     return SUPPORTED[config]
 
 
@@ -69,14 +95,16 @@ class ComfyBackbone:
         self.patcher = model
         self.clip = clip
         self.text_encoders = [clip.cond_stage_model]  # what the prior cache's key hashes
+        self._text_cache: OrderedDict[str, TextConditioning] = OrderedDict()
         base = model.model
         sampling = model.get_model_object("model_sampling")
         sigmas = sampling.sigmas.detach().float().cpu()
         self.schedule = NoiseSchedule(1.0 / (1.0 + sigmas**2))
-        self.v_prediction = base.model_type.name == "V_PREDICTION"
+        self.v_prediction = prediction_type(model) == "v"
         self.channels = base.latent_format.latent_channels
         self.default_resolution = resolution or (1024 if self.family == "SDXL" else
                                                  768 if self.v_prediction else 512)
+        #: latent size of the UNet input being evaluated (the attention maps' layout); set by predict_noise
         self._hw = (self.default_resolution // 8, self.default_resolution // 8)
 
     # -- devices -------------------------------------------------------------------------------------------------
@@ -106,9 +134,28 @@ class ComfyBackbone:
         return self.clip.tokenize(prompt, return_word_ids=word_ids)
 
     def encode_text(self, prompts: list[str], batch: int = 32) -> TextConditioning:
-        """Per-token embeddings ``[B, 77, D]``. Without pooled outputs to keep (SD1.x/2.x), up to ``batch`` prompts
-        go through the encoder at once as the 77-token sections of one long prompt (ComfyUI encodes the sections
-        of a prompt as one batch and concatenates them), which is then cut back into prompts."""
+        """Per-token embeddings ``[B, 77, D]``; the last ``TEXT_CACHE_SIZE`` prompts are remembered, because the
+        methods encode the same few prompts many times (the empty prompt, trajectory prompts at every refresh) and
+        the text encoder never changes during a node's run (on CPU an OpenCLIP-H prompt costs over a second)."""
+        cache = self._text_cache
+        missing = list(dict.fromkeys(p for p in prompts if p not in cache))
+        if len(missing) > TEXT_CACHE_SIZE:  # a prior set: encoded once, not kept
+            return self._encode(prompts, batch)
+        if missing:
+            got = self._encode(missing, batch)
+            for i, p in enumerate(missing):
+                cache[p] = got[i : i + 1]
+        for p in prompts:
+            cache.move_to_end(p)
+        out = TextConditioning.cat([cache[p] for p in prompts])
+        while len(cache) > TEXT_CACHE_SIZE:
+            cache.popitem(last=False)
+        return out
+
+    def _encode(self, prompts: list[str], batch: int) -> TextConditioning:
+        """Without pooled outputs to keep (SD1.x/2.x), up to ``batch`` prompts go through the encoder at once as the
+        77-token sections of one long prompt (ComfyUI encodes the sections of a prompt as one batch and
+        concatenates them), which is then cut back into prompts."""
         toks = []
         for p in prompts:
             tokens = self._tokens(p)
@@ -143,7 +190,7 @@ class ComfyBackbone:
         """Positions (in the 77-token sequence) of the tokens of ``word`` inside ``prompt``'s tokens."""
         full = self.tokenize(prompt)
         ids = self.tokenize(word)
-        special = {full[0], full[-1]}
+        special = set(self.tokenize(""))  # start, end and padding (SD2's OpenCLIP pads with 0, not with end)
         sub = [t for t in ids if t not in special]
         if not word.strip() or not sub:
             return []
@@ -155,6 +202,7 @@ class ComfyBackbone:
     # -- prediction ----------------------------------------------------------------------------------------------
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
         x = x_t.to(self.device, self.dtype)
+        self._hw = (x.shape[-2], x.shape[-1])
         t = torch.as_tensor(t, device=self.device).expand(x.shape[0]) if torch.as_tensor(t).dim() == 0 else t
         t = t.to(self.device)
         out = self.unet()(x, timesteps=t.float(), context=cond.embeds.to(self.device, self.dtype),
@@ -171,8 +219,9 @@ class ComfyBackbone:
     @contextlib.contextmanager
     def capture_attention(self, sink, resolution: int | None = None) -> Iterator[None]:
         """Explicit softmax attention in every cross-attention layer for the duration, reporting probabilities
-        ``[B, heads, HW, L]`` to ``sink(name, probs, (h, w))``; the layers' own forwards are put back on exit."""
-        lh, lw = self.latent_shape(resolution)[1:]
+        ``[B, heads, HW, L]`` to ``sink(name, probs, (h, w))``; the layers' own forwards are put back on exit.
+        The map layout follows the latents actually evaluated (user images may differ from ``resolution``)."""
+        self._hw = self.latent_shape(resolution)[1:]
         mods = {n[: -len(".to_k")]: None for n in self.cross_attention_kv() if n.endswith("to_k")}
         named = dict(self.unet().named_modules())
         saved = {}
@@ -180,7 +229,7 @@ class ComfyBackbone:
             for name in mods:
                 m = named[name]
                 saved[name] = m.__dict__.get("forward")
-                m.forward = _capturing_forward(m, name, sink, lh, lw)
+                m.forward = _capturing_forward(m, name, sink, lambda: self._hw)
             yield
         finally:
             for name, fwd in saved.items():
@@ -201,7 +250,7 @@ class ComfyBackbone:
         return h.hexdigest()[:16]
 
 
-def _capturing_forward(m: nn.Module, name: str, sink, lh: int, lw: int):
+def _capturing_forward(m: nn.Module, name: str, sink, latent_hw):
     def forward(x, context=None, value=None, mask=None, transformer_options=None):
         q = m.to_q(x)
         ctx = x if context is None else context
@@ -212,8 +261,9 @@ def _capturing_forward(m: nn.Module, name: str, sink, lh: int, lw: int):
         d = inner // h
         q, k, v = (z.reshape(b, -1, h, d).transpose(1, 2) for z in (q, k, v))
         probs = (q.float() @ k.float().transpose(-1, -2) * d**-0.5).softmax(-1)
+        lh, lw = latent_hw()
         f = round(math.sqrt(lh * lw / n))
-        sink(name, probs, (lh // f, lw // f))
+        sink(name, probs, (-(-lh // f), -(-lw // f)))  # each downsampling rounds up (stride-2 conv, padding 1)
         out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(b, n, inner)
         return m.to_out(out)
 
@@ -224,9 +274,11 @@ def _capturing_forward(m: nn.Module, name: str, sink, lh: int, lw: int):
 def trainable(backbone: ComfyBackbone) -> Iterator[None]:
     """Training inside a prompt (TRAP 2): grad on, inference mode off, and every UNet weight swapped for a
     non-inference copy (requires_grad False) for the duration. The original Parameter objects, which other
-    branches of the graph share (TRAP 1), are put back untouched on exit, even on error or Cancel."""
+    branches of the graph share (TRAP 1), are put back untouched on exit, even on error or Cancel. The model's lock
+    (``erasure.guards.model_lock``) is held throughout, so two erasures of one MODEL (or of its clones, which share
+    the UNet) take turns instead of swapping each other's weights."""
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
-    with torch.inference_mode(False), torch.enable_grad():
+    with model_lock(backbone.unet()), torch.inference_mode(False), torch.enable_grad():
         try:
             for mod in backbone.unet().modules():
                 for pname, p in list(mod._parameters.items()):

@@ -8,9 +8,8 @@ nodes use and other nodes ignore.
 
 from __future__ import annotations
 
-import json
 import os
-import re
+from dataclasses import asdict
 
 import comfy.model_management
 import comfy.utils
@@ -18,13 +17,17 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..erasure.ant import PREDICTIONS, SCOPES, AntSettings, ant
+from ..erasure import validation
+from ..erasure.ant import PREDICTIONS, SAMPLINGS, SCOPES, AntSettings, ant
+from ..erasure.files import read_safetensors
 from ..erasure.lab.evaluate import cache_dir
 from ..erasure.mace import PRESETS, Concept, fuse, mace
 from ..erasure.prior import gram
 from ..erasure.prompts import prior_prompts
 from ..erasure.weights import META_PREFIX, ErasureWeights, _meta, atomic_save
+from . import result_cache
 from .comfy_backbone import ComfyBackbone, from_lora, patched_model, to_lora_dict, trainable
+from .user_images import user_training_data
 
 CATEGORY = "erasure"
 LoraModel = io.Custom("LORA_MODEL")
@@ -40,8 +43,24 @@ class ErasureLora(dict):
         self.metadata = dict(metadata)
 
 
+def _cache_input() -> io.Boolean.Input:
+    return io.Boolean.Input("cache_result", default=False, optional=True,
+                            tooltip="Keep the result in output/erasure-cache and reuse it whenever the same model "
+                                    "(with its patches), text encoder, settings and concepts come again, also after "
+                                    "a restart. Files are as large as the edit.")
+
+
 def _split(text: str) -> list[str]:
-    return [c.strip() for c in re.split(r"[;\n]", text or "") if c.strip()]
+    return validation.split_list(text)
+
+
+def _message(check) -> bool | str:
+    """A node's ``validate_inputs`` answer: True, or the check's message (shown before the graph runs)."""
+    try:
+        check()
+    except ValueError as e:
+        return str(e)
+    return True
 
 
 def _progress(total: int):
@@ -63,6 +82,7 @@ def _lora_weights(lora: dict, model) -> ErasureWeights:
     """A LORA_MODEL socket value (ours or ComfyUI's) as erasure weights with ComfyUI module names."""
     from ..erasure.weights import Delta
 
+    validation.check_lora_tensors(lora)
     deltas = {}
     for k, down in lora.items():
         if not k.endswith(".lora_down.weight"):
@@ -91,11 +111,7 @@ def _underscored(w: ErasureWeights, model) -> ErasureWeights:
 
 
 def _concepts_of(lora: dict) -> list[str]:
-    try:
-        got = json.loads(getattr(lora, "metadata", {}).get(META_PREFIX + "concepts", "[]"))
-        return [c for c in got if isinstance(c, str)]
-    except (json.JSONDecodeError, TypeError):
-        return []
+    return validation.concepts_from_metadata(getattr(lora, "metadata", None) or {}, META_PREFIX + "concepts")
 
 
 # -- nodes -------------------------------------------------------------------------------------------------------
@@ -106,7 +122,7 @@ class EraseConceptANT(io.ComfyNode):
         return io.Schema(
             node_id="EraseConceptANT", display_name="Erase Concept (ANT)", category=CATEGORY,
             description="Erase one concept by reversing classifier-free guidance in the mid-to-late denoising steps "
-                        "(ANT), training only the most salient weights.",
+                        "(ANT), training the cross-attention (or only the most salient weights: scope saliency).",
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.x / SD2.x / SDXL model to erase from (left unchanged)."),
                 io.Clip.Input("clip", tooltip="The model's text encoder (CLIP)."),
@@ -132,39 +148,57 @@ class EraseConceptANT(io.ComfyNode):
                              tooltip="Training resolution in pixels; 0 = the model's native one."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of trajectories and sampling."),
                 io.Int.Input("trajectories", default=d.trajectories, min=1, max=256,
-                             tooltip="Denoising trajectories generated once with the original model and reused."),
+                             tooltip="Seeds x prompt augmentations of the trajectories (and of the saliency maps)."),
                 io.Int.Input("trajectory_steps", default=d.trajectory_steps, min=3, max=200,
                              tooltip="DDIM steps of each trajectory."),
                 io.Int.Input("early_steps", default=d.early_steps, min=1, max=199,
                              tooltip="The first steps, where the guidance direction is kept (structure)."),
                 io.Int.Input("refresh_every", default=d.refresh_every, min=0, max=10000,
-                             tooltip="Regenerate the trajectories with the edited model every N steps (0 = never: "
-                                     "faster, but it erased less on the concept lab)."),
+                             tooltip="cached sampling only: regenerate the trajectories with the edited model "
+                                     "every N steps (0 = never)."),
                 io.Int.Input("saliency_maps", default=d.saliency_maps, min=1, max=64,
                              tooltip="Saliency maps (prompt augmentation x seed) intersected."),
+                _cache_input(),
+                io.Combo.Input("sampling", options=list(SAMPLINGS), default=d.sampling, optional=True,
+                               tooltip="on-policy: each step follows the edited model's own denoising trajectory "
+                                       "(erased the concept on the concept lab); cached: trajectories of the "
+                                       "original model made once and reused (cheaper, erased far less on the lab)."),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the concept erased."),
                      LoraModel.Output(display_name="LORA", tooltip="The erasure as a LoRA (save it or fuse it).")],
         )
 
     @classmethod
+    def validate_inputs(cls, concept: str | None = None) -> bool | str:
+        return _message(lambda: concept is None or validation.check_concept(concept))
+
+    @classmethod
     def execute(cls, model, clip, concept, steps, learning_rate, scope, saliency_fraction, prediction, resolution,
-                seed, synonyms="", trajectories=16, trajectory_steps=50, early_steps=4,
-                saliency_maps=8, preserve=5.0, refresh_every=25) -> io.NodeOutput:
-        if not concept.strip():
-            raise ValueError("the concept is empty: type the word or phrase to erase")
-        s = AntSettings(steps=steps, lr=learning_rate, scope=scope, saliency_fraction=saliency_fraction,
-                        prediction=prediction, seed=seed, resolution=resolution or None, trajectories=trajectories,
-                        trajectory_steps=trajectory_steps, early_steps=early_steps, saliency_maps=saliency_maps,
-                        preserve=preserve, refresh_every=refresh_every)
+                seed, synonyms="", trajectories=None, trajectory_steps=None, early_steps=None,
+                saliency_maps=None, preserve=None, refresh_every=None, cache_result=False,
+                sampling=None) -> io.NodeOutput:
+        concept = validation.check_concept(concept)
+        s = AntSettings().override(
+            steps=steps, lr=learning_rate, scope=scope, saliency_fraction=saliency_fraction, prediction=prediction,
+            seed=seed, resolution=resolution or None, trajectories=trajectories, trajectory_steps=trajectory_steps,
+            early_steps=early_steps, saliency_maps=saliency_maps, preserve=preserve, refresh_every=refresh_every,
+            sampling=sampling)
         s.validate()
         bb = ComfyBackbone(model, clip, resolution or None)
         progress, interrupt = _progress(steps)
         bb.load()
-        with trainable(bb):
-            r = ant(bb, concept.strip(), s, synonyms=tuple(_split(synonyms)), progress=progress,
-                    check_interrupt=interrupt)
-        return io.NodeOutput(patched_model(model, r.weights), _export(r.weights, model, bb))
+        key = result_cache.result_key("ant", bb, {"concept": concept.strip(), "synonyms": _split(synonyms),
+                                                  "settings": asdict(s)}) if cache_result else None
+        weights = result_cache.load(key, bb.unet()) if key else None
+        if weights is not None:
+            progress(steps)  # cached: the bar completes at once
+        else:
+            with trainable(bb):
+                weights = ant(bb, concept.strip(), s, synonyms=tuple(_split(synonyms)), progress=progress,
+                              check_interrupt=interrupt).weights
+            if key:
+                result_cache.save(key, weights)
+        return io.NodeOutput(patched_model(model, weights), _export(weights, model, bb))
 
 
 class MassEraseMACE(io.ComfyNode):
@@ -191,31 +225,66 @@ class MassEraseMACE(io.ComfyNode):
                 io.Int.Input("resolution", default=0, min=0, max=2048, step=8,
                              tooltip="Generation resolution in pixels; 0 = the model's native one."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the generated images."),
+                io.Latent.Input("latents", optional=True,
+                                tooltip="Optional: your own training images of the concepts, as latents (VAE "
+                                        "Encode with this checkpoint's VAE). They replace the generated images of "
+                                        "the concepts they show; the others are generated as usual."),
+                io.Mask.Input("masks", optional=True,
+                              tooltip="Optional: where each image shows its concept (white = concept), one mask "
+                                      "per image or one for all, at the images' size. Not connected: a mask set "
+                                      "on the latents (Set Latent Noise Mask), else whole images."),
+                io.String.Input("image_concepts", default="", optional=True,
+                                tooltip="Which concept each image shows: one number per image, comma-separated "
+                                        "(1 = first concept line), e.g. '1,1,2'. Empty: the images are split "
+                                        "evenly in concept order (2 concepts, 6 images: 3 each)."),
+                _cache_input(),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the concepts erased."),
                      LoraModel.Output(display_name="LORA", tooltip="The erasure as a LoRA.")],
         )
 
     @classmethod
+    def validate_inputs(cls, concepts: str | None = None, anchors: str | None = None) -> bool | str:
+        return _message(lambda: concepts is None or validation.node_concepts(concepts, anchors))
+
+    @classmethod
     def execute(cls, model, clip, concepts, preset, lora_steps, resolution, seed, anchors="",
-                preserve_prompts="") -> io.NodeOutput:
-        names = _split(concepts)
-        if not names:
-            raise ValueError("no concepts given: type one concept per line")
-        anchor_list = [a.strip() for a in (anchors or "").split(";")] if (anchors or "").strip() else []
-        if anchor_list and len(anchor_list) not in (1, len(names)):
-            raise ValueError(f"{len(anchor_list)} anchors for {len(names)} concepts: give one anchor for all, or "
-                             "one per concept")
+                preserve_prompts="", latents=None, masks=None, image_concepts="", cache_result=False) -> io.NodeOutput:
+        names, anchor_list = validation.node_concepts(concepts, anchors)
         s = PRESETS[preset].override(lora_steps=lora_steps or None, seed=seed)
         items = [Concept(c, anchor_list[min(i, len(anchor_list) - 1)] if anchor_list else s.anchor, s.kind)
                  for i, c in enumerate(names)]
         bb = ComfyBackbone(model, clip, resolution or None)
-        progress, interrupt = _progress(len(items) * (s.sample_steps + s.lora_steps))
+        validation.check_mace_inputs(bb, items, s)  # before the prior: a CLIP pass per prompt
+        samples = latents.get("samples") if isinstance(latents, dict) else None
+        if latents is not None and samples is None:
+            raise ValueError("the latents input holds no samples: connect VAE Encode's LATENT output")
+        if masks is None and isinstance(latents, dict):
+            masks = latents.get("noise_mask")
+        x0 = None if samples is None else model.model.latent_format.process_in(samples.float())
+        user = user_training_data(names, x0, masks, image_concepts, bb.channels)  # fails before any work
+        total = (len(items) - len(user)) * s.sample_steps + len(items) * s.lora_steps
+        progress, interrupt = _progress(total)
         bb.load()
-        with trainable(bb):
-            prior = gram(bb, prior_prompts(exclude=names) + _split_lines(preserve_prompts), cache_dir())
-            r = mace(bb, items, s, prior, progress=progress, check_interrupt=interrupt)
-        return io.NodeOutput(patched_model(model, r.weights), _export(r.weights, model, bb))
+        key = None
+        if cache_result:
+            settings = {"concepts": [asdict(c) for c in items], "preserve_prompts": _split_lines(preserve_prompts),
+                        "settings": asdict(s)}
+            user_tensors = {f"{k}.{i}": t for k, pair in user.items() for i, t in enumerate(pair)}
+            key = result_cache.result_key("mace", bb, settings, user_tensors)
+        weights = result_cache.load(key, bb.unet()) if key else None
+        if weights is not None:
+            progress(total)  # cached: the bar completes at once
+        else:
+            with trainable(bb):
+                # ordinary copies: training cannot save inference tensors for backward (TRAP 2)
+                user = {k: (x.clone(), m.clone()) for k, (x, m) in user.items()}
+                prior = gram(bb, prior_prompts(exclude=names) + _split_lines(preserve_prompts), cache_dir())
+                weights = mace(bb, items, s, prior, user_data=user, progress=progress,
+                               check_interrupt=interrupt).weights
+            if key:
+                result_cache.save(key, weights)
+        return io.NodeOutput(patched_model(model, weights), _export(weights, model, bb))
 
 
 class FuseErasureLoRAs(io.ComfyNode):
@@ -254,6 +323,7 @@ class FuseErasureLoRAs(io.ComfyNode):
                 raise ValueError(f"LoRA {i + 1} carries no erasure metadata: write its concepts on line {i + 1} of "
                                  "'concepts'")
             items.append(([Concept(n, "", "object") for n in names], _lora_weights(lora, model)))
+        validation.check_fuse_inputs(bb, items, 0.1, preserve)  # before the prior: a CLIP pass per prompt
         prior = gram(bb, prior_prompts(exclude=[n for c, _ in items for n in (x.text for x in c)]), cache_dir())
         fused = fuse(bb, items, None, prior, preserve=preserve, method="fused")
         return io.NodeOutput(patched_model(model, fused), _export(fused, model, bb))
@@ -288,15 +358,6 @@ class ApplyErasedModel(io.ComfyNode):
         return io.NodeOutput(patched_model(model, w, strength))
 
 
-def _safe_name(name: str) -> str:
-    """A file name inside models/loras: no folders, no dots at the start, safetensors suffix."""
-    base = os.path.basename(name.replace("\\", "/")).strip().lstrip(".")
-    base = re.sub(r"[^A-Za-z0-9._ -]", "_", base)
-    if not base or base in ("safetensors", ".safetensors"):
-        raise ValueError("the file name is empty: type a name such as 'erased-nudity'")
-    return base if base.endswith(".safetensors") else base + ".safetensors"
-
-
 class SaveErasureLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -312,13 +373,19 @@ class SaveErasureLoRA(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename: str | None = None) -> bool | str:
+        return _message(lambda: filename is None or validation.safe_filename(filename))
+
+    @classmethod
     def execute(cls, lora, filename, overwrite) -> io.NodeOutput:
         folder = folder_paths.get_folder_paths("loras")[0]
-        path = os.path.join(folder, _safe_name(filename))
+        validation.check_lora_tensors(lora, "the LoRA", require_lora=False)
+        path = str(validation.path_inside(folder, filename))
         if os.path.exists(path) and not overwrite:
             raise ValueError(f"{os.path.basename(path)} already exists in models/loras: choose another name or "
                              "switch on overwrite")
-        meta = dict(getattr(lora, "metadata", {})) or _meta({"method": "unknown"})
+        meta = {str(k): str(v) for k, v in (getattr(lora, "metadata", None) or {}).items()} or _meta(
+            {"method": "unknown"})
         from pathlib import Path
 
         atomic_save({k: v.contiguous() for k, v in lora.items()}, Path(path), meta)
@@ -340,12 +407,9 @@ class LoadErasureLoRA(io.ComfyNode):
     def execute(cls, lora_name) -> io.NodeOutput:
         if not lora_name.endswith(".safetensors"):
             raise ValueError(f"{lora_name}: only .safetensors files are read")
-        from safetensors import safe_open
-
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
-        with safe_open(path, "pt") as f:
-            meta = {str(k): str(v) for k, v in (f.metadata() or {}).items()}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors, meta = read_safetensors(path)
+        validation.check_lora_tensors(tensors, lora_name, require_lora=False)
         return io.NodeOutput(ErasureLora(tensors, meta))
 
 

@@ -19,7 +19,7 @@ from erasure.ant import (
 from erasure.deltas import SparseDeltas
 
 FAST = AntSettings(steps=3, trajectory_steps=6, early_steps=2, trajectories=3, saliency_maps=2,
-                   saliency_fraction=0.5, batch_size=2, guidance=3.0)
+                   saliency_fraction=0.5, batch_size=2, guidance=3.0, scope="saliency")
 TEMPLATES = ["a {c}", "a red {c}"]
 
 
@@ -145,7 +145,7 @@ def test_sparse_delta_forward_equals_the_dense_edit(tiny_backbone):
 
 def test_cached_training_matches_uncached_when_refreshed_every_step(tiny_backbone):
     bb = tiny_backbone
-    s = FAST.override(scope="xattn", refresh_every=1, steps=3)
+    s = FAST.override(scope="xattn", refresh_every=1, steps=3, sampling="cached")
     a = ant(bb, "circle", s, templates=TEMPLATES)
     b = ant(bb, "circle", s, templates=TEMPLATES, cache=False)
     assert a.losses == pytest.approx(b.losses, rel=1e-4, abs=1e-7)
@@ -174,7 +174,7 @@ def test_ant_is_deterministic_and_leaves_the_model_unchanged(tiny_backbone):
     assert torch.equal(torch.random.get_rng_state(), rng) and torch.is_grad_enabled() == grad_mode
 
 
-@pytest.mark.parametrize("scope", ["xattn", "non-xattn", "lora"])
+@pytest.mark.parametrize("scope", ["xattn", "non-xattn", "kv", "lora"])
 def test_scopes_train_what_they_say(tiny_backbone, scope):
     bb = tiny_backbone
     r = ant(bb, "circle", FAST.override(scope=scope, steps=2), templates=TEMPLATES)
@@ -184,6 +184,8 @@ def test_scopes_train_what_they_say(tiny_backbone, scope):
     elif scope == "non-xattn":
         assert names and not any(".attn2." in n for n in names)
         assert any(isinstance(dict(bb.unet().named_modules())[n], nn.Conv2d) for n in names)
+    elif scope == "kv":
+        assert names == set(bb.cross_attention_kv()) and all(d.up is None for d in r.weights.deltas.values())
     else:
         assert names == set(bb.cross_attention_kv()) and all(d.rank == FAST.lora_rank
                                                              for d in r.weights.deltas.values())

@@ -42,6 +42,7 @@ def test_timestep_distribution_peaks_between_200_and_400():
 def test_suppressed_positions_include_end_and_padding(tiny_backbone):
     pos = suppressed_positions(tiny_backbone, "a photo of a circle", "circle")
     assert pos == [5] + list(range(6, 16))
+    assert suppressed_positions(tiny_backbone, "a photo of a circle", "circle", end=False) == [5]
 
 
 def test_generate_data_shapes_and_masks(tiny_backbone):

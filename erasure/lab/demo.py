@@ -2,7 +2,8 @@
 
 ``esd``: the anchor-free ESD baseline (``baseline.py``). ``cfr``: MACE's closed-form cross-attention refinement
 alone (stage 2 of 4). ``mace``: all four MACE stages with the object preset. ``ant``: ANT with its default
-settings (saliency-masked for one concept; one LoRA per concept and closed-form fusion for several).
+settings (on-policy, dense cross-attention for one concept; one K/V edit per concept and closed-form fusion for
+several).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def lab_prior(backbone: Backbone, concepts: list[str]):
     return gram(backbone, world.prior_prompts(exclude=concepts), cache_dir())
 
 
-def erase(backbone: Backbone, concepts: str | list[str], method: str = "esd", steps: int | None = None,
+def erase(backbone: Backbone, concepts: str | list[str], method: str = "ant", steps: int | None = None,
           seed: int = 0, progress: Callable[[int], None] | None = None,
           settings: MaceSettings | None = None) -> ErasureWeights:
     names = [concepts] if isinstance(concepts, str) else list(concepts)
@@ -53,10 +54,10 @@ def erase(backbone: Backbone, concepts: str | list[str], method: str = "esd", st
 
         a = AntSettings().override(steps=steps, seed=seed)
         if len(names) == 1:
-            return ant(backbone, names[0], a, templates=world.concept_templates(names[0]),
+            return ant(backbone, names[0], a, templates=world.concept_templates(names[0], False),
                        preserve_prompts=world.prior_prompts(exclude=names), progress=progress).weights
         return ant_multi(backbone, names, a, lab_prior(backbone, names),
-                         templates={c: world.concept_templates(c) for c in names},
+                         templates={c: world.concept_templates(c, False) for c in names},
                          preserve_prompts=world.prior_prompts(exclude=names), progress=progress).weights
     s = settings or PRESETS["object"]
     if steps is not None:

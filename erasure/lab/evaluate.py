@@ -16,12 +16,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from ..backbone import Backbone
+from ..files import load_cache, save_cache
 from ..sampling import sample
-from ..weights import ErasureWeights, atomic_save
+from ..weights import ErasureWeights
 from . import world
 from .classifier import HEADS, LabClassifier
 from .metrics import fidelity, summarise
@@ -70,16 +70,13 @@ def original_images(backbone: Backbone, s: EvalSettings, use_cache: bool = True)
     path = cache_dir() / "lab-eval" / f"{key}.safetensors"
     own, syn = _prompt_sets(s)
     expect = {"own": len(own) * s.seeds_own, "syn": len(syn) * s.seeds_syn}
-    if use_cache and path.exists():
-        try:
-            cached = load_file(str(path))
-            if all(k in cached and cached[k].shape[0] == n for k, n in expect.items()):
-                return cached
-        except Exception:  # corrupt cache: rebuild below
-            pass
+    if use_cache:
+        cached = load_cache(path, {k: (n, None, None, None) for k, n in expect.items()})
+        if cached is not None:  # None: missing, corrupt (content hash) or stale (shapes); rebuilt below
+            return cached
     images = generate(backbone, s, desc="original model")
     if use_cache:
-        atomic_save({k: v.contiguous() for k, v in images.items()}, path, {"fingerprint": fp})
+        save_cache(images, path, {"fingerprint": fp})
     return images
 
 

@@ -279,18 +279,25 @@ def prior_prompts(exclude: list[str] | tuple[str, ...] = (), n: int = 1000, seed
     return out
 
 
-def concept_templates(concept: str) -> list[str]:
-    """Training-style prompts with ``{c}`` where the concept goes (what erasure methods edit on the lab model)."""
+def concept_templates(concept: str, with_other_concepts: bool = True) -> list[str]:
+    """Training-style prompts with ``{c}`` where the concept goes (what erasure methods edit on the lab model).
+
+    ``with_other_concepts=False`` leaves out the prompts that also name another lab concept ("a red {c}"): a method
+    that pushes the whole prompt's guidance direction away (ANT) would erase those concepts too."""
     kind = concept_kind(concept)
     out: list[str] = []
+    colours = COLOURS if with_other_concepts else ()
+    nouns = GENERIC_NOUNS + SHAPES if with_other_concepts else GENERIC_NOUNS
     if kind == "shape":
-        for col in ("",) + COLOURS:
+        for col in ("",) + colours:
             out += [" ".join(t.format(c=col, s="{c}", y="").split()) for t in TEMPLATES_SHAPE]
-        out += [" ".join(t.format(c="", s="{c}", y=y).split()) for t in TEMPLATES_STYLE for y in STYLE_CONCEPTS]
+        if with_other_concepts:
+            out += [" ".join(t.format(c="", s="{c}", y=y).split()) for t in TEMPLATES_STYLE
+                    for y in STYLE_CONCEPTS]
     elif kind == "colour":
-        for s in GENERIC_NOUNS + SHAPES:
+        for s in nouns:
             out += [" ".join(t.format(c="{c}", s=s, y="").split()) for t in TEMPLATES_SHAPE]
     else:
-        for s in GENERIC_NOUNS + SHAPES:
+        for s in nouns:
             out += [" ".join(t.format(c="", s=s, y="{c}").split()) for t in TEMPLATES_STYLE]
     return list(dict.fromkeys(out))

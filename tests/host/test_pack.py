@@ -28,11 +28,14 @@ def _unet_out(model, seed: int = 0) -> torch.Tensor:
     comfy.model_management.load_models_gpu([model], force_full_load=True)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 4, 8, 8, generator=g)
-    ctx = torch.randn(1, 77, 768, generator=g)
+    config = model.model.model_config.unet_config
+    dtype = model.model.get_dtype()
+    ctx = torch.randn(1, 77, config["context_dim"], generator=g)
+    adm = config.get("adm_in_channels")  # SDXL: pooled text + size vector
+    y = torch.randn(1, adm, generator=g).to(dtype) if adm else None
     with torch.inference_mode():
         dm = model.model.diffusion_model
-        return dm(x.to(model.model.get_dtype()), timesteps=torch.tensor([500.0]),
-                  context=ctx.to(model.model.get_dtype())).float().clone()
+        return dm(x.to(dtype), timesteps=torch.tensor([500.0]), context=ctx.to(dtype), y=y).float().clone()
 
 
 def _ant(comfy, model, clip, **kw):
@@ -174,9 +177,19 @@ def test_batched_text_encoding_equals_one_prompt_at_a_time(comfy, loaded):
     bb = mod.ComfyBackbone(model, clip)
     prompts = ["a cat", "a photo of a dog in a park", ""]
     together = bb.encode_text(prompts).embeds
-    alone = torch.cat([bb.encode_text([p]).embeds for p in prompts])
+    alone = torch.cat([mod.ComfyBackbone(model, clip).encode_text([p]).embeds for p in prompts])  # no shared cache
     assert together.shape == (3, 77, 768)
     assert torch.allclose(together, alone, atol=1e-5)
+    calls = []
+    real = clip.encode_from_tokens
+    clip.encode_from_tokens = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    try:
+        again = bb.encode_text(["", "a cat", "a cat"]).embeds  # remembered: the encoder is not run again
+        fresh = bb.encode_text(["a house", "a cat"]).embeds
+    finally:
+        del clip.encode_from_tokens
+    assert calls == [1], f"{len(calls)} encoder runs for one new prompt"
+    assert torch.equal(again, together[[2, 0, 0]]) and torch.equal(fresh[1], together[0])
 
 
 def test_mace_and_fuse_nodes_mix_ant_and_mace_loras(comfy, loaded, tmp_path, monkeypatch):

@@ -1,0 +1,118 @@
+"""Mass Erase (MACE) with the user's own images and masks: a LATENT batch from VAE Encode, MASKs, image_concepts."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from .test_pack import _out, _unet_out
+
+FAST_MACE = {"preset": "object", "lora_steps": 3, "resolution": 64, "seed": 0}
+
+
+@pytest.fixture
+def mace_env(comfy, loaded, tmp_path, monkeypatch):
+    """The MACE node's module with a short prior set, and a record of what reaches stage 1 and the attention loss."""
+    node = comfy["nodes"].NODE_CLASS_MAPPINGS["MassEraseMACE"]
+    mod = sys.modules[node.__module__]
+    library = sys.modules[mod.mace.__module__]
+    monkeypatch.setenv("ERASURE_CACHE", str(tmp_path))
+    monkeypatch.setattr(mod, "prior_prompts", lambda exclude=(), **kw: ["a house", "a tree", "a man", "a car"])
+    seen = {"masks": [], "sampled": []}
+
+    class RecordingLoss(library.AttentionLoss):
+        def __init__(self, *a, **kw) -> None:
+            super().__init__(*a, **kw)
+            seen["masks"].append(self.masks.detach().clone())
+
+    real_sample = library.sample
+
+    def recording_sample(backbone, prompts, *a, **kw):
+        seen["sampled"].append(list(prompts))
+        return real_sample(backbone, prompts, *a, **kw)
+
+    monkeypatch.setattr(library, "AttentionLoss", RecordingLoss)
+    monkeypatch.setattr(library, "sample", recording_sample)
+    return node, seen
+
+
+def _images(vae, n: int, size: int = 64, seed: int = 0) -> dict:
+    """A LATENT as VAE Encode makes it from an IMAGE batch ``[n, size, size, 3]``."""
+    import nodes
+
+    pixels = torch.rand(n, size, size, 3, generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        return nodes.VAEEncode().encode(vae, pixels)[0]
+
+
+def _run(node, model, clip, concepts: str, **kw):
+    with torch.inference_mode():  # as inside a prompt (TRAP 2)
+        r = node.execute(model=model, clip=clip, concepts=concepts, **(FAST_MACE | kw))
+    return _out(r, 0), _out(r, 1)
+
+
+def test_user_masks_reach_training_and_change_the_result(comfy, loaded, mace_env):
+    node, seen = mace_env
+    model, clip, vae = loaded
+    before = _unet_out(model)
+    latents = _images(vae, 2)
+    full = torch.ones(2, 64, 64)
+    corner = torch.zeros(2, 64, 64)
+    corner[:, :32, :32] = 1.0  # the top-left quarter of each image
+    erased, lora_full = _run(node, model, clip, "cat", latents=latents, masks=full)
+    assert seen["sampled"] == [], "stage 1 generated images although the user gave them"
+    assert len(seen["masks"]) == FAST_MACE["lora_steps"]
+    assert all(torch.equal(m, torch.ones(1, 8, 8)) for m in seen["masks"])
+    seen["masks"].clear()
+    _, lora_corner = _run(node, model, clip, "cat", latents=latents, masks=corner)
+    expected = torch.zeros(1, 8, 8)
+    expected[:, :4, :4] = 1.0  # the pixel mask at the latents' size
+    assert all(torch.equal(m, expected) for m in seen["masks"])
+    assert lora_full.keys() == lora_corner.keys()
+    assert any(not torch.equal(lora_full[k], lora_corner[k]) for k in lora_full), "the masks changed nothing"
+    assert not torch.allclose(_unet_out(erased), before), "the erasure did nothing"
+    assert torch.equal(_unet_out(model), before), "the input MODEL changed (TRAP 1)"
+
+
+def test_image_concepts_pick_the_concept_and_a_latent_noise_mask_is_used(comfy, loaded, mace_env):
+    import nodes
+
+    node, seen = mace_env
+    model, clip, vae = loaded
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 32:, :] = 1.0  # the bottom half, one mask for both images (Set Latent Noise Mask broadcasts it)
+    with torch.inference_mode():
+        latents = nodes.SetLatentNoiseMask().set_mask(_images(vae, 2), mask)[0]
+    _run(node, model, clip, "cat\ndog", latents=latents, image_concepts="2, 2")
+    assert seen["sampled"] == [["a photo of the cat"]], "only the concept without images is generated"
+    cat, dog = seen["masks"][0], seen["masks"][-1]  # LoRAs are trained in concept order
+    expected = torch.zeros(1, 8, 8)
+    expected[:, 4:, :] = 1.0
+    assert torch.equal(dog, expected)
+    assert cat.shape == (1, 8, 8) and not torch.equal(cat, expected)  # from the model's own attention
+
+
+@pytest.mark.parametrize(("concepts", "kw", "message"), [
+    ("cat", {"masks": torch.ones(3, 64, 64)}, "3 masks for 2 images"),
+    ("cat", {"masks": torch.zeros(1, 64, 64) + 1, "size": 128}, "masks are 64x64 pixels but the images are 128x128"),
+    ("cat", {"masks": torch.zeros(2, 64, 64)}, "mask 1 is empty"),
+    ("cat\ndog\nbird", {}, "2 images for 3 concepts"),
+    ("cat\ndog", {"image_concepts": "1,3"}, "numbers go from 1 to 2"),
+    ("cat\ndog", {"image_concepts": "1"}, "1 numbers for 2 images"),
+    ("cat\ndog", {"image_concepts": "cat,dog"}, "one concept number per image"),
+    ("cat", {"latents": None, "masks": torch.ones(1, 64, 64)}, "masks are connected but no images"),
+    ("cat", {"channels": 16}, "16 channels, this model's have 4"),
+])
+def test_bad_image_batches_get_clear_messages(comfy, loaded, mace_env, concepts, kw, message):
+    node, seen = mace_env
+    model, clip, vae = loaded
+    kw = dict(kw)
+    latents = _images(vae, 2, kw.pop("size", 64))
+    if "channels" in kw:
+        latents = {"samples": torch.zeros(2, kw.pop("channels"), 8, 8)}
+    kw.setdefault("latents", latents)
+    with pytest.raises(ValueError, match=message):
+        _run(node, model, clip, concepts, **kw)
+    assert seen["sampled"] == [] and seen["masks"] == [], "the node did work before refusing the input"
