@@ -16,10 +16,10 @@ Method: peak = resident tensors, counted exactly, + activations saved for backwa
   full finetuning) and MACE's attention-loss graph (rank-1 K/V LoRA, explicit attention probabilities, gradient
   only through cross-attention).
 * Assumptions: no UNet gradient checkpointing (the library enables none), no CPU offload of the UNet, the text
-  encoders resident on the GPU, the library's default settings (ANT: saliency maps of 4 x 8 rows, training
-  forwards of 6 rows with the preservation term; MACE: LoRA batch 1). The sparse delta's size depends on the
-  model's gradients: it is shown at the selected fraction measured in this run (random weights) and at its upper
-  bound (a single map's ``saliency_fraction``).
+  encoders resident on the GPU, the measured ANT configuration (``cases.MEASURED_DEFAULTS``: saliency maps of
+  4 x 8 rows, training forwards of 6 rows with the preservation term; MACE: LoRA batch 1). The sparse delta's size
+  depends on the model's gradients: it is shown at the selected fraction measured in this run (random weights) and
+  at its upper bound (a single map's ``saliency_fraction``).
 
 When the size runs on a GPU, ``--size gpu`` also measures the peak (``torch.cuda.max_memory_allocated``) of ours at
 the target resolution in bf16 with the default batch shapes (``measure_peak``), beside the projection.
@@ -127,7 +127,9 @@ def project_arch(probe: dict, selected_fraction: float | None, weight_bytes: int
     act_mace, err_mace = _line(probe["latents"], probe["mace_graph_bytes_per_row"], lat)
     half = weight_bytes / probe.get("dtype_bytes", 4)  # activations scale with the dtype the probe ran in
     act_full, act_mace = act_full * half, act_mace * half
-    s, m = AntSettings(), MaceSettings()
+    from .cases import MEASURED_DEFAULTS
+
+    s, m = AntSettings().override(**MEASURED_DEFAULTS), MaceSettings()
     weights = (probe["unet_params"] + probe["text_encoder_params"]) * weight_bytes
     lc = probe["linear_conv_params"]
     saliency_rows = 4 * len(_late_steps(s))
