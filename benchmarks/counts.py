@@ -1,0 +1,54 @@
+"""UNet evaluations of ANT single concept, ours and the reference, for any settings, without running a UNet.
+
+The count depends only on the settings and on the sampled schedule (which trajectory, which early and late step at
+each training step), never on the model. Replaying the schedule with the library's own ``draw`` and the same
+generator gives the exact count, so the library's full default settings (250 steps, 16 trajectories of 50 DDIM
+steps, 8 saliency maps, refresh every 25 steps) can be reported on a machine that cannot run them on a real
+UNet. The smoke test checks these formulas against the counts measured by the hooks (``meter.py``); on the tiny
+layout the defaults were also run for real: ours 32,048 evaluations with refresh, 3,824 without (both equal to
+the formula).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from erasure.ant import AntSettings, draw
+
+
+def _late(s: AntSettings) -> list[int]:
+    n_late = s.trajectory_steps - 1 - s.early_steps
+    return sorted({s.early_steps + round(i * (n_late - 1) / 7) for i in range(min(8, n_late))})
+
+
+def ours_ant_single(s: AntSettings) -> dict[str, int]:
+    """``erasure.ant.ant`` with the saliency scope, cached trajectories and preservation prompts."""
+    per_traj = 2 * s.trajectories * (s.trajectory_steps - 1)  # guided DDIM: two rows per step
+    trajectories = per_traj
+    saliency = 4 * len(_late(s)) * min(s.saliency_maps, s.trajectories)
+    # per step: the frozen model's predictions for the preservation prompts (2 rows), then the loss forward of the
+    # edited model: conditional and unconditional at two latents (4 rows) + the preservation prompts (2 rows)
+    per_step = (8 if s.preserve > 0 else 4) * s.batch_size
+    refreshes = (s.steps - 1) // s.refresh_every if s.refresh_every else 0
+    refresh = refreshes * 2 * per_traj  # regenerate with the edited model + the frozen predictions along it
+    return {"trajectories": trajectories, "saliency": saliency, "training": s.steps * per_step, "refresh": refresh,
+            "total": trajectories + saliency + s.steps * per_step + refresh}
+
+
+def reference_ant_single(s: AntSettings, n_preserve: int = 0) -> dict[str, int]:
+    """``reference_ant.reference_ant_single``: a trajectory regenerated to the drawn late step before each step."""
+    late = _late(s)
+    maps = min(s.saliency_maps, s.trajectories)
+    # per map: one trajectory to the last late step, the frozen model's two predictions at every pair, the edited
+    # model's conditional (with gradient) and unconditional (without) at every pair
+    saliency = maps * (2 * max(late) + 8 * len(late))
+    gen = torch.Generator().manual_seed(s.seed)
+    regen = 0
+    for _ in range(s.steps):
+        _, _, kl = draw(gen, s.trajectories, s)
+        if n_preserve:
+            torch.randint(0, n_preserve, (s.batch_size,), generator=gen)
+        regen += sum(2 * k for k in kl)
+    training = s.steps * 8 * s.batch_size
+    return {"saliency": saliency, "regeneration": regen, "training": training,
+            "total": saliency + regen + training}
