@@ -42,13 +42,23 @@ def normal_matrices(w_ref: torch.Tensor, e: torch.Tensor, v: torch.Tensor, lam: 
     return m1, m2
 
 
-def solve(m1: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
-    """``W = M1 M2^-1`` by Cholesky (``M2`` symmetric positive definite), in float64."""
+def factor(m2: torch.Tensor) -> torch.Tensor:
+    """The Cholesky factor of ``M2`` (symmetric positive definite), to solve several right-hand sides with it."""
     m2 = (m2 + m2.T) / 2
     chol, info = torch.linalg.cholesky_ex(m2)
     if int(info) != 0:
         raise ValueError("the refinement system is not positive definite: increase the regulariser lam")
+    return chol
+
+
+def solve_factored(m1: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
+    """``W = M1 M2^-1`` given ``factor(M2)``."""
     return torch.cholesky_solve(m1.T.contiguous(), chol).T
+
+
+def solve(m1: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
+    """``W = M1 M2^-1`` by Cholesky (``M2`` symmetric positive definite), in float64."""
+    return solve_factored(m1, factor(m2))
 
 
 def least_squares_edit(w_ref: torch.Tensor, e: torch.Tensor, v: torch.Tensor, lam: float,

@@ -27,7 +27,7 @@ import torch
 
 from . import validation
 from .backbone import Backbone
-from .closed_form import least_squares_edit
+from .closed_form import factor, least_squares_edit, solve_factored
 from .deltas import TrainableLoRA
 from .guards import entry_point
 from .prompts import concept_prompts
@@ -315,21 +315,35 @@ def fuse(backbone: Backbone, items: list[tuple[Concept | list[Concept], ErasureW
     ANT) mix freely; only their K/V effects are fused.
     """
     validation.check_fuse_inputs(backbone, items, lam, preserve)
+    if lam <= 0:
+        raise ValueError(f"lam must be > 0 (got {lam})")
     w0s = _kv_weights(backbone)
     groups = [c if isinstance(c, list) else [c] for c, _ in items]
-    embeds = [torch.cat([concept_token_embeddings(backbone, c) for c in g]) for g in groups]
+    d = next(iter(w0s.values())).shape[1]
+    # E_i^T E_i and the system matrix M2 = sum_i E_i^T E_i + lam I + s C do not depend on the layer: computed once,
+    # factored once, and every layer only forms its own right-hand side M1 (the reference rebuilds both per layer)
+    grams = [(e.T @ e) for e in (torch.cat([concept_token_embeddings(backbone, c) for c in g]) for g in groups)]
+    g_sum = sum(grams, torch.zeros(d, d, dtype=torch.float64))
+    m2 = g_sum + lam * torch.eye(d, dtype=torch.float64)
+    use_prior = prior is not None and preserve != 0
+    if use_prior:
+        c_prior = prior.double()
+        m2 = m2 + preserve * c_prior
+    chol = factor(m2)
     deltas = {}
     for name, w0 in w0s.items():
         wb = w0 + (base.deltas[name].matrix().double() if base is not None and name in base.deltas else 0)
-        es, vs = [], []
-        for (_, lw), e in zip(items, embeds, strict=True):
-            dw = lw.deltas[name].matrix().double() if name in lw.deltas else torch.zeros_like(w0)
-            es.append(e)
-            vs.append(e @ (wb + dw).T)
-        e = torch.cat(es) if es else torch.zeros(0, w0.shape[1], dtype=torch.float64)
-        v = torch.cat(vs) if vs else torch.zeros(0, w0.shape[0], dtype=torch.float64)
-        w = least_squares_edit(wb, e, v, lam, prior, preserve, w_prior=w0)
-        deltas[name] = (w - w0).float()
+        m1 = wb @ g_sum + lam * wb  # sum_i (W_base + dW_i) E_i^T E_i, the dW_i below
+        for (_, lw), g in zip(items, grams, strict=True):
+            if name in lw.deltas:
+                dl = lw.deltas[name]
+                if dl.up is not None and dl.down is not None and dl.down.dim() == 2:  # low rank: up (down G)
+                    m1 = m1 + (dl.up.double() @ (dl.down.double() @ g)) * dl.scale
+                else:
+                    m1 = m1 + dl.matrix().double() @ g
+        if use_prior:
+            m1 = m1 + preserve * (w0 @ c_prior)
+        deltas[name] = (solve_factored(m1, chol) - w0).float()
     return ErasureWeights.dense(deltas, method=method, concepts=[c.text for g in groups for c in g],
                                 anchors=[c.anchor for g in groups for c in g],
                                 settings={"lam": lam, "fuse_preserve": preserve})

@@ -82,6 +82,30 @@ def test_fusion_of_one_lora_reproduces_it_on_its_own_prompts(tiny_backbone, tmp_
         assert (got - want).norm() < 0.05 * change + 1e-6, name
 
 
+def test_fusion_solves_the_stacked_least_squares_problem(tiny_backbone, tmp_path):
+    """The layer-shared factorisation gives the same W as the per-layer stacked problem of the formula, for a
+    LoRA, a dense edit and a CFR base together."""
+    from erasure.closed_form import least_squares_edit
+    from erasure.weights import ErasureWeights
+
+    bb = tiny_backbone
+    g = torch.Generator().manual_seed(0)
+    cs = [Concept(w, "shape", templates=LAB_TEMPLATES) for w in ("circle", "square")]
+    kv = bb.cross_attention_kv()
+    lora = train_lora(bb, generate_data(bb, cs[0], _settings()), None, _settings(lora_steps=3)).weights
+    dense = ErasureWeights.dense({n: torch.randn(m.weight.shape, generator=g) * 0.01 for n, m in kv.items()})
+    base = ErasureWeights.dense({n: torch.randn(m.weight.shape, generator=g) * 0.01 for n, m in kv.items()})
+    prior = gram(bb, prior_prompts(50), tmp_path)
+    fused = fuse(bb, [(cs[0], lora), (cs[1], dense)], base, prior, lam=0.05, preserve=0.5)
+    es = [concept_token_embeddings(bb, c) for c in cs]
+    for name, mod in kv.items():
+        w0 = mod.weight.detach().double()
+        wb = w0 + base.deltas[name].matrix().double()
+        v = torch.cat([e @ (wb + w.deltas[name].matrix().double()).T for e, w in zip(es, (lora, dense))])
+        want = least_squares_edit(wb, torch.cat(es), v, 0.05, prior, 0.5, w_prior=w0)
+        torch.testing.assert_close(w0 + fused.deltas[name].matrix().double(), want, rtol=0, atol=1e-5)
+
+
 def test_full_pipeline_runs_and_names_its_concepts(tiny_backbone, tmp_path):
     bb = tiny_backbone
     concepts = [Concept(w, "shape", templates=LAB_TEMPLATES, data_prompt="a photo of a {c}")
