@@ -101,7 +101,7 @@ def test_fusion_solves_the_stacked_least_squares_problem(tiny_backbone, tmp_path
     for name, mod in kv.items():
         w0 = mod.weight.detach().double()
         wb = w0 + base.deltas[name].matrix().double()
-        v = torch.cat([e @ (wb + w.deltas[name].matrix().double()).T for e, w in zip(es, (lora, dense))])
+        v = torch.cat([e @ (wb + w.deltas[name].matrix().double()).T for e, w in zip(es, (lora, dense), strict=True)])
         want = least_squares_edit(wb, torch.cat(es), v, 0.05, prior, 0.5, w_prior=w0)
         torch.testing.assert_close(w0 + fused.deltas[name].matrix().double(), want, rtol=0, atol=1e-5)
 
