@@ -14,7 +14,8 @@ Four stages, as in ``shared/docs/ALGORITHMS.md``:
 
 Where the project differs from the reference code on purpose: the prior Gram matrix is shared by all layers and its
 weight applied once (the reference applies it twice and caches two matrices per layer); solves are float64 Cholesky
-instead of explicit float32 inverses; masks come from the model's own attention.
+instead of explicit float32 inverses, and both closed forms solve one D x D system for all layers (CFR: ``W = W0 P``;
+fusion: one factor, per-layer right-hand sides); masks come from the model's own attention.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 from . import validation
 from .backbone import Backbone
-from .closed_form import factor, least_squares_edit, solve_factored
+from .closed_form import factor, solve_factored
 from .deltas import TrainableLoRA
 from .guards import entry_point
 from .prompts import concept_prompts
@@ -199,10 +200,19 @@ def refine(backbone: Backbone, concepts: list[Concept], prior: torch.Tensor | No
         ef_list.append(ef)
         eg_list.append(eg)
     ef, eg = torch.cat(ef_list), torch.cat(eg_list)
-    deltas = {}
-    for name, w0 in w0s.items():
-        w = least_squares_edit(w0, ef, eg @ w0.T, lam, prior, preserve)
-        deltas[name] = (w - w0).float()
+    if lam <= 0:
+        raise ValueError(f"lam must be > 0 (got {lam})")
+    # every layer's targets are its own W0 applied to the anchor embeddings, so its normal equations read
+    # W M2 = W0 A with A = E_g^T E_f + lam I + s C and M2 = E_f^T E_f + lam I + s C, both layer-independent:
+    # W = W0 P with P = A M2^-1, solved once for all layers
+    eye = torch.eye(d, dtype=torch.float64)
+    a = eg.T @ ef + lam * eye
+    m2 = ef.T @ ef + lam * eye
+    if prior is not None and preserve != 0:
+        a = a + preserve * prior.double()
+        m2 = m2 + preserve * prior.double()
+    p = solve_factored(a, factor(m2))
+    deltas = {name: (w0 @ p - w0).float() for name, w0 in w0s.items()}
     return ErasureWeights.dense(deltas, method="mace-cfr", concepts=[c.text for c in concepts],
                                 anchors=[c.anchor for c in concepts], settings={"lam": lam, "preserve": preserve})
 

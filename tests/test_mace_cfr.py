@@ -39,6 +39,25 @@ def test_cfr_maps_concept_onto_anchor_and_keeps_prior(tiny_backbone, tmp_path):
         assert drift < 0.3, (name, float(drift))
 
 
+def test_cfr_solves_each_layers_least_squares_problem(tiny_backbone, tmp_path):
+    """One D x D solve shared by all layers gives each layer's own minimiser (and its normal equations hold)."""
+    from erasure.closed_form import least_squares_edit, normal_matrices
+
+    bb = tiny_backbone
+    cs = [Concept("circle", "square"), Concept("red", "blue")]
+    prior = _lab_prior(bb, tmp_path, exclude=["circle", "red"])
+    w = refine(bb, cs, prior, lam=0.1, preserve=0.7)
+    pairs = [aligned_pairs(bb, c) for c in cs]
+    ef, eg = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    for name, mod in bb.cross_attention_kv().items():
+        w0 = mod.weight.detach().double()
+        got = w0 + w.deltas[name].matrix().double()
+        want = least_squares_edit(w0, ef, eg @ w0.T, 0.1, prior, 0.7)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        m1, m2 = normal_matrices(w0, ef, eg @ w0.T, 0.1, prior, 0.7)
+        assert float((want @ m2 - m1).abs().max()) < 1e-8 * float(m1.abs().max())
+
+
 def test_gram_is_cached_and_rebuilt_when_corrupt(tiny_backbone, tmp_path):
     prompts = prior_prompts(20)
     a = gram(tiny_backbone, prompts, cache_dir=tmp_path)
