@@ -229,6 +229,11 @@ class MassEraseMACE(io.ComfyNode):
                                 tooltip="Optional: your own training images of the concepts, as latents (VAE "
                                         "Encode with this checkpoint's VAE). They replace the generated images of "
                                         "the concepts they show; the others are generated as usual."),
+                io.Image.Input("images", optional=True,
+                               tooltip="Optional, instead of latents: your own training images as an IMAGE batch "
+                                       "(e.g. Load Image); they are encoded with the vae input as VAE Encode does."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="The checkpoint's VAE, needed only to encode the images input."),
                 io.Mask.Input("masks", optional=True,
                               tooltip="Optional: where each image shows its concept (white = concept), one mask "
                                       "per image or one for all, at the images' size. Not connected: a mask set "
@@ -249,8 +254,18 @@ class MassEraseMACE(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concepts, preset, lora_steps, resolution, seed, anchors="",
-                preserve_prompts="", latents=None, masks=None, image_concepts="", cache_result=False) -> io.NodeOutput:
+                preserve_prompts="", latents=None, masks=None, image_concepts="", cache_result=False,
+                images=None, vae=None) -> io.NodeOutput:
         names, anchor_list = validation.node_concepts(concepts, anchors)
+        if images is not None:
+            if latents is not None:
+                raise ValueError("both images and latents are connected: connect one of them")
+            if vae is None:
+                raise ValueError("images are connected but no vae: connect the checkpoint's VAE to encode them "
+                                 "(or connect VAE Encode's LATENT to latents instead)")
+            if images.dim() != 4 or images.shape[-1] < 3:
+                raise ValueError(f"the images have shape {tuple(images.shape)}: expected an IMAGE batch [B, H, W, 3]")
+            latents = {"samples": vae.encode(images[:, :, :, :3])}  # exactly what VAE Encode does
         s = PRESETS[preset].override(lora_steps=lora_steps or None, seed=seed)
         items = [Concept(c, anchor_list[min(i, len(anchor_list) - 1)] if anchor_list else s.anchor, s.kind)
                  for i, c in enumerate(names)]

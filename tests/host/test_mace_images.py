@@ -116,3 +116,18 @@ def test_bad_image_batches_get_clear_messages(comfy, loaded, mace_env, concepts,
     with pytest.raises(ValueError, match=message):
         _run(node, model, clip, concepts, **kw)
     assert seen["sampled"] == [] and seen["masks"] == [], "the node did work before refusing the input"
+
+
+def test_images_with_a_vae_equal_their_latents(comfy, loaded, mace_env):
+    """The IMAGE + VAE inputs give exactly what VAE Encode's LATENT gives; bad combinations are refused."""
+    node, _ = mace_env
+    model, clip, vae = loaded
+    pixels = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    _, from_latents = _run(node, model, clip, "cat", latents=_images(vae, 2))
+    _, from_images = _run(node, model, clip, "cat", images=pixels, vae=vae)
+    assert from_latents.keys() == from_images.keys()
+    assert all(torch.equal(from_latents[k], from_images[k]) for k in from_latents)
+    with pytest.raises(ValueError, match="no vae"):
+        _run(node, model, clip, "cat", images=pixels)
+    with pytest.raises(ValueError, match="connect one of them"):
+        _run(node, model, clip, "cat", images=pixels, vae=vae, latents=_images(vae, 2))
