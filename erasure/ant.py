@@ -1,8 +1,9 @@
 """ANT (Li et al., ACMMM 2025): erase a concept by reversing classifier-free guidance in the mid-to-late steps.
 
 The objective (``shared/docs/ALGORITHMS.md``), per training sample: a DDIM trajectory of the concept prompt with
-guidance, from the frozen model; an early step ``k+`` (high noise, lays out the structure) and a mid/late step
-``k-``; the frozen predictions ``eps_u``, ``eps_c`` at both latents; targets
+guidance (the spec's: from the frozen model; ours by default: from the edited model, see below); an early step
+``k+`` (high noise, lays out the structure) and a mid/late step ``k-``; the frozen predictions ``eps_u``, ``eps_c``
+at both latents; targets
 
     early:      eps_u + eta (eps_c - eps_u)     (keep the guidance direction)
     mid/late:   eps_u - eta (eps_c - eps_u)     (reverse it)
@@ -12,17 +13,19 @@ and the loss ``L_erase + a1 L_u(late) + a2 (L_enh + a1 L_u(early))`` with the an
 
 Where the project differs from the reference code on purpose:
 
-* Trajectories and the frozen predictions along them are computed **once** and cached (``Trajectories``); a training
-  step then costs only the edited model's forwards and backward. ``refresh_every = N`` regenerates them with the
-  edited model every N steps (on-policy); ``cache=False`` is the reference's regenerate-every-iteration loop, kept
-  for comparison and for the benchmark.
+* Training latents come, by default, from the edited model's own trajectory, regenerated at every step up to the
+  drawn late step (``sampling="on-policy"``: the reference's loop, over 10 DDIM steps instead of 50). The project's
+  ``sampling="cached"`` computes frozen-model trajectories and the frozen predictions along them **once**
+  (``Trajectories``), so that a step costs only the edited model's forwards and backward, and refreshes them every
+  ``refresh_every`` steps; on the concept lab it did not erase (README), so it is an option, not the default.
 * The saliency mask keeps the entries with the **largest** |grad| of each map (the reference's ascending sort keeps
   the smallest), intersected over prompt augmentations and seeds, and training touches only those entries through a
   sparse delta (``SparseDeltas``): optimizer state is proportional to the selection, not to the UNet.
 * Saliency covers the weights of every Linear and Conv2d layer of the UNet (norms and biases, <1% of the
   parameters, are not edited).
-* The multi-concept path trains each concept's LoRA on the cross-attention K/V projections only, so that MACE's
-  closed-form fusion (which combines K/V effects) is exact per concept rather than an approximation.
+* The default scope is dense cross-attention, not the saliency mask (which stays available): measured on the lab.
+* The multi-concept path trains each concept's edit on the cross-attention K/V projections only (dense, or a LoRA),
+  so that MACE's closed-form fusion (which combines K/V effects) is exact per concept rather than an approximation.
 """
 
 from __future__ import annotations
