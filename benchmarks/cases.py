@@ -198,6 +198,7 @@ def run_cell(size: Size, method: str, impl: str, arch: str, concepts: int, varia
     items = [Concept(c, "background") for c in names]
     if method == "ant-multi":
         s_ant = s_ant.override(**size.ant_multi)
+        s_ant = s_ant.override(multi_steps=s_ant.steps)  # ant_multi trains multi_steps per concept
     if variant == "no-refresh":
         s_ant = s_ant.override(refresh_every=0)
     setup_s = time.perf_counter() - t0

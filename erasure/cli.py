@@ -245,7 +245,8 @@ def _ant(args: argparse.Namespace) -> int:
     synonyms = _parse_concepts(args.synonyms) if args.synonyms else []
     _check_out(args.out)
     s = AntSettings().override(
-        steps=args.steps, lr=args.lr, batch_size=args.batch_size, trajectory_steps=args.trajectory_steps,
+        steps=None if args.concepts else args.steps, multi_steps=args.steps if args.concepts else None,
+        lr=args.lr, batch_size=args.batch_size, trajectory_steps=args.trajectory_steps,
         early_steps=args.early_steps, guidance=args.guidance, eta=args.eta, a1=args.a1, a2=args.a2,
         prediction=args.prediction, sampling=args.sampling, trajectories=args.trajectories,
         refresh_every=args.refresh_every,
@@ -277,7 +278,7 @@ def _ant(args: argparse.Namespace) -> int:
         check_ant_concepts_fit(backbone, concepts, s.kind, templates)  # before the prior (a pass per prompt)
         prior = (lab_prior(backbone, concepts) if lab
                  else gram(backbone, prior_prompts(exclude=concepts, extra_file=args.prior_file), cache_dir()))
-        with tqdm(total=s.steps * len(concepts), desc="ANT", disable=None) as bar:
+        with tqdm(total=s.multi_steps * len(concepts), desc="ANT", disable=None) as bar:
             m = ant_multi(backbone, concepts, s, prior, templates=templates, lam=args.lam,
                           preserve=args.fuse_preserve,
                           preserve_prompts=world.prior_prompts(exclude=concepts) if lab else
@@ -376,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--synonyms", help="';'-separated synonyms of --concept, used as prompt augmentations")
     an.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")
     an.add_argument("--kind", choices=sorted(CONCEPT_TEMPLATES), help=f"prompt templates (default {d.kind})")
-    an.add_argument("--steps", type=int, help=f"training steps per concept (default {d.steps})")
+    an.add_argument("--steps", type=int, help=f"training steps per concept (default {d.steps}; with --concepts "
+                    f"{d.multi_steps})")
     an.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
     an.add_argument("--batch-size", type=int, help=f"trajectories per step (default {d.batch_size})")
     an.add_argument("--trajectory-steps", type=int,

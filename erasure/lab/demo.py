@@ -52,7 +52,7 @@ def erase(backbone: Backbone, concepts: str | list[str], method: str = "ant", st
     if method == "ant":
         from ..ant import AntSettings, ant, ant_multi
 
-        a = AntSettings().override(steps=steps, seed=seed)
+        a = AntSettings().override(steps=steps, multi_steps=steps, seed=seed)
         if len(names) == 1:
             return ant(backbone, names[0], a, templates=world.concept_templates(names[0], False),
                        preserve_prompts=world.prior_prompts(exclude=names), progress=progress).weights
