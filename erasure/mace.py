@@ -325,8 +325,6 @@ def fuse(backbone: Backbone, items: list[tuple[Concept | list[Concept], ErasureW
     ANT) mix freely; only their K/V effects are fused.
     """
     validation.check_fuse_inputs(backbone, items, lam, preserve)
-    if lam <= 0:
-        raise ValueError(f"lam must be > 0 (got {lam})")
     w0s = _kv_weights(backbone)
     groups = [c if isinstance(c, list) else [c] for c, _ in items]
     d = next(iter(w0s.values())).shape[1]
