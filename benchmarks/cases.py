@@ -7,6 +7,7 @@ differs. The settings of each size are written into the JSON with its rows.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -16,7 +17,7 @@ from erasure.ant import AntSettings, ant, ant_multi
 from erasure.mace import Concept, MaceSettings, fuse, mace
 from erasure.prior import gram
 from erasure.prompts import prior_prompts
-from erasure.weights import Delta, ErasureWeights
+from erasure.weights import META_PREFIX, Delta, ErasureWeights
 
 from .archs import build_backbone, concept_names, param_count
 from .meter import Meter
@@ -50,6 +51,10 @@ class Size:
 
     #: "method/arch" -> dtype, where it differs from ``dtype``
     dtypes: dict[str, str] = field(default_factory=dict)
+    #: extra ANT settings run beside the defaults (name -> variant; see ``_variants``)
+    variants: dict[str, Variant] = field(default_factory=dict)
+    #: extra runs at another scale: (method, impl, arch, concepts, variant, scale)
+    also: tuple[tuple[str, str, str, int, str, str], ...] = field(default_factory=tuple)
 
     def scale_of(self, method: str, arch: str) -> str:
         return self.scales.get(f"{method}/{arch}", self.scale)
@@ -57,8 +62,17 @@ class Size:
     def dtype_of(self, method: str, arch: str) -> str:
         return self.dtypes.get(f"{method}/{arch}", self.dtype)
 
-    def ant_settings(self) -> AntSettings:
-        return AntSettings().override(**self.ant)
+    def ant_settings(self, method: str = "ant-single", variant: str = "default") -> AntSettings:
+        """The library's defaults, the size's overrides, then the variant's; ANT multi trains ``multi_steps`` per
+        concept, set here from the size's ``steps`` for it."""
+        v = self.variants.get(variant) if variant != "default" else None
+        if variant != "default" and v is None:
+            raise ValueError(f"unknown variant {variant!r} for size {self.name}")
+        s = AntSettings().override(**self.ant).override(**(v.ant if v else {}))
+        if method == "ant-multi":
+            s = s.override(**self.ant_multi).override(**(v.ant_multi if v else {}))
+            s = s.override(multi_steps=s.steps)
+        return s
 
     def mace_settings(self) -> MaceSettings:
         return MaceSettings().override(**self.mace)
@@ -68,17 +82,49 @@ def _cells(archs: dict[str, dict[str, tuple[int, ...]]]) -> tuple[tuple[str, str
     return tuple((m, a, n) for a, per in archs.items() for m, ns in per.items() for n in ns)
 
 
-#: ANT as measured here: cached trajectories (refreshed on-policy every ``refresh_every`` steps) and saliency-masked
-#: sparse deltas for one concept, K/V LoRAs for many: the optimisations this benchmark weighs. (The library's
-#: defaults have since become on-policy sampling, the reference's own loop, with dense cross-attention deltas.)
-PINNED_ANT = dict(sampling="cached", scope="saliency")
+#: The ANT rows measure the library's current defaults (``AntSettings()``): a size overrides only what sets its
+#: cost (training steps, trajectories, preservation prompts), so a change of default flows into the next run.
+#: The configuration the benchmark first measured stays as a variant (historical, for comparison): cached
+#: trajectories refreshed on-policy every ``refresh_every`` steps, saliency-masked sparse deltas and lr 1e-4 for one
+#: concept; the same sampling with K/V LoRAs for many.
+PINNED_ANT = dict(sampling="cached", scope="saliency", lr=1e-4)
 PINNED_ANT_MULTI = dict(scope="lora")
+#: the reference's cost-setting parameters as published: 50-step DDIM trajectories, the first 4 the early stage
+PUBLISHED = dict(trajectory_steps=50, early_steps=4)
 _SMOKE_ANT = dict(steps=2, trajectory_steps=4, early_steps=1, trajectories=2, saliency_maps=2, refresh_every=1,
-                  preserve_prompts=4, lr=1e-4, **PINNED_ANT)
-#: the library's ANT defaults when this benchmark was measured (README, Benchmarks), in the pinned configuration
-MEASURED_DEFAULTS = dict(steps=250, lr=1e-4, trajectory_steps=50, early_steps=4, trajectories=16, saliency_maps=8,
+                  preserve_prompts=4)
+#: the library's ANT defaults when this benchmark was first measured (README, Benchmarks), in the pinned
+#: configuration (the "counts" size; ``run.default_counts`` replays them as history)
+MEASURED_DEFAULTS = dict(steps=250, trajectory_steps=50, early_steps=4, trajectories=16, saliency_maps=8,
                          refresh_every=25, preserve=5.0, preserve_prompts=64, **PINNED_ANT)
 _SMOKE_MACE = dict(images_per_concept=2, sample_steps=2, lora_steps=1)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """ANT settings besides the defaults, run for some methods and implementations (on top of the size's)."""
+
+    methods: tuple[str, ...]
+    impls: tuple[str, ...]
+    ant: dict = field(default_factory=dict)
+    ant_multi: dict = field(default_factory=dict)
+    note: str = ""
+
+
+def _variants(old_sizes: dict) -> dict[str, Variant]:
+    """The extra ANT rows of a size: the reference as published (50-step trajectories, ratio (b)) and the
+    historical configuration at the settings the size first measured it with (``old_sizes``)."""
+    return {
+        "published": Variant(("ant-single",), ("reference",), dict(PUBLISHED),
+                             note="the reference with its published 50-step trajectories (early stage: 4)"),
+        "cached-saliency": Variant(("ant-single",), ("ours", "reference"), {**old_sizes, **PINNED_ANT},
+                                   note="historical: the configuration first measured (cached trajectories, "
+                                        "saliency-masked sparse deltas, lr 1e-4), at its first settings"),
+        "cached-lora": Variant(("ant-multi",), ("ours", "reference"), {**old_sizes, **PINNED_ANT},
+                               dict(PINNED_ANT_MULTI),
+                               note="historical: ANT multi as first measured (cached trajectories, K/V LoRA)"),
+    }
+
 
 SIZES: dict[str, Size] = {
     "smoke": Size(
@@ -88,64 +134,83 @@ SIZES: dict[str, Size] = {
         ant=_SMOKE_ANT, mace=_SMOKE_MACE,
         prior_prompts=8,
         cells=_cells({"sd15": {"ant-single": (1,), "ant-multi": (2,), "mace": (1, 3), "fusion": (2, 4)},
-                      "sdxl": {"ant-single": (1,), "mace": (1,)}})),
-    # 2 CPU cores shared with other work, 24 GiB: 64 px; the real SD1.5 except ANT single (SD1.5's layout at half
-    # width, see ``scales``); SDXL only where it fits (see ``skipped``)
+                      "sdxl": {"ant-single": (1,), "mace": (1,)}}),
+        variants=_variants({})),
+    # 2 CPU cores shared with other work, 24 GiB: 64 px; the real SD1.5 except ANT single's comparison (SD1.5's
+    # layout at half width, see ``scales``: the reference's full-UNet Adam beside a frozen copy needs about as much
+    # memory as this machine has); ours at the defaults also on the real SD1.5 (``also``); SDXL only where it fits
+    # (see ``skipped``). The library's trajectory_steps (10) and early_steps (1) as they are; 4 training steps
+    # (2 per concept for ANT multi), 2 trajectories (= saliency maps), 16 preservation prompts
     "cpu": Size(
         "cpu", "full", "cpu", "float32",
         latent={"ant-single/sd15": 8, "ant-multi/sd15": 8, "mace/sd15": 8, "fusion/sd15": 8, "mace/sdxl": 8},
-        ant=dict(steps=4, trajectory_steps=6, early_steps=2, trajectories=2, saliency_maps=2, refresh_every=2,
-                 preserve_prompts=16, lr=1e-4, **PINNED_ANT),
-        ant_multi=dict(steps=2, **PINNED_ANT_MULTI),
+        ant=dict(steps=4, trajectories=2, saliency_maps=2, preserve_prompts=16),
+        ant_multi=dict(steps=2),
         mace=dict(images_per_concept=1, sample_steps=2, lora_steps=1),
         prior_prompts=64,
         cells=_cells({"sd15": {"ant-single": (1,), "ant-multi": (2,), "mace": (1, 10, 50), "fusion": (10, 100)},
                       "sdxl": {"mace": (1,)}}),
-        # measured: ours on the real SD1.5 was killed for memory in the saliency step (full-UNet gradients plus the
-        # float32 copy and kthvalue of all 860 M of them on the host); the reference needs more still
+        # measured: the cached-saliency configuration on the real SD1.5 was killed for memory in the saliency step
+        # (full-UNet gradients plus the float32 copy and kthvalue of all 860 M of them on the host); the reference
+        # (two float32 UNets, full gradients, Adam's moments, the same threshold) needs more still
         scales={"ant-single/sd15": "half"},
+        # the first cpu measurement's ANT settings, kept for the historical variants
+        variants=_variants(dict(trajectory_steps=6, early_steps=2, refresh_every=2)),
+        also=(("ant-single", "ours", "sd15", 1, "default", "full"),),
         # SDXL's float32 weights and text encoders (13 GiB) do not fit beside other work here: bf16 for both impls
         dtypes={"mace/sdxl": "bfloat16"},
-        skipped=(("ant-single", "sdxl", "full-UNet gradients of a 2.6 G-parameter UNet (ours: saliency; reference: "
-                  "Adam) need more than the 24 GiB of this machine; run --size gpu"),
+        skipped=(("ant-single", "sdxl", "full-UNet gradients of a 2.6 G-parameter UNet (the reference's Adam) need "
+                  "more than the 24 GiB of this machine; run --size gpu"),
                  ("ant-multi", "sdxl", "too slow on 2 CPU cores (float64 closed form over 140 K/V matrices of "
                   "width 2048, and the 695 M-parameter text encoder); run --size gpu"),
                  ("mace", "sdxl", "10 and 50 concepts too slow on 2 CPU cores; run --size gpu"),
                  ("fusion", "sdxl", "too slow on 2 CPU cores (see ant-multi); run --size gpu"))),
-    # one H200-class GPU; gpu.sh runs it. Sized by estimate for the 8-minute budget (not yet run): full trajectory
-    # length (50 steps), 16 trajectories and 8 saliency maps as the defaults; fewer training steps, images and
-    # sampling steps than the defaults. SDXL at 512 px: its ANT rows compare algorithms, the 1024 px memory is
-    # measured separately (projection.measure_peak)
+    # one H200-class GPU; gpu.sh runs it. Sized by estimate for the 8-minute budget (not yet run): the library's ANT
+    # defaults with 16 trajectories and 8 saliency maps (the reference's), fewer training steps; the historical
+    # configuration at its first gpu settings (50-step trajectories, refresh every 10). SDXL at 512 px: its ANT
+    # rows compare algorithms, the 1024 px memory is measured separately (projection.measure_peak)
     "gpu": Size(
         "gpu", "full", "cuda", "float32",
         latent={"ant-single/sd15": 64, "ant-multi/sd15": 64, "mace/sd15": 64, "fusion/sd15": 64,
                 "ant-single/sdxl": 64, "mace/sdxl": 64, "fusion/sdxl": 64},
-        ant=dict(steps=20, trajectory_steps=50, early_steps=4, trajectories=16, saliency_maps=8, refresh_every=10,
-                 lr=1e-4, **PINNED_ANT),
-        ant_multi=dict(steps=10, **PINNED_ANT_MULTI),
+        ant=dict(steps=20, trajectories=16, saliency_maps=8),
+        ant_multi=dict(steps=10),
         mace=dict(images_per_concept=2, sample_steps=10, lora_steps=10),
         prior_prompts=1200,
         cells=_cells({"sd15": {"ant-single": (1,), "ant-multi": (2,), "mace": (1, 10, 50), "fusion": (10, 100)},
                       "sdxl": {"ant-single": (1,), "mace": (1, 10), "fusion": (10,)}}),
+        variants=_variants(dict(trajectory_steps=50, early_steps=4, refresh_every=10)),
         skipped=(("ant-multi", "sdxl", "left out of the 8-minute budget"),
                  ("mace", "sdxl", "50 concepts left out of the 8-minute budget"),
                  ("fusion", "sdxl", "100 LoRAs left out of the 8-minute budget"))),
-    # ANT single at the measured defaults (250 steps, 16 trajectories of 50 steps, 8 saliency maps, refresh every
-    # 25), on the tiny layout: UNet evaluations do not depend on the model's width, so this counts
-    # exactly what the defaults cost on a real model; its times are not the real model's
+    # ANT single at the defaults first measured (250 steps, 16 cached trajectories of 50 steps, 8 saliency maps,
+    # refresh every 25), on the tiny layout: UNet evaluations do not depend on the model's width, so this counts
+    # exactly what those settings cost on a real model; its times are not the real model's
     "counts": Size(
         "counts", "tiny", "cpu", "float32", latent={"ant-single/sd15": 8}, ant=dict(MEASURED_DEFAULTS), mace={},
         prior_prompts=64, cells=(("ant-single", "sd15", 1),)),
 }
 
 
+#: the settings that set ANT's cost, written with each ANT row
+COST_KEYS = ("steps", "multi_steps", "trajectory_steps", "early_steps", "trajectories", "saliency_maps",
+             "refresh_every", "sampling", "scope", "lr", "preserve", "preserve_prompts", "batch_size")
+
+
 def size_settings(size: Size) -> dict:
-    """The settings to write beside the rows."""
+    """The settings to write beside the rows: ``ant`` the ANT single default rows' (the library's defaults with
+    the size's overrides), ``ant_variants`` each variant's, resolved."""
+    variants = {}
+    for name, v in size.variants.items():
+        method = v.methods[0]
+        variants[name] = {"methods": list(v.methods), "impls": list(v.impls), "note": v.note,
+                          "settings": asdict(size.ant_settings(method, name))}
     return {"scale": size.scale, "scales": size.scales, "dtypes": size.dtypes, "device": size.device,
             "dtype": size.dtype,
             "latent": size.latent, "pixels": {k: 8 * v for k, v in size.latent.items()},
             "ant": asdict(size.ant_settings()),
-            "ant_multi": size.ant_multi,
+            "ant_multi": asdict(size.ant_settings("ant-multi")),
+            "ant_variants": variants, "also": [list(a) for a in size.also],
             "mace": asdict(size.mace_settings()), "prior_prompts": size.prior_prompts}
 
 
@@ -161,7 +226,8 @@ def random_loras(bb, n: int, seed: int = 0) -> list[ErasureWeights]:
     return out
 
 
-def run_cell(size: Size, method: str, impl: str, arch: str, concepts: int, variant: str = "default") -> dict:
+def run_cell(size: Size, method: str, impl: str, arch: str, concepts: int, variant: str = "default",
+             scale: str | None = None) -> dict:
     """Build the model, prepare what is cached in practice (outside the timed part), run one method, measure.
 
     Prepared outside the timer and the counters, for both implementations alike: the model, the prior (ours: one
@@ -178,12 +244,12 @@ def run_cell(size: Size, method: str, impl: str, arch: str, concepts: int, varia
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     t0 = time.perf_counter()
-    scale = size.scale_of(method, arch)
+    scale = scale or size.scale_of(method, arch)
     bb = build_backbone(arch, scale, latent, dtype, size.device)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     names = concept_names(concepts)
-    s_ant = size.ant_settings()
+    s_ant = size.ant_settings(method, variant) if method.startswith("ant") else size.ant_settings()
     s_mace = size.mace_settings()
     prior_list = prior_prompts(n=size.prior_prompts, exclude=names)
     prior = caches = frozen = None
@@ -196,11 +262,6 @@ def run_cell(size: Size, method: str, impl: str, arch: str, concepts: int, varia
         frozen = frozen_copy(bb)
     loras = random_loras(bb, concepts) if method == "fusion" else None
     items = [Concept(c, "background") for c in names]
-    if method == "ant-multi":
-        s_ant = s_ant.override(**size.ant_multi)
-        s_ant = s_ant.override(multi_steps=s_ant.steps)  # ant_multi trains multi_steps per concept
-    if variant == "no-refresh":
-        s_ant = s_ant.override(refresh_every=0)
     setup_s = time.perf_counter() - t0
     extra: dict = {}
     with Meter(bb.unet(), device) as meter:
@@ -213,7 +274,11 @@ def run_cell(size: Size, method: str, impl: str, arch: str, concepts: int, varia
             n_pres = min(s_ant.preserve_prompts, len(prior_list)) if s_ant.preserve > 0 else 0
             extra = reference_ant_single(bb, frozen, names[0], s_ant, n_preserve=n_pres)
         elif method == "ant-multi" and impl == "ours":
-            ant_multi(bb, names, s_ant, prior, preserve_prompts=prior_list)
+            rm = ant_multi(bb, names, s_ant, prior, preserve_prompts=prior_list)
+            extra = {"library_unet_forwards": rm.unet_forwards}
+            # what ant_multi trained with (it chooses the scope: K/V, dense or LoRA), from the result's metadata
+            used = json.loads(rm.weights.metadata[META_PREFIX + "settings"])
+            s_ant = s_ant.override(**{k: used[k] for k in COST_KEYS})
         elif method == "ant-multi":
             reference_ant_multi(bb, names, s_ant, caches)
         elif method == "mace" and impl == "ours":
@@ -228,5 +293,7 @@ def run_cell(size: Size, method: str, impl: str, arch: str, concepts: int, varia
            "time_per_concept_s": round(meter.wall_s / concepts, 3), "variant": variant,
            "pixels": 8 * latent, "latent": latent, "scale": scale, "dtype": dtype_name, "device": str(device),
            "unet_params": param_count(bb.unet()), "model_build_s": round(build_s, 2), "setup_s": round(setup_s, 2)}
+    if method.startswith("ant"):
+        row["ant_settings"] = {k: getattr(s_ant, k) for k in COST_KEYS}
     row.update(extra)
     return row

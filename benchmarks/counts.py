@@ -2,11 +2,11 @@
 
 The count depends only on the settings and on the sampled schedule (which trajectory, which early and late step at
 each training step), never on the model. Replaying the schedule with the library's own ``draw`` and the same
-generator gives the exact count, so the library's full default settings (250 steps, 16 trajectories of 50 DDIM
-steps, 8 saliency maps, refresh every 25 steps) can be reported on a machine that cannot run them on a real
-UNet. The smoke test checks these formulas against the counts measured by the hooks (``meter.py``); on the tiny
-layout the defaults were also run for real: ours 32,048 evaluations with refresh, 3,824 without (both equal to
-the formula).
+generator gives the exact count, so the library's full default settings (150 on-policy steps over 10-step
+trajectories; or the older cached configuration) and the reference as published (50-step trajectories) can be
+reported on a machine that cannot run them on a real UNet. The smoke test checks these formulas against the counts
+measured by the hooks (``meter.py``) for every variant it runs; on the tiny layout the old cached defaults were also
+run for real: ours 32,048 evaluations with refresh, 3,824 without (both equal to the formula).
 """
 
 from __future__ import annotations
@@ -21,18 +21,32 @@ def _late(s: AntSettings) -> list[int]:
     return sorted({s.early_steps + round(i * (n_late - 1) / 7) for i in range(min(8, n_late))})
 
 
-def ours_ant_single(s: AntSettings) -> dict[str, int]:
-    """``erasure.ant.ant`` with the saliency scope, cached trajectories and preservation prompts."""
+def ours_ant_single(s: AntSettings, n_preserve: int | None = None) -> dict[str, int]:
+    """``erasure.ant.ant`` for any sampling and scope: cached trajectories (built once, refreshed every
+    ``refresh_every`` steps) or on-policy regeneration up to each drawn late step; saliency maps only for the
+    saliency scope; preservation prompts when ``preserve`` > 0 (``n_preserve``: how many; default
+    ``preserve_prompts``)."""
+    cached = s.sampling == "cached"
     per_traj = 2 * s.trajectories * (s.trajectory_steps - 1)  # guided DDIM: two rows per step
-    trajectories = per_traj
-    saliency = 4 * len(_late(s)) * min(s.saliency_maps, s.trajectories)
+    trajectories = per_traj if (cached or s.scope == "saliency") else 0
+    saliency = 4 * len(_late(s)) * min(s.saliency_maps, s.trajectories) if s.scope == "saliency" else 0
     # per step: the frozen model's predictions for the preservation prompts (2 rows), then the loss forward of the
     # edited model: conditional and unconditional at two latents (4 rows) + the preservation prompts (2 rows)
     per_step = (8 if s.preserve > 0 else 4) * s.batch_size
-    refreshes = (s.steps - 1) // s.refresh_every if s.refresh_every else 0
+    refreshes = (s.steps - 1) // s.refresh_every if (cached and s.refresh_every) else 0
     refresh = refreshes * 2 * per_traj  # regenerate with the edited model + the frozen predictions along it
-    return {"trajectories": trajectories, "saliency": saliency, "training": s.steps * per_step, "refresh": refresh,
-            "total": trajectories + saliency + s.steps * per_step + refresh}
+    regen = 0
+    if not cached:  # each drawn trajectory from noise to its late step (2 rows a step), then 4 frozen rows
+        gen = torch.Generator().manual_seed(s.seed)
+        n_pres = s.preserve_prompts if n_preserve is None else n_preserve
+        for _ in range(s.steps):
+            _, _, kl = draw(gen, s.trajectories, s)
+            if s.preserve > 0:
+                torch.randint(0, n_pres, (s.batch_size,), generator=gen)
+            regen += sum(2 * k for k in kl) + 4 * s.batch_size
+    training = s.steps * per_step
+    return {"trajectories": trajectories, "saliency": saliency, "training": training, "refresh": refresh,
+            "regeneration": regen, "total": trajectories + saliency + training + refresh + regen}
 
 
 def reference_ant_single(s: AntSettings, n_preserve: int = 0) -> dict[str, int]:

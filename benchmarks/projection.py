@@ -2,24 +2,24 @@
 
 Method: peak = resident tensors, counted exactly, + activations saved for backward, measured and extrapolated.
 
-* Exact: weights (UNet and text encoders) in 16-bit (the default on GPU: fp16/bf16 weights); gradients in the
-  weights' dtype where the method takes gradients of frozen weights (ANT's saliency maps); saliency masks (1 byte per
-  entry, one map plus the running intersection); trainable parameters, their gradients and Adam's two moments in
-  float32; a sparse delta's int64 indices.
+* Exact: weights (UNet and text encoders) in 16-bit (the default on GPU: fp16/bf16 weights); trainable parameters
+  (ANT's dense float32 deltas), their gradients and Adam's two moments in float32 (16 bytes per entry); for the
+  historical cached-saliency configuration also the frozen weights' gradients (saliency maps), the masks and the
+  sparse delta's int64 indices.
 * Measured: the bytes of the tensors autograd saves for backward in one row's forward (a
   ``saved_tensors_hooks`` sum over distinct storages, parameters excluded), on the real architecture at three
   small latent sizes on this machine, in float32 (SDXL: bfloat16, to fit in memory). Saved activations grow
   linearly with the pixel count once attention is computed without materialising the HW x HW matrix (PyTorch's
   SDPA on GPU and CPU), so a line through the two smallest sizes is extrapolated to the target and checked against
-  the third, then scaled to 16 bits.
-  Two graphs are measured: the whole UNet (gradients for every weight: ANT's saliency maps and sparse deltas,
-  full finetuning) and MACE's attention-loss graph (rank-1 K/V LoRA, explicit attention probabilities, gradient
-  only through cross-attention).
-* Assumptions: no UNet gradient checkpointing (the library enables none), no CPU offload of the UNet, the text
-  encoders resident on the GPU, the measured ANT configuration (``cases.MEASURED_DEFAULTS``: saliency maps of
-  4 x 8 rows, training forwards of 6 rows with the preservation term; MACE: LoRA batch 1). The sparse delta's size
-  depends on the model's gradients: it is shown at the selected fraction measured in this run (random weights) and
-  at its upper bound (a single map's ``saliency_fraction``).
+  the third, then scaled to 16 bits (the inputs of the layers a dense delta trains stay float32: the delta casts
+  and saves them). Four graphs: the library's ANT defaults (UNet frozen, dense deltas on every cross-attention
+  Linear: ANT single's ``xattn``; on the cross-attention K/V: ANT multi's ``kv``), the whole UNet (gradients for
+  every weight: the saliency maps and sparse deltas of the historical configuration, full finetuning) and MACE's
+  attention-loss graph (rank-1 K/V LoRA, explicit attention probabilities, gradient only through cross-attention).
+* Assumptions: no UNet gradient checkpointing (the library enables none; ``floor`` is the same peak without
+  activations, what checkpointing every block approaches), no CPU offload, the text encoders resident on the GPU,
+  batch rows as the defaults run them (ANT: 6 rows per backward, ``ant_training_rows``; MACE: LoRA batch 1); the
+  no-grad forwards (on-policy regeneration, frozen predictions) keep nothing for backward and are not counted.
 
 When the size runs on a GPU, ``--size gpu`` also measures the peak (``torch.cuda.max_memory_allocated``) of ours at
 the target resolution in bf16 with the default batch shapes (``measure_peak``), beside the projection.
@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from erasure.ant import AntSettings
-from erasure.deltas import TrainableLoRA
+from erasure.ant import AntSettings, scope_modules
+from erasure.deltas import TrainableDeltas, TrainableLoRA
 from erasure.mace import AttentionLoss, MaceSettings
 
 from .archs import build_backbone, param_count
@@ -79,7 +79,7 @@ def probe_activations(arch: str, scale: str, device: str = "cpu") -> dict:
     bb = build_backbone(arch, scale, latents[0], dtype, device)
     unet = bb.unet()
     params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
-    full, attn = [], []
+    full, attn, xattn, kv, xattn_in, kv_in = [], [], [], [], [], []
     for lat in latents:
         x, t, cond = _inputs(bb, lat)
         # gradients for every weight: each layer keeps its input, as ANT's saliency maps (and full finetuning) do,
@@ -96,11 +96,28 @@ def probe_activations(arch: str, scale: str, device: str = "cpu") -> dict:
                     bb.predict_noise(x, t, cond)
 
             attn.append(saved_bytes(mace_fwd, lora_params))
+        # ANT's dense deltas, UNet frozen: the graph from the output back to the first layer in scope (ANT single:
+        # every cross-attention Linear, ``xattn``; ANT multi: the cross-attention K/V, ``kv``)
+        for scope, out, inp in (("xattn", xattn, xattn_in), ("kv", kv, kv_in)):
+            mods = scope_modules(bb, scope)
+            seen = [0]  # elements of the scoped layers' inputs (the delta saves each, in float32, for its gradient)
+            hooks = [m.register_forward_pre_hook(lambda m, a, seen=seen: seen.__setitem__(0, seen[0] + a[0].numel()))
+                     for m in mods.values()]
+            with TrainableDeltas(mods) as deltas:
+                d_params = params | {p.untyped_storage().data_ptr() for p in deltas.parameters()}
+                out.append(saved_bytes(lambda x=x, t=t, cond=cond: bb.predict_noise(x, t, cond), d_params))
+            for h in hooks:
+                h.remove()
+            inp.append(seen[0])
     te = sum(param_count(e) for e in bb.text_encoders)
     layers = {n: m.weight.numel() for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     return {"arch": arch, "scale": scale, "latents": list(latents), "dtype_bytes": dtype.itemsize,
             "full_unet_bytes_per_row": full,
-            "mace_graph_bytes_per_row": attn, "unet_params": param_count(unet), "text_encoder_params": te,
+            "mace_graph_bytes_per_row": attn, "xattn_deltas_bytes_per_row": xattn, "kv_deltas_bytes_per_row": kv,
+            "xattn_input_elems_per_row": xattn_in, "kv_input_elems_per_row": kv_in,
+            "xattn_params": sum(m.weight.numel() for m in scope_modules(bb, "xattn").values()),
+            "kv_params": sum(m.weight.numel() for m in scope_modules(bb, "kv").values()),
+            "unet_params": param_count(unet), "text_encoder_params": te,
             "linear_conv_params": sum(layers.values()), "largest_layer_params": max(layers.values())}
 
 
@@ -119,36 +136,75 @@ def _late_steps(s: AntSettings) -> set[int]:
     return {s.early_steps + round(i * (n_late - 1) / 7) for i in range(min(8, n_late))}
 
 
+def ant_training_rows(s: AntSettings) -> int:
+    """Rows of ANT's training forward, which one backward goes through (``erasure.ant.ant_loss``): the edited
+    model's conditional and unconditional predictions at the early and the late latent (4 per sample), plus the
+    preservation prompts at both latents (2 per sample, attached by ``add_preservation``) when ``preserve`` > 0.
+    The regeneration and the frozen predictions run under ``no_grad`` and keep nothing for backward."""
+    return (6 if s.preserve > 0 else 4) * s.batch_size
+
+
+def _act16(probe: dict, key: str, inputs_key: str | None, lat: int, weight_bytes: int) -> tuple[float, float]:
+    """Saved bytes per row at ``lat`` in ``weight_bytes``-wide activations. A probe run in float32 is scaled down,
+    except the inputs of the scoped layers, which a dense delta casts to float32 and saves whatever the model's
+    dtype (counted exactly from the probe's element count, linear in pixels like the rest)."""
+    act, err = _line(probe["latents"], probe[key], lat)
+    scale = weight_bytes / probe.get("dtype_bytes", 4)
+    if inputs_key is None or scale == 1:
+        return act * scale, err
+    inputs, _ = _line(probe["latents"], probe[inputs_key], lat)
+    f32 = 4 * inputs
+    return (act - f32 * probe.get("dtype_bytes", 4) / 4) * scale + f32, err
+
+
 def project_arch(probe: dict, selected_fraction: float | None, weight_bytes: int = 2) -> dict:
-    """Projected peaks (bytes) at the arch's target resolution with the library's default settings."""
+    """Projected peaks (bytes) at the arch's target resolution: ANT with the library's defaults (single: dense
+    cross-attention deltas; multi: dense K/V deltas), MACE, and the historical cached-saliency configuration."""
     arch = probe["arch"]
     lat = TARGET_LATENT[arch]
-    act_full, err_full = _line(probe["latents"], probe["full_unet_bytes_per_row"], lat)
-    act_mace, err_mace = _line(probe["latents"], probe["mace_graph_bytes_per_row"], lat)
-    half = weight_bytes / probe.get("dtype_bytes", 4)  # activations scale with the dtype the probe ran in
-    act_full, act_mace = act_full * half, act_mace * half
+    act_full, err_full = _act16(probe, "full_unet_bytes_per_row", None, lat, weight_bytes)
+    act_mace, err_mace = _act16(probe, "mace_graph_bytes_per_row", None, lat, weight_bytes)
     from .cases import MEASURED_DEFAULTS
 
-    s, m = AntSettings().override(**MEASURED_DEFAULTS), MaceSettings()
+    d, m = AntSettings(), MaceSettings()
     weights = (probe["unet_params"] + probe["text_encoder_params"]) * weight_bytes
-    lc = probe["linear_conv_params"]
-    saliency_rows = 4 * len(_late_steps(s))
-    train_rows = 6 if s.preserve > 0 else 4
+    rows = ant_training_rows(d)
     out = {"arch": arch, "pixels": 8 * lat, "weight_bytes": weight_bytes, "weights": weights,
            "activation_per_row_full_unet": act_full, "activation_per_row_mace": act_mace,
            "line_check_rel_error": {"full_unet": round(err_full, 3), "mace": round(err_mace, 3)},
            "target_gib": TARGET_GIB[arch]}
+    # the library's defaults: float32 deltas, their gradients and Adam's two moments (16 bytes per entry), the
+    # training forward's rows' saved activations; no gradient checkpointing (the library enables none). "floor":
+    # the same without activations, the bound that checkpointing every UNet block approaches from above
+    for method, scope in (("ant-single", "xattn"), ("ant-multi", "kv")):
+        if f"{scope}_deltas_bytes_per_row" not in probe:
+            continue
+        act, err = _act16(probe, f"{scope}_deltas_bytes_per_row", f"{scope}_input_elems_per_row", lat, weight_bytes)
+        out["line_check_rel_error"][scope] = round(err, 3)
+        n = probe[f"{scope}_params"]
+        state = 16 * n
+        e = {"scope": scope, "trainable_params": n, "rows": rows, "activation_per_row": act,
+             "trainable_state": state, "activations": rows * act, "peak": weights + state + rows * act,
+             "floor": weights + state}
+        if method == "ant-multi":  # each finished concept's float32 K/V deltas stay resident until the fusion
+            e["per_finished_concept"] = 4 * n
+        out[method] = e
+    # historical: the cached-saliency configuration at the defaults first measured (``MEASURED_DEFAULTS``)
+    s = AntSettings().override(**MEASURED_DEFAULTS)
+    lc = probe["linear_conv_params"]
+    saliency_rows = 4 * len(_late_steps(s))
+    train_rows = ant_training_rows(s)
     saliency = weights + lc * weight_bytes + 2 * lc + saliency_rows * act_full
     fractions = {"upper_bound": s.saliency_fraction}
     if selected_fraction is not None:
         fractions["measured"] = selected_fraction
-    ant_single = {}
+    hist = {}
     for label, f in fractions.items():
         sel = f * lc
         train = weights + sel * (4 + 8 + 4 + 8) + 4 * probe["largest_layer_params"] + train_rows * act_full
-        ant_single[label] = {"selected_fraction": round(f, 4), "saliency_phase": saliency, "training_phase": train,
-                             "peak": max(saliency, train)}
-    out["ant-single"] = ant_single
+        hist[label] = {"selected_fraction": round(f, 4), "saliency_phase": saliency, "training_phase": train,
+                       "peak": max(saliency, train)}
+    out["ant-single-cached-saliency"] = hist
     # the reference in float32 as published: two UNets, full gradients, a mask (1 byte per parameter); saliency with
     # the conditional rows of 8 pairs carrying gradient (16 rows), then training (2 rows) with Adam's two moments
     p32 = probe["unet_params"]
@@ -157,9 +213,9 @@ def project_arch(probe: dict, selected_fraction: float | None, weight_bytes: int
     ref_train = p32 * (4 + 4 + 4 + 8 + 1) + probe["text_encoder_params"] * 4 + 2 * act32
     out["ant-single-reference"] = {"saliency_phase": ref_sal, "training_phase": ref_train,
                                    "peak": max(ref_sal, ref_train)}
-    out["ant-multi"] = {"peak": weights + train_rows * act_full}
+    out["ant-multi-lora-upper-bound"] = {"peak": weights + train_rows * act_full}
     out["mace"] = {"peak": weights + m.lora_batch * act_mace}
-    out["rows"] = {"saliency": saliency_rows, "ant_training": train_rows, "mace_lora": m.lora_batch}
+    out["rows"] = {"ant_training": rows, "saliency": saliency_rows, "mace_lora": m.lora_batch}
     return out
 
 
@@ -184,9 +240,8 @@ def project(size, rows: list[dict], probe_dir: Path | None = None) -> dict:
     res = {"method": __doc__.split("\n\n")[1].strip(), "archs": {}}
     for arch in ("sd15", "sdxl"):
         cached = probe_dir / f"probe-{arch}-{size.scale}.json" if probe_dir else None
-        if cached is not None and cached.exists():
-            probe = json.loads(cached.read_text())
-        else:
+        probe = json.loads(cached.read_text()) if cached is not None and cached.exists() else {}
+        if "xattn_deltas_bytes_per_row" not in probe:  # none yet, or from before the dense-delta graphs
             probe = _probe_in_subprocess(arch, size.scale)
             if cached is not None and "error" not in probe:
                 cached.parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +250,8 @@ def project(size, rows: list[dict], probe_dir: Path | None = None) -> dict:
             res["archs"][arch] = {"probe": probe}
             continue
         fr = [r.get("selected_fraction") for r in rows if r.get("method") == "ant-single" and r.get("arch") == arch
-              and r.get("impl") == "ours" and r.get("selected_fraction") is not None]
+              and r.get("impl") == "ours" and r.get("variant") == "cached-saliency"
+              and r.get("selected_fraction") is not None]
         res["archs"][arch] = {"probe": probe, "projection": project_arch(probe, fr[0] if fr else None)}
     if size.device == "cuda" and size.scale == "full":
         res["measured"] = []
@@ -233,23 +289,31 @@ def measure_peak(arch: str, method: str) -> dict:
 
 def format_projection(p: dict) -> str:
     g = 2**30
-    lines = ["", "== projected peak GPU memory (GiB), 16-bit weights, default settings, no checkpointing =="]
+    lines = ["", "== projected peak GPU memory (GiB), 16-bit weights, float32 trainables and Adam, no checkpointing =="]
     for arch, d in p["archs"].items():
         if "projection" not in d:
             lines.append(f"{arch}: probe failed ({d['probe'].get('error')})")
             continue
         pr = d["projection"]
-        lines.append(f"{arch} at {pr['pixels']} px (target < {pr['target_gib']} GiB): weights {pr['weights'] / g:.2f}, "
-                     f"activations/row {pr['activation_per_row_full_unet'] / g:.2f} (UNet), "
-                     f"{pr['activation_per_row_mace'] / g:.3f} (MACE graph); line check error "
-                     f"{pr['line_check_rel_error']}")
-        for label, a in pr["ant-single"].items():
-            lines.append(f"  ant-single ours ({label} fraction {a['selected_fraction']}): saliency phase "
-                         f"{a['saliency_phase'] / g:.1f} ({pr['rows']['saliency']} rows), training phase "
-                         f"{a['training_phase'] / g:.1f} ({pr['rows']['ant_training']} rows) "
-                         f"-> peak {a['peak'] / g:.1f}")
+        lines.append(f"{arch} at {pr['pixels']} px (target < {pr['target_gib']} GiB): weights {pr['weights'] / g:.2f}; "
+                     f"line check error {pr['line_check_rel_error']}")
+        for method in ("ant-single", "ant-multi"):
+            a = pr.get(method)
+            if a is None:
+                continue
+            extra = (f"; + {a['per_finished_concept'] / g:.2f} per finished concept"
+                     if "per_finished_concept" in a else "")
+            lines.append(f"  {method} ours ({a['scope']} dense deltas, {a['trainable_params']:,} entries): "
+                         f"state {a['trainable_state'] / g:.2f} + activations {a['rows']} rows x "
+                         f"{a['activation_per_row'] / g:.2f} = {a['activations'] / g:.2f} -> peak {a['peak'] / g:.1f} "
+                         f"(without activations {a['floor'] / g:.1f}){extra}")
+        lines.append(f"  mace ours: {pr['mace']['peak'] / g:.1f} (MACE graph "
+                     f"{pr['activation_per_row_mace'] / g:.3f}/row)")
+        for label, a in pr["ant-single-cached-saliency"].items():
+            lines.append(f"  historical ant-single cached-saliency ({label} fraction {a['selected_fraction']}): "
+                         f"saliency phase {a['saliency_phase'] / g:.1f} ({pr['rows']['saliency']} rows), training "
+                         f"{a['training_phase'] / g:.1f} -> peak {a['peak'] / g:.1f}")
         lines.append(f"  ant-single reference (fp32): {pr['ant-single-reference']['peak'] / g:.1f}")
-        lines.append(f"  ant-multi ours: {pr['ant-multi']['peak'] / g:.1f}    mace ours: {pr['mace']['peak'] / g:.1f}")
     for m in p.get("measured", []):
         val = m.get("error") or f"{m['peak_mem_bytes'] / g:.2f} GiB"
         lines.append(f"measured on GPU: {m['method']} {m['arch']} {m['pixels']} px bf16: {val}")
