@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,16 +27,23 @@ from benchmarks.cases import SIZES, Size, run_cell, size_settings  # noqa: E402
 
 def _worker(spec: str) -> int:
     a = json.loads(spec)
-    row = run_cell(SIZES[a["size"]], a["method"], a["impl"], a["arch"], a["concepts"], a.get("variant", "default"),
-                   a.get("scale"))
+    row = run_cell(sized(a["size"], a.get("ant_steps")), a["method"], a["impl"], a["arch"], a["concepts"],
+                   a.get("variant", "default"), a.get("scale"))
     print("ROW " + json.dumps(row), flush=True)
     return 0
 
 
+def sized(name: str, ant_steps: int | None = None) -> Size:
+    """A size, with ANT single's training steps replaced by ``ant_steps`` (``--ant-steps``: the same cells at
+    another number of steps, to separate one-off costs from per-step ones)."""
+    size = SIZES[name]
+    return replace(size, ant={**size.ant, "steps": ant_steps}) if ant_steps else size
+
+
 def _subprocess_cell(size: str, method: str, impl: str, arch: str, n: int, variant: str, scale: str | None,
-                     timeout: float) -> dict:
+                     timeout: float, ant_steps: int | None = None) -> dict:
     spec = json.dumps({"size": size, "method": method, "impl": impl, "arch": arch, "concepts": n,
-                       "variant": variant, "scale": scale})
+                       "variant": variant, "scale": scale, "ant_steps": ant_steps})
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     try:
@@ -91,7 +99,8 @@ COMPARISONS = {
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """reference / ours for each comparison in ``COMPARISONS`` (same method, arch, concepts and scale)."""
+    """reference / ours for each comparison in ``COMPARISONS`` (same method, arch, concepts, scale and, for
+    ANT, training steps)."""
     out = []
     for r in rows:
         if r["impl"] != "reference" or "error" in r:
@@ -100,7 +109,8 @@ def ratios(rows: list[dict]) -> list[dict]:
             label = COMPARISONS.get((o.get("variant"), r.get("variant")))
             if (label and o["impl"] == "ours" and "error" not in o and o["method"] == r["method"]
                     and o["arch"] == r["arch"] and o["concepts"] == r["concepts"]
-                    and o.get("scale") == r.get("scale")):
+                    and o.get("scale") == r.get("scale")
+                    and o.get("ant_settings", {}).get("steps") == r.get("ant_settings", {}).get("steps")):
                 def ratio(k: str, o: dict = o, r: dict = r) -> float | None:
                     return round(r[k] / o[k], 2) if o.get(k) else None
 
@@ -230,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concepts", type=int, help="run only the cells with this many concepts")
     ap.add_argument("--variant", help="run only the rows of these comma-separated variants (default, published, "
                                       "cached-saliency, cached-lora)")
+    ap.add_argument("--ant-steps", type=int, help="ANT single's training steps instead of the size's")
     ap.add_argument("--in-process", action="store_true", help="run every cell in this process (the smoke test)")
     ap.add_argument("--no-projection", action="store_true", help="skip the memory projection")
     ap.add_argument("--probe-dir", help="reuse (or keep) the projection's activation probes in this folder")
@@ -241,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.worker:
         return _worker(args.worker)
-    size = SIZES[args.size]
+    size = sized(args.size, args.ant_steps)
     only = set(args.only.split(",")) if args.only else None
     rows: list[dict] = []
     t0 = time.perf_counter()
@@ -261,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.in_process:
             row = _in_process_cell(size, method, impl, arch, n, variant, scale)
         else:
-            row = _subprocess_cell(size.name, method, impl, arch, n, variant, scale, args.cell_timeout)
+            row = _subprocess_cell(size.name, method, impl, arch, n, variant, scale, args.cell_timeout,
+                                   args.ant_steps)
         row = {"method": method, "impl": impl, "concepts": n, "arch": arch, "variant": variant, "scale": scale,
                **row}
         rows.append(row)
