@@ -3,8 +3,11 @@
 Each cell (method x implementation x architecture x concepts) runs in its own process (``--in-process`` runs them
 in this one, as the smoke test does), so that its peak memory is its own. The JSON holds ``rows`` (the interface
 other tools read: method, impl, concepts, arch, unet_evals, wall_s, peak_mem_bytes, optimizer_state_bytes,
-trainable_params, plus more figures per row), ``ratios`` (reference / ours for each matching pair), ``skipped``
-(cells a size does not run, with the reason), ``settings`` and the memory ``projection``.
+trainable_params, plus more figures per row; ANT rows also ``variant`` and the ``ant_settings`` they ran with),
+``ratios`` (reference / ours for each pair in ``COMPARISONS``: the defaults against the reference with the same
+settings and as published, the historical variants against theirs), ``skipped`` (cells a size does not run, with
+the reason), ``settings``, ``default_counts`` (ANT single at the library's full defaults, replayed) and the memory
+``projection``.
 """
 
 from __future__ import annotations
