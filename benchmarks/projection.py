@@ -16,8 +16,12 @@ Method: peak = resident tensors, counted exactly, + activations saved for backwa
   Linear: ANT single's ``xattn``; on the cross-attention K/V: ANT multi's ``kv``), the whole UNet (gradients for
   every weight: the saliency maps and sparse deltas of the historical configuration, full finetuning) and MACE's
   attention-loss graph (rank-1 K/V LoRA, explicit attention probabilities, gradient only through cross-attention).
-* Assumptions: no UNet gradient checkpointing (the library enables none; ``floor`` is the same peak without
-  activations, what checkpointing every block approaches), no CPU offload, the text encoders resident on the GPU,
+* Gradient checkpointing (``AntSettings.gradient_checkpointing``, diffusers' per-block checkpointing): measured
+  the same way with it on (``checkpointed_bytes``): what the forward still holds for backward (tensors saved outside
+  the checkpointed blocks, and the blocks' inputs, which checkpoint keeps), plus the largest single block's saved
+  tensors, which recomputing it during backward materialises again (each block on its own line, the largest at the
+  target taken). Projected with and without (``floor``: the peak without any activations).
+* Assumptions: no CPU offload, the text encoders resident on the GPU,
   batch rows as the defaults run them (ANT: 6 rows per backward, ``ant_training_rows``; MACE: LoRA batch 1); the
   no-grad forwards (on-policy regeneration, frozen predictions) keep nothing for backward and are not counted.
 
@@ -47,7 +51,12 @@ PROBE_LATENTS = {"full": (8, 16, 24), "tiny": (8, 16, 24)}
 
 def saved_bytes(fn, params: set[int]) -> int:
     """Bytes of the distinct storages autograd saves while ``fn`` runs, parameters excluded."""
-    seen: dict[int, int] = {}
+    return sum(saved_storages(fn, params).values())
+
+
+def saved_storages(fn, params: set[int], seen: dict[int, int] | None = None) -> dict[int, int]:
+    """The distinct storages (pointer -> bytes) autograd saves while ``fn`` runs, parameters excluded."""
+    seen = {} if seen is None else seen
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         st = t.untyped_storage()
@@ -58,7 +67,41 @@ def saved_bytes(fn, params: set[int]) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return sum(seen.values())
+    return seen
+
+
+def checkpointed_bytes(bb, fn, params: set[int], counter: list[int] | None = None
+                       ) -> tuple[int, list[int], list[int]]:
+    """One row's forward with the backbone's gradient checkpointing on (diffusers': every ResNet and transformer
+    block through non-reentrant ``torch.utils.checkpoint``). Returns (bytes held for backward after the forward: the
+    tensors saved outside checkpointed blocks plus the blocks' inputs, which checkpoint keeps for recomputation;
+    distinct storages), and per checkpointed block, in call order, the bytes its own forward saves when run with
+    grad: what recomputing that block during backward materialises again, one block at a time. Each block is run
+    once more, uncheckpointed, under a nested hook to measure it (the probe's cost only). ``counter``: a one-item
+    list some forward hooks increase; its increase during each block's measuring run is returned per block too."""
+    held: dict[int, int] = {}
+    blocks: list[int] = []
+    counts: list[int] = []
+    counter = [0] if counter is None else counter
+    unet = bb.unet()
+
+    def ckpt(module, *args):
+        for a in args:
+            if torch.is_tensor(a) and a.untyped_storage().data_ptr() not in params:
+                held[a.untyped_storage().data_ptr()] = a.untyped_storage().nbytes()
+        before = counter[0]
+        blocks.append(saved_bytes(lambda: module(*args), params))
+        counts.append(counter[0] - before)
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+    flags = {m: m.gradient_checkpointing for m in unet.modules() if hasattr(m, "gradient_checkpointing")}
+    unet.enable_gradient_checkpointing(ckpt)
+    try:
+        saved_storages(fn, params, held)
+    finally:
+        for m, f in flags.items():
+            m.gradient_checkpointing = f
+    return sum(held.values()), blocks, counts
 
 
 def _inputs(bb, latent: int) -> tuple[torch.Tensor, torch.Tensor, object]:
@@ -80,6 +123,7 @@ def probe_activations(arch: str, scale: str, device: str = "cpu") -> dict:
     unet = bb.unet()
     params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
     full, attn, xattn, kv, xattn_in, kv_in = [], [], [], [], [], []
+    ckpt: dict[str, list] = {k: [] for s in ("xattn", "kv") for k in (s, f"{s}_blocks", f"{s}_block_inputs")}
     for lat in latents:
         x, t, cond = _inputs(bb, lat)
         # gradients for every weight: each layer keeps its input, as ANT's saliency maps (and full finetuning) do,
@@ -106,15 +150,26 @@ def probe_activations(arch: str, scale: str, device: str = "cpu") -> dict:
             with TrainableDeltas(mods) as deltas:
                 d_params = params | {p.untyped_storage().data_ptr() for p in deltas.parameters()}
                 out.append(saved_bytes(lambda x=x, t=t, cond=cond: bb.predict_noise(x, t, cond), d_params))
+                inp.append(seen[0])
+                # the same graph with checkpointing: what the forward holds, and each block's recomputation (with
+                # the elements of the scoped layers' inputs in it, which the delta saves in float32)
+                held, blocks, counts = checkpointed_bytes(
+                    bb, lambda x=x, t=t, cond=cond: bb.predict_noise(x, t, cond), d_params, seen)
+                ckpt[scope].append(held)
+                ckpt[f"{scope}_blocks"].append(blocks)
+                ckpt[f"{scope}_block_inputs"].append(counts)
             for h in hooks:
                 h.remove()
-            inp.append(seen[0])
     te = sum(param_count(e) for e in bb.text_encoders)
     layers = {n: m.weight.numel() for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     return {"arch": arch, "scale": scale, "latents": list(latents), "dtype_bytes": dtype.itemsize,
             "full_unet_bytes_per_row": full,
             "mace_graph_bytes_per_row": attn, "xattn_deltas_bytes_per_row": xattn, "kv_deltas_bytes_per_row": kv,
             "xattn_input_elems_per_row": xattn_in, "kv_input_elems_per_row": kv_in,
+            "xattn_ckpt_bytes_per_row": ckpt["xattn"], "kv_ckpt_bytes_per_row": ckpt["kv"],
+            "xattn_ckpt_block_bytes_per_row": ckpt["xattn_blocks"], "kv_ckpt_block_bytes_per_row": ckpt["kv_blocks"],
+            "xattn_ckpt_block_input_elems_per_row": ckpt["xattn_block_inputs"],
+            "kv_ckpt_block_input_elems_per_row": ckpt["kv_block_inputs"],
             "xattn_params": sum(m.weight.numel() for m in scope_modules(bb, "xattn").values()),
             "kv_params": sum(m.weight.numel() for m in scope_modules(bb, "kv").values()),
             "unet_params": param_count(unet), "text_encoder_params": te,
@@ -126,7 +181,7 @@ def _line(latents: list[int], values: list[int], target: int) -> tuple[float, fl
     p = [lat * lat for lat in latents]
     b = (values[1] - values[0]) / (p[1] - p[0])
     a = values[0] - b * p[0]
-    check = abs(a + b * p[2] - values[2]) / values[2] if len(p) > 2 else math.nan
+    check = abs(a + b * p[2] - values[2]) / values[2] if len(p) > 2 and values[2] else math.nan
     return a + b * target * target, check
 
 
@@ -155,6 +210,25 @@ def _act16(probe: dict, key: str, inputs_key: str | None, lat: int, weight_bytes
     inputs, _ = _line(probe["latents"], probe[inputs_key], lat)
     f32 = 4 * inputs
     return (act - f32 * probe.get("dtype_bytes", 4) / 4) * scale + f32, err
+
+
+def _ckpt16(probe: dict, scope: str, lat: int, weight_bytes: int) -> tuple[float, float, float, int]:
+    """With gradient checkpointing, per row at ``lat`` in ``weight_bytes``-wide activations: (bytes the forward
+    holds for backward, the largest single block's recomputation, the held line's check error, that block's index).
+    Each block's bytes are extrapolated on their own line (which block is largest changes with the size); its
+    float32 copies of scoped layers' inputs stay at 4 bytes, as in ``_act16``."""
+    lats, scale = probe["latents"], weight_bytes / probe.get("dtype_bytes", 4)
+    held, err = _line(lats, probe[f"{scope}_ckpt_bytes_per_row"], lat)
+    per_lat = probe[f"{scope}_ckpt_block_bytes_per_row"]
+    elems = probe[f"{scope}_ckpt_block_input_elems_per_row"]
+    best, arg = 0.0, -1
+    for i in range(len(per_lat[0])):
+        b, _ = _line(lats, [v[i] for v in per_lat], lat)
+        f32 = 4 * _line(lats, [v[i] for v in elems], lat)[0]
+        v = (b - f32 * probe.get("dtype_bytes", 4) / 4) * scale + f32 if scale != 1 else b
+        if v > best:
+            best, arg = v, i
+    return held * scale, best, err, arg
 
 
 def project_arch(probe: dict, selected_fraction: float | None, weight_bytes: int = 2) -> dict:
@@ -186,6 +260,13 @@ def project_arch(probe: dict, selected_fraction: float | None, weight_bytes: int
         e = {"scope": scope, "trainable_params": n, "rows": rows, "activation_per_row": act,
              "trainable_state": state, "activations": rows * act, "peak": weights + state + rows * act,
              "floor": weights + state}
+        if f"{scope}_ckpt_bytes_per_row" in probe:
+            # gradient checkpointing on (``AntSettings.gradient_checkpointing``): every row's held tensors, plus
+            # one block's recomputation for all rows at once (the rows go through each block together)
+            held, block, err_c, arg = _ckpt16(probe, scope, lat, weight_bytes)
+            out["line_check_rel_error"][f"{scope}_ckpt"] = round(err_c, 3)
+            e["checkpointed"] = {"held_per_row": held, "block_recompute_per_row": block, "largest_block": arg,
+                                 "activations": rows * (held + block), "peak": weights + state + rows * (held + block)}
         if method == "ant-multi":  # each finished concept's float32 K/V deltas stay resident until the fusion
             e["per_finished_concept"] = 4 * n
         out[method] = e
@@ -241,7 +322,7 @@ def project(size, rows: list[dict], probe_dir: Path | None = None) -> dict:
     for arch in ("sd15", "sdxl"):
         cached = probe_dir / f"probe-{arch}-{size.scale}.json" if probe_dir else None
         probe = json.loads(cached.read_text()) if cached is not None and cached.exists() else {}
-        if "xattn_deltas_bytes_per_row" not in probe:  # none yet, or from before the dense-delta graphs
+        if "xattn_ckpt_bytes_per_row" not in probe:  # none yet, or from before the checkpointed graphs
             probe = _probe_in_subprocess(arch, size.scale)
             if cached is not None and "error" not in probe:
                 cached.parent.mkdir(parents=True, exist_ok=True)
@@ -289,7 +370,7 @@ def measure_peak(arch: str, method: str) -> dict:
 
 def format_projection(p: dict) -> str:
     g = 2**30
-    lines = ["", "== projected peak GPU memory (GiB), 16-bit weights, float32 trainables and Adam, no checkpointing =="]
+    lines = ["", "== projected peak GPU memory (GiB), 16-bit weights, float32 trainables and Adam =="]
     for arch, d in p["archs"].items():
         if "projection" not in d:
             lines.append(f"{arch}: probe failed ({d['probe'].get('error')})")
@@ -307,6 +388,11 @@ def format_projection(p: dict) -> str:
                          f"state {a['trainable_state'] / g:.2f} + activations {a['rows']} rows x "
                          f"{a['activation_per_row'] / g:.2f} = {a['activations'] / g:.2f} -> peak {a['peak'] / g:.1f} "
                          f"(without activations {a['floor'] / g:.1f}){extra}")
+            c = a.get("checkpointed")
+            if c is not None:
+                lines.append(f"    with gradient checkpointing: {a['rows']} rows x ({c['held_per_row'] / g:.3f} held + "
+                             f"{c['block_recompute_per_row'] / g:.3f} one block's recomputation) = "
+                             f"{c['activations'] / g:.2f} -> peak {c['peak'] / g:.1f}")
         lines.append(f"  mace ours: {pr['mace']['peak'] / g:.1f} (MACE graph "
                      f"{pr['activation_per_row_mace'] / g:.3f}/row)")
         for label, a in pr["ant-single-cached-saliency"].items():

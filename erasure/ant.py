@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from . import validation
-from .backbone import Backbone, TextConditioning
+from .backbone import Backbone, TextConditioning, gradient_checkpointing
 from .deltas import SparseDeltas, TrainableDeltas, TrainableLoRA, _HookedDeltas
 from .guards import entry_point
 from .prompts import CONCEPT_TEMPLATES
@@ -50,6 +50,12 @@ from .weights import ErasureWeights, _meta
 SCOPES = ("saliency", "xattn", "non-xattn", "kv", "lora")
 PREDICTIONS = ("cond", "guided")
 SAMPLINGS = ("on-policy", "cached")
+CHECKPOINTING = ("auto", "on", "off")
+#: ``gradient_checkpointing="auto"`` turns checkpointing on for UNets of at least this many parameters (SDXL's
+#: 2.57 G; SD1.5's 860 M stays off) or latents of more than this many cells (images above 512 px with an 8x VAE).
+#: Projected at 16-bit weights with the default 6 training rows (README, Benchmarks): SD1.5 at 512 px needs 7.0 GiB
+#: without it (under the 10 GiB target, so the ~1 extra forward per step is not paid), SDXL at 1024 px 48.3 GiB
+AUTO_CHECKPOINT_PARAMS, AUTO_CHECKPOINT_CELLS = 1_500_000_000, 64 * 64
 #: the multi-concept path's fusion settings. Measured on the lab (circle; green; striped, the same three ANT edits
 #: fused, 4-seed evaluation): MACE's lam 0.1 / preserve 1.0 -> efficacy 0.65 (8 seeds), lam 0.1 / 0.1 -> 0.75,
 #: lam 0.01 / 0.1 -> 0.79 with specificity 1.00; without prior preservation specificity fell to 0.50
@@ -107,6 +113,11 @@ class AntSettings:
     resolution: int | None = None
     seed: int = 0
     kind: str = "object"  # which prompt templates augment the concept (object, person, style, nudity)
+    #: gradient checkpointing of the training forward (``ant_loss``): "on" recomputes each UNet block's activations
+    #: during backward instead of keeping them (about one extra forward of the training rows per step), "off" keeps
+    #: them, "auto" is on for large UNets or latents (``AUTO_CHECKPOINT_PARAMS``, ``AUTO_CHECKPOINT_CELLS``). No-op
+    #: on a backbone without checkpointing support
+    gradient_checkpointing: str = "auto"
 
     def override(self, **kw: object) -> AntSettings:
         unknown = [k for k in kw if k not in asdict(self)]
@@ -135,6 +146,9 @@ class AntSettings:
             raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)} (got {self.prediction!r})")
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)} (got {self.scope!r})")
+        if self.gradient_checkpointing not in CHECKPOINTING:
+            raise ValueError(f"gradient_checkpointing must be one of {', '.join(CHECKPOINTING)} "
+                             f"(got {self.gradient_checkpointing!r})")
         if self.kind not in CONCEPT_TEMPLATES:
             raise ValueError(f"kind must be one of {', '.join(CONCEPT_TEMPLATES)} (got {self.kind!r})")
         for k in ("eta", "a1", "a2", "guidance", "grad_clip", "preserve"):
@@ -212,6 +226,16 @@ def ant_loss(backbone: Backbone, b: Batch, uncond: TextConditioning, s: AntSetti
         parts["preserve"] = 0.5 * (mse(pp_e, b.pres_early.float()) + mse(pp_l, b.pres_late.float()))
         loss = loss + s.preserve * parts["preserve"]
     return loss, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def use_checkpointing(backbone: Backbone, s: AntSettings) -> bool:
+    """Whether the training forward asks for gradient checkpointing (``s.gradient_checkpointing``; "auto": a UNet
+    of at least ``AUTO_CHECKPOINT_PARAMS`` parameters, or a latent of more than ``AUTO_CHECKPOINT_CELLS`` cells)."""
+    if s.gradient_checkpointing != "auto":
+        return s.gradient_checkpointing == "on"
+    _, h, w = backbone.latent_shape(s.resolution)
+    params = sum(p.numel() for p in backbone.unet().parameters())
+    return params >= AUTO_CHECKPOINT_PARAMS or h * w > AUTO_CHECKPOINT_CELLS
 
 
 # -- trajectories ------------------------------------------------------------------------------------------------
@@ -490,6 +514,9 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
             log(f"ant: saliency keeps {fraction:.2%} of the UNet's Linear/Conv2d weights")
     plan_prompts, seeds = trajectory_plan(prompts, s.trajectories, s.seed)
     total = sum(m.weight.numel() for m in scope_modules(backbone, s.scope).values())
+    ckpt = use_checkpointing(backbone, s)
+    if log and ckpt:
+        log("ant: gradient checkpointing on for the training forward")
     losses: list[float] = []
     try:
         with _trainable(backbone, s, masks, gen) as deltas:
@@ -511,7 +538,9 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
                     fwd += ev
                 if pres is not None:
                     fwd += add_preservation(backbone, deltas, b, pres, which)
-                loss, _ = ant_loss(backbone, b, uncond, s)
+                # the training forward only; "off" leaves the model's own setting alone
+                with gradient_checkpointing(backbone, True) if ckpt else contextlib.nullcontext():
+                    loss, _ = ant_loss(backbone, b, uncond, s)
                 fwd += (6 if pres is not None else 4) * s.batch_size
                 bwd += 1
                 if not torch.isfinite(loss):

@@ -9,6 +9,8 @@ for diffusers models; ``nodes/comfy_backbone.py`` (the ComfyUI pack) implements 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -94,3 +96,21 @@ class Backbone(Protocol):
         ...
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+    # Optional (not part of the protocol, so that adapters without it still satisfy it):
+    # ``gradient_checkpointing(enabled: bool)``, a context manager within which the UNet's forwards *with grad
+    # enabled* recompute their blocks' activations during backward instead of keeping them, yielding whether
+    # checkpointing is in effect, and leaving the model's own setting as it was on exit. Use it through
+    # :func:`gradient_checkpointing`, which falls back to doing nothing.
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(backbone: Backbone, enabled: bool) -> Iterator[bool]:
+    """The backbone's ``gradient_checkpointing(enabled)`` if it has one, else nothing; yields whether checkpointing
+    is in effect. Only forwards under grad are affected: no-grad forwards keep nothing for backward anyway."""
+    fn = getattr(backbone, "gradient_checkpointing", None)
+    if fn is None:
+        yield False
+        return
+    with fn(enabled) as on:
+        yield bool(on)

@@ -251,7 +251,8 @@ def _ant(args: argparse.Namespace) -> int:
         prediction=args.prediction, sampling=args.sampling, trajectories=args.trajectories,
         refresh_every=args.refresh_every,
         scope=args.scope, saliency_fraction=args.saliency_fraction, saliency_maps=args.saliency_maps,
-        lora_rank=args.rank, resolution=args.resolution, seed=args.seed, kind=args.kind, preserve=args.preserve)
+        lora_rank=args.rank, resolution=args.resolution, seed=args.seed, kind=args.kind, preserve=args.preserve,
+        gradient_checkpointing=args.gradient_checkpointing)
     s.validate()
     check_resolution(s.resolution)
     backbone = _load_model(args)
@@ -366,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--export-rank", type=int, help="truncate the saved LoRA to this rank (default: exact)")
     mc.set_defaults(func=_mace)
 
-    from .ant import FUSE_LAM, FUSE_PRESERVE, PREDICTIONS, SAMPLINGS, SCOPES, AntSettings
+    from .ant import CHECKPOINTING, FUSE_LAM, FUSE_PRESERVE, PREDICTIONS, SAMPLINGS, SCOPES, AntSettings
     from .prompts import CONCEPT_TEMPLATES
 
     d = AntSettings()
@@ -401,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--saliency-maps", type=int, help=f"maps intersected (default {d.saliency_maps})")
     an.add_argument("--rank", type=int, help=f"LoRA rank (scope lora and --concepts; default {d.lora_rank})")
     an.add_argument("--resolution", type=int, help="training resolution in pixels (default: the model's)")
+    an.add_argument("--gradient-checkpointing", choices=CHECKPOINTING,
+                    help="recompute the UNet's activations in backward instead of keeping them (less memory, about "
+                    f"one extra forward per step; auto: on for SDXL-sized UNets or above 512 px; default "
+                    f"{d.gradient_checkpointing})")
     an.add_argument("--seed", type=int)
     an.add_argument("--lam", type=float, default=FUSE_LAM, help=f"fusion regulariser (--concepts; default {FUSE_LAM})")
     an.add_argument("--fuse-preserve", type=float, default=FUSE_PRESERVE,

@@ -6,8 +6,10 @@ package. The lab model is pixel-space (no VAE), so ``decode`` is the identity th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -130,6 +132,32 @@ class DiffusersBackbone:
             a = self.schedule.alphas_cumprod.to(x_t.device)[t].view(-1, 1, 1, 1).to(out.dtype)
             out = a.sqrt() * out + (1 - a).sqrt() * x_t.to(out.dtype)
         return out
+
+    @contextlib.contextmanager
+    def gradient_checkpointing(self, enabled: bool) -> Iterator[bool]:
+        """Diffusers' own gradient checkpointing on (or off) for the duration; yields whether it is on. Diffusers
+        (0.42) checkpoints each ResNet and transformer block only when ``torch.is_grad_enabled()`` (train mode is not
+        required), non-reentrant, so no-grad forwards run unchanged. Every block's flag and checkpoint function is
+        put back on exit: a user's model that had checkpointing on keeps it, one that had it off gets it back off."""
+        mods = [m for m in self._unet.modules() if hasattr(m, "gradient_checkpointing")]
+        if not mods or not getattr(self._unet, "_supports_gradient_checkpointing", False):
+            yield False
+            return
+        key = "_gradient_checkpointing_func"
+        saved = [(m, m.gradient_checkpointing, key in m.__dict__, m.__dict__.get(key)) for m in mods]
+        try:
+            if enabled:
+                self._unet.enable_gradient_checkpointing()
+            else:
+                self._unet.disable_gradient_checkpointing()
+            yield enabled
+        finally:
+            for m, flag, had, func in saved:
+                m.gradient_checkpointing = flag
+                if had:
+                    m.__dict__[key] = func
+                else:
+                    m.__dict__.pop(key, None)
 
     def cross_attention_kv(self) -> dict[str, nn.Linear]:
         """Every cross-attention key/value projection, by module name in the UNet (diffusers naming)."""

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 import comfy.model_management
 import comfy.utils
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..erasure.backbone import NoiseSchedule, TextConditioning
@@ -238,6 +239,35 @@ class ComfyBackbone:
                 else:
                     named[name].forward = fwd
 
+    @contextlib.contextmanager
+    def gradient_checkpointing(self, enabled: bool) -> Iterator[bool]:
+        """For the duration, every transformer block and ResBlock of the UNet runs its forward through
+        ``torch.utils.checkpoint`` (non-reentrant) whenever grad is enabled, so backward recomputes its activations
+        instead of keeping them; no-grad forwards call the block directly. Done by an instance-level ``forward`` on
+        each block (as ``capture_attention`` does), removed on exit: the shared model is never changed for good.
+        ComfyUI's own ``use_checkpoint`` flag is not used: its reentrant ``CheckpointFunction`` differentiates only
+        with respect to the block's parameters, not the hooked deltas that ANT trains. ``enabled=False`` changes
+        nothing (ComfyUI's blocks do not checkpoint by default)."""
+        from comfy.ldm.modules.attention import BasicTransformerBlock
+        from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+        blocks = [m for m in self.unet().modules() if isinstance(m, (BasicTransformerBlock, ResBlock))]
+        if not enabled or not blocks:
+            yield False
+            return
+        saved: list[tuple[nn.Module, object]] = []
+        try:
+            for m in blocks:
+                saved.append((m, m.__dict__.get("forward")))
+                m.forward = _checkpointed(m.forward)
+            yield True
+        finally:
+            for m, fwd in saved:
+                if fwd is None:
+                    m.__dict__.pop("forward", None)
+                else:
+                    m.forward = fwd
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("decoding needs a VAE: the preview node decodes with the VAE socket")
 
@@ -248,6 +278,17 @@ class ComfyBackbone:
             h.update(n.encode())
             h.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
+
+
+def _checkpointed(forward):
+    """``forward`` through non-reentrant ``torch.utils.checkpoint`` when grad is enabled, directly otherwise."""
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
 
 
 def _capturing_forward(m: nn.Module, name: str, sink, latent_hw):

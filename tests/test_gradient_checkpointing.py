@@ -1,0 +1,114 @@
+"""Gradient checkpointing of ANT's training forward: same gradients, the user's model left as it was, the setting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from erasure.ant import AntSettings, Batch, ant, ant_loss, scope_modules, use_checkpointing
+from erasure.backbone import TextConditioning, gradient_checkpointing
+from erasure.deltas import TrainableDeltas
+
+FAST = AntSettings(steps=2, trajectory_steps=6, early_steps=2, trajectories=2, batch_size=2, guidance=3.0,
+                   scope="xattn", preserve_prompts=4)
+TEMPLATES = ["a {c}", "a red {c}"]
+
+
+def _batch(backbone, n: int = 2) -> Batch:
+    g = torch.Generator().manual_seed(1)
+    shape = (n, *backbone.latent_shape())
+
+    def r() -> torch.Tensor:
+        return torch.randn(shape, generator=g)
+
+    b = Batch(r(), torch.tensor([990, 950][:n]), r(), torch.tensor([500, 200][:n]),
+              backbone.encode_text(["a circle"] * n), r(), r(), r(), r())
+    b.pres_cond, b.pres_early, b.pres_late = backbone.encode_text(["a square"] * n), r(), r()
+    return b
+
+
+def _grads(bb, b: Batch, uncond: TextConditioning, on: bool) -> tuple[list[torch.Tensor], int]:
+    """Gradients of the ANT loss for dense deltas nudged away from zero (so every path carries gradient), and the
+    number of tensors autograd saved in the forward."""
+    saved = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[0] += 1
+        return t
+
+    with TrainableDeltas(scope_modules(bb, "xattn")) as deltas:
+        g = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for p in deltas.parameters():
+                p.copy_(1e-2 * torch.randn(p.shape, generator=g))
+        with gradient_checkpointing(bb, on) as active, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            assert active == on
+            loss, _ = ant_loss(bb, b, uncond, FAST)
+        params = list(deltas.parameters())
+        return [x.clone() for x in torch.autograd.grad(loss, params)], saved[0]
+
+
+def test_checkpointed_gradients_equal_the_plain_ones(tiny_backbone):
+    bb = tiny_backbone
+    b, uncond = _batch(bb), bb.encode_text([""])
+    plain, n_plain = _grads(bb, b, uncond, False)
+    ckpt, n_ckpt = _grads(bb, b, uncond, True)
+    assert n_ckpt < n_plain / 2  # it did checkpoint: the blocks' internals are not kept for backward
+    for a, c in zip(plain, ckpt, strict=True):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-7)
+
+
+def test_ant_with_checkpointing_trains_the_same_edit_and_restores_the_model(tiny_backbone):
+    bb = tiny_backbone
+    unet = bb.unet()
+    seen: list[bool] = []
+    hook = unet.register_forward_pre_hook(
+        lambda m, a: seen.append(m.is_gradient_checkpointing) if torch.is_grad_enabled() else None)
+    try:
+        on = ant(bb, "circle", FAST.override(gradient_checkpointing="on"), templates=TEMPLATES)
+        assert seen and all(seen)  # every forward with grad (the training forward) was checkpointed
+        assert not unet.is_gradient_checkpointing  # and the model is back as it was
+        seen.clear()
+        off = ant(bb, "circle", FAST.override(gradient_checkpointing="off"), templates=TEMPLATES)
+        assert seen and not any(seen)
+    finally:
+        hook.remove()
+    assert on.losses == pytest.approx(off.losses, rel=1e-4, abs=1e-7)
+    assert on.unet_forwards == off.unet_forwards
+    for n in on.weights.deltas:
+        torch.testing.assert_close(on.weights.deltas[n].matrix(), off.weights.deltas[n].matrix(), rtol=1e-3,
+                                   atol=1e-6)
+
+
+def test_a_users_own_checkpointing_is_kept(tiny_backbone):
+    bb = tiny_backbone
+    unet = bb.unet()
+
+    def mine(module, *args):
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+    unet.enable_gradient_checkpointing(mine)
+    ant(bb, "circle", FAST.override(gradient_checkpointing="on", steps=1), templates=TEMPLATES)
+    blocks = [m for m in unet.modules() if hasattr(m, "gradient_checkpointing")]
+    assert all(m.gradient_checkpointing and m._gradient_checkpointing_func is mine for m in blocks)
+    unet.disable_gradient_checkpointing()
+
+
+def test_the_setting_validates_and_auto_follows_size(tiny_backbone):
+    with pytest.raises(ValueError, match="gradient_checkpointing must be one of"):
+        AntSettings(gradient_checkpointing="yes").validate()
+    with pytest.raises(ValueError, match="gradient_checkpointing must be one of"):
+        ant(tiny_backbone, "circle", AntSettings(gradient_checkpointing="true"))
+    assert not use_checkpointing(tiny_backbone, AntSettings())  # tiny UNet at its 16 px: off
+    assert use_checkpointing(tiny_backbone, AntSettings(resolution=72))  # 72 x 72 cells > 64 x 64: on
+    assert use_checkpointing(tiny_backbone, AntSettings(gradient_checkpointing="on"))
+    assert not use_checkpointing(tiny_backbone, AntSettings(gradient_checkpointing="off", resolution=72))
+
+
+def test_backbones_without_support_do_nothing():
+    class Plain:
+        pass
+
+    with gradient_checkpointing(Plain(), True) as active:  # type: ignore[arg-type]
+        assert active is False
