@@ -83,26 +83,35 @@ def projection(d: dict) -> str:
     if not p:
         return ""
     out = ["| arch, resolution | weights | ANT single ours (xattn): state + activations = peak (without "
-           "activations) | ANT multi ours (kv), 1st concept | MACE ours | historical cached-saliency ours | "
+           "activations) | ANT multi ours (kv), 1st concept | ANT single / multi ours with gradient checkpointing: "
+           "rows x (held + one block's recomputation) = peak | MACE ours | historical cached-saliency ours | "
            "ANT single reference (fp32) | target |",
-           "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
+           "| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for arch, a in p["archs"].items():
         if "projection" not in a:
-            out.append(f"| {arch} | probe failed: {a['probe'].get('error')} | | | | | | |")
+            out.append(f"| {arch} | probe failed: {a['probe'].get('error')} | | | | | | | |")
             continue
         pr = a["projection"]
         if "ant-single-cached-saliency" not in pr:  # a JSON from before the dense-delta projection
-            out.append(f"| {arch} | (older projection format: see this JSON's `projection`) | | | | | | |")
+            out.append(f"| {arch} | (older projection format: see this JSON's `projection`) | | | | | | | |")
             continue
 
         def ant(e: dict) -> str:
             return (f"{e['trainable_state'] / GIB:.2f} + {e['rows']} x {e['activation_per_row'] / GIB:.2f} = "
                     f"**{e['peak'] / GIB:.1f}** ({e['floor'] / GIB:.1f})")
 
+        def ckpt(e: dict) -> str:
+            c = e.get("checkpointed")
+            if c is None:
+                return "(not probed)"
+            return (f"{e['rows']} x ({c['held_per_row'] / GIB:.3f} + {c['block_recompute_per_row'] / GIB:.3f}) = "
+                    f"**{c['peak'] / GIB:.1f}**")
+
         hist = max(v["peak"] for v in pr["ant-single-cached-saliency"].values())
         out.append(f"| {arch} {pr['pixels']} px | {pr['weights'] / GIB:.2f} | {ant(pr['ant-single'])} | "
                    f"{ant(pr['ant-multi'])}; +{pr['ant-multi']['per_finished_concept'] / GIB:.2f} per finished "
-                   f"concept | {pr['mace']['peak'] / GIB:.1f} | {hist / GIB:.1f} | "
+                   f"concept | {ckpt(pr['ant-single'])} / {ckpt(pr['ant-multi'])} | {pr['mace']['peak'] / GIB:.1f} | "
+                   f"{hist / GIB:.1f} | "
                    f"{pr['ant-single-reference']['peak'] / GIB:.1f} | < {pr['target_gib']} |")
     for m in p.get("measured", []):
         val = m.get("error") or f"{m['peak_mem_bytes'] / GIB:.2f} GiB"

@@ -59,18 +59,22 @@ def test_checkpointed_gradients_equal_the_plain_ones(tiny_backbone):
         torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-7)
 
 
-def test_ant_with_checkpointing_trains_the_same_edit_and_restores_the_model(tiny_backbone):
+@pytest.mark.parametrize("scope", ["xattn", "lora", "saliency"])
+def test_ant_with_checkpointing_trains_the_same_edit_and_restores_the_model(tiny_backbone, scope):
     bb = tiny_backbone
+    s = FAST.override(scope=scope, saliency_maps=2)
     unet = bb.unet()
     seen: list[bool] = []
     hook = unet.register_forward_pre_hook(
         lambda m, a: seen.append(m.is_gradient_checkpointing) if torch.is_grad_enabled() else None)
     try:
-        on = ant(bb, "circle", FAST.override(gradient_checkpointing="on"), templates=TEMPLATES)
-        assert seen and all(seen)  # every forward with grad (the training forward) was checkpointed
+        on = ant(bb, "circle", s.override(gradient_checkpointing="on"), templates=TEMPLATES)
+        # every training forward (the forwards with grad; saliency's gradient maps come before and stay plain) was
+        # checkpointed
+        assert seen.count(True) == s.steps and (scope == "saliency" or all(seen))
         assert not unet.is_gradient_checkpointing  # and the model is back as it was
         seen.clear()
-        off = ant(bb, "circle", FAST.override(gradient_checkpointing="off"), templates=TEMPLATES)
+        off = ant(bb, "circle", s.override(gradient_checkpointing="off"), templates=TEMPLATES)
         assert seen and not any(seen)
     finally:
         hook.remove()
