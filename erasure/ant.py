@@ -45,7 +45,7 @@ from .deltas import SparseDeltas, TrainableDeltas, TrainableLoRA, _HookedDeltas
 from .guards import entry_point
 from .prompts import CONCEPT_TEMPLATES
 from .sampling import ddim_step, ddim_timesteps, guided_eps, initial_noise
-from .weights import ErasureWeights, _meta
+from .weights import Delta, ErasureWeights, _meta
 
 SCOPES = ("saliency", "xattn", "non-xattn", "kv", "lora")
 PREDICTIONS = ("cond", "guided")
@@ -60,6 +60,12 @@ AUTO_CHECKPOINT_PARAMS, AUTO_CHECKPOINT_CELLS = 1_500_000_000, 64 * 64
 #: fused, 4-seed evaluation): MACE's lam 0.1 / preserve 1.0 -> efficacy 0.65 (8 seeds), lam 0.1 / 0.1 -> 0.75,
 #: lam 0.01 / 0.1 -> 0.79 with specificity 1.00; without prior preservation specificity fell to 0.50
 FUSE_LAM, FUSE_PRESERVE = 0.01, 0.1
+#: how strongly each concept's edit enters the fusion (its target is ``W0 + strength dW_i``). Where the concepts'
+#: prompt tokens overlap (shared words, end token, padding), the least-squares fusion averages their edits and each
+#: concept keeps only part of its own; measured on the lab (circle; green; striped, 8-seed evaluation, fusion balanced
+#: per concept), seeds 0 / 1 / 2: strength 1.0 -> efficacy 0.917 / - / 0.792, 1.25 -> 0.958 / ? / 0.854, specificity
+#: 0.964 -> 0.929 and 0.982 -> 0.955
+FUSE_STRENGTH = 1.25
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -568,6 +574,14 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
     return AntResult(weights, trained, total, fraction, fwd, bwd, round(time.time() - t0, 2), losses, opt_bytes)
 
 
+def scaled(w: ErasureWeights, factor: float) -> ErasureWeights:
+    """``w`` with every delta multiplied by ``factor`` (a LoRA through its scale: factors are not copied)."""
+    if factor == 1.0:
+        return w
+    return ErasureWeights({n: Delta(dense=d.dense * factor) if d.dense is not None
+                           else replace(d, scale=d.scale * factor) for n, d in w.deltas.items()}, dict(w.metadata))
+
+
 @dataclass
 class AntMultiResult:
     weights: ErasureWeights
@@ -580,11 +594,14 @@ class AntMultiResult:
 @entry_point("ANT", "the resolution, batch_size, trajectories or trajectory_steps, or the LoRA rank")
 def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | None, prior: torch.Tensor | None,
               templates: dict[str, list[str]] | None = None, lam: float = FUSE_LAM, preserve: float = FUSE_PRESERVE,
-              preserve_prompts: list[str] | None = None,
+              preserve_prompts: list[str] | None = None, strength: float = FUSE_STRENGTH,
               progress: Callable[[int], None] | None = None, check_interrupt: Callable[[], None] | None = None,
               log: Callable[[str], None] | None = None) -> AntMultiResult:
     """Many concepts: one ANT edit per concept on the cross-attention K/V (dense, or a LoRA with scope ``lora``),
-    then MACE's closed-form fusion of their K/V effects."""
+    then MACE's closed-form fusion of their K/V effects, each edit entering it at ``strength`` (``FUSE_STRENGTH``)
+    and every concept weighted alike (``fuse(balance=True)``)."""
+    if not (math.isfinite(strength) and strength > 0):
+        raise ValueError(f"the fusion strength must be a positive number (got {strength})")
     from .mace import Concept, fuse
 
     names = validation.check_concepts(concepts)
@@ -605,8 +622,10 @@ def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | N
         r = ant(backbone, c, s, templates=temps, preserve_prompts=pres, progress=progress,
                 check_interrupt=check_interrupt, log=log)
         results.append(r)
-        items.append((Concept(c, "", s.kind, templates=tuple(temps or CONCEPT_TEMPLATES[s.kind])), r.weights))
+        items.append((Concept(c, "", s.kind, templates=tuple(temps or CONCEPT_TEMPLATES[s.kind])),
+                      scaled(r.weights, strength)))
     fused = fuse(backbone, items, None, prior, lam=lam, preserve=preserve, method="ant-fused")
-    fused.metadata.update(_meta({"settings": asdict(s), "fuse": {"lam": lam, "preserve": preserve}}))
+    fused.metadata.update(_meta({"settings": asdict(s), "fuse": {"lam": lam, "preserve": preserve,
+                                                                  "strength": strength, "balance": True}}))
     return AntMultiResult(fused, results, sum(r.unet_forwards for r in results),
                           sum(r.unet_backwards for r in results), round(time.time() - t0, 2))

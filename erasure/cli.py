@@ -281,7 +281,7 @@ def _ant(args: argparse.Namespace) -> int:
                  else gram(backbone, prior_prompts(exclude=concepts, extra_file=args.prior_file), cache_dir()))
         with tqdm(total=s.multi_steps * len(concepts), desc="ANT", disable=None) as bar:
             m = ant_multi(backbone, concepts, s, prior, templates=templates, lam=args.lam,
-                          preserve=args.fuse_preserve,
+                          preserve=args.fuse_preserve, strength=args.fuse_strength,
                           preserve_prompts=world.prior_prompts(exclude=concepts) if lab else
                           prior_prompts(exclude=concepts, extra_file=args.prior_file),
                           progress=bar.update, log=bar.write)
@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--export-rank", type=int, help="truncate the saved LoRA to this rank (default: exact)")
     mc.set_defaults(func=_mace)
 
-    from .ant import CHECKPOINTING, FUSE_LAM, FUSE_PRESERVE, PREDICTIONS, SAMPLINGS, SCOPES, AntSettings
+    from .ant import CHECKPOINTING, FUSE_LAM, FUSE_PRESERVE, FUSE_STRENGTH, PREDICTIONS, SAMPLINGS, SCOPES, AntSettings
     from .prompts import CONCEPT_TEMPLATES
 
     d = AntSettings()
@@ -410,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--lam", type=float, default=FUSE_LAM, help=f"fusion regulariser (--concepts; default {FUSE_LAM})")
     an.add_argument("--fuse-preserve", type=float, default=FUSE_PRESERVE,
                     help=f"fusion prior-preservation weight (default {FUSE_PRESERVE})")
+    an.add_argument("--fuse-strength", type=float, default=FUSE_STRENGTH,
+                    help=f"each concept's edit enters the fusion times this (--concepts; default {FUSE_STRENGTH})")
     an.add_argument("--prior-file", help="extra prior-preservation prompts (preservation term and fusion), one "
                     "per line")
     an.add_argument("--export-rank", type=int, help="LoRA rank of the file (0: exact; default: exact up to "

@@ -315,7 +315,7 @@ def concept_token_embeddings(backbone: Backbone, concept: Concept) -> torch.Tens
 @entry_point("the fusion", "the number of LoRAs fused at once")
 def fuse(backbone: Backbone, items: list[tuple[Concept | list[Concept], ErasureWeights]], base: ErasureWeights | None,
          prior: torch.Tensor | None, lam: float = 0.1, preserve: float = 1.0,
-         method: str = "mace-fused") -> ErasureWeights:
+         method: str = "mace-fused", balance: bool = True) -> ErasureWeights:
     """Closed-form fusion: ``W* = argmin sum_i ||W E_i - (W_base + dW_i) E_i||^2 + lam ||W - W_base||^2
     + preserve * ||(W - W0) C^(1/2)||^2``; dense K/V deltas relative to the original weights ``W0``.
 
@@ -323,6 +323,12 @@ def fuse(backbone: Backbone, items: list[tuple[Concept | list[Concept], ErasureW
     effect relative to it (modules it does not touch contribute zero). An item may carry several concepts (a file
     that already erases a list): its ``E_i`` is then all of their prompts' tokens. Items made by any method (MACE,
     ANT) mix freely; only their K/V effects are fused.
+
+    ``balance`` (the project's addition; the paper sums every prompt alike) weighs each concept's tokens by
+    ``mean count / its prompt count``, so that every concept pulls on the least-squares solution equally however
+    many prompt augmentations it has. Concepts with the same templates (one MACE preset) are unchanged; on the lab a
+    shape (6 prompts) fused beside a colour (18) and a texture (12) lost most of its erasure without it
+    (README, "ANT from the command line").
     """
     validation.check_fuse_inputs(backbone, items, lam, preserve)
     w0s = _kv_weights(backbone)
@@ -330,7 +336,12 @@ def fuse(backbone: Backbone, items: list[tuple[Concept | list[Concept], ErasureW
     d = next(iter(w0s.values())).shape[1]
     # E_i^T E_i and the system matrix M2 = sum_i E_i^T E_i + lam I + s C do not depend on the layer: computed once,
     # factored once, and every layer only forms its own right-hand side M1 (the reference rebuilds both per layer)
-    grams = [(e.T @ e) for e in (torch.cat([concept_token_embeddings(backbone, c) for c in g]) for g in groups)]
+    counts = [[len(c.prompts()) for c in g] for g in groups]
+    mean_count = sum(map(sum, counts)) / sum(map(len, counts))
+    weights = [[(mean_count / n) ** 0.5 if balance else 1.0 for n in ns] for ns in counts]
+    grams = [(e.T @ e) for e in (torch.cat([concept_token_embeddings(backbone, c) * w for c, w in zip(g, ws,
+                                                                                                      strict=True)])
+                                 for g, ws in zip(groups, weights, strict=True))]
     g_sum = sum(grams, torch.zeros(d, d, dtype=torch.float64))
     m2 = g_sum + lam * torch.eye(d, dtype=torch.float64)
     use_prior = prior is not None and preserve != 0

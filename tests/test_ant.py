@@ -216,3 +216,40 @@ def test_bad_settings_are_rejected_before_work(tiny_backbone, bad):
 def test_empty_concept_is_rejected(tiny_backbone):
     with pytest.raises(ValueError, match="empty"):
         ant(tiny_backbone, "  ", FAST)
+
+
+def test_scaled_multiplies_dense_and_lora_deltas_without_touching_the_original():
+    from erasure.ant import scaled
+    from erasure.weights import Delta, ErasureWeights
+
+    g = torch.Generator().manual_seed(0)
+    up, down, dense = torch.randn(4, 1, generator=g), torch.randn(1, 3, generator=g), torch.randn(4, 3, generator=g)
+    w = ErasureWeights({"a": Delta(up=up, down=down, scale=0.5), "b": Delta(dense=dense)}, {"k": "v"})
+    s = scaled(w, 1.25)
+    torch.testing.assert_close(s.deltas["a"].matrix(), 1.25 * w.deltas["a"].matrix())
+    torch.testing.assert_close(s.deltas["b"].matrix(), 1.25 * dense)
+    assert w.deltas["a"].scale == 0.5 and torch.equal(w.deltas["b"].dense, dense) and s.metadata == w.metadata
+    assert scaled(w, 1.0) is w
+
+
+def test_ant_multi_fuses_each_edit_at_its_strength(tiny_backbone, tmp_path):
+    """One concept, negligible regularisation: the fused K/V reproduce ``strength`` x the concept's own edit on its
+    prompts; the strength is recorded in the file's metadata and a bad one is refused."""
+    from erasure.ant import ant_multi
+    from erasure.mace import Concept, concept_token_embeddings
+    from erasure.prior import gram
+    from erasure.prompts import prior_prompts
+
+    bb = tiny_backbone
+    prior = gram(bb, prior_prompts(50, exclude=["circle"]), tmp_path)
+    s = FAST.override(scope="xattn", multi_steps=2, preserve=0.0)
+    m = ant_multi(bb, ["circle"], s, prior, templates={"circle": TEMPLATES}, lam=1e-6, preserve=1e-6, strength=2.0)
+    assert m.weights.metadata["erasure.fuse"] and '"strength": 2.0' in m.weights.metadata["erasure.fuse"]
+    e = concept_token_embeddings(bb, Concept("circle", "", templates=tuple(TEMPLATES)))
+    edit = m.per_concept[0].weights
+    for name in edit.deltas:
+        want = e @ (2.0 * edit.deltas[name].matrix().double()).T
+        got = e @ m.weights.deltas[name].matrix().double().T
+        assert (got - want).norm() < 0.02 * want.norm() + 1e-6, name
+    with pytest.raises(ValueError, match="fusion strength"):
+        ant_multi(bb, ["circle"], s, prior, templates={"circle": TEMPLATES}, strength=0.0)

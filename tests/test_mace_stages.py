@@ -106,6 +106,36 @@ def test_fusion_solves_the_stacked_least_squares_problem(tiny_backbone, tmp_path
         torch.testing.assert_close(w0 + fused.deltas[name].matrix().double(), want, rtol=0, atol=1e-5)
 
 
+def test_balanced_fusion_weighs_every_concept_alike(tiny_backbone, tmp_path):
+    """With unequal prompt counts (2 vs 4 templates), ``balance`` solves the stacked problem whose rows are weighted
+    by sqrt(mean count / own count); with equal counts it changes nothing."""
+    from erasure.closed_form import least_squares_edit
+    from erasure.weights import ErasureWeights
+
+    bb = tiny_backbone
+    g = torch.Generator().manual_seed(1)
+    kv = bb.cross_attention_kv()
+    cs = [Concept("circle", "shape", templates=LAB_TEMPLATES[:2]), Concept("square", "shape", templates=LAB_TEMPLATES)]
+    edits = [ErasureWeights.dense({n: torch.randn(m.weight.shape, generator=g) * 0.01 for n, m in kv.items()})
+             for _ in cs]
+    prior = gram(bb, prior_prompts(50), tmp_path)
+    fused = fuse(bb, list(zip(cs, edits, strict=True)), None, prior, lam=0.05, preserve=0.5)
+    plain = fuse(bb, list(zip(cs, edits, strict=True)), None, prior, lam=0.05, preserve=0.5, balance=False)
+    ws = [(3 / 2) ** 0.5, (3 / 4) ** 0.5]  # mean count 3
+    es = [concept_token_embeddings(bb, c) * w for c, w in zip(cs, ws, strict=True)]
+    for name, mod in kv.items():
+        w0 = mod.weight.detach().double()
+        v = torch.cat([e @ (w0 + d.deltas[name].matrix().double()).T for e, d in zip(es, edits, strict=True)])
+        want = least_squares_edit(w0, torch.cat(es), v, 0.05, prior, 0.5, w_prior=w0)
+        torch.testing.assert_close(w0 + fused.deltas[name].matrix().double(), want, rtol=0, atol=1e-5)
+    assert any((fused.deltas[n].matrix() - plain.deltas[n].matrix()).abs().max() > 1e-4 for n in kv)
+    same = [Concept("circle", "shape", templates=LAB_TEMPLATES), Concept("square", "shape", templates=LAB_TEMPLATES)]
+    a = fuse(bb, list(zip(same, edits, strict=True)), None, prior, lam=0.05, preserve=0.5)
+    b = fuse(bb, list(zip(same, edits, strict=True)), None, prior, lam=0.05, preserve=0.5, balance=False)
+    for n in kv:
+        torch.testing.assert_close(a.deltas[n].matrix(), b.deltas[n].matrix(), rtol=0, atol=1e-7)
+
+
 def test_full_pipeline_runs_and_names_its_concepts(tiny_backbone, tmp_path):
     bb = tiny_backbone
     concepts = [Concept(w, "shape", templates=LAB_TEMPLATES, data_prompt="a photo of a {c}")
