@@ -63,8 +63,8 @@ FUSE_LAM, FUSE_PRESERVE = 0.01, 0.1
 #: how strongly each concept's edit enters the fusion (its target is ``W0 + strength dW_i``). Where the concepts'
 #: prompt tokens overlap (shared words, end token, padding), the least-squares fusion averages their edits and each
 #: concept keeps only part of its own; measured on the lab (circle; green; striped, 8-seed evaluation, fusion balanced
-#: per concept), seeds 0 / 1 / 2: strength 1.0 -> efficacy 0.917 / - / 0.792, 1.25 -> 0.958 / ? / 0.854, specificity
-#: 0.964 -> 0.929 and 0.982 -> 0.955
+#: per concept), training seeds 0 / 1 / 2: strength 1.0 -> efficacy 0.917 / 0.896 / 0.792, 1.25 -> 0.958 / 0.938 /
+#: 0.854, specificity 0.964 / 0.955 / 0.982 -> 0.929 / 0.946 / 0.955 (1.5 on seed 0: 0.958, specificity 0.911)
 FUSE_STRENGTH = 1.25
 
 
@@ -81,7 +81,8 @@ class AntSettings:
     #: from the reference, the reference value is in the comment and the reason in the README.
     steps: int = 150  # reference 250
     #: training steps per concept on the multi-concept path (``ant_multi``). Measured on the lab (circle; green;
-    #: striped, 8-seed evaluation): 150 -> efficacy 0.708, 300 -> 0.896, 400 -> 0.792 (run-to-run noise is large)
+    #: striped, 8-seed evaluation, before the fusion strength and balance): 150 -> efficacy 0.708, 300 -> 0.896,
+    #: 400 -> 0.792 (run-to-run noise is large)
     multi_steps: int = 300
     lr: float = 1e-3  # reference 5e-4 (Adam), for the full-UNet / saliency scope
     batch_size: int = 1  # reference 1
