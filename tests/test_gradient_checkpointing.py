@@ -4,55 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ant_grads import ant_grads, random_batch
 
-from erasure.ant import AntSettings, Batch, ant, ant_loss, scope_modules, use_checkpointing
-from erasure.backbone import TextConditioning, gradient_checkpointing
-from erasure.deltas import TrainableDeltas
+from erasure.ant import AntSettings, ant, use_checkpointing
+from erasure.backbone import gradient_checkpointing
 
 FAST = AntSettings(steps=2, trajectory_steps=6, early_steps=2, trajectories=2, batch_size=2, guidance=3.0,
                    scope="xattn", preserve_prompts=4)
 TEMPLATES = ["a {c}", "a red {c}"]
 
 
-def _batch(backbone, n: int = 2) -> Batch:
-    g = torch.Generator().manual_seed(1)
-    shape = (n, *backbone.latent_shape())
-
-    def r() -> torch.Tensor:
-        return torch.randn(shape, generator=g)
-
-    b = Batch(r(), torch.tensor([990, 950][:n]), r(), torch.tensor([500, 200][:n]),
-              backbone.encode_text(["a circle"] * n), r(), r(), r(), r())
-    b.pres_cond, b.pres_early, b.pres_late = backbone.encode_text(["a square"] * n), r(), r()
-    return b
-
-
-def _grads(bb, b: Batch, uncond: TextConditioning, on: bool) -> tuple[list[torch.Tensor], int]:
-    """Gradients of the ANT loss for dense deltas nudged away from zero (so every path carries gradient), and the
-    number of tensors autograd saved in the forward."""
-    saved = [0]
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[0] += 1
-        return t
-
-    with TrainableDeltas(scope_modules(bb, "xattn")) as deltas:
-        g = torch.Generator().manual_seed(2)
-        with torch.no_grad():
-            for p in deltas.parameters():
-                p.copy_(1e-2 * torch.randn(p.shape, generator=g))
-        with gradient_checkpointing(bb, on) as active, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            assert active == on
-            loss, _ = ant_loss(bb, b, uncond, FAST)
-        params = list(deltas.parameters())
-        return [x.clone() for x in torch.autograd.grad(loss, params)], saved[0]
-
-
 def test_checkpointed_gradients_equal_the_plain_ones(tiny_backbone):
     bb = tiny_backbone
-    b, uncond = _batch(bb), bb.encode_text([""])
-    plain, n_plain = _grads(bb, b, uncond, False)
-    ckpt, n_ckpt = _grads(bb, b, uncond, True)
+    b = random_batch(bb, bb.latent_shape(), [990, 950], [500, 200], "a circle", "a square")
+    uncond = bb.encode_text([""])
+    plain, n_plain = ant_grads(bb, b, uncond, FAST, False)
+    ckpt, n_ckpt = ant_grads(bb, b, uncond, FAST, True)
     assert n_ckpt < n_plain / 2  # it did checkpoint: the blocks' internals are not kept for backward
     for a, c in zip(plain, ckpt, strict=True):
         assert a.abs().sum() > 0

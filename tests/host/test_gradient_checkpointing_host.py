@@ -5,28 +5,9 @@ from __future__ import annotations
 import sys
 
 import torch
+from ant_grads import ant_grads, random_batch
 
-from erasure.ant import AntSettings, Batch, ant_loss, scope_modules
-from erasure.backbone import gradient_checkpointing
-from erasure.deltas import TrainableDeltas
-
-
-def _grads(bb, b: Batch, uncond, on: bool) -> tuple[list[torch.Tensor], int]:
-    saved = [0]
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[0] += 1
-        return t
-
-    with TrainableDeltas(scope_modules(bb, "xattn")) as deltas:
-        g = torch.Generator().manual_seed(2)
-        with torch.no_grad():
-            for p in deltas.parameters():
-                p.copy_(1e-2 * torch.randn(p.shape, generator=g))
-        with gradient_checkpointing(bb, on) as active, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            assert active == on
-            loss, _ = ant_loss(bb, b, uncond, AntSettings(guidance=3.0))
-        return [x.clone() for x in torch.autograd.grad(loss, list(deltas.parameters()))], saved[0]
+from erasure.ant import AntSettings
 
 
 def test_comfy_checkpointing_gives_the_same_gradients_and_restores_the_blocks(comfy, loaded):
@@ -36,17 +17,10 @@ def test_comfy_checkpointing_gives_the_same_gradients_and_restores_the_blocks(co
     bb = mod.ComfyBackbone(model, clip)
     bb.load()
     with cb.trainable(bb):
-        g = torch.Generator().manual_seed(1)
-        shape = (1, 4, 8, 8)
-
-        def r() -> torch.Tensor:
-            return torch.randn(shape, generator=g)
-
-        b = Batch(r(), torch.tensor([900]), r(), torch.tensor([300]), bb.encode_text(["a cat"]), r(), r(), r(), r())
-        b.pres_cond, b.pres_early, b.pres_late = bb.encode_text(["a house"]), r(), r()
+        b = random_batch(bb, (4, 8, 8), [900], [300], "a cat", "a house")
         uncond = bb.encode_text([""])
-        plain, n_plain = _grads(bb, b, uncond, False)
-        ckpt, n_ckpt = _grads(bb, b, uncond, True)
+        plain, n_plain = ant_grads(bb, b, uncond, AntSettings(guidance=3.0), False)
+        ckpt, n_ckpt = ant_grads(bb, b, uncond, AntSettings(guidance=3.0), True)
     assert n_ckpt < n_plain / 2
     for a, c in zip(plain, ckpt, strict=True):
         assert a.abs().sum() > 0
