@@ -109,6 +109,10 @@ class AntSettings:
     sampling: str = "on-policy"
     trajectories: int = 16  # cached trajectories and saliency maps: augmentations cycled, new seeds each cycle
     refresh_every: int = 25  # cached sampling: regenerate the trajectories with the edited model every N steps
+    #: on-policy sampling: each regenerated trajectory (run to its last mid/late step) serves this many training
+    #: steps, each at newly drawn early/late steps, with the frozen predictions at its latents computed once
+    #: (1 = the reference's loop: a new trajectory for every step)
+    reuse: int = 1
     #: what is trained. Measured on the lab with the defaults above (circle, 8-seed evaluation): xattn (dense
     #: cross-attention) specificity 0.95; saliency (the paper's single-concept mask over the whole UNet; 12.8% kept)
     #: at this lr erases as well but specificity 0.23 -- it needs a smaller lr (1e-4: efficacy 0.50 on-policy)
@@ -162,6 +166,8 @@ class AntSettings:
             v = getattr(self, k)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{k} must be a finite number >= 0 (got {v})")
+        if self.reuse < 1:
+            raise ValueError(f"reuse must be >= 1 (got {self.reuse})")
         if self.refresh_every < 0 or self.lora_rank < 1 or self.saliency_maps < 1:
             raise ValueError("refresh_every must be >= 0, lora_rank and saliency_maps >= 1")
 
@@ -365,6 +371,58 @@ def uncached_batch(backbone: Backbone, deltas: _HookedDeltas, prompts: list[str]
     return Batch(x_e, t_e, x_l, t_l, cond, eu_e, ec_e, eu_l, ec_l), evals + 4 * len(idx)
 
 
+@dataclass
+class ReusedTrajectories:
+    """On-policy trajectories regenerated once and reused for ``reuse`` steps: per batch row the latents before each
+    DDIM step, and the frozen predictions at the latents used so far (keyed by row and step)."""
+
+    idx: list[int]
+    latents: list[list[torch.Tensor]]
+    frozen: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def regenerate(backbone: Backbone, prompts: list[str], seeds: list[int], idx: list[int],
+               enc: dict[str, TextConditioning], uncond: TextConditioning, s: AntSettings,
+               check_interrupt: Callable[[], None] | None = None) -> tuple[ReusedTrajectories, int]:
+    """The drawn trajectories with the edited model, up to the last step a draw can pick. Returns them and the UNet
+    evaluations spent."""
+    ts = ddim_timesteps(s.trajectory_steps, backbone.schedule.num_timesteps)
+    upto = s.trajectory_steps - 2
+    lat = [_run(backbone, enc[prompts[i]], uncond, [seeds[i]], ts, s.guidance, upto, s.resolution,
+                check_interrupt)[0] for i in idx]
+    return ReusedTrajectories(list(idx), lat), 2 * upto * len(idx)
+
+
+@torch.no_grad()
+def reused_batch(backbone: Backbone, deltas: _HookedDeltas, tr: ReusedTrajectories, prompts: list[str],
+                 ke: list[int], kl: list[int], enc: dict[str, TextConditioning], uncond: TextConditioning,
+                 s: AntSettings) -> tuple[Batch, int]:
+    """A batch from reused trajectories (row r of the batch is trajectory ``tr.idx[r]``); frozen predictions only at
+    latents not queried before. Returns the batch and the UNet evaluations spent."""
+    ts = ddim_timesteps(s.trajectory_steps, backbone.schedule.num_timesteps)
+    need = list(dict.fromkeys((r, k) for r, pair in enumerate(zip(ke, kl, strict=True)) for k in pair
+                              if (r, k) not in tr.frozen))
+    if need:
+        x = torch.cat([tr.latents[r][k] for r, k in need])
+        cond = TextConditioning.cat([enc[prompts[tr.idx[r]]] for r, _ in need])
+        with deltas.disabled():
+            _, eu, ec = guided_eps(backbone, x, ts[[k for _, k in need]].to(backbone.device), cond,
+                                   uncond.repeat(len(need)), 1.0)
+        for j, key in enumerate(need):
+            tr.frozen[key] = (eu[j:j + 1], ec[j:j + 1])
+    rows = range(len(tr.idx))
+
+    def pick(ks: list[int], which: int) -> torch.Tensor:
+        return torch.cat([tr.frozen[(r, k)][which] for r, k in zip(rows, ks, strict=True)])
+
+    x_e = torch.cat([tr.latents[r][k] for r, k in zip(rows, ke, strict=True)])
+    x_l = torch.cat([tr.latents[r][k] for r, k in zip(rows, kl, strict=True)])
+    cond = TextConditioning.cat([enc[prompts[i]] for i in tr.idx])
+    return Batch(x_e, ts[ke].to(backbone.device), x_l, ts[kl].to(backbone.device), cond, pick(ke, 0), pick(ke, 1),
+                 pick(kl, 0), pick(kl, 1)), 2 * len(need)
+
+
 # -- saliency ----------------------------------------------------------------------------------------------------
 def scope_modules(backbone: Backbone, scope: str) -> dict[str, nn.Module]:
     """The layers a scope trains: ``saliency`` every Linear/Conv2d of the UNet (entries chosen later), ``xattn``
@@ -539,6 +597,12 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
                 if cache:
                     assert tr is not None
                     b = cached_batch(backbone, tr, idx, ke, kl, enc)
+                elif s.reuse > 1:
+                    if step % s.reuse == 0:
+                        reused, ev = regenerate(backbone, plan_prompts, seeds, idx, enc, uncond, s, check_interrupt)
+                        fwd += ev
+                    b, ev = reused_batch(backbone, deltas, reused, plan_prompts, ke, kl, enc, uncond, s)
+                    fwd += ev
                 else:
                     b, ev = uncached_batch(backbone, deltas, plan_prompts, seeds, idx, ke, kl, enc, uncond, s,
                                            check_interrupt)

@@ -16,7 +16,7 @@ from erasure.ant import (
     scope_modules,
     top_fraction_mask,
 )
-from erasure.deltas import SparseDeltas
+from erasure.deltas import SparseDeltas, TrainableDeltas
 
 FAST = AntSettings(steps=3, trajectory_steps=6, early_steps=2, trajectories=3, saliency_maps=2,
                    saliency_fraction=0.5, batch_size=2, guidance=3.0, scope="saliency")
@@ -253,3 +253,37 @@ def test_ant_multi_fuses_each_edit_at_its_strength(tiny_backbone, tmp_path):
         assert (got - want).norm() < 0.02 * want.norm() + 1e-6, name
     with pytest.raises(ValueError, match="fusion strength"):
         ant_multi(bb, ["circle"], s, prior, templates={"circle": TEMPLATES}, strength=0.0)
+
+
+def test_reused_trajectories_serve_reuse_steps_and_query_the_frozen_model_once_per_latent(tiny_backbone, monkeypatch):
+    """``reuse=3`` over 5 steps regenerates twice (steps 0 and 3); the frozen predictions at a latent are computed
+    once however often it is drawn; the run is deterministic; and the UNet forwards it reports are the ones made."""
+    import erasure.ant as ant_mod
+
+    bb = tiny_backbone
+    s = FAST.override(scope="xattn", sampling="on-policy", reuse=3, steps=5, preserve=0.0)
+    calls = []
+    real = ant_mod.regenerate
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ant_mod, "regenerate", counting)
+    rows = [0]
+    hook = bb.unet().register_forward_pre_hook(lambda m, args: rows.__setitem__(0, rows[0] + args[0].shape[0]))
+    try:
+        a = ant(bb, "circle", s, templates=TEMPLATES)
+    finally:
+        hook.remove()
+    b = ant(bb, "circle", s, templates=TEMPLATES)
+    assert len(calls) == 4  # steps 0 and 3 of each run
+    assert a.losses == b.losses and a.unet_forwards == rows[0]
+    tr, _ = real(bb, ["a circle"] * 3, [1, 2, 3], [0, 1], {"a circle": bb.encode_text(["a circle"])},
+                 bb.encode_text([""]), s)
+    with TrainableDeltas(scope_modules(bb, "xattn")) as deltas:
+        _, first = ant_mod.reused_batch(bb, deltas, tr, ["a circle"] * 3, [0, 1], [3, 3],
+                                        {"a circle": bb.encode_text(["a circle"])}, bb.encode_text([""]), s)
+        _, again = ant_mod.reused_batch(bb, deltas, tr, ["a circle"] * 3, [0, 1], [3, 2],
+                                        {"a circle": bb.encode_text(["a circle"])}, bb.encode_text([""]), s)
+    assert first == 2 * 4 and again == 2 * 1  # (0,0),(0,3),(1,1),(1,3); then only (1,2) is new
