@@ -23,7 +23,8 @@ def _late(s: AntSettings) -> list[int]:
 
 def ours_ant_single(s: AntSettings, n_preserve: int | None = None) -> dict[str, int]:
     """``erasure.ant.ant`` for any sampling and scope: cached trajectories (built once, refreshed every
-    ``refresh_every`` steps) or on-policy regeneration up to each drawn late step; saliency maps only for the
+    ``refresh_every`` steps) or on-policy regeneration up to each drawn late step (or, with ``reuse`` > 1, to the
+    last late step every ``reuse`` steps); saliency maps only for the
     saliency scope; preservation prompts when ``preserve`` > 0 (``n_preserve``: how many; default
     ``preserve_prompts``)."""
     cached = s.sampling == "cached"
@@ -39,11 +40,22 @@ def ours_ant_single(s: AntSettings, n_preserve: int | None = None) -> dict[str, 
     if not cached:  # each drawn trajectory from noise to its late step (2 rows a step), then 4 frozen rows
         gen = torch.Generator().manual_seed(s.seed)
         n_pres = s.preserve_prompts if n_preserve is None else n_preserve
-        for _ in range(s.steps):
-            _, _, kl = draw(gen, s.trajectories, s)
+        seen: set[tuple[int, int]] = set()
+        for step in range(s.steps):
+            _, ke, kl = draw(gen, s.trajectories, s)
             if s.preserve > 0:
                 torch.randint(0, n_pres, (s.batch_size,), generator=gen)
-            regen += sum(2 * k for k in kl) + 4 * s.batch_size
+            if s.reuse == 1:
+                regen += sum(2 * k for k in kl) + 4 * s.batch_size
+                continue
+            # reuse: every ``reuse`` steps the trajectories run to the last late step; frozen predictions (2 rows)
+            # only at latents (row, step) not queried since
+            if step % s.reuse == 0:
+                regen += 2 * (s.trajectory_steps - 2) * s.batch_size
+                seen = set()
+            new = {(r, k) for r, pair in enumerate(zip(ke, kl, strict=True)) for k in pair} - seen
+            regen += 2 * len(new)
+            seen |= new
     training = s.steps * per_step
     return {"trajectories": trajectories, "saliency": saliency, "training": training, "refresh": refresh,
             "regeneration": regen, "total": trajectories + saliency + training + refresh + regen}

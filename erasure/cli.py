@@ -249,7 +249,8 @@ def _ant(args: argparse.Namespace) -> int:
         lr=args.lr, batch_size=args.batch_size, trajectory_steps=args.trajectory_steps,
         early_steps=args.early_steps, guidance=args.guidance, eta=args.eta, a1=args.a1, a2=args.a2,
         prediction=args.prediction, sampling=args.sampling, trajectories=args.trajectories,
-        refresh_every=args.refresh_every, reuse=args.reuse,
+        refresh_every=args.refresh_every, reuse=None if args.concepts else args.reuse,
+        multi_reuse=args.reuse if args.concepts else None,
         scope=args.scope, saliency_fraction=args.saliency_fraction, saliency_maps=args.saliency_maps,
         lora_rank=args.rank, resolution=args.resolution, seed=args.seed, kind=args.kind, preserve=args.preserve,
         gradient_checkpointing=args.gradient_checkpointing)
@@ -396,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                     f"model's trajectory at every step) or cached (frozen once) (default {d.sampling})")
     an.add_argument("--trajectories", type=int, help=f"trajectory seeds x augmentations (default {d.trajectories})")
     an.add_argument("--reuse", type=int, help="on-policy: training steps each regenerated trajectory serves "
-                    f"(default {d.reuse}: a new trajectory every step)")
+                    f"(default {d.reuse}; with --concepts {d.multi_reuse}: a new trajectory every step)")
     an.add_argument("--refresh-every", type=int, help="regenerate trajectories with the edited model every N steps "
                     f"(default {d.refresh_every}: never)")
     an.add_argument("--scope", choices=SCOPES, help=f"what is trained, one concept (default {d.scope})")

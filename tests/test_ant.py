@@ -145,7 +145,7 @@ def test_sparse_delta_forward_equals_the_dense_edit(tiny_backbone):
 
 def test_cached_training_matches_uncached_when_refreshed_every_step(tiny_backbone):
     bb = tiny_backbone
-    s = FAST.override(scope="xattn", refresh_every=1, steps=3, sampling="cached")
+    s = FAST.override(scope="xattn", refresh_every=1, steps=3, sampling="cached", reuse=1)  # the reference's loop
     a = ant(bb, "circle", s, templates=TEMPLATES)
     b = ant(bb, "circle", s, templates=TEMPLATES, cache=False)
     assert a.losses == pytest.approx(b.losses, rel=1e-4, abs=1e-7)
