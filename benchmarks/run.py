@@ -178,8 +178,8 @@ def format_ratios(rs: list[dict]) -> str:
 
 def _ant_keys(s) -> dict:
     return {k: getattr(s, k) for k in ("steps", "trajectory_steps", "early_steps", "trajectories", "saliency_maps",
-                                       "refresh_every", "reuse", "batch_size", "preserve", "preserve_prompts",
-                                       "sampling", "scope")}
+                                       "refresh_every", "batch_size", "preserve", "preserve_prompts", "sampling",
+                                       "scope")}
 
 
 def default_counts() -> dict:
