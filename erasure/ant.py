@@ -18,10 +18,10 @@ Where the project differs from the reference code on purpose:
   ``sampling="cached"`` computes frozen-model trajectories and the frozen predictions along them **once**
   (``Trajectories``), so that a step costs only the edited model's forwards and backward, and refreshes them every
   ``refresh_every`` steps; on the concept lab it did not erase (README), so it is an option, not the default.
-* On-policy trajectories are reused: each regenerated trajectory (run to the last mid/late step) serves
-  ``reuse`` (8) training steps at newly drawn steps, with the frozen model queried once per latent; on the lab this
-  erased as well as a new trajectory per step with better fidelity, at 0.57x the UNet evaluations (single concept;
-  the multi-concept path keeps ``multi_reuse=1``, measured better there).
+* Optionally (``reuse`` > 1) each regenerated on-policy trajectory (run to the last mid/late step) serves
+  ``reuse`` training steps at newly drawn steps, with the frozen model queried once per latent: 0.57x the UNet
+  evaluations at ``reuse=8``; on the lab it erased as well in two of three runs but lost generality in the third,
+  so the default stays a new trajectory per step (README, "ANT from the command line").
 * The saliency mask keeps the entries with the **largest** |grad| of each map (the reference's ascending sort keeps
   the smallest), intersected over prompt augmentations and seeds, and training touches only those entries through a
   sparse delta (``SparseDeltas``): optimizer state is proportional to the selection, not to the UNet.
@@ -115,11 +115,12 @@ class AntSettings:
     refresh_every: int = 25  # cached sampling: regenerate the trajectories with the edited model every N steps
     #: on-policy sampling: each regenerated trajectory (run to its last mid/late step) serves this many training
     #: steps, each at newly drawn early/late steps, with the frozen predictions at its latents computed once
-    #: (1 = the reference's loop: a new trajectory for every step). Measured on the lab (circle, 8-seed evaluation,
-    #: training seeds 0 / 1): reuse 1 -> specificity 0.951 / 0.938, fidelity 0.886 / 0.893, 3,050 UNet forwards;
-    #: reuse 8 -> 0.951 / 0.965, fidelity 0.926 / 0.903, 1,744 forwards (efficacy and generality 1.00 in all four;
-    #: reuse 4 on seed 0: specificity 0.868)
-    reuse: int = 8
+    #: (1 = the reference's loop: a new trajectory for every step). Measured on the lab (circle, 8-seed evaluation):
+    #: reuse 8 at 1 thread, seeds 0 / 1 -> efficacy 1.00, generality 1.00, specificity 0.951 / 0.965, fidelity
+    #: 0.926 / 0.903 with 1,744 UNet forwards instead of 3,050 -- but at 2 threads (seed 0) generality 0.688,
+    #: efficacy 0.938; reuse 1 stayed above the bars in all three such runs (generality 1.00 / 1.00 / 0.938), so it
+    #: stays the default; reuse 4 (seed 0): specificity 0.868
+    reuse: int = 1
     #: ``reuse`` on the multi-concept path (K/V edits). Measured on the lab (circle; green; striped, seeds 0 / 1 / 2):
     #: reuse 1 -> efficacy 0.958 / 0.938 / 0.854, reuse 8 -> 0.875 / 0.812 / 0.812
     multi_reuse: int = 1
