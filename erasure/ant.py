@@ -677,8 +677,7 @@ def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | N
     """Many concepts: one ANT edit per concept on the cross-attention K/V (dense, or a LoRA with scope ``lora``),
     then MACE's closed-form fusion of their K/V effects, each edit entering it at ``strength`` (``FUSE_STRENGTH``)
     and every concept weighted alike (``fuse(balance=True)``)."""
-    if not (math.isfinite(strength) and strength > 0):
-        raise ValueError(f"the fusion strength must be a positive number (got {strength})")
+    validation.check_fuse_strength(strength)
     from .mace import Concept, fuse
 
     names = validation.check_concepts(concepts)

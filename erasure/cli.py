@@ -239,7 +239,7 @@ def _ant(args: argparse.Namespace) -> int:
 
     if bool(args.concept) == bool(args.concepts):
         raise SystemExit("error: give either --concept \"one concept\" or --concepts \"a; b; c\"")
-    from .validation import check_ant_concepts_fit, check_concepts, check_resolution
+    from .validation import check_ant_concepts_fit, check_concepts, check_fuse_strength, check_resolution
 
     concepts = check_concepts(_parse_concepts(args.concepts) if args.concepts else _parse_concepts(args.concept))
     synonyms = _parse_concepts(args.synonyms) if args.synonyms else []
@@ -256,6 +256,8 @@ def _ant(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing)
     s.validate()
     check_resolution(s.resolution)
+    if args.concepts:
+        check_fuse_strength(args.fuse_strength)
     backbone = _load_model(args)
     lab = args.model == "lab"
     templates = {c: world.concept_templates(c, with_other_concepts=False) for c in concepts

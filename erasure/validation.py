@@ -127,6 +127,13 @@ def check_count(name: str, value: object, low: int = 1) -> int:
     return value
 
 
+def check_fuse_strength(value: object) -> float:
+    """The factor each concept's edit enters ANT's multi-concept fusion with: a positive finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"the fusion strength must be a positive number (got {value})")
+    return float(value)
+
+
 def check_learning_rate(value: object) -> float:
     """A positive learning rate no larger than 1 (larger ones diverge at once, and astronomically large ones
     overflow inside the optimizer instead of giving a NaN loss)."""

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from unittest import mock
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -176,3 +177,12 @@ def test_valid_command_lines_reach_the_model_and_bad_ones_say_why():
                       (["mace", "--concepts=cat", "--steps=0", "--out=e.safetensors"], "lora_steps must be")]:
         outcome, msg = _run_cli(argv)
         assert outcome == "refused" and why in msg, (argv, outcome, msg)
+
+
+@pytest.mark.parametrize("strength, outcome", [(0.0, "refused"), (-1.0, "refused"), (float("nan"), "refused"),
+                                               (1.25, "reached")])
+def test_ant_fuse_strength_is_checked_before_loading_a_model(strength, outcome, tmp_path):
+    got, msg = _run_cli(["ant", "--concepts=circle; square", f"--fuse-strength={strength}",
+                         f"--out={tmp_path / 'x.safetensors'}"])
+    assert got == outcome, msg
+    assert outcome == "reached" or "fusion strength" in msg
