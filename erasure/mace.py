@@ -15,7 +15,10 @@ Four stages, as in ``shared/docs/ALGORITHMS.md``:
 Where the project differs from the reference code on purpose: the prior Gram matrix is shared by all layers and its
 weight applied once (the reference applies it twice and caches two matrices per layer); solves are float64 Cholesky
 instead of explicit float32 inverses, and both closed forms solve one D x D system for all layers (CFR: ``W = W0 P``;
-fusion: one factor, per-layer right-hand sides); masks come from the model's own attention.
+fusion: one factor, per-layer right-hand sides); masks come from the model's own attention; the attention loss
+covers the end token and padding only where the text encoder carries the concept into them (``end_residue``: SD's
+causal CLIP does, the lab's encoder does not, and suppressing concept-free padding suppresses every prompt).
+Stage 3 draws each step's prompt from the concept's templates, as the reference's ``augment: true`` does.
 """
 
 from __future__ import annotations
@@ -80,12 +83,15 @@ class MaceSettings:
     lora_rank: int = 1
     lora_batch: int = 1
     grad_clip: float = 1.0
-    #: also suppress the end token and padding after the concept (the reference's positions). On the lab model the
-    #: end token and padding carry nothing of the concept (their keys for "a photo of a circle" and "... square" have
-    #: cosine 0.998), so suppressing them suppresses every prompt's padding: measured with lr 1e-3 and 200 steps,
-    #: specificity 0.22 with them, 0.92 without (README, MACE sweep). Kept on by default as the reference does:
-    #: CLIP's end token does carry the prompt's content in SD.
-    suppress_end: bool = True
+    #: train each LoRA step on a prompt drawn from the concept's templates (the reference's ``augment: true``:
+    #: 30 object/style templates); off: the single generation prompt every step
+    augment: bool = True
+    #: also suppress the end token and padding after the concept (the reference's positions, which carry the prompt's
+    #: content through CLIP's causal attention in SD). ``None`` (default): only where they do carry the concept, as
+    #: measured by ``end_residue`` (>= ``END_RESIDUE_MIN``). On the lab model they carry nothing (keys of "a photo of a
+    #: circle" and "... square" at the end token: cosine 0.998), and suppressing them there suppresses every prompt's
+    #: padding: specificity 0.21 with them, 0.85 without (README, MACE sweep).
+    suppress_end: bool | None = None
     seed: int = 0
 
     def override(self, **kw: object) -> MaceSettings:
@@ -236,11 +242,53 @@ def suppressed_positions(backbone: Backbone, prompt: str, word: str, end: bool =
     return pos
 
 
+#: ``end_residue`` at and above which the end token and padding count as carrying the concept (``suppress_end=None``)
+END_RESIDUE_MIN = 0.02
+
+
+def end_residue(backbone: Backbone, concept: Concept) -> float:
+    """How much of the concept the end token carries, relative to the concept's own token: over the concept's
+    prompts, mean cosine distance between the end-token embeddings of the prompt and of the same prompt with the
+    anchor, divided by the same distance at the concept's first token. Causal CLIP encoders (SD) carry the prompt's
+    content into the end token; the lab's text encoder does not (0.00x)."""
+    templates = list(concept.templates) or concept_prompts("{c}", concept.kind)
+    src = [t.replace("{c}", concept.text) for t in templates]
+    dst = [" ".join(t.replace("{c}", concept.anchor).split()) for t in templates]
+    with torch.no_grad():
+        ef = backbone.encode_text(src).embeds.double().cpu()
+        eg = backbone.encode_text(dst).embeds.double().cpu()
+    eos = backbone.tokenize("")[1]
+    end_d, tok_d = [], []
+    for i, (ps, pd) in enumerate(zip(src, dst, strict=True)):
+        cpos = backbone.token_positions(ps, concept.text)
+        ids_s, ids_d = backbone.tokenize(ps), backbone.tokenize(pd)
+        es = next((j for j, t in enumerate(ids_s) if t == eos and j > 0), None)
+        ed = next((j for j, t in enumerate(ids_d) if t == eos and j > 0), None)
+        if not cpos or es is None or ed is None:
+            continue
+        cos = torch.nn.functional.cosine_similarity
+        end_d.append(1 - float(cos(ef[i, es], eg[i, ed], dim=0)))
+        tok_d.append(1 - float(cos(ef[i, cpos[0]], eg[i, cpos[0]], dim=0)))
+    if not end_d:
+        return 1.0  # no end token found (truncated prompts): keep the reference's behaviour
+    return (sum(end_d) / len(end_d)) / max(sum(tok_d) / len(tok_d), 1e-12)
+
+
+def resolve_suppress_end(backbone: Backbone, concept: Concept, s: MaceSettings) -> bool:
+    if s.suppress_end is not None:
+        return bool(s.suppress_end)
+    return end_residue(backbone, concept) >= END_RESIDUE_MIN
+
+
 @dataclass
 class AttentionLoss:
-    """Sum over layers of the squared attention of ``positions`` at masked pixels, per masked pixel and head."""
+    """Sum over layers of the squared attention of ``positions`` at masked pixels, per masked pixel and head.
 
-    positions: list[int]
+    ``positions``: token positions shared by the batch, or a ``[B, L]`` 0/1 tensor (one row per sample: the batch's
+    prompts may differ).
+    """
+
+    positions: list[int] | torch.Tensor
     masks: torch.Tensor  # [B, h, w]
     total: torch.Tensor | None = None
     layers: int = 0
@@ -248,16 +296,29 @@ class AttentionLoss:
     def __call__(self, name: str, probs: torch.Tensor, hw: tuple[int, int]) -> None:
         m = torch.nn.functional.interpolate(self.masks[:, None].to(probs.device, probs.dtype), size=hw,
                                             mode="nearest").flatten(1)  # [B, HW]
-        sel = probs[..., self.positions]  # [B, heads, HW, P]
-        val = (sel.pow(2).sum(-1) * m[:, None]).sum() / (m.sum().clamp_min(1) * probs.shape[1])
+        if isinstance(self.positions, torch.Tensor):
+            sq = (probs.pow(2) * self.positions.to(probs.device, probs.dtype)[:, None, None, :]).sum(-1)
+        else:
+            sq = probs[..., self.positions].pow(2).sum(-1)  # [B, heads, HW]
+        val = (sq * m[:, None]).sum() / (m.sum().clamp_min(1) * probs.shape[1])
         self.total = val if self.total is None else self.total + val
         self.layers += 1
+
+
+def lora_prompts(data: ConceptData, augment: bool = True) -> list[str]:
+    """The prompts the LoRA trains on: the concept's templates (the reference draws one of its 30 per step, so the
+    concept's attention is suppressed in any context, not only in the prompt its images came from), or the
+    generation prompt alone."""
+    if not augment:
+        return [data.prompt]
+    return list(dict.fromkeys(data.concept.prompts()))
 
 
 @dataclass
 class LoraResult:
     weights: ErasureWeights
     losses: list[float] = field(default_factory=list)
+    suppress_end: bool = True  # whether the loss covered the end token and padding (``suppress_end`` resolved)
 
 
 def train_lora(backbone: Backbone, data: ConceptData, base: ErasureWeights | None, s: MaceSettings,
@@ -265,14 +326,17 @@ def train_lora(backbone: Backbone, data: ConceptData, base: ErasureWeights | Non
                check_interrupt: Callable[[], None] | None = None) -> LoraResult:
     """Stage 3 for one concept: a rank-``s.lora_rank`` K/V LoRA on top of ``base`` (the CFR edit)."""
     gen = torch.Generator().manual_seed(s.seed)
-    prompt = data.prompt
-    positions = suppressed_positions(backbone, prompt, data.concept.text, s.suppress_end)
+    prompts = lora_prompts(data, s.augment)
+    end = resolve_suppress_end(backbone, data.concept, s)
     pt = timestep_weights(backbone.schedule.num_timesteps)
     unet = backbone.unet()
     losses: list[float] = []
     base = base or ErasureWeights()
     with torch.no_grad():
-        cond_all = backbone.encode_text([prompt])
+        cond_all = backbone.encode_text(prompts)
+    positions = torch.zeros(len(prompts), cond_all.embeds.shape[1])
+    for i, p in enumerate(prompts):
+        positions[i, suppressed_positions(backbone, p, data.concept.text, end)] = 1.0
     with base.applied(unet), TrainableLoRA(backbone.cross_attention_kv(), rank=s.lora_rank, generator=gen) as lora:
         opt = torch.optim.AdamW(lora.parameters(), lr=s.lora_lr)
         n = data.latents.shape[0]
@@ -284,9 +348,10 @@ def train_lora(backbone: Backbone, data: ConceptData, base: ErasureWeights | Non
             t = torch.multinomial(pt, s.lora_batch, replacement=True, generator=gen).to(backbone.device)
             noise = torch.randn(x0.shape, generator=gen).to(x0)
             x_t = backbone.schedule.add_noise(x0, noise, t)
-            loss_fn = AttentionLoss(positions, data.masks[idx])
+            pidx = torch.randint(0, len(prompts), (s.lora_batch,), generator=gen)
+            loss_fn = AttentionLoss(positions[pidx], data.masks[idx])
             with backbone.capture_attention(loss_fn):
-                backbone.predict_noise(x_t, t, cond_all.repeat(s.lora_batch))
+                backbone.predict_noise(x_t, t, cond_all[pidx].to(backbone.device))
             loss = loss_fn.total
             if loss is None or not torch.isfinite(loss):
                 raise FloatingPointError(f"MACE attention loss is {loss} for {data.concept.text!r}: lower lora_lr")
@@ -300,8 +365,8 @@ def train_lora(backbone: Backbone, data: ConceptData, base: ErasureWeights | Non
         if not lora.all_finite():
             raise FloatingPointError(f"MACE LoRA for {data.concept.text!r} became non-finite: lower lora_lr")
         w = lora.result(method="mace-lora", concepts=[data.concept.text], anchors=[data.concept.anchor],
-                        settings=asdict(s))
-    return LoraResult(w, losses)
+                        settings={**asdict(s), "suppress_end": end})
+    return LoraResult(w, losses, end)
 
 
 # -- stage 4 ---------------------------------------------------------------------------------------------------

@@ -29,11 +29,17 @@ def lab_anchor(concept: str) -> str:
     return LAB_ANCHORS[world.concept_kind(concept)]
 
 
-def lab_concept(concept: str, anchor: str | None = None) -> Concept:
-    """A lab concept with the lab's templates, generation prompt and default anchor."""
+def lab_concept(concept: str, anchor: str | None = None, with_other_concepts: bool = False) -> Concept:
+    """A lab concept with the lab's templates, generation prompt and default anchor.
+
+    By default the templates name no other lab concept (as ANT's): in MACE's fusion every token of a concept's
+    prompts is pulled towards that concept's LoRA, so "a green {c}" among the circle's prompts pulls "green" towards
+    the circle's edit and away from green's own. Measured (`mace --concepts "circle; green; striped" --lr 1e-3
+    --steps 200 --no-suppress-end`): efficacy 0.708 with such templates, 0.938 without."""
     kind = world.concept_kind(concept)
     return Concept(concept, lab_anchor(concept) if anchor is None else anchor,
-                   "style" if kind == "style" else "object", templates=tuple(world.concept_templates(concept)),
+                   "style" if kind == "style" else "object",
+                   templates=tuple(world.concept_templates(concept, with_other_concepts)),
                    data_prompt=world.concept_prompts(concept)[1].replace(concept, "{c}"))
 
 
