@@ -184,7 +184,7 @@ def _mace(args: argparse.Namespace) -> int:
                                       guidance=args.guidance, lam=args.lam, preserve=args.preserve,
                                       fuse_preserve=args.fuse_preserve, lora_steps=args.steps, lora_lr=args.lr,
                                       lora_rank=args.rank, seed=args.seed, suppress_end=args.suppress_end,
-                                      augment=args.augment)
+                                      augment=args.augment, importance_sampling=args.importance_sampling)
     check_mace_settings(s)
     if args.image_dir:
         find_user_images(args.image_dir, concepts)  # the layout's errors before a long model load
@@ -209,18 +209,17 @@ def _mace(args: argparse.Namespace) -> int:
           f"{res.unet_evaluations} UNet evaluations; peak RSS {_peak_rss_mb():.0f} MB")
     for c, lr in zip(concepts, res.loras, strict=True):
         where = "concept tokens, end token and padding" if lr.suppress_end else "concept tokens only"
-        print(f"  {c!r}: attention loss ({where}) {_loss_span(lr.losses)}")
+        print(f"  {c!r}: attention loss ({where}) {_loss_span(lr)}")
     print(f"wrote {args.out} ({len(res.weights.deltas)} K/V matrices; LoRA relative error {err:.1e})")
     _print_model_note(args)
     return 0
 
 
-def _loss_span(losses: list[float], k: int = 10) -> str:
-    """First and last ``k`` steps' mean loss (single steps are noisy: one image, one timestep each)."""
-    if not losses:
+def _loss_span(lora) -> str:
+    f = lora.loss_fall()
+    if f is None:
         return "(no steps)"
-    k = max(1, min(k, len(losses) // 2 or 1))
-    a, b = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    a, b, k = f
     return f"{a:.3f} -> {b:.3f} ({b / a:.0%} of the start, mean of {k} steps each)" if a > 0 else f"{a:.3f} -> {b:.3f}"
 
 
@@ -382,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                     help="each LoRA step uses one of the concept's prompt templates (the reference; default); "
                          "--no-augment: the generation prompt only")
+    mc.add_argument("--importance-sampling", action=argparse.BooleanOptionalAction, default=None,
+                    help="LoRA timesteps from MACE's p(t), median ~300 (the reference; default); "
+                         "--no-importance-sampling: uniform")
     mc.add_argument("--seed", type=int)
     mc.add_argument("--prior-file", help="extra prior-preservation prompts, one per line")
     mc.add_argument("--export-rank", type=int, help="truncate the saved LoRA to this rank (default: exact)")

@@ -86,6 +86,9 @@ class MaceSettings:
     #: train each LoRA step on a prompt drawn from the concept's templates (the reference's ``augment: true``:
     #: 30 object/style templates); off: the single generation prompt every step
     augment: bool = True
+    #: draw LoRA timesteps from ``p(t) ~ sigmoid(0.05 (t-200)) - sigmoid(0.05 (t-400))`` (the reference's
+    #: ``importance_sampling: true``); off: uniform over all timesteps (the reference's other option)
+    importance_sampling: bool = True
     #: also suppress the end token and padding after the concept (the reference's positions, which carry the prompt's
     #: content through CLIP's causal attention in SD). ``None`` (default): only where they do carry the concept, as
     #: measured by ``end_residue`` (>= ``END_RESIDUE_MIN``). On the lab model they carry nothing (keys of "a photo of a
@@ -314,11 +317,27 @@ def lora_prompts(data: ConceptData, augment: bool = True) -> list[str]:
     return list(dict.fromkeys(data.concept.prompts()))
 
 
+#: a LoRA whose attention loss ends above this fraction of its start has barely changed the attention (``mace`` warns)
+STALLED_LOSS = 0.9
+
+
 @dataclass
 class LoraResult:
     weights: ErasureWeights
     losses: list[float] = field(default_factory=list)
     suppress_end: bool = True  # whether the loss covered the end token and padding (``suppress_end`` resolved)
+
+    def loss_fall(self, k: int = 10) -> tuple[float, float, int] | None:
+        """(mean loss of the first ``k`` steps, of the last ``k``, k): single steps are noisy (one image, one
+        timestep each). ``None`` without steps."""
+        if not self.losses:
+            return None
+        k = max(1, min(k, len(self.losses) // 2 or 1))
+        return sum(self.losses[:k]) / k, sum(self.losses[-k:]) / k, k
+
+    def stalled(self) -> bool:
+        f = self.loss_fall()
+        return f is not None and f[0] > 0 and f[1] / f[0] > STALLED_LOSS
 
 
 def train_lora(backbone: Backbone, data: ConceptData, base: ErasureWeights | None, s: MaceSettings,
@@ -329,6 +348,8 @@ def train_lora(backbone: Backbone, data: ConceptData, base: ErasureWeights | Non
     prompts = lora_prompts(data, s.augment)
     end = resolve_suppress_end(backbone, data.concept, s)
     pt = timestep_weights(backbone.schedule.num_timesteps)
+    if not s.importance_sampling:
+        pt = torch.full_like(pt, 1.0 / len(pt))
     unet = backbone.unet()
     losses: list[float] = []
     base = base or ErasureWeights()
@@ -472,6 +493,11 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
         if log:
             log(f"stage 3/4: attention-loss LoRA for {d.concept.text!r}")
         loras.append(train_lora(backbone, d, cfr, s, progress, check_interrupt))
+        if log and loras[-1].stalled():
+            a, b, _ = loras[-1].loss_fall()
+            log(f"warning: the attention loss of {d.concept.text!r} only went from {a:.3f} to {b:.3f}: its LoRA "
+                f"barely changed the attention (lr {s.lora_lr:g}, {s.lora_steps} steps); raise the learning rate "
+                "or the steps (the concept lab's model needs lr 1e-3 and 200 steps)")
         evals += s.lora_steps * s.lora_batch * 2  # forward and backward
     if log:
         log("stage 4/4: closed-form fusion")

@@ -8,6 +8,7 @@ nodes use and other nodes ignore.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict
 
@@ -296,10 +297,19 @@ class MassEraseMACE(io.ComfyNode):
                 user = {k: (x.clone(), m.clone()) for k, (x, m) in user.items()}
                 prior = gram(bb, prior_prompts(exclude=names) + _split_lines(preserve_prompts), cache_dir())
                 weights = mace(bb, items, s, prior, user_data=user, progress=progress,
-                               check_interrupt=interrupt).weights
+                               check_interrupt=interrupt, log=_console).weights
             if key:
                 result_cache.save(key, weights)
         return io.NodeOutput(patched_model(model, weights), _export(weights, model, bb))
+
+
+def _console(message: str) -> None:
+    """The library's progress lines to ComfyUI's console; its warnings (e.g. a MACE LoRA that did not move the
+    attention) as warnings."""
+    if message.startswith("warning:"):
+        logging.warning("[erasure] %s", message[len("warning:"):].strip())
+    else:
+        logging.info("[erasure] %s", message)
 
 
 class FuseErasureLoRAs(io.ComfyNode):

@@ -94,3 +94,29 @@ def test_end_residue_tells_a_mixing_encoder_from_one_that_does_not_mix(tiny_back
     finally:
         tiny_backbone.encode_text = real
     assert not resolve_suppress_end(tiny_backbone, c, MaceSettings(suppress_end=False))
+
+
+def test_a_lora_that_barely_moves_the_attention_is_reported(tiny_backbone, monkeypatch):
+    """The reference's learning rate moves nothing on some models (the lab's): the run says so and names the fix."""
+    from erasure.mace import LoraResult, mace
+
+    assert LoraResult(None, [1.0] * 10 + [0.95] * 10).stalled()
+    assert not LoraResult(None, [1.0] * 10 + [0.5] * 10).stalled()
+    assert LoraResult(None, []).loss_fall() is None and not LoraResult(None, []).stalled()
+    assert LoraResult(None, [2.0, 1.0, 1.0, 0.5]).loss_fall() == (1.5, 0.75, 2)
+
+    c = Concept("circle", "shape", templates=TEMPLATES, data_prompt="a photo of a {c}")
+    s = MaceSettings(images_per_concept=1, sample_steps=2, guidance=3.0, lora_steps=2)
+    real = mace_mod.train_lora
+
+    def flat_loss(*a, **kw):  # single steps are noisy: give the run a loss that did not fall
+        r = real(*a, **kw)
+        r.losses = [0.5] * 20
+        return r
+
+    logged: list[str] = []
+    monkeypatch.setattr(mace_mod, "train_lora", flat_loss)
+    res = mace(tiny_backbone, [c], s, None, log=logged.append)
+    assert res.loras[0].stalled()
+    warning = [m for m in logged if m.startswith("warning:")]
+    assert len(warning) == 1 and "'circle'" in warning[0] and "raise the learning rate" in warning[0]
