@@ -184,7 +184,9 @@ def _mace(args: argparse.Namespace) -> int:
                                       guidance=args.guidance, lam=args.lam, preserve=args.preserve,
                                       fuse_preserve=args.fuse_preserve, lora_steps=args.steps, lora_lr=args.lr,
                                       lora_rank=args.rank, seed=args.seed, suppress_end=args.suppress_end,
-                                      augment=args.augment, importance_sampling=args.importance_sampling)
+                                      augment=args.augment, importance_sampling=args.importance_sampling,
+                                      use_masks=args.masks, mask_threshold=args.mask_threshold,
+                                      lora_batch=args.lora_batch, grad_clip=args.grad_clip)
     check_mace_settings(s)
     if args.image_dir:
         find_user_images(args.image_dir, concepts)  # the layout's errors before a long model load
@@ -369,12 +371,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "optional DIR/<concept>/NAME.mask.png (white = concept); concepts without a folder are generated")
     mc.add_argument("--sample-steps", type=int, help="DDIM steps when generating them")
     mc.add_argument("--guidance", type=float)
+    mc.add_argument("--masks", action=argparse.BooleanOptionalAction, default=None,
+                    help="restrict the attention loss to the concept's mask (default for objects; styles never "
+                         "use masks); --no-masks: the whole image")
+    mc.add_argument("--mask-threshold", type=float, help="threshold of the normalised attention map (default 0.5)")
     mc.add_argument("--lam", type=float, help="closed-form regulariser")
     mc.add_argument("--preserve", type=float, help="prior-preservation weight of the refinement")
     mc.add_argument("--fuse-preserve", type=float, help="prior-preservation weight of the fusion")
     mc.add_argument("--steps", type=int, help="LoRA training steps per concept")
     mc.add_argument("--lr", type=float, help="LoRA learning rate")
     mc.add_argument("--rank", type=int, help="LoRA rank per concept (MACE: 1)")
+    mc.add_argument("--lora-batch", type=int, help="images per LoRA step (default 1)")
+    mc.add_argument("--grad-clip", type=float, help="LoRA gradient-norm clip (default 1.0)")
     mc.add_argument("--suppress-end", action=argparse.BooleanOptionalAction, default=None,
                     help="the attention loss also suppresses the end token and padding (the reference's positions); "
                          "default: only where they carry the concept (measured per concept)")
