@@ -244,6 +244,11 @@ class MassEraseMACE(io.ComfyNode):
                                         "(1 = first concept line), e.g. '1,1,2'. Empty: the images are split "
                                         "evenly in concept order (2 concepts, 6 images: 3 each)."),
                 _cache_input(),
+                # last, so that workflows saved before it existed keep their widget values in place
+                io.Float.Input("lora_lr", default=0.0, min=0.0, max=0.1, step=1e-6, optional=True,
+                               tooltip="LoRA learning rate; 0 = the preset's (the reference's: 1e-5 objects and "
+                                       "nudity, 1e-4 people and styles). Raise it (e.g. 1e-3) when the console "
+                                       "warns that a concept's LoRA barely changed the attention."),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the concepts erased."),
                      LoraModel.Output(display_name="LORA", tooltip="The erasure as a LoRA.")],
@@ -256,7 +261,7 @@ class MassEraseMACE(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concepts, preset, lora_steps, resolution, seed, anchors="",
                 preserve_prompts="", latents=None, masks=None, image_concepts="", cache_result=False,
-                images=None, vae=None) -> io.NodeOutput:
+                images=None, vae=None, lora_lr=0.0) -> io.NodeOutput:
         names, anchor_list = validation.node_concepts(concepts, anchors)
         if images is not None:
             if latents is not None:
@@ -267,7 +272,7 @@ class MassEraseMACE(io.ComfyNode):
             if images.dim() != 4 or images.shape[-1] < 3:
                 raise ValueError(f"the images have shape {tuple(images.shape)}: expected an IMAGE batch [B, H, W, 3]")
             latents = {"samples": vae.encode(images[:, :, :, :3])}  # exactly what VAE Encode does
-        s = PRESETS[preset].override(lora_steps=lora_steps or None, seed=seed)
+        s = PRESETS[preset].override(lora_steps=lora_steps or None, lora_lr=lora_lr or None, seed=seed)
         items = [Concept(c, anchor_list[min(i, len(anchor_list) - 1)] if anchor_list else s.anchor, s.kind)
                  for i, c in enumerate(names)]
         bb = ComfyBackbone(model, clip, resolution or None)

@@ -131,3 +131,16 @@ def test_images_with_a_vae_equal_their_latents(comfy, loaded, mace_env):
         _run(node, model, clip, "cat", images=pixels)
     with pytest.raises(ValueError, match="connect one of them"):
         _run(node, model, clip, "cat", images=pixels, vae=vae, latents=_images(vae, 2))
+
+
+def test_lora_lr_widget_reaches_the_settings_and_zero_keeps_the_preset(comfy, loaded, mace_env):
+    """The learning-rate widget the stalled-LoRA warning points to: 0 = the preset's, else the given value."""
+    import json
+
+    node, _ = mace_env
+    model, clip, _ = loaded
+    _, preset = _run(node, model, clip, "cat")
+    _, raised = _run(node, model, clip, "cat", lora_lr=1e-3)
+    assert json.loads(preset.metadata["erasure.settings"])["lora_lr"] == 1e-5  # the object preset's (reference)
+    assert json.loads(raised.metadata["erasure.settings"])["lora_lr"] == 1e-3
+    assert any(not torch.equal(preset[k], raised[k]) for k in preset), "the learning rate changed nothing"
