@@ -230,3 +230,17 @@ def test_preview_grid_pairs_original_and_erased_rows(comfy, loaded):
     assert not torch.equal(grid[:, :64], grid[:, 64:128]), ("the erased row equals the original",
                                                             float(grid.mean()), float(grid.std()),
                                                             float((grid[:, :64] - grid[:, 64:128]).abs().max()))
+
+
+def test_ant_reuse_and_checkpointing_widgets_reach_the_settings(comfy, loaded):
+    """The two newest ANT widgets: absent (old workflows) = the library's defaults; set = recorded and used."""
+    import json
+
+    model, clip, _ = loaded
+    _, default = _ant(comfy, model, clip)
+    _, set_ = _ant(comfy, model, clip, reuse=2, gradient_checkpointing="on")
+    d = json.loads(default.metadata["erasure.settings"])
+    s = json.loads(set_.metadata["erasure.settings"])
+    assert (d["reuse"], d["gradient_checkpointing"]) == (1, "auto")
+    assert (s["reuse"], s["gradient_checkpointing"]) == (2, "on")
+    assert any(not torch.equal(default[k], set_[k]) for k in default), "reuse 2 trained the same as reuse 1"
