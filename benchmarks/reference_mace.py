@@ -11,7 +11,8 @@ What differs from the library, as the reference code does it:
 * **float32 explicit inverses**: refinement and fusion solve ``W = M1 inv(M2)`` with ``torch.inverse`` in float32,
   accumulating ``M1``, ``M2`` per concept and per layer (``E_i E_i^T`` recomputed inside the layer loop).
 
-Stage 3 (the attention-loss LoRA) is the same algorithm in both, so both call the library's ``train_lora``.
+Stage 3 (the attention-loss LoRA) is the same algorithm in both, so both call the library's ``train_lora`` (the
+reference's call with the end token always suppressed and without the probe loss ours measures).
 """
 
 from __future__ import annotations
@@ -88,5 +89,7 @@ def reference_mace(bb: DiffusersBackbone, concepts: list[Concept], s: MaceSettin
     """The four stages, the reference's way."""
     data = [generate_unbatched(bb, c, s) for c in concepts]
     cfr = reference_cfr(bb, concepts, caches, s.lam, s.preserve)
-    loras = [train_lora(bb, d, cfr, s).weights for d in data]
+    # the reference suppresses the end token and padding always (``use_pooler``), never measuring whether they carry
+    # the concept, and measures no probe loss
+    loras = [train_lora(bb, d, cfr, s.override(suppress_end=True), probe=False).weights for d in data]
     return reference_fuse(bb, concepts, loras, cfr, caches, s.lam, s.fuse_preserve)

@@ -218,11 +218,10 @@ def _mace(args: argparse.Namespace) -> int:
 
 
 def _loss_span(lora) -> str:
-    f = lora.loss_fall()
-    if f is None:
-        return "(no steps)"
-    a, b, k = f
-    return f"{a:.3f} -> {b:.3f} ({b / a:.0%} of the start, mean of {k} steps each)" if a > 0 else f"{a:.3f} -> {b:.3f}"
+    if lora.probe is None:
+        return "(not measured)"
+    a, b = lora.probe
+    return f"{a:.3g} -> {b:.3g} on a fixed probe ({b / a:.0%} of the start)" if a > 0 else f"{a:.3g} -> {b:.3g}"
 
 
 def _check_out(out: str) -> None:
@@ -372,8 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--sample-steps", type=int, help="DDIM steps when generating them")
     mc.add_argument("--guidance", type=float)
     mc.add_argument("--masks", action=argparse.BooleanOptionalAction, default=None,
-                    help="restrict the attention loss to the concept's mask (default for objects; styles never "
-                         "use masks); --no-masks: the whole image")
+                    help="restrict the attention loss to the concept's mask (default; styles never use masks); "
+                         "--no-masks: the whole image")
     mc.add_argument("--mask-threshold", type=float, help="threshold of the normalised attention map (default 0.5)")
     mc.add_argument("--lam", type=float, help="closed-form regulariser")
     mc.add_argument("--preserve", type=float, help="prior-preservation weight of the refinement")

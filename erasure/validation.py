@@ -174,8 +174,9 @@ def check_mace_settings(s) -> None:
         check_count(k, getattr(s, k))
     check_learning_rate(s.lora_lr)
     check_number("lam", s.lam, 0.0, low_open=True)
-    for k in ("guidance", "preserve", "fuse_preserve", "grad_clip"):
+    for k in ("guidance", "preserve", "fuse_preserve"):
         check_number(k, getattr(s, k))
+    check_number("grad_clip", s.grad_clip, 0.0, low_open=True)  # clipping to 0 would zero every gradient
     check_number("mask_threshold", s.mask_threshold, 0.0, 1.0)
     if s.kind not in CONCEPT_TEMPLATES:
         raise ValueError(f"kind must be one of {', '.join(CONCEPT_TEMPLATES)} (got {s.kind!r})")

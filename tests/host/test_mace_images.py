@@ -25,7 +25,8 @@ def mace_env(comfy, loaded, tmp_path, monkeypatch):
     class RecordingLoss(library.AttentionLoss):
         def __init__(self, *a, **kw) -> None:
             super().__init__(*a, **kw)
-            seen["masks"].append(self.masks.detach().clone())
+            if torch.is_grad_enabled():  # training steps; the stalled-LoRA probe runs without grad
+                seen["masks"].append(self.masks.detach().clone())
 
     real_sample = library.sample
 
