@@ -478,6 +478,7 @@ def saliency_masks(backbone: Backbone, tr: Trajectories, modules: dict[str, nn.M
     early = [i % s.early_steps for i in range(len(late))]
     mask: dict[str, torch.Tensor] | None = None
     fwd = bwd = 0
+    ckpt = use_checkpointing(backbone, s)
     try:
         for w in weights.values():
             w.requires_grad_(True)
@@ -486,7 +487,9 @@ def saliency_masks(backbone: Backbone, tr: Trajectories, modules: dict[str, nn.M
                 check_interrupt()
             enc = {tr.prompts[j]: backbone.encode_text([tr.prompts[j]])}
             b = cached_batch(backbone, tr, [j] * len(late), early, late, enc)
-            with torch.enable_grad():
+            # 4 x up to 8 rows with gradients for every weight of the UNet: the largest activation footprint of
+            # the saliency scope, checkpointed like the training forward when that is
+            with torch.enable_grad(), gradient_checkpointing(backbone, True) if ckpt else contextlib.nullcontext():
                 loss, _ = ant_loss(backbone, b, uncond, s)
                 grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
             fwd += 4 * len(late)
