@@ -108,8 +108,10 @@ def projection(d: dict) -> str:
                     f"**{c['peak'] / GIB:.1f}**")
 
         hist = max(v["peak"] for v in pr["ant-single-cached-saliency"].values())
+        # results written before the key was renamed call it per_finished_concept: the same bytes, kept on the host
+        host = pr["ant-multi"].get("host_per_finished_concept", pr["ant-multi"].get("per_finished_concept", 0))
         out.append(f"| {arch} {pr['pixels']} px | {pr['weights'] / GIB:.2f} | {ant(pr['ant-single'])} | "
-                   f"{ant(pr['ant-multi'])}; +{pr['ant-multi']['per_finished_concept'] / GIB:.2f} per finished "
+                   f"{ant(pr['ant-multi'])}; host memory +{host / GIB:.2f} per finished "
                    f"concept | {ckpt(pr['ant-single'])} / {ckpt(pr['ant-multi'])} | {pr['mace']['peak'] / GIB:.1f} | "
                    f"{hist / GIB:.1f} | "
                    f"{pr['ant-single-reference']['peak'] / GIB:.1f} | < {pr['target_gib']} |")
