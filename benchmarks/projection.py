@@ -268,9 +268,10 @@ def project_arch(probe: dict, selected_fraction: float | None, weight_bytes: int
             e["checkpointed"] = {"held_per_row": held, "block_recompute_per_row": block, "largest_block": arg,
                                  "activations": rows * (held + block), "peak": weights + state + rows * (held + block)}
         if method == "ant-multi":
-            # each finished concept's float32 K/V deltas wait for the fusion in host memory (``ErasureWeights.dense``
-            # copies them to the CPU, and the fusion runs there), so the GPU peak is the same for every concept
-            e["host_per_finished_concept"] = 4 * n
+            # each finished concept's K/V edit is copied to the CPU (``ErasureWeights.dense``), folded into the
+            # fusion's float64 running sum there (``FusionSystem.add(keep=False)``) and freed: the GPU peak is the
+            # same for every concept, and host memory holds one float64 sum of the K/V weights' size
+            e["host_fusion_sum"] = 8 * n
         out[method] = e
     # historical: the cached-saliency configuration at the defaults first measured (``MEASURED_DEFAULTS``)
     s = AntSettings().override(**MEASURED_DEFAULTS)
@@ -384,8 +385,8 @@ def format_projection(p: dict) -> str:
             a = pr.get(method)
             if a is None:
                 continue
-            host = a.get("host_per_finished_concept", a.get("per_finished_concept"))  # the older results' name
-            extra = (f"; host memory + {host / g:.2f} per finished concept (GPU peak unchanged)"
+            host = a.get("host_fusion_sum")
+            extra = (f"; host memory {host / g:.2f} for the fusion's running sum, whatever the number of concepts"
                      if host is not None else "")
             lines.append(f"  {method} ours ({a['scope']} dense deltas, {a['trainable_params']:,} entries): "
                          f"state {a['trainable_state'] / g:.2f} + activations {a['rows']} rows x "

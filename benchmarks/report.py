@@ -108,11 +108,12 @@ def projection(d: dict) -> str:
                     f"**{c['peak'] / GIB:.1f}**")
 
         hist = max(v["peak"] for v in pr["ant-single-cached-saliency"].values())
-        # results written before the key was renamed call it per_finished_concept: the same bytes, kept on the host
-        host = pr["ant-multi"].get("host_per_finished_concept", pr["ant-multi"].get("per_finished_concept", 0))
+        # the fusion's float64 running sum on the host (older results: the float32 edits, 4 bytes an entry)
+        e = pr["ant-multi"]
+        host = e.get("host_fusion_sum", 2 * e.get("per_finished_concept", 0))
         out.append(f"| {arch} {pr['pixels']} px | {pr['weights'] / GIB:.2f} | {ant(pr['ant-single'])} | "
-                   f"{ant(pr['ant-multi'])}; host memory +{host / GIB:.2f} per finished "
-                   f"concept | {ckpt(pr['ant-single'])} / {ckpt(pr['ant-multi'])} | {pr['mace']['peak'] / GIB:.1f} | "
+                   f"{ant(e)}; host {host / GIB:.2f} for the fusion, any number of "
+                   f"concepts | {ckpt(pr['ant-single'])} / {ckpt(e)} | {pr['mace']['peak'] / GIB:.1f} | "
                    f"{hist / GIB:.1f} | "
                    f"{pr['ant-single-reference']['peak'] / GIB:.1f} | < {pr['target_gib']} |")
     for m in p.get("measured", []):

@@ -428,12 +428,95 @@ def concept_token_embeddings(backbone: Backbone, concept: Concept) -> torch.Tens
     return e.reshape(-1, e.shape[-1])
 
 
+def balance_weight(concept: Concept, mean_count: float, balance: bool = True) -> float:
+    """The factor on a concept's token embeddings in the fusion: ``sqrt(mean count / its prompt count)``."""
+    return (mean_count / len(concept.prompts())) ** 0.5 if balance else 1.0
+
+
+def mean_prompt_count(groups: list[list[Concept]]) -> float:
+    counts = [len(c.prompts()) for g in groups for c in g]
+    return sum(counts) / len(counts)
+
+
+def _lora_times_gram(dl, g: torch.Tensor) -> torch.Tensor:
+    """``dW G`` for one layer's delta, without forming a low-rank delta densely first."""
+    if dl.up is not None and dl.down is not None and dl.down.dim() == 2:  # low rank: up (down G)
+        return (dl.up.double() @ (dl.down.double() @ g)) * dl.scale
+    return dl.matrix().double() @ g
+
+
+class FusionSystem:
+    """MACE's closed-form fusion, built up one LoRA at a time.
+
+    ``W* = argmin sum_i ||W E_i - (W_base + dW_i) E_i||^2 + lam ||W - W_base||^2 + preserve ||(W - W0) C^(1/2)||^2``
+    has normal equations ``W* M2 = M1`` with ``M2 = sum_i G_i + lam I + preserve C`` (``G_i = E_i^T E_i``, the same
+    for every layer) and, per layer, ``M1 = W_base (sum_i G_i + lam I) + sum_i dW_i G_i + preserve W0 C``. ``add``
+    computes an item's ``G_i`` and either keeps the item (``keep=True``: its ``dW_i G_i`` is formed per layer at
+    ``solve`` and then dropped, as ``fuse`` does for a list of LoRAs) or folds ``dW_i G_i`` into a running per-layer
+    sum at once, so that the item's weights can be freed (``keep=False``: ANT's many-concept path, where each
+    finished edit is a dense K/V delta as large as the K/V weights).
+    """
+
+    def __init__(self, backbone: Backbone, mean_count: float, balance: bool = True) -> None:
+        self.backbone = backbone
+        kv = backbone.cross_attention_kv()
+        self.names = list(kv)
+        d = next(iter(kv.values())).weight.shape[1]
+        self.g_sum = torch.zeros(d, d, dtype=torch.float64)
+        self.mean_count, self.balance = mean_count, balance
+        self.kept: list[tuple[ErasureWeights, torch.Tensor]] = []
+        self.folded: dict[str, torch.Tensor] = {}
+        self.groups: list[list[Concept]] = []
+
+    def add(self, group: Concept | list[Concept], weights: ErasureWeights, keep: bool = True) -> None:
+        group = group if isinstance(group, list) else [group]
+        e = torch.cat([concept_token_embeddings(self.backbone, c) * balance_weight(c, self.mean_count, self.balance)
+                       for c in group])
+        g = e.T @ e
+        self.g_sum += g
+        self.groups.append(group)
+        if keep:
+            self.kept.append((weights, g))
+            return
+        for name in self.names:
+            if name in weights.deltas:
+                term = _lora_times_gram(weights.deltas[name], g)
+                self.folded[name] = term if name not in self.folded else self.folded[name] + term
+
+    def solve(self, base: ErasureWeights | None, prior: torch.Tensor | None, lam: float, preserve: float,
+              method: str = "mace-fused") -> ErasureWeights:
+        d = self.g_sum.shape[0]
+        m2 = self.g_sum + lam * torch.eye(d, dtype=torch.float64)
+        use_prior = prior is not None and preserve != 0
+        if use_prior:
+            c_prior = prior.double()
+            m2 = m2 + preserve * c_prior
+        chol = factor(m2)  # once for every layer (the reference rebuilds and inverts it per layer)
+        deltas = {}
+        for name, module in self.backbone.cross_attention_kv().items():
+            w0 = module.weight.detach().double().cpu()  # one layer's float64 copy at a time
+            wb = w0 + (base.deltas[name].matrix().double() if base is not None and name in base.deltas else 0)
+            m1 = wb @ self.g_sum + lam * wb  # sum_i (W_base + dW_i) G_i: the dW_i G_i below
+            if name in self.folded:
+                m1 = m1 + self.folded[name]
+            for lw, g in self.kept:
+                if name in lw.deltas:
+                    m1 = m1 + _lora_times_gram(lw.deltas[name], g)
+            if use_prior:
+                m1 = m1 + preserve * (w0 @ c_prior)
+            deltas[name] = (solve_factored(m1, chol) - w0).float()
+        return ErasureWeights.dense(deltas, method=method, concepts=[c.text for g in self.groups for c in g],
+                                    anchors=[c.anchor for g in self.groups for c in g],
+                                    settings={"lam": lam, "fuse_preserve": preserve})
+
+
 @entry_point("the fusion", "the number of LoRAs fused at once")
 def fuse(backbone: Backbone, items: list[tuple[Concept | list[Concept], ErasureWeights]], base: ErasureWeights | None,
          prior: torch.Tensor | None, lam: float = 0.1, preserve: float = 1.0,
          method: str = "mace-fused", balance: bool = True) -> ErasureWeights:
     """Closed-form fusion: ``W* = argmin sum_i ||W E_i - (W_base + dW_i) E_i||^2 + lam ||W - W_base||^2
-    + preserve * ||(W - W0) C^(1/2)||^2``; dense K/V deltas relative to the original weights ``W0``.
+    + preserve * ||(W - W0) C^(1/2)||^2``; dense K/V deltas relative to the original weights ``W0``
+    (``FusionSystem``).
 
     ``base`` is the CFR edit shared by the concepts (``None``: the original model); each ``dW_i`` is a LoRA's K/V
     effect relative to it (modules it does not touch contribute zero). An item may carry several concepts (a file
@@ -447,41 +530,11 @@ def fuse(backbone: Backbone, items: list[tuple[Concept | list[Concept], ErasureW
     (README, "ANT from the command line").
     """
     validation.check_fuse_inputs(backbone, items, lam, preserve)
-    w0s = _kv_weights(backbone)
     groups = [c if isinstance(c, list) else [c] for c, _ in items]
-    d = next(iter(w0s.values())).shape[1]
-    # E_i^T E_i and the system matrix M2 = sum_i E_i^T E_i + lam I + s C do not depend on the layer: computed once,
-    # factored once, and every layer only forms its own right-hand side M1 (the reference rebuilds both per layer)
-    counts = [[len(c.prompts()) for c in g] for g in groups]
-    mean_count = sum(map(sum, counts)) / sum(map(len, counts))
-    weights = [[(mean_count / n) ** 0.5 if balance else 1.0 for n in ns] for ns in counts]
-    grams = [(e.T @ e) for e in (torch.cat([concept_token_embeddings(backbone, c) * w for c, w in zip(g, ws,
-                                                                                                      strict=True)])
-                                 for g, ws in zip(groups, weights, strict=True))]
-    g_sum = sum(grams, torch.zeros(d, d, dtype=torch.float64))
-    m2 = g_sum + lam * torch.eye(d, dtype=torch.float64)
-    use_prior = prior is not None and preserve != 0
-    if use_prior:
-        c_prior = prior.double()
-        m2 = m2 + preserve * c_prior
-    chol = factor(m2)
-    deltas = {}
-    for name, w0 in w0s.items():
-        wb = w0 + (base.deltas[name].matrix().double() if base is not None and name in base.deltas else 0)
-        m1 = wb @ g_sum + lam * wb  # sum_i (W_base + dW_i) E_i^T E_i, the dW_i below
-        for (_, lw), g in zip(items, grams, strict=True):
-            if name in lw.deltas:
-                dl = lw.deltas[name]
-                if dl.up is not None and dl.down is not None and dl.down.dim() == 2:  # low rank: up (down G)
-                    m1 = m1 + (dl.up.double() @ (dl.down.double() @ g)) * dl.scale
-                else:
-                    m1 = m1 + dl.matrix().double() @ g
-        if use_prior:
-            m1 = m1 + preserve * (w0 @ c_prior)
-        deltas[name] = (solve_factored(m1, chol) - w0).float()
-    return ErasureWeights.dense(deltas, method=method, concepts=[c.text for g in groups for c in g],
-                                anchors=[c.anchor for g in groups for c in g],
-                                settings={"lam": lam, "fuse_preserve": preserve})
+    system = FusionSystem(backbone, mean_prompt_count(groups), balance)
+    for group, weights in zip(groups, (w for _, w in items), strict=True):
+        system.add(group, weights)
+    return system.solve(base, prior, lam, preserve, method)
 
 
 # -- the pipeline ------------------------------------------------------------------------------------------------

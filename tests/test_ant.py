@@ -243,7 +243,8 @@ def test_ant_multi_fuses_each_edit_at_its_strength(tiny_backbone, tmp_path):
     bb = tiny_backbone
     prior = gram(bb, prior_prompts(50, exclude=["circle"]), tmp_path)
     s = FAST.override(scope="xattn", multi_steps=2, preserve=0.0)
-    m = ant_multi(bb, ["circle"], s, prior, templates={"circle": TEMPLATES}, lam=1e-6, preserve=1e-6, strength=2.0)
+    m = ant_multi(bb, ["circle"], s, prior, templates={"circle": TEMPLATES}, lam=1e-6, preserve=1e-6, strength=2.0,
+                  keep_edits=True)
     assert m.weights.metadata["erasure.fuse"] and '"strength": 2.0' in m.weights.metadata["erasure.fuse"]
     e = concept_token_embeddings(bb, Concept("circle", "", templates=tuple(TEMPLATES)))
     edit = m.per_concept[0].weights
@@ -287,3 +288,30 @@ def test_reused_trajectories_serve_reuse_steps_and_query_the_frozen_model_once_p
         _, again = ant_mod.reused_batch(bb, deltas, tr, ["a circle"] * 3, [0, 1], [3, 2],
                                         {"a circle": bb.encode_text(["a circle"])}, bb.encode_text([""]), s)
     assert first == 2 * 4 and again == 2 * 1  # (0,0),(0,3),(1,1),(1,3); then only (1,2) is new
+
+
+def test_ant_multi_folds_each_edit_into_the_fusion_and_frees_it(tiny_backbone, tmp_path):
+    """Streaming fusion: without ``keep_edits`` no concept's dense edit is kept, and the fused result is the one
+    ``fuse`` gives for the kept edits (same normal equations, summed as the concepts finish)."""
+    from erasure.ant import ant_multi, scaled
+    from erasure.mace import Concept, fuse
+    from erasure.prior import gram
+    from erasure.prompts import prior_prompts
+
+    bb = tiny_backbone
+    names = ["circle", "square"]
+    temps = {"circle": TEMPLATES, "square": TEMPLATES[:2]}  # different prompt counts: balance weights differ
+    prior = gram(bb, prior_prompts(50, exclude=names), tmp_path)
+    s = FAST.override(scope="xattn", multi_steps=2, preserve=0.0)
+    lean = ant_multi(bb, names, s, prior, templates=temps)
+    kept = ant_multi(bb, names, s, prior, templates=temps, keep_edits=True)
+    assert all(not r.weights.deltas for r in lean.per_concept)
+    assert all(r.weights.deltas for r in kept.per_concept)
+    items = [(Concept(c, "", s.kind, templates=tuple(temps[c])), scaled(r.weights, 1.25))
+             for c, r in zip(names, kept.per_concept, strict=True)]
+    ref = fuse(bb, items, None, prior, lam=0.01, preserve=0.1, method="ant-fused")
+    for name in ref.deltas:
+        torch.testing.assert_close(lean.weights.deltas[name].matrix(), kept.weights.deltas[name].matrix(),
+                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(lean.weights.deltas[name].matrix(), ref.deltas[name].matrix(), rtol=1e-5,
+                                   atol=1e-6)
