@@ -270,8 +270,9 @@ def project_arch(probe: dict, selected_fraction: float | None, weight_bytes: int
         if method == "ant-multi":
             # each finished concept's K/V edit is copied to the CPU (``ErasureWeights.dense``), folded into the
             # fusion's float64 running sum there (``FusionSystem.add(keep=False)``) and freed: the GPU peak is the
-            # same for every concept, and host memory holds one float64 sum of the K/V weights' size
-            e["host_fusion_sum"] = 8 * n
+            # same for every concept, and host memory peaks at the float64 sum (8 bytes an entry) plus one float32
+            # edit while it is folded in, or the float32 result while the sum is solved layer by layer (4)
+            e["host_fusion_peak"] = 12 * n
         out[method] = e
     # historical: the cached-saliency configuration at the defaults first measured (``MEASURED_DEFAULTS``)
     s = AntSettings().override(**MEASURED_DEFAULTS)
@@ -385,9 +386,9 @@ def format_projection(p: dict) -> str:
             a = pr.get(method)
             if a is None:
                 continue
-            host = a.get("host_fusion_sum")
-            extra = (f"; host memory {host / g:.2f} for the fusion's running sum, whatever the number of concepts"
-                     if host is not None else "")
+            host = a.get("host_fusion_peak")
+            extra = (f"; host memory {host / g:.2f} for the fusion (its float64 sum + one float32 edit), whatever "
+                     "the number of concepts" if host is not None else "")
             lines.append(f"  {method} ours ({a['scope']} dense deltas, {a['trainable_params']:,} entries): "
                          f"state {a['trainable_state'] / g:.2f} + activations {a['rows']} rows x "
                          f"{a['activation_per_row'] / g:.2f} = {a['activations'] / g:.2f} -> peak {a['peak'] / g:.1f} "

@@ -108,9 +108,10 @@ def projection(d: dict) -> str:
                     f"**{c['peak'] / GIB:.1f}**")
 
         hist = max(v["peak"] for v in pr["ant-single-cached-saliency"].values())
-        # the fusion's float64 running sum on the host (older results: the float32 edits, 4 bytes an entry)
+        # the fusion's host peak: float64 sum + one float32 edit, 12 bytes an entry (older results store the float32
+        # edit's 4 bytes an entry as per_finished_concept)
         e = pr["ant-multi"]
-        host = e.get("host_fusion_sum", 2 * e.get("per_finished_concept", 0))
+        host = e.get("host_fusion_peak", 3 * e.get("per_finished_concept", 0))
         out.append(f"| {arch} {pr['pixels']} px | {pr['weights'] / GIB:.2f} | {ant(pr['ant-single'])} | "
                    f"{ant(e)}; host {host / GIB:.2f} for the fusion, any number of "
                    f"concepts | {ckpt(pr['ant-single'])} / {ckpt(e)} | {pr['mace']['peak'] / GIB:.1f} | "

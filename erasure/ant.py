@@ -681,10 +681,11 @@ def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | N
     then MACE's closed-form fusion of their K/V effects, each edit entering it at ``strength`` (``FUSE_STRENGTH``)
     and every concept weighted alike (``fuse(balance=True)``).
 
-    Each finished edit is folded into the fusion's normal equations at once (``FusionSystem.add(keep=False)``) and
-    then dropped, so host memory does not grow with the number of concepts (a dense K/V edit is as large as the K/V
-    weights: 1.27 GiB in float32 on SDXL). ``keep_edits`` keeps each concept's own edit in ``per_concept`` too;
-    otherwise their ``weights`` are empty."""
+    Each finished dense edit is folded into the fusion's normal equations at once (``FusionSystem.add(keep=False)``)
+    and then dropped, so host memory does not grow with the number of concepts (a dense K/V edit is as large as the
+    K/V weights: 1.27 GiB in float32 on SDXL); LoRA edits (scope ``lora``) are small and kept until the solve.
+    ``keep_edits`` keeps each concept's own dense edit in ``per_concept`` too; otherwise their ``weights`` are
+    empty."""
     validation.check_fuse_strength(strength)
     validation.check_number("lam", lam, 0.0, low_open=True)
     validation.check_number("preserve", preserve)
@@ -710,11 +711,11 @@ def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | N
                                                       if not set(p.lower().split()) & set(low)]
         r = ant(backbone, c, s, templates=temps, preserve_prompts=pres, progress=progress,
                 check_interrupt=check_interrupt, log=log)
-        edit = scaled(r.weights, strength)
-        validation.check_fuse_inputs(backbone, [(concept, edit)], lam, preserve)
-        system.add(concept, edit, keep=False)
-        results.append(r if keep_edits else replace(r, weights=ErasureWeights()))
-        del edit
+        validation.check_fuse_inputs(backbone, [(concept, r.weights)], lam, preserve)
+        # a LoRA (scope lora) is small: kept as it is until the solve; a dense K/V edit is folded in now and freed
+        system.add(concept, r.weights, keep=s.scope == "lora", factor=strength)
+        results.append(r if keep_edits or s.scope == "lora" else replace(r, weights=ErasureWeights()))
+        del r  # the edit must not outlive its concept (it is as large as the K/V weights)
     fused = system.solve(None, prior, lam, preserve, method="ant-fused")
     fused.metadata.update(_meta({"settings": asdict(s), "fuse": {"lam": lam, "preserve": preserve,
                                                                   "strength": strength, "balance": True}}))

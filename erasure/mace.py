@@ -468,7 +468,9 @@ class FusionSystem:
         self.folded: dict[str, torch.Tensor] = {}
         self.groups: list[list[Concept]] = []
 
-    def add(self, group: Concept | list[Concept], weights: ErasureWeights, keep: bool = True) -> None:
+    def add(self, group: Concept | list[Concept], weights: ErasureWeights, keep: bool = True,
+            factor: float = 1.0) -> None:
+        """``factor`` scales the item's ``dW_i`` (ANT's fusion strength) without copying its weights."""
         group = group if isinstance(group, list) else [group]
         e = torch.cat([concept_token_embeddings(self.backbone, c) * balance_weight(c, self.mean_count, self.balance)
                        for c in group])
@@ -476,12 +478,15 @@ class FusionSystem:
         self.g_sum += g
         self.groups.append(group)
         if keep:
-            self.kept.append((weights, g))
+            self.kept.append((weights, g * factor))  # dW_i (factor G_i) = (factor dW_i) G_i
             return
         for name in self.names:
             if name in weights.deltas:
-                term = _lora_times_gram(weights.deltas[name], g)
-                self.folded[name] = term if name not in self.folded else self.folded[name] + term
+                term = _lora_times_gram(weights.deltas[name], g) * factor
+                if name in self.folded:
+                    self.folded[name] += term
+                else:
+                    self.folded[name] = term
 
     def solve(self, base: ErasureWeights | None, prior: torch.Tensor | None, lam: float, preserve: float,
               method: str = "mace-fused") -> ErasureWeights:
@@ -498,7 +503,7 @@ class FusionSystem:
             wb = w0 + (base.deltas[name].matrix().double() if base is not None and name in base.deltas else 0)
             m1 = wb @ self.g_sum + lam * wb  # sum_i (W_base + dW_i) G_i: the dW_i G_i below
             if name in self.folded:
-                m1 = m1 + self.folded[name]
+                m1 = m1 + self.folded.pop(name)  # freed layer by layer as the result is built
             for lw, g in self.kept:
                 if name in lw.deltas:
                     m1 = m1 + _lora_times_gram(lw.deltas[name], g)

@@ -147,7 +147,8 @@ class EraseConceptANT(io.ComfyNode):
                                tooltip="Which prediction of the edited model is trained: guided or conditional."),
                 io.Int.Input("resolution", default=0, min=0, max=2048, step=8,
                              tooltip="Training resolution in pixels; 0 = the model's native one."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of trajectories and sampling."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seed of trajectories and sampling."),
                 io.Int.Input("trajectories", default=d.trajectories, min=1, max=256,
                              tooltip="Seeds x prompt augmentations of the trajectories (and of the saliency maps)."),
                 io.Int.Input("trajectory_steps", default=d.trajectory_steps, min=3, max=200,
@@ -235,7 +236,8 @@ class MassEraseMACE(io.ComfyNode):
                              tooltip="LoRA steps per concept; 0 = the preset's."),
                 io.Int.Input("resolution", default=0, min=0, max=2048, step=8,
                              tooltip="Generation resolution in pixels; 0 = the model's native one."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the generated images."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seed of the generated images."),
                 io.Latent.Input("latents", optional=True,
                                 tooltip="Optional: your own training images of the concepts, as latents (VAE "
                                         "Encode with this checkpoint's VAE). They replace the generated images of "
@@ -474,7 +476,8 @@ class PreviewErasure(io.ComfyNode):
                 io.Float.Input("cfg", default=7.5, min=0.0, max=30.0, step=0.5, tooltip="Guidance scale."),
                 io.Int.Input("resolution", default=0, min=0, max=2048, step=8,
                              tooltip="Image size in pixels; 0 = the model's native one."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="First seed."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="First seed."),
             ],
             outputs=[io.Image.Output(display_name="IMAGE", tooltip="The before/after grid.")],
         )

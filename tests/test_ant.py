@@ -303,7 +303,27 @@ def test_ant_multi_folds_each_edit_into_the_fusion_and_frees_it(tiny_backbone, t
     temps = {"circle": TEMPLATES, "square": TEMPLATES[:2]}  # different prompt counts: balance weights differ
     prior = gram(bb, prior_prompts(50, exclude=names), tmp_path)
     s = FAST.override(scope="xattn", multi_steps=2, preserve=0.0)
-    lean = ant_multi(bb, names, s, prior, templates=temps)
+    import gc
+    import weakref
+
+    import erasure.ant as ant_mod
+
+    real_ant, refs, alive_at_call = ant_mod.ant, [], []
+
+    def recording_ant(*a, **kw):
+        gc.collect()
+        alive_at_call.append([r() is not None for r in refs])  # earlier concepts' edits still in memory?
+        res = real_ant(*a, **kw)
+        refs.append(weakref.ref(res.weights.deltas[next(iter(res.weights.deltas))].dense))
+        return res
+
+    ant_mod.ant = recording_ant
+    try:
+        lean = ant_multi(bb, names, s, prior, templates=temps)
+    finally:
+        ant_mod.ant = real_ant
+    gc.collect()
+    assert alive_at_call == [[], [False]] and all(r() is None for r in refs)  # no edit outlives its concept
     kept = ant_multi(bb, names, s, prior, templates=temps, keep_edits=True)
     assert all(not r.weights.deltas for r in lean.per_concept)
     assert all(r.weights.deltas for r in kept.per_concept)

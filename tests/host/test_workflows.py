@@ -28,7 +28,7 @@ FAST = {
 def ui_to_api(workflow: dict, mappings: dict) -> dict:
     """What ComfyUI's frontend does when it queues a UI workflow: links become [node, slot] inputs and
     ``widgets_values`` fill the widget inputs in order (required, then optional; a seed's 'control after generate'
-    value is skipped)."""
+    value is skipped: any INT named seed/noise_seed has one unless its spec sets control_after_generate)."""
     links = {lk[0]: (str(lk[1]), lk[2]) for lk in workflow["links"]}
     api = {}
     for node in workflow["nodes"]:
@@ -44,8 +44,9 @@ def ui_to_api(workflow: dict, mappings: dict) -> dict:
                 if k < len(values):
                     inputs[name] = values[k]
                     k += 1
-                    if opts.get("control_after_generate") or name in ("seed", "noise_seed") and typ == "INT" \
-                            and node["type"] == "KSampler":
+                    # the frontend's rule (useIntWidget): an explicit control_after_generate, else any INT named
+                    # seed/noise_seed gets the extra 'control after generate' widget, whose value follows it
+                    if typ == "INT" and opts.get("control_after_generate", name in ("seed", "noise_seed")):
                         k += 1
         assert k == len(values), f"{node['type']}: {len(values)} widget values for {k} widgets"
         api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
@@ -84,3 +85,19 @@ def _execute(workflow: dict, nodes: dict, ckpt: str) -> None:
         node["inputs"].update(FAST.get(node["class_type"], {}))
     ex, _ = run_prompt(api)
     assert ex.success, ex.status_messages[-3:]
+
+
+def test_pack_seeds_have_no_control_after_generate_widget(comfy):
+    """The frontend gives every INT named seed a 'control after generate' widget (default: randomize) unless the
+    spec says otherwise: an erasure node would then retrain with a new seed at every queue, and the example
+    workflows' widget values would shift by one. Ours declare it off."""
+    mappings = comfy["nodes"].NODE_CLASS_MAPPINGS
+    checked = 0
+    for name in ("EraseConceptANT", "MassEraseMACE", "PreviewErasure"):
+        spec = mappings[name].INPUT_TYPES()
+        for section in ("required", "optional"):
+            for inp, (typ, *rest) in spec.get(section, {}).items():
+                if typ == "INT" and inp in ("seed", "noise_seed"):
+                    assert (rest[0] if rest else {}).get("control_after_generate") is False, (name, inp)
+                    checked += 1
+    assert checked == 3
