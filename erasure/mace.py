@@ -157,15 +157,20 @@ def generate_data(backbone: Backbone, concept: Concept, s: MaceSettings, user_ma
 
 
 # -- stage 2 ---------------------------------------------------------------------------------------------------
+def concept_and_anchor_prompts(concept: Concept) -> tuple[list[str], list[str]]:
+    """The concept's template prompts and the same templates with the anchor in its place (CFR's pairs)."""
+    templates = list(concept.templates) or concept_prompts("{c}", concept.kind)
+    return ([t.replace("{c}", concept.text) for t in templates],
+            [" ".join(t.replace("{c}", concept.anchor).split()) for t in templates])
+
+
 def aligned_pairs(backbone: Backbone, concept: Concept) -> tuple[torch.Tensor, torch.Tensor]:
     """``(e_f, e_g)``: concept-prompt embeddings at non-concept positions and the anchor prompts' aligned ones.
 
     Positions before the concept map to themselves; positions after it shift by the difference in token count
     between concept and anchor; positions that fall off the context are dropped.
     """
-    templates = list(concept.templates) or concept_prompts("{c}", concept.kind)
-    src = [p.replace("{c}", concept.text) for p in templates]
-    dst = [" ".join(p.replace("{c}", concept.anchor).split()) for p in templates]
+    src, dst = concept_and_anchor_prompts(concept)
     ef_all = backbone.encode_text(src).embeds.double().cpu()
     eg_all = backbone.encode_text(dst).embeds.double().cpu()
     length = ef_all.shape[1]
@@ -238,12 +243,17 @@ def timestep_weights(num_timesteps: int = 1000) -> torch.Tensor:
 def suppressed_positions(backbone: Backbone, prompt: str, word: str, end: bool = True) -> list[int]:
     """The concept's token positions plus (``end``) the end token and the padding after it (they carry its residue)."""
     pos = backbone.token_positions(prompt, word)
-    ids = backbone.tokenize(prompt) if hasattr(backbone, "tokenize") and end else None
-    if ids is not None:
-        eos = backbone.tokenize("")[1]  # [start, end, padding...]: the end token, whatever the padding token is
-        first_eos = next((i for i, t in enumerate(ids) if t == eos and i > 0), len(ids))
-        pos = sorted(set(pos) | set(range(first_eos, len(ids))))
+    if end:
+        ids = backbone.tokenize(prompt)
+        first_eos = _end_position(backbone, ids)
+        pos = sorted(set(pos) | set(range(len(ids) if first_eos is None else first_eos, len(ids))))
     return pos
+
+
+def _end_position(backbone: Backbone, ids: list[int]) -> int | None:
+    """The end token's position in a tokenized prompt (``None``: cut off), whatever the padding token is."""
+    eos = backbone.tokenize("")[1]  # [start, end, padding...]
+    return next((i for i, t in enumerate(ids) if t == eos and i > 0), None)
 
 
 #: ``end_residue`` at and above which the end token and padding count as carrying the concept (``suppress_end=None``)
@@ -256,22 +266,17 @@ def end_residue(backbone: Backbone, concept: Concept) -> float:
     anchor, divided by the same distance at the concept's first token. A causal CLIP carries the prompt's content into
     the end token (a randomly initialised one: 0.73; SD's trained one assumed, not measured here); the lab's text
     encoder does not (0.001-0.005)."""
-    templates = list(concept.templates) or concept_prompts("{c}", concept.kind)
-    src = [t.replace("{c}", concept.text) for t in templates]
-    dst = [" ".join(t.replace("{c}", concept.anchor).split()) for t in templates]
+    src, dst = concept_and_anchor_prompts(concept)
     with torch.no_grad():
         ef = backbone.encode_text(src).embeds.double().cpu()
         eg = backbone.encode_text(dst).embeds.double().cpu()
-    eos = backbone.tokenize("")[1]
+    cos = torch.nn.functional.cosine_similarity
     end_d, tok_d = [], []
     for i, (ps, pd) in enumerate(zip(src, dst, strict=True)):
         cpos = backbone.token_positions(ps, concept.text)
-        ids_s, ids_d = backbone.tokenize(ps), backbone.tokenize(pd)
-        es = next((j for j, t in enumerate(ids_s) if t == eos and j > 0), None)
-        ed = next((j for j, t in enumerate(ids_d) if t == eos and j > 0), None)
+        es, ed = _end_position(backbone, backbone.tokenize(ps)), _end_position(backbone, backbone.tokenize(pd))
         if not cpos or es is None or ed is None:
             continue
-        cos = torch.nn.functional.cosine_similarity
         end_d.append(1 - float(cos(ef[i, es], eg[i, ed], dim=0)))
         tok_d.append(1 - float(cos(ef[i, cpos[0]], eg[i, cpos[0]], dim=0)))
     if not end_d:

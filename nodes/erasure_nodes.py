@@ -19,7 +19,7 @@ import torch
 from comfy_api.latest import io
 
 from ..erasure import validation
-from ..erasure.ant import PREDICTIONS, SAMPLINGS, SCOPES, AntSettings, ant
+from ..erasure.ant import CHECKPOINTING, PREDICTIONS, SAMPLINGS, SCOPES, AntSettings, ant
 from ..erasure.files import read_safetensors
 from ..erasure.lab.evaluate import cache_dir
 from ..erasure.mace import PRESETS, Concept, fuse, mace
@@ -171,7 +171,7 @@ class EraseConceptANT(io.ComfyNode):
                                      "(1 = the reference's loop). 8 needs ~6x fewer UNet evaluations than the "
                                      "published reference at 150 steps; on the concept lab it erased as well in "
                                      "two runs of three and generalised less in the third (README)."),
-                io.Combo.Input("gradient_checkpointing", options=["auto", "on", "off"],
+                io.Combo.Input("gradient_checkpointing", options=list(CHECKPOINTING),
                                default=d.gradient_checkpointing, optional=True,
                                tooltip="Recompute activations during backward instead of keeping them: less memory "
                                        "(SDXL at 1024 px), ~10% more time. auto: on for large UNets or latents."),
