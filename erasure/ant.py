@@ -711,7 +711,8 @@ def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | N
                                                       if not set(p.lower().split()) & set(low)]
         r = ant(backbone, c, s, templates=temps, preserve_prompts=pres, progress=progress,
                 check_interrupt=check_interrupt, log=log)
-        validation.check_fuse_inputs(backbone, [(concept, r.weights)], lam, preserve)
+        validation.check_fuse_inputs(backbone, [(concept, r.weights)], lam, preserve,
+                                     labels=[f"the ANT edit of concept {len(results) + 1} ({c!r})"])
         # a LoRA (scope lora) is small: kept as it is until the solve; a dense K/V edit is folded in now and freed
         system.add(concept, r.weights, keep=s.scope == "lora", factor=strength)
         results.append(r if keep_edits or s.scope == "lora" else replace(r, weights=ErasureWeights()))

@@ -37,7 +37,7 @@ from .deltas import TrainableLoRA
 from .guards import entry_point
 from .prompts import concept_prompts
 from .sampling import sample
-from .weights import ErasureWeights
+from .weights import Delta, ErasureWeights, _meta
 
 
 @dataclass(frozen=True)
@@ -455,23 +455,39 @@ class FusionSystem:
 
     ``W* = argmin sum_i ||W E_i - (W_base + dW_i) E_i||^2 + lam ||W - W_base||^2 + preserve ||(W - W0) C^(1/2)||^2``
     has normal equations ``W* M2 = M1`` with ``M2 = sum_i G_i + lam I + preserve C`` (``G_i = E_i^T E_i``, the same
-    for every layer) and, per layer, ``M1 = W_base (sum_i G_i + lam I) + sum_i dW_i G_i + preserve W0 C``. ``add``
-    computes an item's ``G_i`` and either keeps the item (``keep=True``: its ``dW_i G_i`` is formed per layer at
-    ``solve`` and then dropped, as ``fuse`` does for a list of LoRAs) or folds ``dW_i G_i`` into a running per-layer
-    sum at once, so that the item's weights can be freed (``keep=False``: ANT's many-concept path, where each
-    finished edit is a dense K/V delta as large as the K/V weights).
+    for every layer) and, per layer, ``M1 = W_base (sum_i G_i + lam I) + sum_i dW_i G_i + preserve W0 C``.
+
+    ``add`` computes an item's ``G_i`` and takes what the solve needs of each layer's ``dW_i G_i``:
+    - a low-rank delta ``up down`` (rank below the layer's width): ``up`` and the row ``down G_i`` (``r x D``), so
+      that neither ``G_i`` (``D x D``: 33.5 MB in float64 on SDXL) nor a dense product is kept per item;
+    - a dense delta, ``keep=True``: the item and ``G_i``, its ``dW_i G_i`` formed per layer at ``solve`` and
+      dropped (``fuse``, whose caller holds the weights anyway);
+    - a dense delta, ``keep=False``: ``dW_i G_i`` folded into a running per-layer sum at once, so that the item can
+      be freed (ANT's many-concept path, where each finished edit is as large as the K/V weights).
+    A layer whose stacked low-rank rows reach its width is folded into the dense sum (no longer cheaper).
     """
 
     def __init__(self, backbone: Backbone, mean_count: float, balance: bool = True) -> None:
         self.backbone = backbone
         kv = backbone.cross_attention_kv()
-        self.names = list(kv)
+        self.shapes = {name: tuple(m.weight.shape) for name, m in kv.items()}
         d = next(iter(kv.values())).weight.shape[1]
         self.g_sum = torch.zeros(d, d, dtype=torch.float64)
         self.mean_count, self.balance = mean_count, balance
         self.kept: list[tuple[ErasureWeights, torch.Tensor]] = []
         self.folded: dict[str, torch.Tensor] = {}
+        self.low: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # layer -> (ups, rows down G)
         self.groups: list[list[Concept]] = []
+
+    def _low_rank(self, name: str, dl: Delta) -> bool:
+        return (dl.up is not None and dl.down is not None and dl.down.dim() == 2
+                and int(dl.up.shape[1]) < min(self.shapes[name]))
+
+    def _fold(self, name: str, term: torch.Tensor) -> None:
+        if name in self.folded:
+            self.folded[name] += term
+        else:
+            self.folded[name] = term
 
     def add(self, group: Concept | list[Concept], weights: ErasureWeights, keep: bool = True,
             factor: float = 1.0) -> None:
@@ -482,19 +498,37 @@ class FusionSystem:
         g = e.T @ e
         self.g_sum += g
         self.groups.append(group)
-        if keep:
+        dense_layers = False
+        for name in self.shapes:
+            dl = weights.deltas.get(name)
+            if dl is None:
+                continue
+            if not self._low_rank(name, dl):
+                dense_layers = True
+                if not keep:
+                    self._fold(name, _lora_times_gram(dl, g) * factor)
+                continue
+            ups, rows = self.low.setdefault(name, ([], []))
+            ups.append(dl.up.double() * (dl.scale * factor))
+            rows.append(dl.down.double() @ g)
+            if sum(u.shape[1] for u in ups) >= min(self.shapes[name]):  # no longer low rank: into the dense sum
+                self._fold(name, torch.cat(ups, dim=1) @ torch.cat(rows))
+                del self.low[name]
+        if keep and dense_layers:
             self.kept.append((weights, g * factor))  # dW_i (factor G_i) = (factor dW_i) G_i
-            return
-        for name in self.names:
-            if name in weights.deltas:
-                term = _lora_times_gram(weights.deltas[name], g) * factor
-                if name in self.folded:
-                    self.folded[name] += term
-                else:
-                    self.folded[name] = term
 
     def solve(self, base: ErasureWeights | None, prior: torch.Tensor | None, lam: float, preserve: float,
               method: str = "mace-fused") -> ErasureWeights:
+        """The fused deltas relative to ``W0``, solved for the change rather than for ``W*``.
+
+        Subtracting ``W_base M2`` from the normal equations leaves ``W* - W_base = (sum_i dW_i G_i - preserve B C)
+        M2^-1`` with ``B = W_base - W0`` (the base's delta): the base, ``lam`` and the prior's pull towards ``W0``
+        need no per-layer ``out x D x D`` products of their own (the reference forms ``W M2`` per layer and inverts
+        ``M2`` per layer). A layer's low-rank terms ``U = [up_i]``, ``R = [down_i G_i]`` change it by
+        ``U (R M2^-1)``, which costs ``sum r x D x D`` instead of ``out x D x D``; with no base and no dense item the
+        layer's delta is returned as that factorisation (exact, rank ``sum r``, where that is smaller than dense),
+        so a fusion of a few LoRAs is itself a small LoRA.
+        """
         d = self.g_sum.shape[0]
         m2 = self.g_sum + lam * torch.eye(d, dtype=torch.float64)
         use_prior = prior is not None and preserve != 0
@@ -502,22 +536,32 @@ class FusionSystem:
             c_prior = prior.double()
             m2 = m2 + preserve * c_prior
         chol = factor(m2)  # once for every layer (the reference rebuilds and inverts it per layer)
-        deltas = {}
-        for name, module in self.backbone.cross_attention_kv().items():
-            w0 = module.weight.detach().double().cpu()  # one layer's float64 copy at a time
-            wb = w0 + (base.deltas[name].matrix().double() if base is not None and name in base.deltas else 0)
-            m1 = wb @ self.g_sum + lam * wb  # sum_i (W_base + dW_i) G_i: the dW_i G_i below
-            if name in self.folded:
-                m1 = m1 + self.folded.pop(name)  # freed layer by layer as the result is built
+        deltas: dict[str, Delta] = {}
+        for name, (out_f, _) in self.shapes.items():
+            dense = self.folded.pop(name, None)  # freed layer by layer as the result is built
             for lw, g in self.kept:
-                if name in lw.deltas:
-                    m1 = m1 + _lora_times_gram(lw.deltas[name], g)
-            if use_prior:
-                m1 = m1 + preserve * (w0 @ c_prior)
-            deltas[name] = (solve_factored(m1, chol) - w0).float()
-        return ErasureWeights.dense(deltas, method=method, concepts=[c.text for g in self.groups for c in g],
-                                    anchors=[c.anchor for g in self.groups for c in g],
-                                    settings={"lam": lam, "fuse_preserve": preserve})
+                dl = lw.deltas.get(name)
+                if dl is not None and not self._low_rank(name, dl):
+                    term = _lora_times_gram(dl, g)
+                    dense = term if dense is None else dense + term
+            b = base.deltas[name].matrix().double() if base is not None and name in base.deltas else None
+            if b is not None and use_prior:
+                dense = -preserve * (b @ c_prior) if dense is None else dense - preserve * (b @ c_prior)
+            ups, rows = self.low.pop(name, ([], []))
+            u = torch.cat(ups, dim=1) if ups else None
+            x = solve_factored(torch.cat(rows), chol) if rows else None  # R M2^-1
+            if u is not None and dense is None and b is None and u.shape[1] * (out_f + d) < out_f * d:
+                deltas[name] = Delta(up=u.float(), down=x.float())
+                continue
+            change = torch.zeros(out_f, d, dtype=torch.float64) if b is None else b
+            if dense is not None:
+                change = change + solve_factored(dense, chol)
+            if u is not None:
+                change = change + u @ x
+            deltas[name] = Delta(dense=change.float())
+        return ErasureWeights(deltas, _meta({"method": method, "concepts": [c.text for g in self.groups for c in g],
+                                             "anchors": [c.anchor for g in self.groups for c in g],
+                                             "settings": {"lam": lam, "fuse_preserve": preserve}}))
 
 
 @entry_point("the fusion", "the number of LoRAs fused at once")
@@ -525,8 +569,8 @@ def fuse(backbone: Backbone, items: list[tuple[Concept | list[Concept], ErasureW
          prior: torch.Tensor | None, lam: float = 0.1, preserve: float = 1.0,
          method: str = "mace-fused", balance: bool = True) -> ErasureWeights:
     """Closed-form fusion: ``W* = argmin sum_i ||W E_i - (W_base + dW_i) E_i||^2 + lam ||W - W_base||^2
-    + preserve * ||(W - W0) C^(1/2)||^2``; dense K/V deltas relative to the original weights ``W0``
-    (``FusionSystem``).
+    + preserve * ||(W - W0) C^(1/2)||^2``; K/V deltas relative to the original weights ``W0`` (dense; an exact
+    low-rank factorisation where a layer has only LoRAs and no base: ``FusionSystem.solve``).
 
     ``base`` is the CFR edit shared by the concepts (``None``: the original model); each ``dW_i`` is a LoRA's K/V
     effect relative to it (modules it does not touch contribute zero). An item may carry several concepts (a file

@@ -197,20 +197,22 @@ def check_mace_inputs(backbone, concepts: list, settings) -> None:
     check_model_finite(backbone.unet())
 
 
-def check_fuse_inputs(backbone, items: list, lam: float, preserve: float) -> None:
+def check_fuse_inputs(backbone, items: list, lam: float, preserve: float, labels: list[str] | None = None) -> None:
     """The fusion's LoRAs (``(Concept or [Concept], ErasureWeights)`` pairs): each made for this model, finite, and
-    touching at least one cross-attention K/V layer (the only layers the fusion combines)."""
+    touching at least one cross-attention K/V layer (the only layers the fusion combines). ``labels`` name the
+    items in messages (default ``LoRA 1``, ``LoRA 2``, ...)."""
     if not items:
         raise ValueError("no LoRAs to fuse: connect at least one erasure LoRA")
     check_number("lam", lam, 0.0, low_open=True)
     check_number("preserve", preserve)
     kv = set(backbone.cross_attention_kv())
     for i, (group, weights) in enumerate(items):
+        label = labels[i] if labels else f"LoRA {i + 1}"
         texts = check_concepts([c.text for c in (group if isinstance(group, list) else [group])])
-        check_weights_finite(weights, f"LoRA {i + 1}")
+        check_weights_finite(weights, label)
         check_weights_fit(weights, backbone.unet())
         if not set(weights.deltas) & kv:
-            raise ValueError(f"LoRA {i + 1} ({', '.join(texts)[:80]}) changes no cross-attention key/value layer: "
+            raise ValueError(f"{label} ({', '.join(texts)[:80]}) changes no cross-attention key/value layer: "
                              "the fusion combines only those; use LoRAs made by MACE or ANT (scope lora or xattn)")
 
 

@@ -145,3 +145,35 @@ def test_full_pipeline_runs_and_names_its_concepts(tiny_backbone, tmp_path):
     assert res.weights.metadata["erasure.method"] == "mace"
     assert len(res.loras) == 2 and set(res.weights.deltas) == set(bb.cross_attention_kv())
     res.weights.save(tmp_path / "m.safetensors")
+
+
+def test_fusion_of_loras_alone_is_an_exact_low_rank_lora(tiny_backbone, tmp_path):
+    """Without a base, LoRAs fuse into a factorisation of rank sum r per layer that solves the stacked problem
+    exactly; past min(out, D) stacked ranks the layer is solved densely, with the same result."""
+    from erasure.closed_form import least_squares_edit
+    from erasure.weights import Delta, ErasureWeights
+
+    bb = tiny_backbone
+    g = torch.Generator().manual_seed(2)
+    kv = bb.cross_attention_kv()
+    width = min(min(m.weight.shape) for m in kv.values())
+
+    def random_lora(rank):
+        return ErasureWeights({n: Delta(up=torch.randn(m.weight.shape[0], rank, generator=g) * 0.1,
+                                        down=torch.randn(rank, m.weight.shape[1], generator=g) * 0.1, scale=0.5)
+                               for n, m in kv.items()})
+
+    prior = gram(bb, prior_prompts(50), tmp_path)
+    for ranks in ((1, 1, 2), (1,) * (width + 1)):
+        cs = [Concept(w, "shape", templates=LAB_TEMPLATES) for w in ("circle", "square", "triangle", "star")]
+        cs = [cs[i % len(cs)] for i in range(len(ranks))]
+        loras = [random_lora(r) for r in ranks]
+        fused = fuse(bb, list(zip(cs, loras, strict=True)), None, prior, lam=0.05, preserve=0.5)
+        es = [concept_token_embeddings(bb, c) for c in cs]
+        for name, mod in kv.items():
+            w0 = mod.weight.detach().double()
+            v = torch.cat([e @ (w0 + w.deltas[name].matrix().double()).T for e, w in zip(es, loras, strict=True)])
+            want = least_squares_edit(w0, torch.cat(es), v, 0.05, prior, 0.5, w_prior=w0)
+            torch.testing.assert_close(w0 + fused.deltas[name].matrix().double(), want, rtol=0, atol=1e-5)
+            low_rank = sum(ranks) * sum(mod.weight.shape) < mod.weight.numel()
+            assert fused.deltas[name].rank == (sum(ranks) if low_rank else None), name

@@ -186,6 +186,8 @@ def test_fuse_refuses_loras_for_another_model_damaged_or_without_kv(bb):
     nan.deltas[name].dense[0, 0] = math.inf
     with pytest.raises(ValueError, match="LoRA 1: the layer .* contains NaN or infinite values"):
         fuse(bb, [(c, nan)], None, None)
+    with pytest.raises(ValueError, match="the ANT edit of concept 2 .*: the layer .* contains NaN"):
+        validation.check_fuse_inputs(bb, [(c, nan)], 0.1, 1.0, labels=["the ANT edit of concept 2 ('circle')"])
     conv = ErasureWeights({"conv_in": Delta(dense=torch.zeros_like(bb.unet().conv_in.weight))})
     with pytest.raises(ValueError, match="changes no cross-attention key/value layer"):
         fuse(bb, [(c, conv)], None, None)
