@@ -683,7 +683,8 @@ def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | N
 
     Each finished dense edit is folded into the fusion's normal equations at once (``FusionSystem.add(keep=False)``)
     and then dropped, so host memory does not grow with the number of concepts (a dense K/V edit is as large as the
-    K/V weights: 1.27 GiB in float32 on SDXL); LoRA edits (scope ``lora``) are small and kept until the solve.
+    K/V weights: 1.27 GiB in float32 on SDXL); LoRA edits (scope ``lora``) are small: the fusion keeps their factors
+    (or, for high ranks, the edit and its Gram matrix) until the solve, and the fused result stays low rank.
     ``keep_edits`` keeps each concept's own dense edit in ``per_concept`` too; otherwise their ``weights`` are
     empty."""
     validation.check_fuse_strength(strength)
@@ -713,7 +714,8 @@ def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | N
                 check_interrupt=check_interrupt, log=log)
         validation.check_fuse_inputs(backbone, [(concept, r.weights)], lam, preserve,
                                      labels=[f"the ANT edit of concept {len(results) + 1} ({c!r})"])
-        # a LoRA (scope lora) is small: kept as it is until the solve; a dense K/V edit is folded in now and freed
+        # a LoRA (scope lora) is small: its factors stay until the solve (the result stays low rank); a dense K/V
+        # edit is folded in now and freed
         system.add(concept, r.weights, keep=s.scope == "lora", factor=strength)
         results.append(r if keep_edits or s.scope == "lora" else replace(r, weights=ErasureWeights()))
         del r  # the edit must not outlive its concept (it is as large as the K/V weights)

@@ -457,14 +457,18 @@ class FusionSystem:
     has normal equations ``W* M2 = M1`` with ``M2 = sum_i G_i + lam I + preserve C`` (``G_i = E_i^T E_i``, the same
     for every layer) and, per layer, ``M1 = W_base (sum_i G_i + lam I) + sum_i dW_i G_i + preserve W0 C``.
 
-    ``add`` computes an item's ``G_i`` and takes what the solve needs of each layer's ``dW_i G_i``:
-    - a low-rank delta ``up down`` (rank below the layer's width): ``up`` and the row ``down G_i`` (``r x D``), so
-      that neither ``G_i`` (``D x D``: 33.5 MB in float64 on SDXL) nor a dense product is kept per item;
-    - a dense delta, ``keep=True``: the item and ``G_i``, its ``dW_i G_i`` formed per layer at ``solve`` and
-      dropped (``fuse``, whose caller holds the weights anyway);
-    - a dense delta, ``keep=False``: ``dW_i G_i`` folded into a running per-layer sum at once, so that the item can
-      be freed (ANT's many-concept path, where each finished edit is as large as the K/V weights).
-    A layer whose stacked low-rank rows reach its width is folded into the dense sum (no longer cheaper).
+    ``add`` computes an item's ``G_i`` and keeps what the solve needs of each layer's ``dW_i G_i``, whichever is
+    smaller:
+    - a low-rank item (``up down`` of rank below the layer's width) whose factors ``up`` and rows ``down G_i``
+      over all layers take less than ``G_i`` (``D x D``; 33.5 MB in float64 on SDXL, where a rank-1 LoRA's rows
+      take 2.3 MB): those, and ``G_i`` is dropped;
+    - otherwise, ``keep=True``: the item and ``G_i``, its terms formed per layer at ``solve`` and dropped
+      (``fuse``, whose caller holds the weights anyway; e.g. rank-64 LoRAs on SDXL, whose rows would take 221 MB);
+    - otherwise, ``keep=False``: each dense ``dW_i G_i`` folded into a running per-layer sum at once and low-rank
+      layers' rows kept, so that the item can be freed (ANT's many-concept path, where each finished edit is as
+      large as the K/V weights).
+    A layer whose stacked low-rank terms reach its width is folded into the dense sum (no longer cheaper).
+    ``solve`` consumes the system: call it once.
     """
 
     def __init__(self, backbone: Backbone, mean_count: float, balance: bool = True) -> None:
@@ -478,6 +482,7 @@ class FusionSystem:
         self.folded: dict[str, torch.Tensor] = {}
         self.low: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # layer -> (ups, rows down G)
         self.groups: list[list[Concept]] = []
+        self.solved = False
 
     def _low_rank(self, name: str, dl: Delta) -> bool:
         return (dl.up is not None and dl.down is not None and dl.down.dim() == 2
@@ -489,33 +494,48 @@ class FusionSystem:
         else:
             self.folded[name] = term
 
+    @staticmethod
+    def _stack(ups: list[torch.Tensor], rows: list[torch.Tensor], dl: Delta, g: torch.Tensor, factor: float,
+               width: int) -> torch.Tensor | None:
+        """Append ``dl``'s ``up`` and ``down G``; past ``width`` stacked ranks, empty the stack into a dense term."""
+        ups.append(dl.up.double() * (dl.scale * factor))
+        rows.append(dl.down.double() @ g)
+        if sum(u.shape[1] for u in ups) < width:
+            return None
+        term = torch.cat(ups, dim=1) @ torch.cat(rows)
+        ups.clear()
+        rows.clear()
+        return term
+
     def add(self, group: Concept | list[Concept], weights: ErasureWeights, keep: bool = True,
             factor: float = 1.0) -> None:
         """``factor`` scales the item's ``dW_i`` (ANT's fusion strength) without copying its weights."""
+        if self.solved:
+            raise RuntimeError("this fusion system was solved already: build a new one")
         group = group if isinstance(group, list) else [group]
         e = torch.cat([concept_token_embeddings(self.backbone, c) * balance_weight(c, self.mean_count, self.balance)
                        for c in group])
         g = e.T @ e
+        d = g.shape[0]
         self.g_sum += g
         self.groups.append(group)
-        dense_layers = False
-        for name in self.shapes:
-            dl = weights.deltas.get(name)
-            if dl is None:
-                continue
-            if not self._low_rank(name, dl):
-                dense_layers = True
-                if not keep:
-                    self._fold(name, _lora_times_gram(dl, g) * factor)
-                continue
+        layers = [(n, dl) for n, dl in weights.deltas.items() if n in self.shapes]
+        low = [(n, dl) for n, dl in layers if self._low_rank(n, dl)]
+        rows_now = not keep or sum(int(dl.up.shape[1]) * sum(self.shapes[n]) for n, dl in low) < d * d
+        for name, dl in low if rows_now else ():
             ups, rows = self.low.setdefault(name, ([], []))
-            ups.append(dl.up.double() * (dl.scale * factor))
-            rows.append(dl.down.double() @ g)
-            if sum(u.shape[1] for u in ups) >= min(self.shapes[name]):  # no longer low rank: into the dense sum
-                self._fold(name, torch.cat(ups, dim=1) @ torch.cat(rows))
-                del self.low[name]
-        if keep and dense_layers:
-            self.kept.append((weights, g * factor))  # dW_i (factor G_i) = (factor dW_i) G_i
+            term = self._stack(ups, rows, dl, g, factor, min(self.shapes[name]))
+            if term is not None:
+                self._fold(name, term)
+        if keep and (len(low) < len(layers) or not rows_now):
+            self.kept.append((weights, g * factor))  # dW_i (factor G_i) = (factor dW_i) G_i; rows_now: dense only
+            if rows_now:  # its low-rank layers are stacked already: mark them so that solve skips them
+                self.kept[-1] = (ErasureWeights({n: dl for n, dl in layers if not self._low_rank(n, dl)}),
+                                 self.kept[-1][1])
+        elif not keep:
+            for name, dl in layers:
+                if not self._low_rank(name, dl):
+                    self._fold(name, _lora_times_gram(dl, g) * factor)
 
     def solve(self, base: ErasureWeights | None, prior: torch.Tensor | None, lam: float, preserve: float,
               method: str = "mace-fused") -> ErasureWeights:
@@ -529,6 +549,9 @@ class FusionSystem:
         layer's delta is returned as that factorisation (exact, rank ``sum r``, where that is smaller than dense),
         so a fusion of a few LoRAs is itself a small LoRA.
         """
+        if self.solved:
+            raise RuntimeError("this fusion system was solved already: build a new one")
+        self.solved = True
         d = self.g_sum.shape[0]
         m2 = self.g_sum + lam * torch.eye(d, dtype=torch.float64)
         use_prior = prior is not None and preserve != 0
@@ -539,15 +562,18 @@ class FusionSystem:
         deltas: dict[str, Delta] = {}
         for name, (out_f, _) in self.shapes.items():
             dense = self.folded.pop(name, None)  # freed layer by layer as the result is built
+            ups, rows = self.low.pop(name, ([], []))
             for lw, g in self.kept:
                 dl = lw.deltas.get(name)
-                if dl is not None and not self._low_rank(name, dl):
-                    term = _lora_times_gram(dl, g)
+                if dl is None:
+                    continue
+                term = (self._stack(ups, rows, dl, g, 1.0, min(out_f, d)) if self._low_rank(name, dl)
+                        else _lora_times_gram(dl, g))
+                if term is not None:
                     dense = term if dense is None else dense + term
-            b = base.deltas[name].matrix().double() if base is not None and name in base.deltas else None
+            b = base.deltas[name].matrix().double().cpu() if base is not None and name in base.deltas else None
             if b is not None and use_prior:
                 dense = -preserve * (b @ c_prior) if dense is None else dense - preserve * (b @ c_prior)
-            ups, rows = self.low.pop(name, ([], []))
             u = torch.cat(ups, dim=1) if ups else None
             x = solve_factored(torch.cat(rows), chol) if rows else None  # R M2^-1
             if u is not None and dense is None and b is None and u.shape[1] * (out_f + d) < out_f * d:

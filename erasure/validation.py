@@ -203,6 +203,8 @@ def check_fuse_inputs(backbone, items: list, lam: float, preserve: float, labels
     items in messages (default ``LoRA 1``, ``LoRA 2``, ...)."""
     if not items:
         raise ValueError("no LoRAs to fuse: connect at least one erasure LoRA")
+    if labels is not None and len(labels) != len(items):
+        raise ValueError(f"{len(labels)} labels for {len(items)} LoRAs")
     check_number("lam", lam, 0.0, low_open=True)
     check_number("preserve", preserve)
     kv = set(backbone.cross_attention_kv())

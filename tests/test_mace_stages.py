@@ -177,3 +177,49 @@ def test_fusion_of_loras_alone_is_an_exact_low_rank_lora(tiny_backbone, tmp_path
             torch.testing.assert_close(w0 + fused.deltas[name].matrix().double(), want, rtol=0, atol=1e-5)
             low_rank = sum(ranks) * sum(mod.weight.shape) < mod.weight.numel()
             assert fused.deltas[name].rank == (sum(ranks) if low_rank else None), name
+
+
+def test_fusion_keeps_the_cheaper_of_a_loras_rows_and_its_gram(tiny_backbone, tmp_path):
+    """A low-rank LoRA is stored as its rows ``down G`` while they take less than its D x D Gram, else as the Gram
+    (a high-rank LoRA's rows over every layer would take more); both give the stacked problem's solution, and a
+    solved system refuses to be solved or extended again."""
+    import math
+
+    import pytest
+
+    from erasure.closed_form import least_squares_edit
+    from erasure.mace import FusionSystem, mean_prompt_count
+    from erasure.weights import Delta, ErasureWeights
+
+    bb = tiny_backbone
+    g = torch.Generator().manual_seed(3)
+    kv = bb.cross_attention_kv()
+    d = next(iter(kv.values())).weight.shape[1]
+    big = math.ceil(d * d / sum(sum(m.weight.shape) for m in kv.values()))
+    assert big < min(min(m.weight.shape) for m in kv.values())  # still low rank in every layer
+
+    def random_lora(rank):
+        return ErasureWeights({n: Delta(up=torch.randn(m.weight.shape[0], rank, generator=g) * 0.1,
+                                        down=torch.randn(rank, m.weight.shape[1], generator=g) * 0.1)
+                               for n, m in kv.items()})
+
+    cs = [Concept(w, "shape", templates=LAB_TEMPLATES) for w in ("circle", "square")]
+    loras = [random_lora(1), random_lora(big)]
+    prior = gram(bb, prior_prompts(50), tmp_path)
+    system = FusionSystem(bb, mean_prompt_count([[c] for c in cs]))
+    system.add(cs[0], loras[0])
+    assert not system.kept and len(system.low) == len(kv)
+    system.add(cs[1], loras[1], factor=0.5)
+    assert len(system.kept) == 1
+    fused = system.solve(None, prior, 0.05, 0.5)
+    es = [concept_token_embeddings(bb, c) for c in cs]
+    for name, mod in kv.items():
+        w0 = mod.weight.detach().double()
+        v = torch.cat([e @ (w0 + f * w.deltas[name].matrix().double()).T
+                       for e, w, f in zip(es, loras, (1.0, 0.5), strict=True)])
+        want = least_squares_edit(w0, torch.cat(es), v, 0.05, prior, 0.5, w_prior=w0)
+        torch.testing.assert_close(w0 + fused.deltas[name].matrix().double(), want, rtol=0, atol=1e-5)
+    with pytest.raises(RuntimeError, match="solved already"):
+        system.solve(None, prior, 0.05, 0.5)
+    with pytest.raises(RuntimeError, match="solved already"):
+        system.add(cs[0], loras[0])
