@@ -143,13 +143,14 @@ SIZES: dict[str, Size] = {
     # (2 per concept for ANT multi), 2 trajectories (= saliency maps), 16 preservation prompts
     "cpu": Size(
         "cpu", "full", "cpu", "float32",
-        latent={"ant-single/sd15": 8, "ant-multi/sd15": 8, "mace/sd15": 8, "fusion/sd15": 8, "mace/sdxl": 8},
+        latent={"ant-single/sd15": 8, "ant-multi/sd15": 8, "mace/sd15": 8, "fusion/sd15": 8, "mace/sdxl": 8,
+                "fusion/sdxl": 8},
         ant=dict(steps=4, trajectories=2, saliency_maps=2, preserve_prompts=16),
         ant_multi=dict(steps=2),
         mace=dict(images_per_concept=1, sample_steps=2, lora_steps=1),
         prior_prompts=64,
         cells=_cells({"sd15": {"ant-single": (1,), "ant-multi": (2,), "mace": (1, 10, 50), "fusion": (10, 100)},
-                      "sdxl": {"mace": (1,)}}),
+                      "sdxl": {"mace": (1,), "fusion": (10,)}}),
         # measured: the cached-saliency configuration on the real SD1.5 was killed for memory in the saliency step
         # (full-UNet gradients plus the float32 copy and kthvalue of all 860 M of them on the host); the reference
         # (two float32 UNets, full gradients, Adam's moments, the same threshold) needs more still
@@ -158,13 +159,14 @@ SIZES: dict[str, Size] = {
         variants=_variants(dict(trajectory_steps=6, early_steps=2, refresh_every=2)),
         also=(("ant-single", "ours", "sd15", 1, "default", "full"),),
         # SDXL's float32 weights and text encoders (13 GiB) do not fit beside other work here: bf16 for both impls
-        dtypes={"mace/sdxl": "bfloat16"},
+        dtypes={"mace/sdxl": "bfloat16", "fusion/sdxl": "bfloat16"},
         skipped=(("ant-single", "sdxl", "full-UNet gradients of a 2.6 G-parameter UNet (the reference's Adam) need "
                   "more than the 24 GiB of this machine; run --size gpu"),
                  ("ant-multi", "sdxl", "too slow on 2 CPU cores (float64 closed form over 140 K/V matrices of "
                   "width 2048, and the 695 M-parameter text encoder); run --size gpu"),
                  ("mace", "sdxl", "10 and 50 concepts too slow on 2 CPU cores; run --size gpu"),
-                 ("fusion", "sdxl", "too slow on 2 CPU cores (see ant-multi); run --size gpu"))),
+                 ("fusion", "sdxl", "100 LoRAs too slow on 2 CPU cores (the reference's per-layer float32 "
+                  "inverses; encoding 1,000 prompts with both text encoders); run --size gpu"))),
     # one H200-class GPU; gpu.sh runs it. Sized by estimate for the 8-minute budget (not yet run): the library's ANT
     # defaults with 16 trajectories and 8 saliency maps (the reference's), fewer training steps; the historical
     # configuration at its first gpu settings (50-step trajectories, refresh every 10). SDXL at 512 px: its ANT
@@ -214,6 +216,33 @@ def size_settings(size: Size) -> dict:
             "ant_multi": asdict(size.ant_settings("ant-multi")),
             "ant_variants": variants, "also": [list(a) for a in size.also],
             "mace": asdict(size.mace_settings()), "prior_prompts": size.prior_prompts}
+
+
+class TextEncodingTimer:
+    """Seconds spent in ``backbone.encode_text`` while active (a wrapper on the instance, removed on exit).
+
+    The fusion's cost on a CPU is mostly this (both implementations encode every concept's prompts), so it is
+    reported beside the wall time: what is left is the closed-form part the two implementations do differently."""
+
+    def __init__(self, backbone) -> None:
+        self.backbone, self.seconds, self.calls = backbone, 0.0, 0
+
+    def __enter__(self) -> TextEncodingTimer:
+        inner = self.backbone.encode_text
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+                self.calls += 1
+
+        self.backbone.encode_text = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.backbone.encode_text
 
 
 def random_loras(bb, n: int, seed: int = 0) -> list[ErasureWeights]:
@@ -266,7 +295,7 @@ def run_cell(size: Size, method: str, impl: str, arch: str, concepts: int, varia
     items = [Concept(c, "background") for c in names]
     setup_s = time.perf_counter() - t0
     extra: dict = {}
-    with Meter(bb.unet(), device) as meter:
+    with Meter(bb.unet(), device) as meter, TextEncodingTimer(bb) as text_timer:
         if frozen is not None:
             meter.watch(frozen.unet())
         if method == "ant-single" and impl == "ours":
@@ -293,6 +322,7 @@ def run_cell(size: Size, method: str, impl: str, arch: str, concepts: int, varia
             reference_fuse(bb, items, loras, None, caches, s_mace.lam, s_mace.fuse_preserve)
     row = {"method": method, "impl": impl, "concepts": concepts, "arch": arch, **meter.figures(),
            "time_per_concept_s": round(meter.wall_s / concepts, 3), "variant": variant,
+           "text_encoding_s": round(text_timer.seconds, 2),
            "pixels": 8 * latent, "latent": latent, "scale": scale, "dtype": dtype_name, "device": str(device),
            "unet_params": param_count(bb.unet()), "model_build_s": round(build_s, 2), "setup_s": round(setup_s, 2)}
     if method.startswith("ant"):

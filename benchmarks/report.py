@@ -23,9 +23,13 @@ def _cell(r: dict) -> str:
         return f"| {r['method']} | {r['impl']}{_variant(r)} | {r['arch']} | {r['concepts']} | " \
                f"error: {r['error']} | | | | | | |"
     scale = "" if r.get("scale", "full") == "full" else f" ({r['scale']})"
+    # the fusion's wall time is mostly text encoding (the same work in both implementations): shown beside it
+    text = (f" ({r['text_encoding_s']:.1f} text encoding)" if r["method"] == "fusion" and "text_encoding_s" in r
+            else "")
     return (f"| {r['method']} | {r['impl']}{_variant(r)} | "
             f"{r['arch']}{scale} {r['pixels']} px | {r['concepts']} | {r['unet_evals']:,} / "
-            f"{r['unet_backward_evals']:,} / {r['unet_forward_calls']:,} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
+            f"{r['unet_backward_evals']:,} / {r['unet_forward_calls']:,} | {r['wall_s']:.1f}{text} | "
+            f"{r['cpu_s']:.1f} | "
             f"{r['time_per_concept_s']:.1f} / {r['cpu_s'] / r['concepts']:.1f} | {r['peak_mem_bytes'] / GIB:.2f} | "
             f"{r['optimizer_state_bytes'] / 2**20:,.1f} | {r['trainable_params']:,} |")
 

@@ -461,7 +461,7 @@ class FusionSystem:
     smaller:
     - a low-rank item (``up down`` of rank below the layer's width) whose factors ``up`` and rows ``down G_i``
       over all layers take less than ``G_i`` (``D x D``; 33.5 MB in float64 on SDXL, where a rank-1 LoRA's rows
-      take 2.3 MB): those, and ``G_i`` is dropped;
+      and ``up`` take 3.6 MB): those, and ``G_i`` is dropped;
     - otherwise, ``keep=True``: the item and ``G_i``, its terms formed per layer at ``solve`` and dropped
       (``fuse``, whose caller holds the weights anyway; e.g. rank-64 LoRAs on SDXL, whose rows would take 221 MB);
     - otherwise, ``keep=False``: each dense ``dW_i G_i`` folded into a running per-layer sum at once and low-rank

@@ -93,6 +93,9 @@ def test_counts_reflect_the_algorithms(result):
     assert (_row(result, "mace", "reference", concepts=3)["unet_forward_calls"]
             > _row(result, "mace", "ours", concepts=3)["unet_forward_calls"] - probe_calls)
     assert _row(result, "fusion", "ours", concepts=4)["unet_evals"] == 0
+    for impl in ("ours", "reference"):  # both encode every concept's prompts: the timer saw it, within the wall time
+        fusion = _row(result, "fusion", impl, concepts=4)
+        assert 0 < fusion["text_encoding_s"] <= fusion["wall_s"]
 
 
 def test_replayed_counts_equal_the_measured_ones(result):
