@@ -164,15 +164,24 @@ def concept_and_anchor_prompts(concept: Concept) -> tuple[list[str], list[str]]:
             [" ".join(t.replace("{c}", concept.anchor).split()) for t in templates])
 
 
-def aligned_pairs(backbone: Backbone, concept: Concept) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_pairs(backbone: Backbone, concept: Concept) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token embeddings ``[n, L, D]`` (float64, CPU) of ``concept_and_anchor_prompts``: what CFR and
+    ``end_residue`` both read, encoded once when ``mace`` runs them."""
+    src, dst = concept_and_anchor_prompts(concept)
+    with torch.no_grad():
+        return backbone.encode_text(src).embeds.double().cpu(), backbone.encode_text(dst).embeds.double().cpu()
+
+
+def aligned_pairs(backbone: Backbone, concept: Concept,
+                  encoded: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(e_f, e_g)``: concept-prompt embeddings at non-concept positions and the anchor prompts' aligned ones.
 
     Positions before the concept map to themselves; positions after it shift by the difference in token count
-    between concept and anchor; positions that fall off the context are dropped.
+    between concept and anchor; positions that fall off the context are dropped. ``encoded``: ``encode_pairs``'s
+    result, when already computed.
     """
     src, dst = concept_and_anchor_prompts(concept)
-    ef_all = backbone.encode_text(src).embeds.double().cpu()
-    eg_all = backbone.encode_text(dst).embeds.double().cpu()
+    ef_all, eg_all = encoded if encoded is not None else encode_pairs(backbone, concept)
     length = ef_all.shape[1]
     ef, eg = [], []
     for i, (ps, pd) in enumerate(zip(src, dst, strict=True)):
@@ -205,13 +214,19 @@ def _kv_weights(backbone: Backbone) -> dict[str, torch.Tensor]:
 
 
 def refine(backbone: Backbone, concepts: list[Concept], prior: torch.Tensor | None, lam: float = 0.1,
-           preserve: float = 1.0) -> ErasureWeights:
-    """CFR for all concepts at once; dense K/V deltas. With no concepts the deltas are zero."""
+           preserve: float = 1.0, end_residues: dict[str, float] | None = None) -> ErasureWeights:
+    """CFR for all concepts at once; dense K/V deltas. With no concepts the deltas are zero.
+
+    ``end_residues``, when given, receives each concept's ``end_residue`` from the same encodings (stage 3 needs it;
+    encoding every concept's prompt pairs a second time cost MACE a third of its text encoding)."""
     w0s = _kv_weights(backbone)
     d = next(iter(w0s.values())).shape[1]
     ef_list, eg_list = [torch.zeros(0, d, dtype=torch.float64)], [torch.zeros(0, d, dtype=torch.float64)]
     for c in concepts:
-        ef, eg = aligned_pairs(backbone, c)
+        encoded = encode_pairs(backbone, c)
+        if end_residues is not None:
+            end_residues[c.text] = end_residue(backbone, c, encoded)
+        ef, eg = aligned_pairs(backbone, c, encoded)
         ef_list.append(ef)
         eg_list.append(eg)
     ef, eg = torch.cat(ef_list), torch.cat(eg_list)
@@ -260,16 +275,15 @@ def _end_position(backbone: Backbone, ids: list[int]) -> int | None:
 END_RESIDUE_MIN = 0.02
 
 
-def end_residue(backbone: Backbone, concept: Concept) -> float:
+def end_residue(backbone: Backbone, concept: Concept,
+                encoded: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
     """How much of the concept the end token carries, relative to the concept's own token: over the concept's
     prompts, mean cosine distance between the end-token embeddings of the prompt and of the same prompt with the
     anchor, divided by the same distance at the concept's first token. A causal CLIP carries the prompt's content into
     the end token (a randomly initialised one: 0.73; SD's trained one assumed, not measured here); the lab's text
-    encoder does not (0.001-0.005)."""
+    encoder does not (0.001-0.005). ``encoded``: ``encode_pairs``'s result, when already computed."""
     src, dst = concept_and_anchor_prompts(concept)
-    with torch.no_grad():
-        ef = backbone.encode_text(src).embeds.double().cpu()
-        eg = backbone.encode_text(dst).embeds.double().cpu()
+    ef, eg = encoded if encoded is not None else encode_pairs(backbone, concept)
     cos = torch.nn.functional.cosine_similarity
     end_d, tok_d = [], []
     for i, (ps, pd) in enumerate(zip(src, dst, strict=True)):
@@ -650,12 +664,14 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
             evals += 2 * s.images_per_concept * s.sample_steps
     if log:
         log("stage 2/4: closed-form refinement of the cross-attention K/V")
-    cfr = refine(backbone, concepts, prior, s.lam, s.preserve)
+    residues: dict[str, float] = {}
+    cfr = refine(backbone, concepts, prior, s.lam, s.preserve, end_residues=residues)
     loras = []
     for d in data:
         if log:
             log(f"stage 3/4: attention-loss LoRA for {d.concept.text!r}")
-        loras.append(train_lora(backbone, d, cfr, s, progress, check_interrupt))
+        end = s.suppress_end if s.suppress_end is not None else residues[d.concept.text] >= END_RESIDUE_MIN
+        loras.append(train_lora(backbone, d, cfr, s.override(suppress_end=end), progress, check_interrupt))
         evals += s.lora_steps * s.lora_batch * 2 + 2 * PROBE_SAMPLES  # forward and backward; the probe twice
         if log and loras[-1].stalled():
             a, b = loras[-1].probe

@@ -204,3 +204,27 @@ def test_cli_flags_reach_the_settings(monkeypatch, tmp_path, capsys):
     s = captured["s"]
     assert (s.augment, s.importance_sampling, s.use_masks, s.mask_threshold, s.lora_batch, s.grad_clip,
             s.suppress_end) == (False, False, False, 0.3, 2, 0.5, True)
+
+
+def test_mace_encodes_each_concepts_prompt_pairs_once(tiny_backbone, monkeypatch):
+    """CFR and the end-token check read the same encodings of the concept/anchor prompt pairs (they were encoded
+    twice); the choice made from them is the one ``resolve_suppress_end`` makes on its own."""
+    from erasure.mace import concept_and_anchor_prompts, mace
+
+    c = Concept("circle", "shape", templates=TEMPLATES, data_prompt="a photo of a {c}")
+    s = MaceSettings(images_per_concept=1, sample_steps=2, guidance=3.0, lora_steps=2)
+    src, dst = concept_and_anchor_prompts(c)
+    calls: list[list[str]] = []
+    real = tiny_backbone.encode_text
+
+    def counting(prompts):
+        calls.append(list(prompts))
+        return real(prompts)
+
+    monkeypatch.setattr(tiny_backbone, "encode_text", counting)
+    res = mace(tiny_backbone, [c], s, None)
+    # the anchor prompts once (were twice); the concept's prompts once each for CFR with the end check (were
+    # twice), the LoRA's prompts (the same templates) and the fusion
+    assert calls.count(dst) == 1 and calls.count(src) == 3
+    monkeypatch.setattr(tiny_backbone, "encode_text", real)
+    assert res.loras[0].suppress_end == resolve_suppress_end(tiny_backbone, c, MaceSettings())
