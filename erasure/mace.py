@@ -541,11 +541,11 @@ class FusionSystem:
             term = self._stack(ups, rows, dl, g, factor, min(self.shapes[name]))
             if term is not None:
                 self._fold(name, term)
-        if keep and (len(low) < len(layers) or not rows_now):
-            self.kept.append((weights, g * factor))  # dW_i (factor G_i) = (factor dW_i) G_i; rows_now: dense only
-            if rows_now:  # its low-rank layers are stacked already: mark them so that solve skips them
-                self.kept[-1] = (ErasureWeights({n: dl for n, dl in layers if not self._low_rank(n, dl)}),
-                                 self.kept[-1][1])
+        # dW_i (factor G_i) = (factor dW_i) G_i
+        if keep and not rows_now:
+            self.kept.append((weights, g * factor))
+        elif keep and len(low) < len(layers):  # its low-rank layers are stacked already: keep the dense ones
+            self.kept.append((ErasureWeights({n: dl for n, dl in layers if not self._low_rank(n, dl)}), g * factor))
         elif not keep:
             for name, dl in layers:
                 if not self._low_rank(name, dl):

@@ -223,3 +223,36 @@ def test_fusion_keeps_the_cheaper_of_a_loras_rows_and_its_gram(tiny_backbone, tm
         system.solve(None, prior, 0.05, 0.5)
     with pytest.raises(RuntimeError, match="solved already"):
         system.add(cs[0], loras[0])
+
+
+def test_fusion_of_an_item_with_low_rank_and_dense_layers(tiny_backbone, tmp_path):
+    """One item may hold LoRA factors on some layers and dense deltas on others (a merged file): each layer takes
+    its own path, kept (``fuse``) or folded at once (``keep=False``), with the stacked problem's solution."""
+    from erasure.closed_form import least_squares_edit
+    from erasure.mace import FusionSystem, mean_prompt_count
+    from erasure.weights import Delta, ErasureWeights
+
+    bb = tiny_backbone
+    g = torch.Generator().manual_seed(4)
+    kv = bb.cross_attention_kv()
+    names = list(kv)
+    mixed = ErasureWeights({n: (Delta(dense=torch.randn(m.weight.shape, generator=g) * 0.01) if i % 2 else
+                                Delta(up=torch.randn(m.weight.shape[0], 2, generator=g) * 0.1,
+                                      down=torch.randn(2, m.weight.shape[1], generator=g) * 0.1))
+                            for i, (n, m) in enumerate(kv.items())})
+    cs = [Concept(w, "shape", templates=LAB_TEMPLATES) for w in ("circle", "square")]
+    other = ErasureWeights({names[0]: Delta(up=torch.randn(kv[names[0]].weight.shape[0], 1, generator=g),
+                                            down=torch.randn(1, kv[names[0]].weight.shape[1], generator=g) * 0.01)})
+    prior = gram(bb, prior_prompts(50), tmp_path)
+    es = [concept_token_embeddings(bb, c) for c in cs]
+    for keep in (True, False):
+        system = FusionSystem(bb, mean_prompt_count([[c] for c in cs]))
+        system.add(cs[0], mixed, keep=keep, factor=1.5)
+        system.add(cs[1], other, keep=keep)
+        fused = system.solve(None, prior, 0.05, 0.5)
+        for name, mod in kv.items():
+            w0 = mod.weight.detach().double()
+            v = torch.cat([e @ (w0 + f * w.deltas[name].matrix().double() if name in w.deltas else w0).T
+                           for e, w, f in zip(es, (mixed, other), (1.5, 1.0), strict=True)])
+            want = least_squares_edit(w0, torch.cat(es), v, 0.05, prior, 0.5, w_prior=w0)
+            torch.testing.assert_close(w0 + fused.deltas[name].matrix().double(), want, rtol=0, atol=1e-5)
