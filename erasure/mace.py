@@ -356,6 +356,9 @@ class LoraResult:
     suppress_end: bool = True  # whether the loss covered the end token and padding (``suppress_end`` resolved)
     #: the attention loss on the fixed probe before and after training (``None``: not measured)
     probe: tuple[float, float] | None = None
+    #: the LoRA prompts' token embeddings ``[n * L, D]`` (float64, CPU) when they are the concept's prompts: the
+    #: fusion's ``E_i``, so that ``mace`` need not encode them again (it drops them once they are added)
+    prompt_embeds: torch.Tensor | None = field(default=None, repr=False)
 
     def stalled(self) -> bool:
         return self.probe is not None and self.probe[0] > 0 and self.probe[1] / self.probe[0] > STALLED_LOSS
@@ -436,7 +439,11 @@ def train_lora(backbone: Backbone, data: ConceptData, base: ErasureWeights | Non
         measured = (probe_before, probe_loss(backbone, data, cond_all, positions, pt, s.seed)) if probe else None
         w = lora.result(method="mace-lora", concepts=[data.concept.text], anchors=[data.concept.anchor],
                         settings={**asdict(s), "suppress_end": end})
-    return LoraResult(w, losses, end, measured)
+    embeds = None
+    if prompts == data.concept.prompts():
+        embeds = cond_all.embeds.double().cpu()
+        embeds = embeds.reshape(-1, embeds.shape[-1])
+    return LoraResult(w, losses, end, measured, embeds)
 
 
 # -- stage 4 ---------------------------------------------------------------------------------------------------
@@ -522,13 +529,16 @@ class FusionSystem:
         return term
 
     def add(self, group: Concept | list[Concept], weights: ErasureWeights, keep: bool = True,
-            factor: float = 1.0) -> None:
-        """``factor`` scales the item's ``dW_i`` (ANT's fusion strength) without copying its weights."""
+            factor: float = 1.0, embeddings: torch.Tensor | None = None) -> None:
+        """``factor`` scales the item's ``dW_i`` (ANT's fusion strength) without copying its weights.
+        ``embeddings``: a single concept's ``concept_token_embeddings``, when already computed."""
         if self.solved:
             raise RuntimeError("this fusion system was solved already: build a new one")
         group = group if isinstance(group, list) else [group]
-        e = torch.cat([concept_token_embeddings(self.backbone, c) * balance_weight(c, self.mean_count, self.balance)
-                       for c in group])
+        if embeddings is not None and len(group) != 1:
+            raise ValueError("embeddings can be given for a single concept only")
+        e = torch.cat([(concept_token_embeddings(self.backbone, c) if embeddings is None else embeddings)
+                       * balance_weight(c, self.mean_count, self.balance) for c in group])
         g = e.T @ e
         d = g.shape[0]
         self.g_sum += g
@@ -666,12 +676,16 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
         log("stage 2/4: closed-form refinement of the cross-attention K/V")
     residues: dict[str, float] = {}
     cfr = refine(backbone, concepts, prior, s.lam, s.preserve, end_residues=residues)
+    # stage 4's system is built as the LoRAs finish: each enters with the prompt embeddings it trained on
+    system = FusionSystem(backbone, mean_prompt_count([[c] for c in concepts]))
     loras = []
     for d in data:
         if log:
             log(f"stage 3/4: attention-loss LoRA for {d.concept.text!r}")
         end = s.suppress_end if s.suppress_end is not None else residues[d.concept.text] >= END_RESIDUE_MIN
         loras.append(train_lora(backbone, d, cfr, s.override(suppress_end=end), progress, check_interrupt))
+        system.add(d.concept, loras[-1].weights, embeddings=loras[-1].prompt_embeds)
+        loras[-1].prompt_embeds = None
         evals += s.lora_steps * s.lora_batch * 2 + 2 * PROBE_SAMPLES  # forward and backward; the probe twice
         if log and loras[-1].stalled():
             a, b = loras[-1].probe
@@ -680,8 +694,7 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
                 "LoRA learning rate or its steps (CLI: --lr, --steps; ComfyUI: lora_lr, lora_steps)")
     if log:
         log("stage 4/4: closed-form fusion")
-    fused = fuse(backbone, [(c, lr.weights) for c, lr in zip(concepts, loras, strict=True)], cfr, prior, s.lam,
-                 s.fuse_preserve)
+    fused = system.solve(cfr, prior, s.lam, s.fuse_preserve)  # = fuse(backbone, [(c, lr.weights), ...], cfr, ...)
     used = {c.text: lr.suppress_end for c, lr in zip(concepts, loras, strict=True)}  # suppress_end=None resolved
     fused.metadata.update(ErasureWeights.dense({}, method="mace", settings={**asdict(s), "suppress_end_used": used}
                                                ).metadata)

@@ -209,7 +209,7 @@ def test_cli_flags_reach_the_settings(monkeypatch, tmp_path, capsys):
 def test_mace_encodes_each_concepts_prompt_pairs_once(tiny_backbone, monkeypatch):
     """CFR and the end-token check read the same encodings of the concept/anchor prompt pairs (they were encoded
     twice); the choice made from them is the one ``resolve_suppress_end`` makes on its own."""
-    from erasure.mace import concept_and_anchor_prompts, mace
+    from erasure.mace import concept_and_anchor_prompts, fuse, mace
 
     c = Concept("circle", "shape", templates=TEMPLATES, data_prompt="a photo of a {c}")
     s = MaceSettings(images_per_concept=1, sample_steps=2, guidance=3.0, lora_steps=2)
@@ -223,8 +223,12 @@ def test_mace_encodes_each_concepts_prompt_pairs_once(tiny_backbone, monkeypatch
 
     monkeypatch.setattr(tiny_backbone, "encode_text", counting)
     res = mace(tiny_backbone, [c], s, None)
-    # the anchor prompts once (were twice); the concept's prompts once each for CFR with the end check (were
-    # twice), the LoRA's prompts (the same templates) and the fusion
-    assert calls.count(dst) == 1 and calls.count(src) == 3
+    # the anchor prompts once (were twice); the concept's prompts once for CFR with the end check (were twice) and
+    # once for the LoRA, whose embeddings the fusion reuses (it encoded them again)
+    assert calls.count(dst) == 1 and calls.count(src) == 2
     monkeypatch.setattr(tiny_backbone, "encode_text", real)
     assert res.loras[0].suppress_end == resolve_suppress_end(tiny_backbone, c, MaceSettings())
+    assert res.loras[0].prompt_embeds is None  # dropped once added to the fusion
+    again = fuse(tiny_backbone, [(c, res.loras[0].weights)], res.cfr, None, s.lam, s.fuse_preserve)
+    for name, d in again.deltas.items():
+        assert torch.equal(d.matrix(), res.weights.deltas[name].matrix()), name
