@@ -196,9 +196,9 @@ SIZES: dict[str, Size] = {
 
 #: the settings that set ANT's cost, written with each ANT row (``ant_settings``). A reference row records the
 #: settings it was given; it reads only steps, trajectory_steps, early_steps, trajectories, saliency_maps, lr and
-#: batch_size of them (sampling, scope, refresh_every and the preservation term are ours alone)
+#: batch_size of them (sampling, reuse, scope, refresh_every and the preservation term are ours alone)
 COST_KEYS = ("steps", "multi_steps", "trajectory_steps", "early_steps", "trajectories", "saliency_maps",
-             "refresh_every", "sampling", "scope", "lr", "preserve", "preserve_prompts", "batch_size")
+             "refresh_every", "reuse", "sampling", "scope", "lr", "preserve", "preserve_prompts", "batch_size")
 
 
 def size_settings(size: Size) -> dict:

@@ -12,8 +12,9 @@ Method: peak = resident tensors, counted exactly, + activations saved for backwa
   linearly with the pixel count once attention is computed without materialising the HW x HW matrix (PyTorch's
   SDPA on GPU and CPU), so a line through the two smallest sizes is extrapolated to the target and checked against
   the third, then scaled to 16 bits (the inputs of the layers a dense delta trains stay float32: the delta casts
-  and saves them). Four graphs: the library's ANT defaults (UNet frozen, dense deltas on every cross-attention
-  Linear: ANT single's ``xattn``; on the cross-attention K/V: ANT multi's ``kv``), the whole UNet (gradients for
+  and saves them). Four graphs: ANT's dense deltas with the UNet frozen (on every cross-attention Linear,
+  ``xattn``, ANT single's default until session 7; on the cross-attention K/V, ``kv``, the default of ANT single
+  and multi), the whole UNet (gradients for
   every weight: the saliency maps and sparse deltas of the historical configuration, full finetuning) and MACE's
   attention-loss graph (rank-1 K/V LoRA, explicit attention probabilities, gradient only through cross-attention).
 * Gradient checkpointing (``AntSettings.gradient_checkpointing``, diffusers' per-block checkpointing): measured
@@ -233,7 +234,8 @@ def _ckpt16(probe: dict, scope: str, lat: int, weight_bytes: int) -> tuple[float
 
 def project_arch(probe: dict, selected_fraction: float | None, weight_bytes: int = 2) -> dict:
     """Projected peaks (bytes) at the arch's target resolution: ANT with the library's defaults (single: dense
-    cross-attention deltas; multi: dense K/V deltas), MACE, and the historical cached-saliency configuration."""
+    deltas on its default scope's layers; multi: dense K/V deltas), MACE, and the historical cached-saliency
+    configuration."""
     arch = probe["arch"]
     lat = TARGET_LATENT[arch]
     act_full, err_full = _act16(probe, "full_unet_bytes_per_row", None, lat, weight_bytes)
@@ -250,7 +252,7 @@ def project_arch(probe: dict, selected_fraction: float | None, weight_bytes: int
     # the library's defaults: float32 deltas, their gradients and Adam's two moments (16 bytes per entry), the
     # training forward's rows' saved activations; no gradient checkpointing (the library enables none). "floor":
     # the same without activations, the bound that checkpointing every UNet block approaches from above
-    for method, scope in (("ant-single", "xattn"), ("ant-multi", "kv")):
+    for method, scope in (("ant-single", d.scope), ("ant-multi", "kv")):
         if f"{scope}_deltas_bytes_per_row" not in probe:
             continue
         act, err = _act16(probe, f"{scope}_deltas_bytes_per_row", f"{scope}_input_elems_per_row", lat, weight_bytes)

@@ -86,7 +86,9 @@ def projection(d: dict) -> str:
     p = d.get("projection")
     if not p:
         return ""
-    out = ["| arch, resolution | weights | ANT single ours (xattn): state + activations = peak (without "
+    scope = next((a["projection"]["ant-single"].get("scope", "xattn") for a in p["archs"].values()
+                  if "projection" in a and "ant-single" in a["projection"]), "xattn")
+    out = [f"| arch, resolution | weights | ANT single ours ({scope}): state + activations = peak (without "
            "activations) | ANT multi ours (kv), 1st concept | ANT single / multi ours with gradient checkpointing: "
            "rows x (held + one block's recomputation) = peak | MACE ours | historical cached-saliency ours | "
            "ANT single reference (fp32) | target |",

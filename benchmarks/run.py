@@ -178,8 +178,8 @@ def format_ratios(rs: list[dict]) -> str:
 
 def _ant_keys(s) -> dict:
     return {k: getattr(s, k) for k in ("steps", "trajectory_steps", "early_steps", "trajectories", "saliency_maps",
-                                       "refresh_every", "batch_size", "preserve", "preserve_prompts", "sampling",
-                                       "scope")}
+                                       "refresh_every", "reuse", "batch_size", "preserve", "preserve_prompts",
+                                       "sampling", "scope")}
 
 
 def default_counts() -> dict:
@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", help="run only this architecture (sd15 or sdxl)")
     ap.add_argument("--impl", choices=("ours", "reference"), help="run only this implementation")
     ap.add_argument("--concepts", type=int, help="run only the cells with this many concepts")
+    ap.add_argument("--scale", help="run only the cells at this model scale (tiny, half or full)")
     ap.add_argument("--variant", help="run only the rows of these comma-separated variants (default, published, "
                                       "cached-saliency, cached-lora)")
     ap.add_argument("--ant-steps", type=int, help="ANT single's training steps instead of the size's")
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         merged_from.append({"file": Path(f).name, "total_s": part.get("total_s")})
     for method, impl, arch, n, variant, scale in ([] if args.merge else plan(size)):
         if ((only and method not in only) or (args.arch and arch != args.arch) or (args.impl and impl != args.impl)
-                or (args.concepts and n != args.concepts)
+                or (args.concepts and n != args.concepts) or (args.scale and scale != args.scale)
                 or (args.variant and variant not in args.variant.split(","))):
             continue
         t = time.perf_counter()

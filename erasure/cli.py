@@ -402,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = AntSettings()
     an = sub.add_parser("ant", help="ANT: trajectory-aware erasure -> LoRA file")
     _add_model_flags(an)
-    an.add_argument("--concept", help="one concept (saliency-masked finetuning by default)")
+    an.add_argument("--concept", help="one concept (dense cross-attention finetuning by default; --scope saliency "
+                    "for the paper's weight-saliency mask)")
     an.add_argument("--concepts", help="';'-separated: one ANT LoRA per concept, fused in closed form")
     an.add_argument("--synonyms", help="';'-separated synonyms of --concept, used as prompt augmentations")
     an.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")

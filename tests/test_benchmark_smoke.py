@@ -56,9 +56,10 @@ def test_counts_reflect_the_algorithms(result):
     assert ours["ant_settings"]["sampling"] == default.sampling and ours["ant_settings"]["scope"] == default.scope
     assert ours["ant_settings"]["lr"] == default.lr and s["ant"]["lr"] == default.lr
     assert _row(result, "ant-multi", "ours")["ant_settings"]["scope"] == "kv"
-    # ours trains the dense cross-attention deltas: every attn2 Linear weight, and nothing else
+    # ours trains the default scope's dense deltas (the cross-attention K/V) and nothing else
     bb = build_backbone("sd15", "tiny", 8, torch.float32, "cpu")
-    assert ours["trainable_params"] == sum(m.weight.numel() for m in scope_modules(bb, "xattn").values())
+    assert default.scope == "kv"
+    assert ours["trainable_params"] == sum(m.weight.numel() for m in scope_modules(bb, "kv").values())
     # one backward per step through the rows the memory projection counts (``projection.ant_training_rows``)
     st = AntSettings(**s["ant"])
     assert ours["unet_backward_evals"] == st.steps * ant_training_rows(st) == st.steps * 6
