@@ -19,9 +19,10 @@ Where the project differs from the reference code on purpose:
   (``Trajectories``), so that a step costs only the edited model's forwards and backward, and refreshes them every
   ``refresh_every`` steps; on the concept lab it did not erase (README), so it is an option, not the default.
 * Each regenerated on-policy trajectory (run to the last mid/late step) serves ``reuse`` training steps (default 8)
-  at newly drawn steps, with the frozen model queried once per latent: 0.57x the UNet evaluations of a new
-  trajectory per step (``reuse=1``, the reference's loop); on the lab it met every single-concept bar at 5 training
-  seeds of 8, ``reuse=1`` at 6 (README, "ANT from the command line").
+  at newly drawn steps, with the frozen model queried once per latent: 0.56x the UNet evaluations of a new
+  trajectory per step (``reuse=1``, the reference's loop); at 150 steps it met every single-concept bar on the lab
+  at 5 training seeds of 8, ``reuse=1`` at 6; at 250 steps (the default, the reference's) at 7 of 8 (README, "ANT
+  from the command line").
 * The saliency mask keeps the entries with the **largest** |grad| of each map (the reference's ascending sort keeps
   the smallest), intersected over prompt augmentations and seeds, and training touches only those entries through a
   sparse delta (``SparseDeltas``): optimizer state is proportional to the selection, not to the UNet.
@@ -83,10 +84,12 @@ class AntSettings:
     """Every ANT setting, with the defaults used everywhere (CLI, nodes, lab). Reference values in comments."""
 
     #: The defaults below were measured on the concept lab (README, "ANT"): erasing ``circle`` with them, over
-    #: training seeds 0-7 (8-seed evaluation), gives mean efficacy 0.99, generality 0.85, specificity 0.97,
-    #: fidelity 0.908, every single-concept bar met at 5 seeds of 8. Where they differ from the reference, the
+    #: training seeds 0-7 (8-seed evaluation), gives mean efficacy 0.97, generality 0.94, specificity 0.98,
+    #: fidelity 0.912, every single-concept bar met at 7 seeds of 8. Where they differ from the reference, the
     #: reference value is in the comment and the reason in the README.
-    steps: int = 150  # reference 250
+    #: Training steps. Measured (scope kv, reuse 8, seeds 0-7): 150 -> bars met at 5 of 8 (generality 0.625-0.750
+    #: at three seeds, mean 0.852), 250 -> 7 of 8 (mean generality 0.938)
+    steps: int = 250  # reference 250
     #: training steps per concept on the multi-concept path (``ant_multi``). Measured on the lab (circle; green;
     #: striped, 8-seed evaluation, before the fusion strength and balance): 150 -> efficacy 0.708, 300 -> 0.896,
     #: 400 -> 0.792 (run-to-run noise is large)
@@ -119,11 +122,12 @@ class AntSettings:
     refresh_every: int = 25  # cached sampling: regenerate the trajectories with the edited model every N steps
     #: on-policy sampling: each regenerated trajectory (run to its last mid/late step) serves this many training
     #: steps, each at newly drawn early/late steps, with the frozen predictions at its latents computed once
-    #: (1 = the reference's loop: a new trajectory for every step). 8 costs 1,744 UNet forwards for the 150 steps
-    #: instead of 3,050. Measured on the lab (circle, 8-seed evaluation, 1 thread; README, "ANT from the command
-    #: line"), runs meeting every single-concept bar: scope kv, training seeds 0-7: reuse 8 in 5 of 8 (mean H
-    #: 0.927), reuse 1 in 6 of 8 (mean H 0.944); scope xattn, seeds 0-5: reuse 8 in 3 of 6, reuse 1 in 2 of 6.
-    #: The misses with kv are generality (synonym prompts) at one or two seeds, with either reuse
+    #: (1 = the reference's loop: a new trajectory for every step). 8 costs 2,908 UNet forwards for 250 steps
+    #: instead of 5,156 (1,744 instead of 3,050 for 150). Measured on the lab (circle, 8-seed evaluation, 1 thread;
+    #: README, "ANT from the command line"), runs meeting every single-concept bar at 150 steps: scope kv, training
+    #: seeds 0-7: reuse 8 in 5 of 8 (mean H 0.927), reuse 1 in 6 of 8 (mean H 0.944); scope xattn, seeds 0-5:
+    #: reuse 8 in 3 of 6, reuse 1 in 2 of 6. Reuse 8 at 250 steps: 7 of 8 (mean H 0.960), in the time reuse 1
+    #: takes for 150
     reuse: int = 8  # the reference: 1
     #: ``reuse`` on the multi-concept path (K/V edits). Measured on the lab (circle; green; striped, seeds 0 / 1 / 2):
     #: reuse 1 -> efficacy 0.958 / 0.938 / 0.854, reuse 8 -> 0.875 / 0.812 / 0.812

@@ -215,7 +215,7 @@ def check_fuse_inputs(backbone, items: list, lam: float, preserve: float, labels
         check_weights_fit(weights, backbone.unet())
         if not set(weights.deltas) & kv:
             raise ValueError(f"{label} ({', '.join(texts)[:80]}) changes no cross-attention key/value layer: "
-                             "the fusion combines only those; use LoRAs made by MACE or ANT (scope lora or xattn)")
+                             "the fusion combines only those; use LoRAs made by MACE or ANT (scope kv, lora or xattn)")
 
 
 # -- models and LoRAs ------------------------------------------------------------------------------------------

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# ANT (or the ESD baseline) on the lab model over several training seeds, each run then evaluated with `lab eval`:
+# the multi-seed tables in the README ("ANT from the command line"). One thread per run, two runs at a time.
+#
+#   scripts/ant_seed_sweep.sh OUTDIR TAG "SEEDS" [ANT FLAGS...]      e.g.
+#   scripts/ant_seed_sweep.sh out/sweep kv8 "0 1 2 3 4 5 6 7" --scope kv --reuse 8
+#   scripts/ant_seed_sweep.sh out/sweep esd "0 1 2 3 4 5" --baseline
+#   python scripts/seed_sweep_table.py out/sweep          # the table (pass counts, means, lowest values)
+#
+# Each run writes OUTDIR/TAG-sSEED.{safetensors,json,ant.log,eval.log}. Give every setting explicitly: the runs read
+# the library's defaults when they start, so a change of default during a sweep would mix two settings.
+set -euo pipefail
+out=$1; tag=$2; seeds=$3; shift 3
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+one() {
+  set -euo pipefail
+  local s=$1; shift
+  local f="$out/$tag-s$s"
+  if [ "${1:-}" = "--baseline" ]; then
+    /usr/bin/time -f "%e s" python -m erasure lab baseline --concept circle --seed "$s" --out "$f.safetensors" \
+      > "$f.ant.log" 2>&1
+  else
+    /usr/bin/time -f "%e s" python -m erasure ant --model lab --concept circle --seed "$s" "$@" \
+      --out "$f.safetensors" > "$f.ant.log" 2>&1
+  fi
+  python -m erasure lab eval --lora "$f.safetensors" --erased circle --json "$f.json" > "$f.eval.log" 2>&1
+  echo "done $tag seed $s"
+}
+export -f one
+export out tag
+printf '%s\n' $seeds | xargs -P 2 -I{} bash -c 'one "$@"' _ {} "$@"
