@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = AntSettings()
     an = sub.add_parser("ant", help="ANT: trajectory-aware erasure -> LoRA file")
     _add_model_flags(an)
-    an.add_argument("--concept", help="one concept (dense cross-attention finetuning by default; --scope saliency "
+    an.add_argument("--concept", help="one concept (dense cross-attention K/V finetuning by default; --scope saliency "
                     "for the paper's weight-saliency mask)")
     an.add_argument("--concepts", help="';'-separated: one ANT LoRA per concept, fused in closed form")
     an.add_argument("--synonyms", help="';'-separated synonyms of --concept, used as prompt augmentations")

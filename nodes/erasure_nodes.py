@@ -172,8 +172,9 @@ class EraseConceptANT(io.ComfyNode):
                 io.Int.Input("reuse", default=d.reuse, min=1, max=64, optional=True,
                              tooltip="on-policy only: each regenerated trajectory serves this many training steps "
                                      "(1 = the reference's loop, a new trajectory every step). The default 8 needs "
-                                     "0.57x the UNet evaluations of 1 (6x fewer than the published reference at "
-                                     "150 steps) and erased as well on the concept lab over six seeds (README)."),
+                                     "0.56x the UNet evaluations of 1 (5.7x fewer than the published reference at "
+                                     "250 steps); with 250 steps it met the concept lab's bars at 7 training seeds "
+                                     "of 8 (README)."),
                 io.Combo.Input("gradient_checkpointing", options=list(CHECKPOINTING),
                                default=d.gradient_checkpointing, optional=True,
                                tooltip="Recompute activations during backward instead of keeping them: less memory "
