@@ -10,7 +10,7 @@
 # Each run writes OUTDIR/TAG-sSEED.{safetensors,json,ant.log,eval.log}. Give every setting explicitly: the runs read
 # the library's defaults when they start, so a change of default during a sweep would mix two settings.
 set -euo pipefail
-out=$1; tag=$2; seeds=$3; shift 3
+out=$(realpath -m "$1"); tag=$2; seeds=$3; shift 3
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
