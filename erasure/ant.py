@@ -132,7 +132,7 @@ class AntSettings:
     #: ``reuse`` on the multi-concept path (K/V edits). Measured on the lab (circle; green; striped, seeds 0 / 1 / 2):
     #: reuse 1 -> efficacy 0.958 / 0.938 / 0.854, reuse 8 -> 0.875 / 0.812 / 0.812
     multi_reuse: int = 1
-    #: what is trained. Measured on the lab (circle, 8-seed evaluation, training seeds 0-5, reuse 8): kv (dense
+    #: what is trained. Measured on the lab (circle, 8-seed evaluation, seeds 0-5, reuse 8, 150 steps): kv (dense
     #: cross-attention K/V, the layers that read the prompt) -> mean specificity 0.966, lowest 0.931, fidelity
     #: 0.913; xattn (every cross-attention Linear, also Q and the output, which act on every prompt's image
     #: features) -> 0.928, lowest 0.875, fidelity 0.899; saliency (the paper's single-concept mask over the whole
