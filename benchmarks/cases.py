@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from erasure.ant import AntSettings, ant, ant_multi
-from erasure.mace import Concept, MaceSettings, fuse, mace
+from erasure.fusion import fuse
+from erasure.mace import MaceSettings, mace
 from erasure.prior import gram
-from erasure.prompts import prior_prompts
+from erasure.prompts import Concept, prior_prompts
 from erasure.weights import META_PREFIX, Delta, ErasureWeights
 
 from .archs import build_backbone, concept_names, param_count

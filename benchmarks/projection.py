@@ -352,9 +352,9 @@ def project(size, rows: list[dict], probe_dir: Path | None = None) -> dict:
 def measure_peak(arch: str, method: str) -> dict:
     """On a GPU: ours at the target resolution in bf16, default batch shapes, few steps; the allocator's peak."""
     from erasure.ant import ant
-    from erasure.mace import Concept, mace
+    from erasure.mace import mace
     from erasure.prior import gram
-    from erasure.prompts import prior_prompts
+    from erasure.prompts import Concept, prior_prompts
 
     from .meter import Meter
 

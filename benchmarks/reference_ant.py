@@ -27,10 +27,11 @@ import copy
 import torch
 from torch import nn
 
-from erasure.ant import AntSettings, _run, concept_prompts_for, draw, stage_targets, trajectory_plan
+from erasure.ant import AntSettings, draw, run_trajectory, stage_targets, trajectory_plan
 from erasure.backbone import TextConditioning
 from erasure.deltas import TrainableLoRA
 from erasure.diffusers_backbone import DiffusersBackbone
+from erasure.prompts import augmented_prompts
 from erasure.sampling import ddim_timesteps, guided_eps
 
 
@@ -45,7 +46,7 @@ def frozen_copy(bb: DiffusersBackbone) -> DiffusersBackbone:
 def regenerate(bb: DiffusersBackbone, cond: TextConditioning, uncond: TextConditioning, seed: int,
                ts: torch.Tensor, guidance: float, upto: int) -> list[torch.Tensor]:
     """One trajectory from noise with the model as it is now: the latents before steps 0..upto."""
-    xs, _, _ = _run(bb, cond, uncond, [seed], ts, guidance, upto, None)
+    xs, _, _ = run_trajectory(bb, cond, uncond, [seed], ts, guidance, upto, None)
     return xs
 
 
@@ -98,7 +99,7 @@ def reference_ant_single(bb: DiffusersBackbone, frozen: DiffusersBackbone, conce
     ``n_preserve``: how many preservation prompts ours draws from (it draws one index per sample from the same
     generator after each ``draw``); the reference makes the same draw and ignores it, so that both follow the same
     sequence of trajectories and steps."""
-    prompts = concept_prompts_for(concept, (), s.kind, templates)
+    prompts = augmented_prompts(concept, (), s.kind, templates)
     plan_prompts, seeds = trajectory_plan(prompts, s.trajectories, s.seed)
     gen = torch.Generator().manual_seed(s.seed)
     uncond = bb.encode_text([""])
@@ -147,14 +148,14 @@ def reference_ant_single(bb: DiffusersBackbone, frozen: DiffusersBackbone, conce
 def reference_ant_multi(bb: DiffusersBackbone, concepts: list[str], s: AntSettings, prior_caches: dict,
                         rank: int = 64) -> None:
     """Per concept a rank-64 LoRA trained with per-iteration regeneration, then the published fusion."""
-    from erasure.mace import Concept
+    from erasure.prompts import Concept
 
     from .reference_mace import reference_fuse
 
     uncond = bb.encode_text([""])
     loras = []
     for c in concepts:
-        prompts = concept_prompts_for(c, (), s.kind)
+        prompts = augmented_prompts(c, (), s.kind)
         plan_prompts, seeds = trajectory_plan(prompts, s.trajectories, s.seed)
         gen = torch.Generator().manual_seed(s.seed)
         enc = {p: bb.encode_text([p]) for p in dict.fromkeys(plan_prompts)}

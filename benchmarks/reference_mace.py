@@ -20,8 +20,10 @@ from __future__ import annotations
 import torch
 
 from erasure.diffusers_backbone import DiffusersBackbone
-from erasure.mace import Concept, ConceptData, MaceSettings, aligned_pairs, concept_token_embeddings, train_lora
+from erasure.fusion import concept_token_embeddings
+from erasure.mace import ConceptData, MaceSettings, aligned_pairs, train_lora
 from erasure.prior import token_embeddings
+from erasure.prompts import Concept
 from erasure.sampling import sample
 from erasure.weights import ErasureWeights
 

@@ -1,124 +1,118 @@
 """Command line: ``python -m erasure {demo,mace,ant,lab} ...``.
 
 ``--model lab`` (the default everywhere) is the concept lab's model shipped in this package; ``mace``, ``ant`` and
-``lab baseline`` also take a diffusers folder or a single-file SD1.x/SD2.x/SDXL ``.safetensors`` checkpoint.
+``lab baseline`` also take a diffusers folder or a single-file SD1.x/SD2.x/SDXL ``.safetensors`` checkpoint. Each
+command builds its own parser (``add_*_command``); the settings flags of ``ant`` and ``mace`` come from the fields
+of their settings classes (``settings_flags``), so a flag's default and type are the library's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
 from . import __version__
+from .ant import (
+    CHECKPOINTING,
+    FUSE_LAM,
+    FUSE_PRESERVE,
+    FUSE_STRENGTH,
+    PREDICTIONS,
+    SAMPLINGS,
+    SCOPES,
+    AntSettings,
+    ant_multi,
+)
+from .ant import ant as ant_one
+from .diffusers_backbone import load_diffusers
+from .errors import ErasureOutOfMemoryError, TrainingDivergedError
+from .esd import esd
+from .files import atomic_write_text, cache_dir
+from .lab import world
+from .lab.classifier import load_classifier, train_classifier
+from .lab.demo import erase, lab_concept, lab_prior
+from .lab.evaluate import EvalSettings, evaluate, format_table
+from .lab.model import CLASSIFIER_FILE
+from .lab.train import train_lab_model
+from .lora_files import load_lora, resolve_names, save_lora
+from .mace import PRESETS, MaceSettings, mace
+from .prior import gram
+from .progress import Progress
+from .prompts import CONCEPT_TEMPLATES, Concept, prior_prompts, split_list
+from .single_file import load_single_file
+from .user_images import find_user_images, load_user_data
+from .validation import (
+    check_anchors,
+    check_ant_concepts_fit,
+    check_concepts,
+    check_fuse_strength,
+    check_mace_inputs,
+    concepts_from_metadata,
+)
+
+try:  # POSIX only; elsewhere the summary leaves the peak out
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None  # type: ignore[assignment]
 
 
+# -- shared pieces -----------------------------------------------------------------------------------------------
 def _parse_concepts(text: str | None) -> list[str]:
+    """A ';'-separated flag's items; a flag holding only separators or spaces is refused."""
     if not text:
         return []
-    items = [c.strip() for c in text.split(";") if c.strip()]
+    items = split_list(text, ";")
     if not items:
         raise SystemExit("error: no concept given (only separators or spaces); separate concepts with ';', "
                          "e.g. \"circle; red\"")
     return items
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _peak_memory() -> str:
+    if torch.cuda.is_available():
+        return f"peak GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    if resource is None:
+        return "peak RSS not measured on this system"
+    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
 
 
-def _load_lab(model: str):
-    from .diffusers_backbone import load_diffusers
-    from .lab.classifier import load_classifier
-    from .lab.model import CLASSIFIER_FILE
-
-    if model != "lab":
-        raise SystemExit("error: `lab` commands evaluate the lab model only (--model lab); the lab classifier "
-                         "cannot judge other models")
-    return load_diffusers("lab"), load_classifier(CLASSIFIER_FILE)
+def _bar(total: int | None, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, disable=None)
 
 
-def _settings(args: argparse.Namespace):
-    from .lab.evaluate import EvalSettings
-
-    return EvalSettings(steps=args.sample_steps, guidance=args.guidance, seeds_own=args.seeds)
+def _progress(bar: tqdm) -> Progress:
+    return Progress(update=bar.update, log=bar.write)
 
 
-def _lab_eval(args: argparse.Namespace) -> int:
-    from .lab.evaluate import evaluate, format_table
-    from .validation import concepts_from_metadata
-    from .weights import ErasureWeights
-
-    erased = _parse_concepts(args.erased)
-    backbone, clf = _load_lab(args.model)
-    weights = None
-    if args.lora:
-        weights = ErasureWeights.load(args.lora).resolve_names(backbone.unet())
-        if not erased:
-            erased = concepts_from_metadata(weights.metadata)
-    report = evaluate(backbone, clf, erased, weights, _settings(args), Path(args.grid) if args.grid else None,
-                      use_cache=not args.no_cache)
-    print(format_table(report))
-    print(f"{report['seconds']:.1f} s")
-    if args.json:
-        from .files import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(report, indent=2))
-    if args.grid:
-        print(f"grid: {args.grid}")
-    return 0
+def settings_flags(p: argparse.ArgumentParser, defaults: object, helps: dict[str, str],
+                   flags: dict[str, str] | None = None, choices: dict[str, tuple[str, ...]] | None = None) -> None:
+    """One flag per settings field named in ``helps`` (``--field-name``, or ``flags[field]``), typed by the field's
+    annotation, default ``None`` (= the settings' own value, shown in the help as ``{default}``)."""
+    for f in fields(defaults):  # type: ignore[arg-type]
+        if f.name not in helps:
+            continue
+        name = "--" + (flags or {}).get(f.name, f.name).replace("_", "-")
+        text = helps[f.name].format(default=getattr(defaults, f.name))
+        kind = str(f.type)
+        if kind.startswith("bool"):
+            p.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif (choices or {}).get(f.name):
+            p.add_argument(name, dest=f.name, choices=choices[f.name], help=text)
+        else:
+            typ = int if kind.startswith("int") else float if kind.startswith("float") else str
+            p.add_argument(name, dest=f.name, type=typ, help=text)
 
 
-def _lab_baseline(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .lab.baseline import esd
-
-    backbone = _load_model(args)
-    t0 = time.time()
-    with tqdm(total=args.steps, desc=f"ESD {args.concept}", disable=None) as bar:
-        w = esd(backbone, args.concept, iterations=args.steps, lr=args.lr, scope=args.scope, seed=args.seed,
-                progress=bar.update)
-    w.metadata["erasure.base_model"] = backbone.fingerprint()
-    err = w.save(args.out)
-    print(f"ESD erased {args.concept!r} in {time.time() - t0:.1f} s, peak RSS {_peak_rss_mb():.0f} MB; "
-          f"wrote {args.out} (LoRA relative error {err:.1e})")
-    _print_model_note(args)
-    return 0
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .lab.demo import erase
-    from .lab.evaluate import evaluate, format_table
-
-    concept = args.concept
-    out = Path(args.out)
-    backbone, clf = _load_lab("lab")
-    s = _settings(args)
-    print(f"erasure {__version__} demo: erase {concept!r} from the concept lab's model with {args.method} "
-          "(the default method meets the lab's single-concept bars most often; --method esd|mace|cfr for the "
-          "others)")
-    t0 = time.time()
-    before = evaluate(backbone, clf, [concept], None, s)
-    with tqdm(desc=f"erasing {concept}", disable=None) as bar:
-        weights = erase(backbone, concept, args.method, steps=args.steps, seed=args.seed, progress=bar.update)
-    out.mkdir(parents=True, exist_ok=True)
-    weights.metadata["erasure.base_model"] = backbone.fingerprint()
-    weights.save(out / f"erase-{concept}.safetensors")
-    after = evaluate(backbone, clf, [concept], weights, s, grid=out / "grid.png")
-    print(format_table(after, before))
-    print(f"before: efficacy {before['efficacy']:.3f}  after: efficacy {after['efficacy']:.3f}")
-    from .files import atomic_write_text
-
-    atomic_write_text(out / "report.json", json.dumps({"before": before, "after": after}, indent=2))
-    print(f"wrote {out / f'erase-{concept}.safetensors'}, {out / 'grid.png'}, {out / 'report.json'} "
-          f"in {time.time() - t0:.0f} s (peak RSS {_peak_rss_mb():.0f} MB)")
-    return 0
+def _given(args: argparse.Namespace, defaults: object) -> dict[str, object]:
+    """The settings fields that have a flag on this command, as given (``None`` = not given)."""
+    return {f.name: getattr(args, f.name) for f in fields(defaults) if hasattr(args, f.name)}  # type: ignore[arg-type]
 
 
 MODEL_HELP = ("'lab' (the concept lab's model), a diffusers folder, or a single-file SD1.x/SD2.x/SDXL checkpoint "
@@ -136,12 +130,20 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
+def _add_eval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sample-steps", type=int, default=10, help="DDIM steps of the evaluation sampler")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--seeds", type=int, default=8, help="seeds per prompt")
+
+
+def _eval_settings(args: argparse.Namespace) -> EvalSettings:
+    return EvalSettings(steps=args.sample_steps, guidance=args.guidance, seeds_own=args.seeds)
+
+
 def _load_model(args: argparse.Namespace, need_vae: bool = False):
     """The backbone for ``--model``: 'lab', a diffusers folder, or a single .safetensors/.ckpt file (the latter
     refused unopened). Single files print what was detected and assumed (``args.model_note`` keeps it for the run's
     closing summary); their VAE is loaded only if ``need_vae``."""
-    from .diffusers_backbone import load_diffusers
-
     path = Path(args.model).expanduser()
     if args.model == "lab" or path.is_dir():
         for flag in ("tokenizer", "model_prediction"):
@@ -149,8 +151,6 @@ def _load_model(args: argparse.Namespace, need_vae: bool = False):
                 raise SystemExit(f"error: --{flag.replace('_', '-')} applies to single-file checkpoints; a diffusers "
                                  "folder brings its own tokenizer/ and scheduler/")
         return load_diffusers(args.model, device=args.device)
-    from .single_file import load_single_file
-
     loaded = load_single_file(path, device=args.device, tokenizer=getattr(args, "tokenizer", None),
                               prediction=getattr(args, "model_prediction", None), with_vae=need_vae)
     args.model_note = loaded.summary()
@@ -158,71 +158,16 @@ def _load_model(args: argparse.Namespace, need_vae: bool = False):
     return loaded.backbone
 
 
+def _load_lab(model: str):
+    if model != "lab":
+        raise SystemExit("error: `lab` commands evaluate the lab model only (--model lab); the lab classifier "
+                         "cannot judge other models")
+    return load_diffusers("lab"), load_classifier(CLASSIFIER_FILE)
+
+
 def _print_model_note(args: argparse.Namespace) -> None:
     if getattr(args, "model_note", None):
         print(f"model: {args.model_note}")
-
-
-def _mace(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .lab.demo import lab_concept, lab_prior
-    from .lab.evaluate import cache_dir
-    from .mace import PRESETS, Concept, mace
-    from .prior import gram
-    from .prompts import prior_prompts
-    from .user_images import find_user_images, load_user_data
-    from .validation import check_anchors, check_concepts, check_mace_inputs, check_mace_settings
-
-    concepts = _parse_concepts(args.concepts)
-    if not concepts:
-        raise SystemExit("error: no concepts given; use --concepts \"a; b; c\"")
-    concepts = check_concepts(concepts)
-    anchors = _parse_concepts(args.anchors) if args.anchors else []
-    check_anchors(concepts, anchors)
-    _check_out(args.out)
-    s = PRESETS[args.preset].override(images_per_concept=args.images, sample_steps=args.sample_steps,
-                                      guidance=args.guidance, lam=args.lam, preserve=args.preserve,
-                                      fuse_preserve=args.fuse_preserve, lora_steps=args.steps, lora_lr=args.lr,
-                                      lora_rank=args.rank, seed=args.seed, suppress_end=args.suppress_end,
-                                      augment=args.augment, importance_sampling=args.importance_sampling,
-                                      use_masks=args.masks, mask_threshold=args.mask_threshold,
-                                      lora_batch=args.lora_batch, grad_clip=args.grad_clip)
-    check_mace_settings(s)
-    if args.image_dir:
-        find_user_images(args.image_dir, concepts)  # the layout's errors before a long model load
-    backbone = _load_model(args, need_vae=bool(args.image_dir))
-    lab = args.model == "lab"
-    items = []
-    for i, c in enumerate(concepts):
-        anchor = anchors[min(i, len(anchors) - 1)] if anchors else None
-        items.append(lab_concept(c, anchor) if lab else Concept(c, anchor or s.anchor, s.kind))
-    check_mace_inputs(backbone, items, s)  # before the prior, which costs a text-encoder pass per prompt
-    user_data = load_user_data(backbone, args.image_dir, concepts, log=print) if args.image_dir else {}
-    prior = (lab_prior(backbone, concepts) if lab
-             else gram(backbone, prior_prompts(exclude=concepts, extra_file=args.prior_file), cache_dir()))
-    total = sum((0 if c in user_data else s.sample_steps) + s.lora_steps for c in concepts)
-    t0 = time.time()
-    with tqdm(total=total, desc="MACE", disable=None) as bar:
-        res = mace(backbone, items, s, prior, user_data=user_data, progress=bar.update, log=bar.write)
-    res.weights.metadata["erasure.base_model"] = backbone.fingerprint()
-    err = res.weights.save(args.out, rank=args.export_rank)
-    print(f"MACE erased {', '.join(repr(c) for c in concepts)} (anchors: "
-          f"{', '.join(repr(c.anchor) for c in items)}) in {time.time() - t0:.1f} s; "
-          f"{res.unet_evaluations} UNet evaluations; peak RSS {_peak_rss_mb():.0f} MB")
-    for c, lr in zip(concepts, res.loras, strict=True):
-        where = "concept tokens, end token and padding" if lr.suppress_end else "concept tokens only"
-        print(f"  {c!r}: attention loss ({where}) {_loss_span(lr)}")
-    print(f"wrote {args.out} ({len(res.weights.deltas)} K/V matrices; LoRA relative error {err:.1e})")
-    _print_model_note(args)
-    return 0
-
-
-def _loss_span(lora) -> str:
-    if lora.probe is None:
-        return "(not measured)"
-    a, b = lora.probe
-    return f"{a:.3g} -> {b:.3g} on a fixed probe ({b / a:.0%} of the start)" if a > 0 else f"{a:.3g} -> {b:.3g}"
 
 
 def _check_out(out: str) -> None:
@@ -240,36 +185,187 @@ def _export_rank(weights, requested: int | None) -> int | None:
     return weights.export_rank()
 
 
+# -- demo --------------------------------------------------------------------------------------------------------
+def _demo(args: argparse.Namespace) -> int:
+    concept = args.concept
+    out = Path(args.out)
+    backbone, clf = _load_lab("lab")
+    s = _eval_settings(args)
+    print(f"erasure {__version__} demo: erase {concept!r} from the concept lab's model with {args.method} "
+          "(--method esd|mace|cfr for the others)")
+    t0 = time.time()
+    before = evaluate(backbone, clf, [concept], None, s)
+    with _bar(None, f"erasing {concept}") as bar:
+        weights = erase(backbone, concept, args.method, steps=args.steps, seed=args.seed, progress=_progress(bar))
+    out.mkdir(parents=True, exist_ok=True)
+    weights.metadata["erasure.base_model"] = backbone.fingerprint()
+    save_lora(weights, out / f"erase-{concept}.safetensors")
+    after = evaluate(backbone, clf, [concept], weights, s, grid=out / "grid.png")
+    print(format_table(after, before))
+    print(f"before: efficacy {before['efficacy']:.3f}  after: efficacy {after['efficacy']:.3f}")
+    atomic_write_text(out / "report.json", json.dumps({"before": before, "after": after}, indent=2))
+    print(f"wrote {out / f'erase-{concept}.safetensors'}, {out / 'grid.png'}, {out / 'report.json'} "
+          f"in {time.time() - t0:.0f} s ({_peak_memory()})")
+    return 0
+
+
+def add_demo_command(sub) -> None:
+    demo = sub.add_parser("demo", help="erase one concept from the lab model and show before/after")
+    demo.add_argument("--concept", default="circle", help="a lab concept: a shape, colour or style")
+    demo.add_argument("--method", choices=("ant", "esd", "cfr", "mace"), default="ant",
+                      help="ant: ANT (the default method); esd: the anchor-free baseline; cfr: MACE's closed-form "
+                      "refinement alone; mace: all of MACE")
+    demo.add_argument("--steps", type=int, help="training iterations (ant: 250; esd: 150; mace: the preset's LoRA "
+                      "steps)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="out/demo")
+    _add_eval_flags(demo)
+    demo.set_defaults(func=_demo)
+
+
+# -- mace --------------------------------------------------------------------------------------------------------
+MACE_FLAGS = {"images_per_concept": "images", "lora_steps": "steps", "lora_lr": "lr", "lora_rank": "rank",
+              "use_masks": "masks"}
+MACE_HELP = {
+    "images_per_concept": "generated images per concept (default {default})",
+    "sample_steps": "DDIM steps when generating them (default {default})",
+    "guidance": "guidance when generating them (default {default})",
+    "use_masks": "restrict the attention loss to the concept's mask (default; styles never use masks); "
+                 "--no-masks: the whole image",
+    "mask_threshold": "threshold of the normalised attention map (default {default})",
+    "lam": "closed-form regulariser (default: the preset's)",
+    "preserve": "prior-preservation weight of the refinement (default: the preset's)",
+    "fuse_preserve": "prior-preservation weight of the fusion (default: the preset's)",
+    "lora_steps": "LoRA training steps per concept (default: the preset's)",
+    "lora_lr": "LoRA learning rate (default: the preset's)",
+    "lora_rank": "LoRA rank per concept (MACE: {default})",
+    "lora_batch": "images per LoRA step (default {default})",
+    "grad_clip": "LoRA gradient-norm clip (default {default})",
+    "suppress_end": "the attention loss also suppresses the end token and padding (the reference's positions); "
+                    "default: only where they carry the concept (measured per concept)",
+    "augment": "each LoRA step uses one of the concept's prompt templates (the reference; default); "
+               "--no-augment: the generation prompt only",
+    "importance_sampling": "LoRA timesteps from MACE's p(t), median ~300 (the reference; default); "
+                           "--no-importance-sampling: uniform",
+    "seed": "(default {default})",
+}
+
+
+def _mace(args: argparse.Namespace) -> int:
+    concepts = _parse_concepts(args.concepts)
+    if not concepts:
+        raise SystemExit("error: no concepts given; use --concepts \"a; b; c\"")
+    concepts = check_concepts(concepts)
+    anchors = _parse_concepts(args.anchors) if args.anchors else []
+    check_anchors(concepts, anchors)
+    _check_out(args.out)
+    s = PRESETS[args.preset].override(**_given(args, MaceSettings()))
+    s.validate()
+    if args.image_dir:
+        find_user_images(args.image_dir, concepts)  # the layout's errors before a long model load
+    backbone = _load_model(args, need_vae=bool(args.image_dir))
+    lab = args.model == "lab"
+    items = []
+    for i, c in enumerate(concepts):
+        anchor = anchors[min(i, len(anchors) - 1)] if anchors else None
+        items.append(lab_concept(c, anchor) if lab else Concept(c, anchor or s.anchor, s.kind))
+    check_mace_inputs(backbone, items, s)  # before the prior, which costs a text-encoder pass per prompt
+    user_data = (load_user_data(backbone, args.image_dir, concepts, Progress(log=print)) if args.image_dir
+                 else {})
+    prior = (lab_prior(backbone, concepts) if lab
+             else gram(backbone, prior_prompts(exclude=concepts, extra_file=args.prior_file), cache_dir()))
+    total = sum((0 if c in user_data else s.sample_steps) + s.lora_steps for c in concepts)
+    t0 = time.time()
+    with _bar(total, "MACE") as bar:
+        res = mace(backbone, items, s, prior, user_data=user_data, progress=_progress(bar))
+    res.weights.metadata["erasure.base_model"] = backbone.fingerprint()
+    err = save_lora(res.weights, args.out, rank=args.export_rank)
+    print(f"MACE erased {', '.join(repr(c) for c in concepts)} (anchors: "
+          f"{', '.join(repr(c.anchor) for c in items)}) in {time.time() - t0:.1f} s; "
+          f"{res.unet_evaluations} UNet evaluations; {_peak_memory()}")
+    for c, lr in zip(concepts, res.loras, strict=True):
+        where = "concept tokens, end token and padding" if lr.suppress_end else "concept tokens only"
+        print(f"  {c!r}: attention loss ({where}) {_loss_span(lr)}")
+    print(f"wrote {args.out} ({len(res.weights.deltas)} K/V matrices; LoRA relative error {err:.1e})")
+    _print_model_note(args)
+    return 0
+
+
+def _loss_span(lora) -> str:
+    if lora.probe is None:
+        return "(not measured)"
+    a, b = lora.probe
+    return f"{a:.3g} -> {b:.3g} on a fixed probe ({b / a:.0%} of the start)" if a > 0 else f"{a:.3g} -> {b:.3g}"
+
+
+def add_mace_command(sub) -> None:
+    mc = sub.add_parser("mace", help="MACE: mass concept erasure -> LoRA file")
+    _add_model_flags(mc)
+    mc.add_argument("--concepts", required=True, help="';'-separated, e.g. \"circle; red; striped\"")
+    mc.add_argument("--anchors", help="';'-separated: one for all concepts or one per concept (default: preset's)")
+    mc.add_argument("--preset", choices=sorted(PRESETS), default="object")
+    mc.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")
+    mc.add_argument("--image-dir", help="your own images instead of generated ones: DIR/<concept>/NAME.png with an "
+                    "optional DIR/<concept>/NAME.mask.png (white = concept); concepts without a folder are generated")
+    settings_flags(mc, MaceSettings(), MACE_HELP, MACE_FLAGS)
+    mc.add_argument("--prior-file", help="extra prior-preservation prompts, one per line")
+    mc.add_argument("--export-rank", type=int, help="truncate the saved LoRA to this rank (default: exact)")
+    mc.set_defaults(func=_mace)
+
+
+# -- ant ---------------------------------------------------------------------------------------------------------
+ANT_FLAGS = {"lora_rank": "rank"}
+ANT_HELP = {
+    "kind": "prompt templates (default {default})",
+    "lr": "Adam learning rate (default {default})",
+    "batch_size": "trajectories per step (default {default})",
+    "trajectory_steps": "DDIM steps of the trajectories (default {default})",
+    "early_steps": "early (kept) steps of them (default {default})",
+    "guidance": "guidance of the trajectories (default {default})",
+    "eta": "strength of the guidance targets (default {default})",
+    "a1": "weight of the unconditional preservation (default {default})",
+    "a2": "weight of the early stage (default {default})",
+    "preserve": "weight of the preservation of prompts without the concept (the project's addition; 0 = the "
+                "paper's loss; default {default})",
+    "prediction": "regressed prediction (default {default})",
+    "sampling": "where training latents come from: on-policy (the edited model's trajectories) or cached (frozen "
+                "once) (default {default})",
+    "trajectories": "trajectory seeds x augmentations (default {default})",
+    "refresh_every": "cached sampling: regenerate trajectories with the edited model every N steps (default "
+                     "{default}; 0: never)",
+    "scope": "what is trained, one concept (default {default})",
+    "saliency_fraction": "kept per saliency map (default {default})",
+    "saliency_maps": "maps intersected (default {default})",
+    "lora_rank": "LoRA rank (scope lora and --concepts; default {default})",
+    "resolution": "training resolution in pixels (default: the model's)",
+    "gradient_checkpointing": "recompute the UNet's activations in backward instead of keeping them (less memory, "
+                              "about one extra forward per step; auto: on for SDXL-sized UNets or above 512 px; "
+                              "default {default})",
+    "seed": "(default {default})",
+}
+ANT_CHOICES = {"kind": tuple(sorted(CONCEPT_TEMPLATES)), "prediction": PREDICTIONS, "sampling": SAMPLINGS,
+               "scope": SCOPES, "gradient_checkpointing": CHECKPOINTING}
+
+
+def _ant_settings(args: argparse.Namespace) -> AntSettings:
+    """The ANT settings of the command line; ``--steps`` and ``--reuse`` set the many-concept path's own fields
+    with ``--concepts``."""
+    many = bool(args.concepts)
+    given = _given(args, AntSettings()) | {"steps": None if many else args.steps,
+                                           "multi_steps": args.steps if many else None,
+                                           "reuse": None if many else args.reuse,
+                                           "multi_reuse": args.reuse if many else None}
+    return AntSettings().override(**given)
+
+
 def _ant(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm import tqdm
-
-    from .ant import AntSettings, ant, ant_multi
-    from .lab import world
-    from .lab.demo import lab_prior
-    from .lab.evaluate import cache_dir
-    from .prior import gram
-    from .prompts import prior_prompts
-
     if bool(args.concept) == bool(args.concepts):
         raise SystemExit("error: give either --concept \"one concept\" or --concepts \"a; b; c\"")
-    from .validation import check_ant_concepts_fit, check_concepts, check_fuse_strength, check_resolution
-
     concepts = check_concepts(_parse_concepts(args.concepts) if args.concepts else _parse_concepts(args.concept))
     synonyms = _parse_concepts(args.synonyms) if args.synonyms else []
     _check_out(args.out)
-    s = AntSettings().override(
-        steps=None if args.concepts else args.steps, multi_steps=args.steps if args.concepts else None,
-        lr=args.lr, batch_size=args.batch_size, trajectory_steps=args.trajectory_steps,
-        early_steps=args.early_steps, guidance=args.guidance, eta=args.eta, a1=args.a1, a2=args.a2,
-        prediction=args.prediction, sampling=args.sampling, trajectories=args.trajectories,
-        refresh_every=args.refresh_every, reuse=None if args.concepts else args.reuse,
-        multi_reuse=args.reuse if args.concepts else None,
-        scope=args.scope, saliency_fraction=args.saliency_fraction, saliency_maps=args.saliency_maps,
-        lora_rank=args.rank, resolution=args.resolution, seed=args.seed, kind=args.kind, preserve=args.preserve,
-        gradient_checkpointing=args.gradient_checkpointing)
+    s = _ant_settings(args)
     s.validate()
-    check_resolution(s.resolution)
     if args.concepts:
         check_fuse_strength(args.fuse_strength)
     backbone = _load_model(args)
@@ -280,11 +376,11 @@ def _ant(args: argparse.Namespace) -> int:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     if len(concepts) == 1 and not args.concepts:
-        with tqdm(total=s.steps, desc="ANT", disable=None) as bar:
-            r = ant(backbone, concepts[0], s, synonyms=tuple(synonyms), templates=templates.get(concepts[0]),
-                    preserve_prompts=world.prior_prompts(exclude=concepts) if lab else
-                    prior_prompts(exclude=[*concepts, *synonyms], extra_file=args.prior_file),
-                    progress=bar.update, log=bar.write)
+        with _bar(s.steps, "ANT") as bar:
+            r = ant_one(backbone, concepts[0], s, synonyms=tuple(synonyms), templates=templates.get(concepts[0]),
+                        preserve_prompts=world.prior_prompts(exclude=concepts) if lab else
+                        prior_prompts(exclude=[*concepts, *synonyms], extra_file=args.prior_file),
+                        progress=_progress(bar))
         weights, fwd, bwd = r.weights, r.unet_forwards, r.unet_backwards
         trained = f"{r.trainable_params:,} parameters trained of {r.total_params:,} in scope"
         if r.selected_fraction is not None:
@@ -296,150 +392,39 @@ def _ant(args: argparse.Namespace) -> int:
         check_ant_concepts_fit(backbone, concepts, s.kind, templates)  # before the prior (a pass per prompt)
         prior = (lab_prior(backbone, concepts) if lab
                  else gram(backbone, prior_prompts(exclude=concepts, extra_file=args.prior_file), cache_dir()))
-        with tqdm(total=s.multi_steps * len(concepts), desc="ANT", disable=None) as bar:
+        with _bar(s.multi_steps * len(concepts), "ANT") as bar:
             m = ant_multi(backbone, concepts, s, prior, templates=templates, lam=args.lam,
                           preserve=args.fuse_preserve, strength=args.fuse_strength,
                           preserve_prompts=world.prior_prompts(exclude=concepts) if lab else
                           prior_prompts(exclude=concepts, extra_file=args.prior_file),
-                          progress=bar.update, log=bar.write)
+                          progress=_progress(bar))
         weights, fwd, bwd = m.weights, m.unet_forwards, m.unet_backwards
         kind = f"rank-{s.lora_rank} LoRA" if s.scope == "lora" else "dense K/V"
         trained = (f"{sum(r.trainable_params for r in m.per_concept):,} parameters trained ({len(concepts)} "
                    f"concepts, {kind} each), fused into {len(weights.deltas)} K/V matrices")
     weights.metadata["erasure.base_model"] = backbone.fingerprint()
-    err = weights.save(args.out, rank=_export_rank(weights, args.export_rank))
-    peak = (f"peak GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available()
-            else f"peak RSS {_peak_rss_mb():.0f} MB")
+    err = save_lora(weights, args.out, rank=_export_rank(weights, args.export_rank))
     print(f"ANT erased {', '.join(repr(c) for c in concepts)} in {time.time() - t0:.1f} s: {trained}; "
-          f"{fwd:,} UNet forwards, {bwd:,} backwards; {peak}")
+          f"{fwd:,} UNet forwards, {bwd:,} backwards; {_peak_memory()}")
     print(f"wrote {args.out} ({len(weights.deltas)} layers; LoRA relative error {err:.1e})")
     _print_model_note(args)
     return 0
 
 
-def _lab_train(args: argparse.Namespace) -> int:
-    from .lab.train import train_lab_model
-
-    train_lab_model(Path(args.out), steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                    save_every=args.save_every, resume=Path(args.resume) if args.resume else None,
-                    log=lambda m: print(m, flush=True))
-    return 0
-
-
-def _lab_train_classifier(args: argparse.Namespace) -> int:
-    from .lab.classifier import train_classifier
-
-    train_classifier(Path(args.out), steps=args.steps, seed=args.seed, log=lambda m: print(m, flush=True))
-    return 0
-
-
-def _add_eval_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sample-steps", type=int, default=10, help="DDIM steps of the evaluation sampler")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    p.add_argument("--seeds", type=int, default=8, help="seeds per prompt")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .lab.model import CLASSIFIER_FILE
-
-    p = argparse.ArgumentParser(prog="python -m erasure", description="Concept erasure for diffusion models.")
-    p.add_argument("--version", action="version", version=f"erasure {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser("demo", help="erase one concept from the lab model and show before/after")
-    demo.add_argument("--concept", default="circle", help="a lab concept: a shape, colour or style")
-    demo.add_argument("--method", choices=("ant", "esd", "cfr", "mace"), default="ant",
-                      help="ant: ANT (meets the lab's single-concept bars most often); esd: the anchor-free "
-                      "baseline; cfr: MACE's closed-form refinement alone; mace: all of MACE")
-    demo.add_argument("--steps", type=int, help="training iterations (ant: 250; esd: 150; mace: the preset's LoRA "
-                      "steps)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="out/demo")
-    _add_eval_flags(demo)
-    demo.set_defaults(func=_demo)
-
-    from .mace import PRESETS
-
-    mc = sub.add_parser("mace", help="MACE: mass concept erasure -> LoRA file")
-    _add_model_flags(mc)
-    mc.add_argument("--concepts", required=True, help="';'-separated, e.g. \"circle; red; striped\"")
-    mc.add_argument("--anchors", help="';'-separated: one for all concepts or one per concept (default: preset's)")
-    mc.add_argument("--preset", choices=sorted(PRESETS), default="object")
-    mc.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")
-    mc.add_argument("--images", type=int, help="generated images per concept (default 8)")
-    mc.add_argument("--image-dir", help="your own images instead of generated ones: DIR/<concept>/NAME.png with an "
-                    "optional DIR/<concept>/NAME.mask.png (white = concept); concepts without a folder are generated")
-    mc.add_argument("--sample-steps", type=int, help="DDIM steps when generating them")
-    mc.add_argument("--guidance", type=float)
-    mc.add_argument("--masks", action=argparse.BooleanOptionalAction, default=None,
-                    help="restrict the attention loss to the concept's mask (default; styles never use masks); "
-                         "--no-masks: the whole image")
-    mc.add_argument("--mask-threshold", type=float, help="threshold of the normalised attention map (default 0.5)")
-    mc.add_argument("--lam", type=float, help="closed-form regulariser")
-    mc.add_argument("--preserve", type=float, help="prior-preservation weight of the refinement")
-    mc.add_argument("--fuse-preserve", type=float, help="prior-preservation weight of the fusion")
-    mc.add_argument("--steps", type=int, help="LoRA training steps per concept")
-    mc.add_argument("--lr", type=float, help="LoRA learning rate")
-    mc.add_argument("--rank", type=int, help="LoRA rank per concept (MACE: 1)")
-    mc.add_argument("--lora-batch", type=int, help="images per LoRA step (default 1)")
-    mc.add_argument("--grad-clip", type=float, help="LoRA gradient-norm clip (default 1.0)")
-    mc.add_argument("--suppress-end", action=argparse.BooleanOptionalAction, default=None,
-                    help="the attention loss also suppresses the end token and padding (the reference's positions); "
-                         "default: only where they carry the concept (measured per concept)")
-    mc.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                    help="each LoRA step uses one of the concept's prompt templates (the reference; default); "
-                         "--no-augment: the generation prompt only")
-    mc.add_argument("--importance-sampling", action=argparse.BooleanOptionalAction, default=None,
-                    help="LoRA timesteps from MACE's p(t), median ~300 (the reference; default); "
-                         "--no-importance-sampling: uniform")
-    mc.add_argument("--seed", type=int)
-    mc.add_argument("--prior-file", help="extra prior-preservation prompts, one per line")
-    mc.add_argument("--export-rank", type=int, help="truncate the saved LoRA to this rank (default: exact)")
-    mc.set_defaults(func=_mace)
-
-    from .ant import CHECKPOINTING, FUSE_LAM, FUSE_PRESERVE, FUSE_STRENGTH, PREDICTIONS, SAMPLINGS, SCOPES, AntSettings
-    from .prompts import CONCEPT_TEMPLATES
-
+def add_ant_command(sub) -> None:
     d = AntSettings()
     an = sub.add_parser("ant", help="ANT: trajectory-aware erasure -> LoRA file")
     _add_model_flags(an)
     an.add_argument("--concept", help="one concept (dense cross-attention K/V finetuning by default; --scope saliency "
                     "for the paper's weight-saliency mask)")
-    an.add_argument("--concepts", help="';'-separated: one ANT LoRA per concept, fused in closed form")
+    an.add_argument("--concepts", help="';'-separated: one ANT edit per concept, fused in closed form")
     an.add_argument("--synonyms", help="';'-separated synonyms of --concept, used as prompt augmentations")
     an.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")
-    an.add_argument("--kind", choices=sorted(CONCEPT_TEMPLATES), help=f"prompt templates (default {d.kind})")
     an.add_argument("--steps", type=int, help=f"training steps per concept (default {d.steps}; with --concepts "
                     f"{d.multi_steps})")
-    an.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
-    an.add_argument("--batch-size", type=int, help=f"trajectories per step (default {d.batch_size})")
-    an.add_argument("--trajectory-steps", type=int,
-                    help=f"DDIM steps of the trajectories (default {d.trajectory_steps})")
-    an.add_argument("--early-steps", type=int, help=f"early (kept) steps of them (default {d.early_steps})")
-    an.add_argument("--guidance", type=float, help=f"guidance of the trajectories (default {d.guidance})")
-    an.add_argument("--eta", type=float, help=f"strength of the guidance targets (default {d.eta})")
-    an.add_argument("--a1", type=float, help=f"weight of the unconditional preservation (default {d.a1})")
-    an.add_argument("--a2", type=float, help=f"weight of the early stage (default {d.a2})")
-    an.add_argument("--preserve", type=float, help="weight of the preservation of prompts without the concept "
-                    f"(the project's addition; 0 = the paper's loss; default {d.preserve})")
-    an.add_argument("--prediction", choices=PREDICTIONS, help=f"regressed prediction (default {d.prediction})")
-    an.add_argument("--sampling", choices=SAMPLINGS, help="where training latents come from: on-policy (the edited "
-                    f"model's trajectory at every step) or cached (frozen once) (default {d.sampling})")
-    an.add_argument("--trajectories", type=int, help=f"trajectory seeds x augmentations (default {d.trajectories})")
     an.add_argument("--reuse", type=int, help="on-policy: training steps each regenerated trajectory serves "
                     f"(default {d.reuse}; with --concepts {d.multi_reuse}: a new trajectory every step)")
-    an.add_argument("--refresh-every", type=int, help="regenerate trajectories with the edited model every N steps "
-                    f"(default {d.refresh_every}: never)")
-    an.add_argument("--scope", choices=SCOPES, help=f"what is trained, one concept (default {d.scope})")
-    an.add_argument("--saliency-fraction", type=float, help=f"kept per saliency map (default {d.saliency_fraction})")
-    an.add_argument("--saliency-maps", type=int, help=f"maps intersected (default {d.saliency_maps})")
-    an.add_argument("--rank", type=int, help=f"LoRA rank (scope lora and --concepts; default {d.lora_rank})")
-    an.add_argument("--resolution", type=int, help="training resolution in pixels (default: the model's)")
-    an.add_argument("--gradient-checkpointing", choices=CHECKPOINTING,
-                    help="recompute the UNet's activations in backward instead of keeping them (less memory, about "
-                    f"one extra forward per step; auto: on for SDXL-sized UNets or above 512 px; default "
-                    f"{d.gradient_checkpointing})")
-    an.add_argument("--seed", type=int)
+    settings_flags(an, d, ANT_HELP, ANT_FLAGS, ANT_CHOICES)
     an.add_argument("--lam", type=float, default=FUSE_LAM, help=f"fusion regulariser (--concepts; default {FUSE_LAM})")
     an.add_argument("--fuse-preserve", type=float, default=FUSE_PRESERVE,
                     help=f"fusion prior-preservation weight (default {FUSE_PRESERVE})")
@@ -451,6 +436,54 @@ def build_parser() -> argparse.ArgumentParser:
                     "256 MB, else 64)")
     an.set_defaults(func=_ant)
 
+
+# -- lab ---------------------------------------------------------------------------------------------------------
+def _lab_eval(args: argparse.Namespace) -> int:
+    erased = _parse_concepts(args.erased)
+    backbone, clf = _load_lab(args.model)
+    weights = None
+    if args.lora:
+        weights = resolve_names(load_lora(args.lora), dict(backbone.unet().named_modules()))
+        if not erased:
+            erased = concepts_from_metadata(weights.metadata)
+    report = evaluate(backbone, clf, erased, weights, _eval_settings(args), Path(args.grid) if args.grid else None,
+                      use_cache=not args.no_cache)
+    print(format_table(report))
+    print(f"{report['seconds']:.1f} s")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(report, indent=2))
+    if args.grid:
+        print(f"grid: {args.grid}")
+    return 0
+
+
+def _lab_baseline(args: argparse.Namespace) -> int:
+    backbone = _load_model(args)
+    t0 = time.time()
+    with _bar(args.steps, f"ESD {args.concept}") as bar:
+        w = esd(backbone, args.concept, iterations=args.steps, lr=args.lr, scope=args.scope, seed=args.seed,
+                progress=_progress(bar))
+    w.metadata["erasure.base_model"] = backbone.fingerprint()
+    err = save_lora(w, args.out)
+    print(f"ESD erased {args.concept!r} in {time.time() - t0:.1f} s, {_peak_memory()}; "
+          f"wrote {args.out} (LoRA relative error {err:.1e})")
+    _print_model_note(args)
+    return 0
+
+
+def _lab_train(args: argparse.Namespace) -> int:
+    train_lab_model(Path(args.out), steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                    save_every=args.save_every, resume=Path(args.resume) if args.resume else None,
+                    log=lambda m: print(m, flush=True))
+    return 0
+
+
+def _lab_train_classifier(args: argparse.Namespace) -> int:
+    train_classifier(Path(args.out), steps=args.steps, seed=args.seed, log=lambda m: print(m, flush=True))
+    return 0
+
+
+def add_lab_command(sub) -> None:
     lab = sub.add_parser("lab", help="the concept lab: train, evaluate, baseline")
     labsub = lab.add_subparsers(dest="lab_command", required=True)
 
@@ -490,6 +523,15 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--steps", type=int, default=1500)
     tc.add_argument("--seed", type=int, default=0)
     tc.set_defaults(func=_lab_train_classifier)
+
+
+# -- entry -------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m erasure", description="Concept erasure for diffusion models.")
+    p.add_argument("--version", action="version", version=f"erasure {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (add_demo_command, add_mace_command, add_ant_command, add_lab_command):
+        add(sub)
     return p
 
 
@@ -500,16 +542,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
+    except (TrainingDivergedError, ErasureOutOfMemoryError, FloatingPointError) as e:
+        print(f"error: {e}; nothing was written", file=sys.stderr)
+        return 1
     except (ValueError, KeyError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
-    except FloatingPointError as e:  # training diverged (NaN/inf): nothing was written
-        print(f"error: {e}; nothing was written", file=sys.stderr)
-        return 1
-    except RuntimeError as e:
-        from .guards import ErasureOutOfMemoryError
-
-        if not isinstance(e, ErasureOutOfMemoryError):
-            raise
-        print(f"error: {e}; nothing was written", file=sys.stderr)
-        return 1

@@ -19,13 +19,28 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from .lab.tokenizer import BOS, EOS, bytes_to_unicode
+BOS = "<|startoftext|>"
+EOS = "<|endoftext|>"
 
 MERGES_FILE = Path(__file__).parent / "assets" / "clip_bpe_merges.txt.gz"
 #: the size of CLIP's vocabulary: 256 byte tokens, their 256 end-of-word forms, 48,894 merges, 2 special tokens
 VOCAB_SIZE = 49408
 #: the padding tokens by encoder family (``None``: pad with the end token)
 PAD_END, PAD_ZERO = EOS, "!"
+
+
+@lru_cache
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (and GPT-2's) reversible byte -> printable unicode map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=False))
 
 
 @lru_cache(maxsize=1)

@@ -14,11 +14,12 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .weights import ErasureWeights
+from .weights import Delta, ErasureWeights, metadata
 
 
-class _HookedDeltas(nn.Module):
+class HookedDeltas(nn.Module):
     """Shared machinery: one forward hook per chosen Linear adding ``self._delta_output(i, x)`` while enabled."""
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
@@ -69,7 +70,7 @@ class _HookedDeltas(nn.Module):
         self.remove()
 
 
-class TrainableDeltas(_HookedDeltas):
+class TrainableDeltas(HookedDeltas):
     """Dense trainable deltas (zero at start) on Linear and Conv2d layers."""
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
@@ -91,7 +92,7 @@ class TrainableDeltas(_HookedDeltas):
         return ErasureWeights.dense({n: p.detach() for n, p in zip(self.names, self.deltas, strict=True)}, **metadata)
 
 
-class TrainableLoRA(_HookedDeltas):
+class TrainableLoRA(HookedDeltas):
     """Low-rank trainable deltas ``dW = up @ down * (alpha / rank)`` on frozen Linear layers, via forward hooks.
 
     ``up`` starts at zero, so the model is unchanged before the first step (the usual LoRA initialisation).
@@ -117,12 +118,10 @@ class TrainableLoRA(_HookedDeltas):
         x = x.to(self.downs[i].dtype)
         return nn.functional.linear(nn.functional.linear(x, self.downs[i]), self.ups[i]) * self.scale
 
-    def result(self, **metadata: object) -> ErasureWeights:
-        from .weights import Delta, _meta
-
+    def result(self, **values: object) -> ErasureWeights:
         deltas = {n: Delta(up=u.detach().float().cpu().clone(), down=d.detach().float().cpu().clone(),
                            scale=self.scale) for n, u, d in zip(self.names, self.ups, self.downs, strict=True)}
-        return ErasureWeights(deltas, _meta(metadata))
+        return ErasureWeights(deltas, metadata(values))
 
 
 def _sparse_dense(values: torch.Tensor, index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -133,7 +132,7 @@ def _linear_delta(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, sh
     return nn.functional.linear(x.to(values.dtype), _sparse_dense(values, index, shape))
 
 
-class SparseDeltas(_HookedDeltas):
+class SparseDeltas(HookedDeltas):
     """Trainable deltas on chosen *entries* of Linear and Conv2d weights (ANT's saliency mask).
 
     Only the selected entries are parameters (one flat vector per layer plus its indices), so an optimizer's state is
@@ -152,8 +151,6 @@ class SparseDeltas(_HookedDeltas):
         self._attach(chosen)
 
     def _delta_output(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        from torch.utils.checkpoint import checkpoint
-
         conv = self._convs.get(i)
         if conv is None:
             return checkpoint(_linear_delta, x, self.values[i], self.indices[i], self.shapes[i], use_reentrant=False)

@@ -15,8 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .attention import capture_cross_attention
 from .backbone import NoiseSchedule, TextConditioning
-from .validation import UnsupportedModelError, check_model_folder
+from .errors import UnsupportedModelError
+from .lab.model import MODEL_DIR
+from .validation import check_model_folder
 
 
 class DiffusersBackbone:
@@ -166,8 +169,6 @@ class DiffusersBackbone:
 
     def capture_attention(self, sink, resolution: int | None = None):
         """Context manager: cross-attention probabilities [B, heads, HW, L] of every layer go to ``sink``."""
-        from .attention import capture_cross_attention
-
         _, h, w = self.latent_shape(resolution)
         return capture_cross_attention(self._unet, sink, (h, w))
 
@@ -191,8 +192,7 @@ class DiffusersBackbone:
 
 
 def lab_model_dir() -> Path:
-    from .lab.model import MODEL_DIR
-
+    """The concept lab's model folder (``--model lab``), shipped in the package."""
     return MODEL_DIR
 
 

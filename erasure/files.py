@@ -20,6 +20,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+
+def cache_dir() -> Path:
+    """Where caches live (evaluation images, prior Gram matrices): ``$ERASURE_CACHE``, else ``~/.cache/erasure``."""
+    return Path(os.environ.get("ERASURE_CACHE", Path.home() / ".cache" / "erasure"))
+
+
 #: metadata key of a cache file's content hash (see :func:`save_cache`)
 CACHE_HASH_KEY = "erasure.cache.sha256"
 

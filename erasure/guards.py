@@ -22,14 +22,12 @@ from typing import TypeVar
 
 import torch
 
+from .errors import ErasureOutOfMemoryError
+
 F = TypeVar("F", bound=Callable)
 
 _locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _locks_guard = threading.Lock()
-
-
-class ErasureOutOfMemoryError(torch.OutOfMemoryError):
-    """Out of memory during an erasure; the message says which settings to lower."""
 
 
 def model_lock(module: object) -> threading.RLock:

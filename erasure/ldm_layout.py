@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from .diffusers_backbone import UnsupportedModelError
+from .errors import UnsupportedModelError
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."

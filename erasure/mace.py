@@ -25,8 +25,8 @@ Stage 3 draws each step's prompt from the concept's templates, as the reference'
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -34,39 +34,18 @@ from . import validation
 from .backbone import Backbone, TextConditioning
 from .closed_form import factor, solve_factored
 from .deltas import TrainableLoRA
+from .errors import TrainingDivergedError
+from .fusion import FusionSystem, mean_prompt_count
 from .guards import entry_point
-from .prompts import concept_prompts
+from .progress import Progress, as_progress
+from .prompts import Concept
 from .sampling import sample
-from .weights import Delta, ErasureWeights, _meta
+from .settings import Settings
+from .weights import ErasureWeights
 
 
 @dataclass(frozen=True)
-class Concept:
-    text: str
-    anchor: str
-    kind: str = "object"
-    #: prompts with ``{c}`` where the concept goes; default: the templates of ``kind`` (``prompts.py``)
-    templates: tuple[str, ...] = ()
-    #: the prompt that generates the concept's training images; default: MACE's per-kind prompt
-    data_prompt: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.text.strip():
-            raise ValueError("a concept is empty: give the word or phrase to erase")
-        if self.text.strip().lower() == self.anchor.strip().lower():
-            raise ValueError(f"the anchor of {self.text!r} is the concept itself: choose a different anchor")
-
-    def prompts(self) -> list[str]:
-        return [t.replace("{c}", self.text) for t in (self.templates or concept_prompts("{c}", self.kind))]
-
-    def generation_prompt(self) -> str:
-        if self.data_prompt:
-            return self.data_prompt.replace("{c}", self.text)
-        return f"a photo in the style of {self.text}" if self.kind == "style" else f"a photo of the {self.text}"
-
-
-@dataclass(frozen=True)
-class MaceSettings:
+class MaceSettings(Settings):
     """Every setting of the four stages. Presets (``PRESETS``) hold the reference values per kind of concept."""
 
     kind: str = "object"
@@ -98,11 +77,10 @@ class MaceSettings:
     suppress_end: bool | None = None
     seed: int = 0
 
-    def override(self, **kw: object) -> MaceSettings:
-        unknown = [k for k in kw if k not in asdict(self)]
-        if unknown:
-            raise ValueError(f"unknown MACE settings: {', '.join(unknown)}")
-        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+    label: ClassVar[str] = "MACE"
+
+    def validate(self) -> None:
+        validation.check_mace_settings(self)
 
 
 PRESETS: dict[str, MaceSettings] = {
@@ -135,8 +113,7 @@ def masks_from_attention(maps: torch.Tensor, threshold: float = 0.5) -> torch.Te
 
 
 def generate_data(backbone: Backbone, concept: Concept, s: MaceSettings, user_masks: torch.Tensor | None = None,
-                  user_latents: torch.Tensor | None = None, progress: Callable[[int], None] | None = None,
-                  check_interrupt: Callable[[], None] | None = None) -> ConceptData:
+                  user_latents: torch.Tensor | None = None, progress: Progress | None = None) -> ConceptData:
     prompt = concept.generation_prompt()
     if user_latents is not None:
         masks = user_masks if user_masks is not None else torch.ones(user_latents.shape[0],
@@ -146,7 +123,7 @@ def generate_data(backbone: Backbone, concept: Concept, s: MaceSettings, user_ma
     want_masks = s.use_masks and concept.kind != "style"
     res = sample(backbone, [prompt], seeds, s.sample_steps, s.guidance, progress=progress,
                  attention_word=concept.text if want_masks else None,
-                 decode=not getattr(backbone, "latent_only", False), check_interrupt=check_interrupt)
+                 decode=not getattr(backbone, "latent_only", False))
     if want_masks:
         masks = masks_from_attention(res.attention, s.mask_threshold)
     else:
@@ -157,17 +134,10 @@ def generate_data(backbone: Backbone, concept: Concept, s: MaceSettings, user_ma
 
 
 # -- stage 2 ---------------------------------------------------------------------------------------------------
-def concept_and_anchor_prompts(concept: Concept) -> tuple[list[str], list[str]]:
-    """The concept's template prompts and the same templates with the anchor in its place (CFR's pairs)."""
-    templates = list(concept.templates) or concept_prompts("{c}", concept.kind)
-    return ([t.replace("{c}", concept.text) for t in templates],
-            [" ".join(t.replace("{c}", concept.anchor).split()) for t in templates])
-
-
 def encode_pairs(backbone: Backbone, concept: Concept) -> tuple[torch.Tensor, torch.Tensor]:
     """Token embeddings ``[n, L, D]`` (float64, CPU) of ``concept_and_anchor_prompts``: what CFR and
     ``end_residue`` both read, encoded once when ``mace`` runs them."""
-    src, dst = concept_and_anchor_prompts(concept)
+    src, dst = concept.prompts(), concept.anchor_prompts()
     with torch.no_grad():
         return backbone.encode_text(src).embeds.double().cpu(), backbone.encode_text(dst).embeds.double().cpu()
 
@@ -180,7 +150,7 @@ def aligned_pairs(backbone: Backbone, concept: Concept,
     between concept and anchor; positions that fall off the context are dropped. ``encoded``: ``encode_pairs``'s
     result, when already computed.
     """
-    src, dst = concept_and_anchor_prompts(concept)
+    src, dst = concept.prompts(), concept.anchor_prompts()
     ef_all, eg_all = encoded if encoded is not None else encode_pairs(backbone, concept)
     length = ef_all.shape[1]
     ef, eg = [], []
@@ -282,7 +252,7 @@ def end_residue(backbone: Backbone, concept: Concept,
     anchor, divided by the same distance at the concept's first token. A causal CLIP carries the prompt's content into
     the end token (a randomly initialised one: 0.73; SD's trained one assumed, not measured here); the lab's text
     encoder does not (0.001-0.005). ``encoded``: ``encode_pairs``'s result, when already computed."""
-    src, dst = concept_and_anchor_prompts(concept)
+    src, dst = concept.prompts(), concept.anchor_prompts()
     ef, eg = encoded if encoded is not None else encode_pairs(backbone, concept)
     cos = torch.nn.functional.cosine_similarity
     end_d, tok_d = [], []
@@ -389,9 +359,9 @@ def probe_loss(backbone: Backbone, data: ConceptData, cond: TextConditioning, po
 
 
 def train_lora(backbone: Backbone, data: ConceptData, base: ErasureWeights | None, s: MaceSettings,
-               progress: Callable[[int], None] | None = None,
-               check_interrupt: Callable[[], None] | None = None, probe: bool = True) -> LoraResult:
+               progress: Progress | None = None, probe: bool = True) -> LoraResult:
     """Stage 3 for one concept: a rank-``s.lora_rank`` K/V LoRA on top of ``base`` (the CFR edit)."""
+    progress = as_progress(progress)
     gen = torch.Generator().manual_seed(s.seed)
     prompts = lora_prompts(data, s.augment)
     end = resolve_suppress_end(backbone, data.concept, s)
@@ -412,8 +382,7 @@ def train_lora(backbone: Backbone, data: ConceptData, base: ErasureWeights | Non
         # the LoRA starts at zero: the probe measures the base model
         probe_before = probe_loss(backbone, data, cond_all, positions, pt, s.seed) if probe else None
         for _step in range(s.lora_steps):
-            if check_interrupt is not None:
-                check_interrupt()
+            progress.check()
             idx = torch.randint(0, n, (s.lora_batch,), generator=gen)
             x0 = data.latents[idx].to(backbone.device, backbone.dtype)
             t = torch.multinomial(pt, s.lora_batch, replacement=True, generator=gen).to(backbone.device)
@@ -426,16 +395,15 @@ def train_lora(backbone: Backbone, data: ConceptData, base: ErasureWeights | Non
                 backbone.predict_noise(x_t, t, cond_all[pidx].to(backbone.device))
             loss = loss_fn.total
             if loss is None or not torch.isfinite(loss):
-                raise FloatingPointError(f"MACE attention loss is {loss} for {data.concept.text!r}: lower lora_lr")
+                raise TrainingDivergedError(f"MACE attention loss is {loss} for {data.concept.text!r}: lower lora_lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(lora.parameters(), s.grad_clip)
             opt.step()
             losses.append(float(loss.detach()))
-            if progress is not None:
-                progress(1)
+            progress.step()
         if not lora.all_finite():
-            raise FloatingPointError(f"MACE LoRA for {data.concept.text!r} became non-finite: lower lora_lr")
+            raise TrainingDivergedError(f"MACE LoRA for {data.concept.text!r} became non-finite: lower lora_lr")
         measured = (probe_before, probe_loss(backbone, data, cond_all, positions, pt, s.seed)) if probe else None
         w = lora.result(method="mace-lora", concepts=[data.concept.text], anchors=[data.concept.anchor],
                         settings={**asdict(s), "suppress_end": end})
@@ -444,201 +412,6 @@ def train_lora(backbone: Backbone, data: ConceptData, base: ErasureWeights | Non
         embeds = cond_all.embeds.double().cpu()
         embeds = embeds.reshape(-1, embeds.shape[-1])
     return LoraResult(w, losses, end, measured, embeds)
-
-
-# -- stage 4 ---------------------------------------------------------------------------------------------------
-def concept_token_embeddings(backbone: Backbone, concept: Concept) -> torch.Tensor:
-    """All tokens of the concept's prompts, [n * L, D] float64 (the ``E_i`` of the fusion)."""
-    with torch.no_grad():
-        e = backbone.encode_text(concept.prompts()).embeds.double().cpu()
-    return e.reshape(-1, e.shape[-1])
-
-
-def balance_weight(concept: Concept, mean_count: float, balance: bool = True) -> float:
-    """The factor on a concept's token embeddings in the fusion: ``sqrt(mean count / its prompt count)``."""
-    return (mean_count / len(concept.prompts())) ** 0.5 if balance else 1.0
-
-
-def mean_prompt_count(groups: list[list[Concept]]) -> float:
-    counts = [len(c.prompts()) for g in groups for c in g]
-    return sum(counts) / len(counts)
-
-
-def _lora_times_gram(dl, g: torch.Tensor) -> torch.Tensor:
-    """``dW G`` for one layer's delta, without forming a low-rank delta densely first."""
-    if dl.up is not None and dl.down is not None and dl.down.dim() == 2:  # low rank: up (down G)
-        return (dl.up.double() @ (dl.down.double() @ g)) * dl.scale
-    return dl.matrix().double() @ g
-
-
-class FusionSystem:
-    """MACE's closed-form fusion, built up one LoRA at a time.
-
-    ``W* = argmin sum_i ||W E_i - (W_base + dW_i) E_i||^2 + lam ||W - W_base||^2 + preserve ||(W - W0) C^(1/2)||^2``
-    has normal equations ``W* M2 = M1`` with ``M2 = sum_i G_i + lam I + preserve C`` (``G_i = E_i^T E_i``, the same
-    for every layer) and, per layer, ``M1 = W_base (sum_i G_i + lam I) + sum_i dW_i G_i + preserve W0 C``.
-
-    ``add`` computes an item's ``G_i`` and keeps what the solve needs of each layer's ``dW_i G_i``, whichever is
-    smaller:
-    - a low-rank item (``up down`` of rank below the layer's width) whose factors ``up`` and rows ``down G_i``
-      over all layers take less than ``G_i`` (``D x D``; 33.5 MB in float64 on SDXL, where a rank-1 LoRA's rows
-      and ``up`` take 3.6 MB): those, and ``G_i`` is dropped;
-    - otherwise, ``keep=True``: the item and ``G_i``, its terms formed per layer at ``solve`` and dropped
-      (``fuse``, whose caller holds the weights anyway; e.g. rank-64 LoRAs on SDXL, whose rows would take 221 MB);
-    - otherwise, ``keep=False``: each dense ``dW_i G_i`` folded into a running per-layer sum at once and low-rank
-      layers' rows kept, so that the item can be freed (ANT's many-concept path, where each finished edit is as
-      large as the K/V weights).
-    A layer whose stacked low-rank terms reach its width is folded into the dense sum (no longer cheaper).
-    ``solve`` consumes the system: call it once.
-    """
-
-    def __init__(self, backbone: Backbone, mean_count: float, balance: bool = True) -> None:
-        self.backbone = backbone
-        kv = backbone.cross_attention_kv()
-        self.shapes = {name: tuple(m.weight.shape) for name, m in kv.items()}
-        d = next(iter(kv.values())).weight.shape[1]
-        self.g_sum = torch.zeros(d, d, dtype=torch.float64)
-        self.mean_count, self.balance = mean_count, balance
-        self.kept: list[tuple[ErasureWeights, torch.Tensor]] = []
-        self.folded: dict[str, torch.Tensor] = {}
-        self.low: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # layer -> (ups, rows down G)
-        self.groups: list[list[Concept]] = []
-        self.solved = False
-
-    def _low_rank(self, name: str, dl: Delta) -> bool:
-        return (dl.up is not None and dl.down is not None and dl.down.dim() == 2
-                and int(dl.up.shape[1]) < min(self.shapes[name]))
-
-    def _fold(self, name: str, term: torch.Tensor) -> None:
-        if name in self.folded:
-            self.folded[name] += term
-        else:
-            self.folded[name] = term
-
-    @staticmethod
-    def _stack(ups: list[torch.Tensor], rows: list[torch.Tensor], dl: Delta, g: torch.Tensor, factor: float,
-               width: int) -> torch.Tensor | None:
-        """Append ``dl``'s ``up`` and ``down G``; past ``width`` stacked ranks, empty the stack into a dense term."""
-        ups.append(dl.up.double() * (dl.scale * factor))
-        rows.append(dl.down.double() @ g)
-        if sum(u.shape[1] for u in ups) < width:
-            return None
-        term = torch.cat(ups, dim=1) @ torch.cat(rows)
-        ups.clear()
-        rows.clear()
-        return term
-
-    def add(self, group: Concept | list[Concept], weights: ErasureWeights, keep: bool = True,
-            factor: float = 1.0, embeddings: torch.Tensor | None = None) -> None:
-        """``factor`` scales the item's ``dW_i`` (ANT's fusion strength) without copying its weights.
-        ``embeddings``: a single concept's ``concept_token_embeddings``, when already computed."""
-        if self.solved:
-            raise RuntimeError("this fusion system was solved already: build a new one")
-        group = group if isinstance(group, list) else [group]
-        if embeddings is not None and len(group) != 1:
-            raise ValueError("embeddings can be given for a single concept only")
-        e = torch.cat([(concept_token_embeddings(self.backbone, c) if embeddings is None else embeddings)
-                       * balance_weight(c, self.mean_count, self.balance) for c in group])
-        g = e.T @ e
-        d = g.shape[0]
-        self.g_sum += g
-        self.groups.append(group)
-        layers = [(n, dl) for n, dl in weights.deltas.items() if n in self.shapes]
-        low = [(n, dl) for n, dl in layers if self._low_rank(n, dl)]
-        rows_now = not keep or sum(int(dl.up.shape[1]) * sum(self.shapes[n]) for n, dl in low) < d * d
-        for name, dl in low if rows_now else ():
-            ups, rows = self.low.setdefault(name, ([], []))
-            term = self._stack(ups, rows, dl, g, factor, min(self.shapes[name]))
-            if term is not None:
-                self._fold(name, term)
-        # dW_i (factor G_i) = (factor dW_i) G_i
-        if keep and not rows_now:
-            self.kept.append((weights, g * factor))
-        elif keep and len(low) < len(layers):  # its low-rank layers are stacked already: keep the dense ones
-            self.kept.append((ErasureWeights({n: dl for n, dl in layers if not self._low_rank(n, dl)}), g * factor))
-        elif not keep:
-            for name, dl in layers:
-                if not self._low_rank(name, dl):
-                    self._fold(name, _lora_times_gram(dl, g) * factor)
-
-    def solve(self, base: ErasureWeights | None, prior: torch.Tensor | None, lam: float, preserve: float,
-              method: str = "mace-fused") -> ErasureWeights:
-        """The fused deltas relative to ``W0``, solved for the change rather than for ``W*``.
-
-        Subtracting ``W_base M2`` from the normal equations leaves ``W* - W_base = (sum_i dW_i G_i - preserve B C)
-        M2^-1`` with ``B = W_base - W0`` (the base's delta): the base, ``lam`` and the prior's pull towards ``W0``
-        need no per-layer ``out x D x D`` products of their own (the reference forms ``W M2`` per layer and inverts
-        ``M2`` per layer). A layer's low-rank terms ``U = [up_i]``, ``R = [down_i G_i]`` change it by
-        ``U (R M2^-1)``, which costs ``sum r x D x D`` instead of ``out x D x D``; with no base and no dense item the
-        layer's delta is returned as that factorisation (exact, rank ``sum r``, where that is smaller than dense),
-        so a fusion of a few LoRAs is itself a small LoRA.
-        """
-        if self.solved:
-            raise RuntimeError("this fusion system was solved already: build a new one")
-        self.solved = True
-        d = self.g_sum.shape[0]
-        m2 = self.g_sum + lam * torch.eye(d, dtype=torch.float64)
-        use_prior = prior is not None and preserve != 0
-        if use_prior:
-            c_prior = prior.double()
-            m2 = m2 + preserve * c_prior
-        chol = factor(m2)  # once for every layer (the reference rebuilds and inverts it per layer)
-        deltas: dict[str, Delta] = {}
-        for name, (out_f, _) in self.shapes.items():
-            dense = self.folded.pop(name, None)  # freed layer by layer as the result is built
-            ups, rows = self.low.pop(name, ([], []))
-            for lw, g in self.kept:
-                dl = lw.deltas.get(name)
-                if dl is None:
-                    continue
-                term = (self._stack(ups, rows, dl, g, 1.0, min(out_f, d)) if self._low_rank(name, dl)
-                        else _lora_times_gram(dl, g))
-                if term is not None:
-                    dense = term if dense is None else dense + term
-            b = base.deltas[name].matrix().double().cpu() if base is not None and name in base.deltas else None
-            if b is not None and use_prior:
-                dense = -preserve * (b @ c_prior) if dense is None else dense - preserve * (b @ c_prior)
-            u = torch.cat(ups, dim=1) if ups else None
-            x = solve_factored(torch.cat(rows), chol) if rows else None  # R M2^-1
-            if u is not None and dense is None and b is None and u.shape[1] * (out_f + d) < out_f * d:
-                deltas[name] = Delta(up=u.float(), down=x.float())
-                continue
-            change = torch.zeros(out_f, d, dtype=torch.float64) if b is None else b
-            if dense is not None:
-                change = change + solve_factored(dense, chol)
-            if u is not None:
-                change = change + u @ x
-            deltas[name] = Delta(dense=change.float())
-        return ErasureWeights(deltas, _meta({"method": method, "concepts": [c.text for g in self.groups for c in g],
-                                             "anchors": [c.anchor for g in self.groups for c in g],
-                                             "settings": {"lam": lam, "fuse_preserve": preserve}}))
-
-
-@entry_point("the fusion", "the number of LoRAs fused at once")
-def fuse(backbone: Backbone, items: list[tuple[Concept | list[Concept], ErasureWeights]], base: ErasureWeights | None,
-         prior: torch.Tensor | None, lam: float = 0.1, preserve: float = 1.0,
-         method: str = "mace-fused", balance: bool = True) -> ErasureWeights:
-    """Closed-form fusion: ``W* = argmin sum_i ||W E_i - (W_base + dW_i) E_i||^2 + lam ||W - W_base||^2
-    + preserve * ||(W - W0) C^(1/2)||^2``; K/V deltas relative to the original weights ``W0`` (dense; an exact
-    low-rank factorisation where a layer has only LoRAs and no base: ``FusionSystem.solve``).
-
-    ``base`` is the CFR edit shared by the concepts (``None``: the original model); each ``dW_i`` is a LoRA's K/V
-    effect relative to it (modules it does not touch contribute zero). An item may carry several concepts (a file
-    that already erases a list): its ``E_i`` is then all of their prompts' tokens. Items made by any method (MACE,
-    ANT) mix freely; only their K/V effects are fused.
-
-    ``balance`` (the project's addition; the paper sums every prompt alike) weighs each concept's tokens by
-    ``mean count / its prompt count``, so that every concept pulls on the least-squares solution equally however
-    many prompt augmentations it has. Concepts with the same templates (one MACE preset) are unchanged; on the lab a
-    shape (6 prompts) fused beside a colour (18) and a texture (12) lost most of its erasure without it
-    (README, "ANT from the command line").
-    """
-    validation.check_fuse_inputs(backbone, items, lam, preserve)
-    groups = [c if isinstance(c, list) else [c] for c, _ in items]
-    system = FusionSystem(backbone, mean_prompt_count(groups), balance)
-    for group, weights in zip(groups, (w for _, w in items), strict=True):
-        system.add(group, weights)
-    return system.solve(base, prior, lam, preserve, method)
 
 
 # -- the pipeline ------------------------------------------------------------------------------------------------
@@ -655,45 +428,41 @@ class MaceResult:
 @entry_point("MACE", "the resolution, images_per_concept or lora_batch")
 def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, prior: torch.Tensor | None,
          user_data: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None,
-         progress: Callable[[int], None] | None = None, check_interrupt: Callable[[], None] | None = None,
-         log: Callable[[str], None] | None = None) -> MaceResult:
+         progress: Progress | None = None) -> MaceResult:
     """All four stages. ``user_data[concept] = (latents, masks or None)`` replaces stage 1 for that concept."""
     validation.check_mace_inputs(backbone, concepts, settings)
+    progress = as_progress(progress)
     t0 = time.time()
     s = settings
     evals = 0
     data = []
     for c in concepts:
-        if log:
-            log(f"stage 1/4: generating {s.images_per_concept} images of {c.text!r}")
+        progress.say(f"stage 1/4: generating {s.images_per_concept} images of {c.text!r}")
         user = (user_data or {}).get(c.text)
         data.append(generate_data(backbone, c, s, user_masks=user[1] if user else None,
-                                  user_latents=user[0] if user else None, progress=progress,
-                                  check_interrupt=check_interrupt))
+                                  user_latents=user[0] if user else None, progress=progress))
         if user is None:
             evals += 2 * s.images_per_concept * s.sample_steps
-    if log:
-        log("stage 2/4: closed-form refinement of the cross-attention K/V")
+    progress.say("stage 2/4: closed-form refinement of the cross-attention K/V")
     residues: dict[str, float] = {}
     cfr = refine(backbone, concepts, prior, s.lam, s.preserve, end_residues=residues)
     # stage 4's system is built as the LoRAs finish: each enters with the prompt embeddings it trained on
     system = FusionSystem(backbone, mean_prompt_count([[c] for c in concepts]))
     loras = []
     for d in data:
-        if log:
-            log(f"stage 3/4: attention-loss LoRA for {d.concept.text!r}")
+        progress.say(f"stage 3/4: attention-loss LoRA for {d.concept.text!r}")
         end = s.suppress_end if s.suppress_end is not None else residues[d.concept.text] >= END_RESIDUE_MIN
-        loras.append(train_lora(backbone, d, cfr, s.override(suppress_end=end), progress, check_interrupt))
+        loras.append(train_lora(backbone, d, cfr, s.override(suppress_end=end), progress))
         system.add(d.concept, loras[-1].weights, embeddings=loras[-1].prompt_embeds)
         loras[-1].prompt_embeds = None
         evals += s.lora_steps * s.lora_batch * 2 + 2 * PROBE_SAMPLES  # forward and backward; the probe twice
-        if log and loras[-1].stalled():
+        if loras[-1].stalled():
             a, b = loras[-1].probe
-            log(f"warning: the attention loss of {d.concept.text!r} only went from {a:.3g} to {b:.3g} on the fixed "
-                f"probe: its LoRA barely changed the attention (lr {s.lora_lr:g}, {s.lora_steps} steps); raise the "
-                "LoRA learning rate or its steps (CLI: --lr, --steps; ComfyUI: lora_lr, lora_steps)")
-    if log:
-        log("stage 4/4: closed-form fusion")
+            progress.say(f"warning: the attention loss of {d.concept.text!r} only went from {a:.3g} to {b:.3g} on "
+                         f"the fixed probe: its LoRA barely changed the attention (lr {s.lora_lr:g}, {s.lora_steps} "
+                         "steps); raise the LoRA learning rate or its steps (CLI: --lr, --steps; ComfyUI: lora_lr, "
+                         "lora_steps)")
+    progress.say("stage 4/4: closed-form fusion")
     fused = system.solve(cfr, prior, s.lam, s.fuse_preserve)  # = fuse(backbone, [(c, lr.weights), ...], cfr, ...)
     used = {c.text: lr.suppress_end for c, lr in zip(concepts, loras, strict=True)}  # suppress_end=None resolved
     fused.metadata.update(ErasureWeights.dense({}, method="mace", settings={**asdict(s), "suppress_end_used": used}

@@ -1,4 +1,5 @@
-"""Prompts: templates for concept prompts, and the project's own prior-preservation prompt set.
+"""Prompts: a concept and its prompts (templates per kind, synonyms, anchor substitution), lists typed by users, and
+the project's own prior-preservation prompt set.
 
 MACE's reference preserves ~0.6 M COCO captions, which this project cannot ship. Instead we write a varied set
 ourselves: everyday objects and animals, people, scenes and art styles, combined through several templates into
@@ -8,7 +9,11 @@ more than 1,000 distinct prompts, deterministically. Users can extend it with a 
 from __future__ import annotations
 
 import random
+import re
+from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import BadInputError
 
 OBJECTS = (
     "dog cat horse bird fish cow sheep elephant bear zebra giraffe rabbit fox deer lion tiger monkey owl duck "
@@ -60,9 +65,64 @@ CONCEPT_TEMPLATES: dict[str, tuple[str, ...]] = {
 
 
 def concept_prompts(concept: str, kind: str = "object") -> list[str]:
+    """The templates of ``kind`` with ``concept`` in place of ``{c}``."""
     if kind not in CONCEPT_TEMPLATES:
-        raise ValueError(f"unknown kind of concept {kind!r}; use one of {', '.join(CONCEPT_TEMPLATES)}")
+        raise BadInputError(f"unknown kind of concept {kind!r}; use one of {', '.join(CONCEPT_TEMPLATES)}")
     return [t.format(c=concept) for t in CONCEPT_TEMPLATES[kind]]
+
+
+def fill(template: str, text: str) -> str:
+    """A template with ``text`` in place of ``{c}``, spaces collapsed (an empty anchor leaves no double space)."""
+    return " ".join(template.replace("{c}", text).split())
+
+
+def augmented_prompts(concept: str, synonyms: list[str] | tuple[str, ...] = (), kind: str = "object",
+                      templates: list[str] | tuple[str, ...] | None = None) -> list[str]:
+    """A concept's prompt augmentations: every template (``templates``, else those of ``kind``) with the concept
+    and with each synonym."""
+    words = [concept] + [w for w in synonyms if w.strip() and w.strip().lower() != concept.strip().lower()]
+    temps = list(templates) if templates else list(CONCEPT_TEMPLATES[kind])
+    return [t.replace("{c}", w) for t in temps for w in words]
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A concept to erase, with its anchor (what it should look like instead; may be empty) and its prompts."""
+
+    text: str
+    anchor: str
+    kind: str = "object"
+    #: prompts with ``{c}`` where the concept goes; default: the templates of ``kind``
+    templates: tuple[str, ...] = ()
+    #: the prompt that generates the concept's training images; default: MACE's per-kind prompt
+    data_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.text.strip():
+            raise BadInputError("a concept is empty: give the word or phrase to erase")
+        if self.text.strip().lower() == self.anchor.strip().lower():
+            raise BadInputError(f"the anchor of {self.text!r} is the concept itself: choose a different anchor")
+
+    def template_list(self) -> list[str]:
+        return list(self.templates) or concept_prompts("{c}", self.kind)
+
+    def prompts(self) -> list[str]:
+        return [t.replace("{c}", self.text) for t in self.template_list()]
+
+    def anchor_prompts(self) -> list[str]:
+        """The same templates with the anchor in the concept's place (CFR's targets)."""
+        return [fill(t, self.anchor) for t in self.template_list()]
+
+    def generation_prompt(self) -> str:
+        if self.data_prompt:
+            return self.data_prompt.replace("{c}", self.text)
+        return f"a photo in the style of {self.text}" if self.kind == "style" else f"a photo of the {self.text}"
+
+
+def split_list(text: str | None, separators: str = ";\n") -> list[str]:
+    """Items of a text box or flag: separated by any of ``separators`` (';' and new lines), stripped, empty ones
+    dropped (concepts, synonyms, prompts)."""
+    return [c.strip() for c in re.split(f"[{re.escape(separators)}]", text or "") if c.strip()]
 
 
 def prior_prompts(n: int = 1200, seed: int = 0, exclude: list[str] | tuple[str, ...] = (),

@@ -9,12 +9,13 @@ caches instead of regenerating trajectories at every training step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .backbone import Backbone, TextConditioning
+from .errors import BadInputError
+from .progress import Progress, as_progress
 
 
 def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -103,8 +104,7 @@ def sample(
     resolution: int | None = None,
     batch_size: int = 128,
     record: bool = False,
-    progress: Callable[[int], None] | None = None,
-    check_interrupt: Callable[[], None] | None = None,
+    progress: Progress | None = None,
     attention_word: str | None = None,
     attention_from: float = 0.5,
     decode: bool = True,
@@ -115,6 +115,7 @@ def sample(
     accumulated over the steps after the fraction ``attention_from`` of sampling (the later steps, where the map
     sits on the object). ``decode=False`` skips decoding (``images`` is then empty).
     """
+    progress = as_progress(progress)
     shape = backbone.latent_shape(resolution)
     pairs = [(p, s) for p in prompts for s in seeds]
     ts = ddim_timesteps(steps, backbone.schedule.num_timesteps)
@@ -133,11 +134,10 @@ def sample(
         if attention_word is not None:
             positions = [backbone.token_positions(p, attention_word) for p, _ in chunk]
             if any(not pos for pos in positions):
-                raise ValueError(f"{attention_word!r} does not occur in every prompt")
+                raise BadInputError(f"{attention_word!r} does not occur in every prompt")
             acc = AttentionAccumulator(positions, shape[1:])
         for i, t in enumerate(ts.tolist()):
-            if check_interrupt is not None:
-                check_interrupt()
+            progress.check()
             if acc is not None:
                 acc.active = i >= int(attention_from * len(ts))
                 with backbone.capture_attention(acc, resolution):
@@ -150,8 +150,7 @@ def sample(
                 ec_l.append(ec.cpu())
             t_prev = int(ts[i + 1]) if i + 1 < len(ts) else -1
             x = ddim_step(abar, x, g, t, t_prev, backbone.clip_denoised)
-            if progress is not None:
-                progress(1)
+            progress.step()
         if decode:
             images.append(backbone.decode(x).float().cpu())
         finals.append(x.float().cpu())

@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from . import ldm_layout as L
-from .diffusers_backbone import DiffusersBackbone, UnsupportedModelError
+from .clip_tokenizer import PAD_END, PAD_ZERO, builtin_clip_tokenizer, tokenizer_from_folder
+from .diffusers_backbone import DiffusersBackbone
+from .errors import UnsupportedModelError
 
 SUPPORTED = ("supported single files: Stable Diffusion 1.x, 2.x (512 eps and 768-v) and SDXL base checkpoints in the "
              "original (ldm) key layout, as .safetensors; or give a diffusers model folder")
@@ -201,8 +203,6 @@ def load_single_file(path: str | Path, device: str | torch.device = "cpu", dtype
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors import safe_open
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    from .clip_tokenizer import PAD_END, PAD_ZERO, builtin_clip_tokenizer, tokenizer_from_folder
 
     p = check_path(path)
     shapes = read_shapes(p)

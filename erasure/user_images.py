@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+from .errors import BadInputError
+from .progress import Progress, as_progress
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MASK_TAG = ".mask"
 
@@ -34,16 +37,16 @@ def _image_files(folder: Path) -> tuple[dict[str, Path], dict[str, Path]]:
         key = stem[: -len(MASK_TAG)] if is_mask else stem
         target = masks if is_mask else images
         if key in target:
-            raise ValueError(f"{folder}: two {'masks' if is_mask else 'images'} named {key!r} "
-                             f"({target[key].name}, {f.name}); keep one")
+            raise BadInputError(f"{folder}: two {'masks' if is_mask else 'images'} named {key!r} "
+                                 f"({target[key].name}, {f.name}); keep one")
         target[key] = f
     orphans = sorted(set(masks) - set(images))
     if orphans:
-        raise ValueError(f"{masks[orphans[0]]} has no image beside it (expected {orphans[0]}.png or .jpg); a mask "
-                         f"is named after its image: NAME.png + NAME{MASK_TAG}.png")
+        raise BadInputError(f"{masks[orphans[0]]} has no image beside it (expected {orphans[0]}.png or .jpg); a mask "
+                             f"is named after its image: NAME.png + NAME{MASK_TAG}.png")
     if not images:
-        raise ValueError(f"{folder} has no images ({', '.join(IMAGE_SUFFIXES)}); put the concept's images there, "
-                         f"each with an optional NAME{MASK_TAG}.png mask")
+        raise BadInputError(f"{folder} has no images ({', '.join(IMAGE_SUFFIXES)}); put the concept's images there, "
+                             f"each with an optional NAME{MASK_TAG}.png mask")
     return images, masks
 
 
@@ -51,24 +54,24 @@ def find_user_images(root: str | Path, concepts: list[str]) -> dict[str, list[tu
     """``{concept: [(image, mask or None), ...]}`` for the concepts that have a folder under ``root``."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise ValueError(f"--image-dir {root} is not a folder; it should hold one folder per concept "
-                         f"(DIR/<concept>/NAME.png, optional DIR/<concept>/NAME{MASK_TAG}.png)")
+        raise BadInputError(f"--image-dir {root} is not a folder; it should hold one folder per concept "
+                             f"(DIR/<concept>/NAME.png, optional DIR/<concept>/NAME{MASK_TAG}.png)")
     by_name = {c.strip().lower(): c for c in concepts}
     out: dict[str, list[tuple[Path, Path | None]]] = {}
     loose = [f.name for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
     if loose:
-        raise ValueError(f"--image-dir {root} holds images directly ({loose[0]}, ...); put them in a folder named "
-                         f"after their concept: {root}/<concept>/NAME.png")
+        raise BadInputError(f"--image-dir {root} holds images directly ({loose[0]}, ...); put them in a folder named "
+                             f"after their concept: {root}/<concept>/NAME.png")
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         concept = by_name.get(d.name.strip().lower())
         if concept is None:
-            raise ValueError(f"{d} matches no concept of --concepts ({', '.join(concepts)}); name each folder "
-                             "exactly as its concept, or remove it")
+            raise BadInputError(f"{d} matches no concept of --concepts ({', '.join(concepts)}); name each folder "
+                                 "exactly as its concept, or remove it")
         images, masks = _image_files(d)
         out[concept] = [(images[k], masks.get(k)) for k in sorted(images)]
     if not out:
-        raise ValueError(f"--image-dir {root} has no concept folders; expected {root}/<concept>/NAME.png for one of "
-                         f"{', '.join(concepts)}")
+        raise BadInputError(f"--image-dir {root} has no concept folders; expected {root}/<concept>/NAME.png for one of "
+                             f"{', '.join(concepts)}")
     return out
 
 
@@ -87,7 +90,7 @@ def _open(path: Path, mode: str):
         with Image.open(path) as im:
             return ImageOps.exif_transpose(im).convert(mode)
     except Exception as e:  # PIL raises many types for unreadable files
-        raise ValueError(f"could not read {path} as an image ({e})") from e
+        raise BadInputError(f"could not read {path} as an image ({e})") from e
 
 
 def load_pair(image: Path, mask: Path | None, resolution: int, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,8 +105,8 @@ def load_pair(image: Path, mask: Path | None, resolution: int, grid: int) -> tup
         return pixels, torch.ones(grid, grid)
     m = _open(mask, "L")
     if m.size != img.size:
-        raise ValueError(f"{mask} is {m.size[0]}x{m.size[1]} but its image {image.name} is "
-                         f"{img.size[0]}x{img.size[1]}; a mask must have its image's size")
+        raise BadInputError(f"{mask} is {m.size[0]}x{m.size[1]} but its image {image.name} is "
+                             f"{img.size[0]}x{img.size[1]}; a mask must have its image's size")
     small = _square(m).resize((grid, grid), Image.Resampling.BOX)  # area average over each latent cell
     return pixels, (torch.from_numpy(np.asarray(small, dtype=np.float32).copy()) >= 127.5).float()
 
@@ -113,8 +116,8 @@ def encode_images(backbone, pixels: torch.Tensor, batch_size: int = 4) -> torch.
     """Clean latents ``[N, C, h, w]`` of images ``[N, 3, R, R]`` in [-1, 1]: the VAE's mean latent times its scaling
     factor (deterministic), or the pixels themselves for a pixel-space model."""
     if getattr(backbone, "latent_only", False):
-        raise ValueError("--image-dir needs the model's VAE to encode the images, and this model has none in the "
-                         "standard layout; use a checkpoint with its VAE, or a diffusers folder with vae/")
+        raise BadInputError("--image-dir needs the model's VAE to encode the images, and this model has none in the "
+                             "standard layout; use a checkpoint with its VAE, or a diffusers folder with vae/")
     vae = getattr(backbone, "vae", None)
     if vae is None:
         return pixels.to(backbone.dtype)
@@ -126,7 +129,7 @@ def encode_images(backbone, pixels: torch.Tensor, batch_size: int = 4) -> torch.
 
 
 def load_user_data(backbone, root: str | Path, concepts: list[str],
-                   log=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                   progress: Progress | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{concept: (latents [N, C, h, w], masks [N, h, w])}`` for MACE's ``user_data``, at the model's default
     resolution (the resolution MACE trains and captures attention at)."""
     found = find_user_images(root, concepts)
@@ -137,18 +140,17 @@ def load_user_data(backbone, root: str | Path, concepts: list[str],
         loaded = [load_pair(img, mask, resolution, h) for img, mask in pairs]
         masks = torch.stack([m for _, m in loaded])
         if not masks.any():
-            raise ValueError(f"every mask of {concept!r} is black, so nothing would be erased; white marks the "
-                             f"concept (or remove the masks to use whole images)")
+            raise BadInputError(f"every mask of {concept!r} is black, so nothing would be erased; white marks the "
+                                 f"concept (or remove the masks to use whole images)")
         latents = encode_images(backbone, torch.stack([p for p, _ in loaded]))
         if latents.shape[1:] != (channels, h, w) and getattr(backbone, "vae", None) is None:
-            raise ValueError(f"the model has {channels}-channel latents but no VAE to encode images into them; give "
-                             "a model with its VAE (a diffusers folder with vae/, or a checkpoint that has one)")
+            raise BadInputError(f"the model has {channels}-channel latents but no VAE to encode images into them; give "
+                                 "a model with its VAE (a diffusers folder with vae/, or a checkpoint that has one)")
         if latents.shape[1:] != (channels, h, w):
-            raise ValueError(f"images of {concept!r} encode to {tuple(latents.shape[1:])}, but the model expects "
-                             f"latents {(channels, h, w)}")
+            raise BadInputError(f"images of {concept!r} encode to {tuple(latents.shape[1:])}, but the model expects "
+                                 f"latents {(channels, h, w)}")
         n_masks = sum(m is not None for _, m in pairs)
-        if log is not None:
-            log(f"{concept!r}: {len(pairs)} images from {pairs[0][0].parent} ({n_masks} with masks), "
-                f"{resolution} px")
+        as_progress(progress).say(f"{concept!r}: {len(pairs)} images from {pairs[0][0].parent} ({n_masks} with "
+                                  f"masks), {resolution} px")
         out[concept] = (latents, masks)
     return out

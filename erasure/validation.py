@@ -6,7 +6,8 @@ and never imports ComfyUI, so the nodes' checks run (and are fuzzed) in the defa
 model (does the concept fit the text encoder's context? was this LoRA made for this model?) take the backbone or the
 UNet and only tokenize or compare shapes.
 
-Every function raises ``ValueError`` (or returns the cleaned value); nothing here writes or trains.
+Every function raises :class:`~erasure.errors.BadInputError` (a ``ValueError``) or returns the cleaned value; nothing
+here writes or trains.
 """
 
 from __future__ import annotations
@@ -22,10 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
-class UnsupportedModelError(ValueError):
-    """The folder, file or MODEL is not a model this library can edit."""
-
+from .errors import BadInputError, UnsupportedModelError
+from .prompts import CONCEPT_TEMPLATES, augmented_prompts, split_list
 
 #: longest concept, anchor or synonym accepted from a user or a file's metadata (characters)
 MAX_TEXT = 300
@@ -46,11 +45,6 @@ def clean_text(text: object, limit: int = MAX_TEXT) -> str:
     return " ".join(s.split())[:limit]
 
 
-def split_list(text: str | None) -> list[str]:
-    """Items of a text box: separated by ';' or new lines, stripped, empty ones dropped (concepts, synonyms)."""
-    return [c.strip() for c in re.split(r"[;\n]", text or "") if c.strip()]
-
-
 def node_concepts(concepts: str | None, anchors: str | None = None) -> tuple[list[str], list[str]]:
     """The MACE node's text boxes as (concepts, anchors): concepts one per line or ';'-separated, anchors
     ';'-separated (one for all or one per concept; none = the preset's), checked as :func:`check_concepts` and
@@ -66,19 +60,19 @@ def check_concepts(concepts: Iterable[str], what: str = "concept") -> list[str]:
     ``MAX_TEXT`` and duplicates (case-insensitive)."""
     raw = list(concepts)
     if not raw:
-        raise ValueError(f"no {what}s given: type the word or phrase to erase (one per line)")
+        raise BadInputError(f"no {what}s given: type the word or phrase to erase (one per line)")
     out = []
     for c in raw:
         if not isinstance(c, str) or not c.strip():
-            raise ValueError(f"a {what} is empty: give the word or phrase to erase")
+            raise BadInputError(f"a {what} is empty: give the word or phrase to erase")
         if len(c.strip()) > MAX_TEXT:
-            raise ValueError(f"the {what} {c.strip()[:40]!r}... is {len(c.strip())} characters long: shorten it to "
-                             f"a word or phrase (at most {MAX_TEXT} characters)")
+            raise BadInputError(f"the {what} {c.strip()[:40]!r}... is {len(c.strip())} characters long: shorten it to "
+                                 f"a word or phrase (at most {MAX_TEXT} characters)")
         out.append(" ".join(c.split()))
     low = [c.lower() for c in out]
     dup = sorted({c for c in low if low.count(c) > 1})
     if dup:
-        raise ValueError(f"duplicate concepts: {', '.join(dup)}; list each concept once")
+        raise BadInputError(f"duplicate concepts: {', '.join(dup)}; list each concept once")
     return out
 
 
@@ -91,12 +85,12 @@ def check_anchors(concepts: list[str], anchors: list[str]) -> list[str]:
     """One anchor per concept: ``anchors`` may hold one (for all) or one per concept. An anchor equal to its concept
     would erase nothing."""
     if anchors and len(anchors) not in (1, len(concepts)):
-        raise ValueError(f"{len(anchors)} anchors for {len(concepts)} concepts: give one anchor for all, or one per "
-                         "concept")
+        raise BadInputError(f"{len(anchors)} anchors for {len(concepts)} concepts: give one anchor for all, or one per "
+                             "concept")
     out = [anchors[min(i, len(anchors) - 1)] if anchors else "" for i in range(len(concepts))]
     for c, a in zip(concepts, out, strict=True):
         if a.strip().lower() == c.strip().lower():
-            raise ValueError(f"the anchor of {c!r} is the concept itself: choose a different anchor")
+            raise BadInputError(f"the anchor of {c!r} is the concept itself: choose a different anchor")
     return out
 
 
@@ -105,32 +99,37 @@ def check_fits_context(backbone, text: str, prompts: Iterable[str]) -> None:
     text encoder's context cuts off would be erased only in part. Tokenizes only."""
     for p in prompts:
         if text.strip() and not backbone.token_positions(p, text):
-            raise ValueError(f"{text[:60]!r} does not fit in the text encoder's context in the prompt {p[:80]!r} "
-                             "(CLIP reads 75 tokens): shorten it")
+            raise BadInputError(f"{text[:60]!r} does not fit in the text encoder's context in the prompt {p[:80]!r} "
+                                 "(CLIP reads 75 tokens): shorten it")
 
 
 def check_ant_concepts_fit(backbone, concepts: list[str], kind: str = "object",
                            templates: Mapping[str, Iterable[str]] | None = None) -> None:
     """Every concept of a multi-concept ANT run fits the context in its prompts, checked before the first concept
     is trained (and before the caller builds the prior)."""
-    from .ant import concept_prompts_for
-
     for c in concepts:
-        check_fits_context(backbone, c, concept_prompts_for(c, (), kind, (templates or {}).get(c)))
+        check_fits_context(backbone, c, augmented_prompts(c, (), kind, (templates or {}).get(c)))
 
 
 # -- numbers ---------------------------------------------------------------------------------------------------
 def check_count(name: str, value: object, low: int = 1) -> int:
     """A whole number >= ``low`` (steps, images, ranks, batch sizes)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be a whole number >= {low} (got {value!r})")
+        raise BadInputError(f"{name} must be a whole number >= {low} (got {value!r})")
     return value
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` (a widget's or flag's options)."""
+    if value not in choices:
+        raise BadInputError(f"{name} must be one of {', '.join(choices)} (got {value!r})")
+    return str(value)
 
 
 def check_fuse_strength(value: object) -> float:
     """The factor each concept's edit enters ANT's multi-concept fusion with: a positive finite number."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"the fusion strength must be a positive number (got {value})")
+        raise BadInputError(f"the fusion strength must be a positive number (got {value})")
     return float(value)
 
 
@@ -138,10 +137,10 @@ def check_learning_rate(value: object) -> float:
     """A positive learning rate no larger than 1 (larger ones diverge at once, and astronomically large ones
     overflow inside the optimizer instead of giving a NaN loss)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"the learning rate must be a positive number (got {value})")
+        raise BadInputError(f"the learning rate must be a positive number (got {value})")
     if value > 1:
-        raise ValueError(f"the learning rate {value:g} is far too large (training would diverge at once): use at "
-                         "most 1, typically 1e-5 to 1e-3")
+        raise BadInputError(f"the learning rate {value:g} is far too large (training would diverge at once): use at "
+                             "most 1, typically 1e-5 to 1e-3")
     return float(value)
 
 
@@ -150,9 +149,9 @@ def check_number(name: str, value: object, low: float = 0.0, high: float = math.
     ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
           and (value > low if low_open else value >= low) and value <= high)
     if not ok and high == math.inf:
-        raise ValueError(f"{name} must be a finite number {'>' if low_open else '>='} {low:g} (got {value})")
+        raise BadInputError(f"{name} must be a finite number {'>' if low_open else '>='} {low:g} (got {value})")
     if not ok:
-        raise ValueError(f"{name} must be in {'(' if low_open else '['}{low:g}, {high:g}] (got {value})")
+        raise BadInputError(f"{name} must be in {'(' if low_open else '['}{low:g}, {high:g}] (got {value})")
     return float(value)
 
 
@@ -161,15 +160,13 @@ def check_resolution(value: object) -> int | None:
     if value is None or value == 0:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8:
-        raise ValueError(f"resolution must be a positive multiple of 8 pixels (got {value}): use e.g. 512 for "
-                         "SD1.x, or 0 for the model's own")
+        raise BadInputError(f"resolution must be a positive multiple of 8 pixels (got {value}): use e.g. 512 for "
+                             "SD1.x, or 0 for the model's own")
     return value
 
 
 def check_mace_settings(s) -> None:
     """Every MACE setting (``erasure.mace.MaceSettings``), before stage 1 starts."""
-    from .prompts import CONCEPT_TEMPLATES
-
     for k in ("images_per_concept", "sample_steps", "lora_steps", "lora_rank", "lora_batch"):
         check_count(k, getattr(s, k))
     check_learning_rate(s.lora_lr)
@@ -178,22 +175,18 @@ def check_mace_settings(s) -> None:
         check_number(k, getattr(s, k))
     check_number("grad_clip", s.grad_clip, 0.0, low_open=True)  # clipping to 0 would zero every gradient
     check_number("mask_threshold", s.mask_threshold, 0.0, 1.0)
-    if s.kind not in CONCEPT_TEMPLATES:
-        raise ValueError(f"kind must be one of {', '.join(CONCEPT_TEMPLATES)} (got {s.kind!r})")
+    check_choice("kind", s.kind, tuple(CONCEPT_TEMPLATES))
 
 
 def check_mace_inputs(backbone, concepts: list, settings) -> None:
     """MACE's concepts (``erasure.mace.Concept``) and settings, before stage 1: no duplicates, every concept and
     anchor fits the text encoder's context in every prompt that uses it, a finite model."""
-    from .prompts import concept_prompts
-
     check_concepts([c.text for c in concepts])
     check_mace_settings(settings)
     for c in concepts:
         check_fits_context(backbone, c.text, [*c.prompts(), c.generation_prompt()])
         if c.anchor.strip():
-            templates = list(c.templates) or concept_prompts("{c}", c.kind)
-            check_fits_context(backbone, c.anchor, [" ".join(t.replace("{c}", c.anchor).split()) for t in templates])
+            check_fits_context(backbone, c.anchor, c.anchor_prompts())
     check_model_finite(backbone.unet())
 
 
@@ -202,9 +195,9 @@ def check_fuse_inputs(backbone, items: list, lam: float, preserve: float, labels
     touching at least one cross-attention K/V layer (the only layers the fusion combines). ``labels`` name the
     items in messages (default ``LoRA 1``, ``LoRA 2``, ...)."""
     if not items:
-        raise ValueError("no LoRAs to fuse: connect at least one erasure LoRA")
+        raise BadInputError("no LoRAs to fuse: connect at least one erasure LoRA")
     if labels is not None and len(labels) != len(items):
-        raise ValueError(f"{len(labels)} labels for {len(items)} LoRAs")
+        raise BadInputError(f"{len(labels)} labels for {len(items)} LoRAs")
     check_number("lam", lam, 0.0, low_open=True)
     check_number("preserve", preserve)
     kv = set(backbone.cross_attention_kv())
@@ -214,8 +207,9 @@ def check_fuse_inputs(backbone, items: list, lam: float, preserve: float, labels
         check_weights_finite(weights, label)
         check_weights_fit(weights, backbone.unet())
         if not set(weights.deltas) & kv:
-            raise ValueError(f"{label} ({', '.join(texts)[:80]}) changes no cross-attention key/value layer: "
-                             "the fusion combines only those; use LoRAs made by MACE or ANT (scope kv, lora or xattn)")
+            raise BadInputError(f"{label} ({', '.join(texts)[:80]}) changes no cross-attention key/value layer: "
+                                 "the fusion combines only those; use LoRAs made by MACE or ANT (scope kv, lora or "
+                                 "xattn)")
 
 
 # -- models and LoRAs ------------------------------------------------------------------------------------------
@@ -227,8 +221,8 @@ def check_model_finite(unet: nn.Module) -> None:
         except (RuntimeError, TypeError):  # dtypes without isfinite (fp8 storage): convert this one tensor
             bad = not bool(torch.isfinite(p.detach().float()).all())
         if bad:
-            raise ValueError(f"the model's weight {name} contains NaN or infinite values: the checkpoint is damaged "
-                             "or was saved in a precision that overflowed; load another copy")
+            raise BadInputError(f"the model's weight {name} contains NaN or infinite values: the checkpoint is damaged "
+                                 "or was saved in a precision that overflowed; load another copy")
 
 
 def check_lora_tensors(tensors: Mapping[str, torch.Tensor], source: str = "the LoRA", require_lora: bool = True
@@ -238,31 +232,31 @@ def check_lora_tensors(tensors: Mapping[str, torch.Tensor], source: str = "the L
     adapter formats (LoHa, LoKr: ComfyUI's Load/Save LoRA sockets carry them too) through the pair checks."""
     bases = [k[: -len(".lora_down.weight")] for k in tensors if k.endswith(".lora_down.weight")]
     if not bases and require_lora:
-        raise ValueError(f"{source} holds no LoRA (lora_up/lora_down) weights (PEFT lora_A/lora_B keys are not "
-                         "supported: convert it to kohya keys)")
+        raise BadInputError(f"{source} holds no LoRA (lora_up/lora_down) weights (PEFT lora_A/lora_B keys are not "
+                             "supported: convert it to kohya keys)")
     for k, t in tensors.items():
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise ValueError(f"{source}: {k} is not a floating-point tensor: the file is damaged")
+            raise BadInputError(f"{source}: {k} is not a floating-point tensor: the file is damaged")
         if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{source}: {k} contains NaN or infinite values: the file is damaged or came from a "
-                             "training run that diverged; use another file")
+            raise BadInputError(f"{source}: {k} contains NaN or infinite values: the file is damaged or came from a "
+                                 "training run that diverged; use another file")
     for base in bases:
         up, down, alpha = (tensors.get(base + s) for s in (".lora_up.weight", ".lora_down.weight", ".alpha"))
         if up is None:
-            raise ValueError(f"{source}: {base} has lora_down but no lora_up: the LoRA is incomplete")
+            raise BadInputError(f"{source}: {base} has lora_down but no lora_up: the LoRA is incomplete")
         if up.dim() not in (2, 4) or down.dim() not in (2, 4) or up.shape[1] != down.shape[0]:
-            raise ValueError(f"{source}: {base} has lora_up {tuple(up.shape)} and lora_down {tuple(down.shape)}, "
-                             "which do not multiply: the file is damaged")
+            raise BadInputError(f"{source}: {base} has lora_up {tuple(up.shape)} and lora_down {tuple(down.shape)}, "
+                                 "which do not multiply: the file is damaged")
         if alpha is not None and alpha.numel() != 1:
-            raise ValueError(f"{source}: {base}.alpha is not a single number: the file is damaged")
+            raise BadInputError(f"{source}: {base}.alpha is not a single number: the file is damaged")
 
 
 def check_weights_finite(weights, source: str = "the erasure") -> None:
     """Erasure weights (``ErasureWeights``) with NaN/inf would poison every layer they touch."""
     for name, d in weights.deltas.items():
         if not bool(torch.isfinite(d.matrix()).all()):
-            raise ValueError(f"{source}: the layer {name} contains NaN or infinite values: the file is damaged or "
-                             "came from a training run that diverged; use another file")
+            raise BadInputError(f"{source}: the layer {name} contains NaN or infinite values: the file is damaged or "
+                                 "came from a training run that diverged; use another file")
 
 
 def check_weights_fit(weights, unet: nn.Module) -> None:
@@ -272,13 +266,13 @@ def check_weights_fit(weights, unet: nn.Module) -> None:
     for name, d in weights.deltas.items():
         m = mods.get(name)
         if m is None or not isinstance(getattr(m, "weight", None), torch.Tensor):
-            raise ValueError(f"the erasure layer {name!r} does not exist in this model: it was made for another base "
-                             "model (e.g. SD1.5 vs SDXL); use it with the model it was made for")
+            raise BadInputError(f"the erasure layer {name!r} does not exist in this model: it was made for another "
+                                 "base model (e.g. SD1.5 vs SDXL); use it with the model it was made for")
         shape = tuple(d.matrix().shape)
         if shape != tuple(m.weight.shape):
-            raise ValueError(f"the erasure layer {name!r} has shape {shape}, this model's {tuple(m.weight.shape)}: "
-                             "it was made for another base model (e.g. SD1.5 vs SDXL); use it with the model it "
-                             "was made for")
+            raise BadInputError(f"the erasure layer {name!r} has shape {shape}, this model's {tuple(m.weight.shape)}: "
+                                 "it was made for another base model (e.g. SD1.5 vs SDXL); use it with the model it "
+                                 "was made for")
 
 
 def check_model_folder(folder: Path) -> None:
@@ -323,7 +317,7 @@ def safe_filename(name: str, suffix: str = ".safetensors") -> str:
         base = base[: -len(suffix)]
     base = re.sub(r"[^A-Za-z0-9._ -]", "_", base).strip(" .")
     if not base.strip("_ -"):
-        raise ValueError("the file name is empty: type a name such as 'erased-nudity'")
+        raise BadInputError("the file name is empty: type a name such as 'erased-nudity'")
     if base.split(".")[0].strip().lower() in _WINDOWS_RESERVED:
         base = "_" + base
     return base[: MAX_FILENAME - len(suffix)].rstrip(" .") + suffix
@@ -334,7 +328,7 @@ def path_inside(folder: str | Path, name: str) -> Path:
     root = Path(folder).resolve()
     path = (root / safe_filename(name)).resolve()
     if path.parent != root:
-        raise ValueError(f"the file name {name!r} points outside {root}: type a plain name such as 'erased-nudity'")
+        raise BadInputError(f"the file name {name!r} points outside {root}: type a plain name such as 'erased-nudity'")
     return path
 
 

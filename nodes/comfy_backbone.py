@@ -9,10 +9,10 @@ Module names are ComfyUI's (ldm layout, ``input_blocks.1.1.transformer_blocks.0.
 LoRA made here is the same file as one made from a diffusers model, and loads in LoraLoader, A1111/Forge and
 diffusers alike.
 
-The three host traps (``shared/docs/COMFYUI.md``) are handled here: results become patches on a ``clone()`` (never
-writes into the shared weights); training swaps each weight for a non-inference copy for its duration and puts the
-original Parameter objects back (``trainable``); progress and Cancel go through ComfyUI's ProgressBar and interrupt
-check (in the node modules).
+Three facts of the host are handled here: results become patches on a ``clone()`` (never writes into the shared
+weights); ComfyUI runs graphs in inference mode, so training swaps each weight for a non-inference copy for its
+duration and puts the original Parameter objects back (``trainable``); progress and Cancel go through ComfyUI's
+ProgressBar and interrupt check (in the node modules).
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from ..erasure import errors
 from ..erasure.backbone import NoiseSchedule, TextConditioning
 from ..erasure.guards import model_lock
-from ..erasure.weights import ErasureWeights, kohya_name
+from ..erasure.lora_files import lora_tensors, resolve_names
+from ..erasure.weights import ErasureWeights
 
 #: prompts whose embeddings a backbone keeps (SDXL: 128 x 77 x 2048 values, 40 MB in fp16)
 TEXT_CACHE_SIZE = 128
@@ -40,8 +42,8 @@ TEXT_CACHE_SIZE = 128
 SUPPORTED = {"SD15": "SD1.x", "SD20": "SD2.x", "SDXL": "SDXL"}
 
 
-class UnsupportedModelError(ValueError):
-    pass
+class UnsupportedModelError(errors.UnsupportedModelError):
+    """A MODEL this pack cannot edit (the library's error, raised from ComfyUI's side)."""
 
 
 def prediction_type(model) -> str | None:
@@ -335,33 +337,18 @@ def trainable(backbone: ComfyBackbone) -> Iterator[None]:
 
 def to_lora_dict(weights: ErasureWeights, model, rank: int | None = None) -> tuple[dict[str, torch.Tensor], float]:
     """Kohya tensors with diffusers module names (what every tool loads), and the relative factorisation error."""
-    names = ldm_to_diffusers(model)
-    renamed = ErasureWeights({names.get(k, k): d for k, d in weights.deltas.items()}, dict(weights.metadata))
-    return renamed.to_lora(rank)
+    return lora_tensors(weights.renamed(ldm_to_diffusers(model)), rank)
 
 
 def from_lora(weights: ErasureWeights, model) -> ErasureWeights:
     """A LoRA read from a file or socket (diffusers, ldm or kohya names) with ComfyUI module names, checked against
     the model: a LoRA for another base model is refused with the reason."""
     to_ldm = {v: k for k, v in ldm_to_diffusers(model).items()}
-    named = dict(model.model.diffusion_model.named_modules())
-    by_kohya = {kohya_name(n): n for n in named} | {kohya_name(d): ldm for d, ldm in to_ldm.items()}
-    out = {}
-    for k, d in weights.deltas.items():
-        name = to_ldm.get(k, k if k in named else by_kohya.get(k))
-        if name is None or name not in named:
-            raise ValueError(f"the LoRA layer {k!r} does not exist in this model: the LoRA was made for another "
-                             "base model (e.g. SD1.5 vs SDXL); use it with the model it was made for")
-        w = named[name].weight
-        if tuple(d.matrix().shape) != tuple(w.shape):
-            raise ValueError(f"the LoRA layer {k!r} has shape {tuple(d.matrix().shape)}, this model's "
-                             f"{tuple(w.shape)}: the LoRA was made for another base model")
-        out[name] = d
-    return ErasureWeights(out, dict(weights.metadata))
+    return resolve_names(weights, dict(model.model.diffusion_model.named_modules()), to_ldm)
 
 
 def patched_model(model, weights: ErasureWeights, strength: float = 1.0):
-    """A clone of ``model`` with the erasure as weight-diff patches (TRAP 1: the input's weights are untouched)."""
+    """A clone of ``model`` with the erasure as weight-diff patches (the input's weights are untouched)."""
     m = model.clone()
     patches = {}
     for name, d in weights.deltas.items():

@@ -20,14 +20,17 @@ from comfy_api.latest import io
 
 from ..erasure import validation
 from ..erasure.ant import CHECKPOINTING, PREDICTIONS, SAMPLINGS, SCOPES, AntSettings, ant
-from ..erasure.files import read_safetensors
-from ..erasure.lab.evaluate import cache_dir
-from ..erasure.mace import PRESETS, Concept, fuse, mace
+from ..erasure.files import cache_dir, read_safetensors
+from ..erasure.fusion import fuse
+from ..erasure.lora_files import file_metadata, load_lora, parse_lora, write_lora
+from ..erasure.mace import PRESETS, mace
 from ..erasure.prior import gram
-from ..erasure.prompts import prior_prompts
-from ..erasure.weights import META_PREFIX, ErasureWeights, _meta, atomic_save
+from ..erasure.progress import Progress
+from ..erasure.prompts import Concept, prior_prompts, split_list
+from ..erasure.sampling import sample
+from ..erasure.weights import META_PREFIX, ErasureWeights, metadata
 from . import result_cache
-from .comfy_backbone import ComfyBackbone, from_lora, patched_model, to_lora_dict, trainable
+from .comfy_backbone import ComfyBackbone, from_lora, ldm_to_diffusers, patched_model, to_lora_dict, trainable
 from .user_images import user_training_data
 
 CATEGORY = "erasure"
@@ -52,7 +55,7 @@ def _cache_input() -> io.Boolean.Input:
 
 
 def _split(text: str) -> list[str]:
-    return validation.split_list(text)
+    return split_list(text)
 
 
 def _message(check) -> bool | str:
@@ -64,51 +67,25 @@ def _message(check) -> bool | str:
     return True
 
 
-def _progress(total: int):
+def _progress(total: int) -> Progress:
+    """ComfyUI's progress bar, its Cancel check and its console, as the library's progress object."""
     bar = comfy.utils.ProgressBar(total)
-    return (lambda n=1: bar.update(n)), comfy.model_management.throw_exception_if_processing_interrupted
+    return Progress(update=lambda n=1: bar.update(n),
+                    interrupt=comfy.model_management.throw_exception_if_processing_interrupted, log=_console)
 
 
 def _export(weights: ErasureWeights, model, backbone: ComfyBackbone) -> ErasureLora:
-    """The LoRA socket value: exact when it stays under 256 MB, else a rank-64 truncated SVD (error in metadata)."""
+    """The LoRA socket value: exact when it stays under 256 MB, else a rank-64 truncated SVD (error in metadata);
+    tensors and metadata as the library writes them to a file."""
     weights.metadata[META_PREFIX + "base_model"] = backbone.fingerprint()
     weights.metadata[META_PREFIX + "base_family"] = backbone.family
     tensors, err = to_lora_dict(weights, model, weights.export_rank())
-    meta = dict(weights.metadata)
-    meta[META_PREFIX + "lora_relative_error"] = f"{err:.3e}"
-    return ErasureLora(tensors, meta)
+    return ErasureLora(tensors, file_metadata(weights.renamed(ldm_to_diffusers(model)), err))
 
 
 def _lora_weights(lora: dict, model) -> ErasureWeights:
     """A LORA_MODEL socket value (ours or ComfyUI's) as erasure weights with ComfyUI module names."""
-    from ..erasure.weights import Delta
-
-    validation.check_lora_tensors(lora)
-    deltas = {}
-    for k, down in lora.items():
-        if not k.endswith(".lora_down.weight"):
-            continue
-        base = k[: -len(".lora_down.weight")]
-        up = lora.get(base + ".lora_up.weight")
-        if up is None:
-            raise ValueError(f"the LoRA has {base}.lora_down but no lora_up: it is incomplete")
-        alpha = lora.get(base + ".alpha")
-        scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
-        name = base[len("lora_unet_"):] if base.startswith("lora_unet_") else base
-        deltas[name] = Delta(up=up, down=down, scale=scale)
-    if not deltas:
-        raise ValueError("this LoRA holds no lora_up/lora_down weights (PEFT lora_A/lora_B keys are not supported)")
-    w = ErasureWeights(deltas, dict(getattr(lora, "metadata", {})))
-    return from_lora(_underscored(w, model), model)
-
-
-def _underscored(w: ErasureWeights, model) -> ErasureWeights:
-    """Kohya names have dots replaced by underscores; map them back to module names of either layout."""
-    from .comfy_backbone import ldm_to_diffusers
-
-    names = ldm_to_diffusers(model)
-    lookup = {k.replace(".", "_"): k for k in names} | {v.replace(".", "_"): v for v in names.values()}
-    return ErasureWeights({lookup.get(k, k): d for k, d in w.deltas.items()}, w.metadata)
+    return from_lora(parse_lora(lora, getattr(lora, "metadata", None)), model)
 
 
 def _concepts_of(lora: dict) -> list[str]:
@@ -201,17 +178,16 @@ class EraseConceptANT(io.ComfyNode):
             sampling=sampling, reuse=reuse, gradient_checkpointing=gradient_checkpointing)
         s.validate()
         bb = ComfyBackbone(model, clip, resolution or None)
-        progress, interrupt = _progress(steps)
+        progress = _progress(steps)
         bb.load()
         key = result_cache.result_key("ant", bb, {"concept": concept.strip(), "synonyms": _split(synonyms),
                                                   "settings": asdict(s)}) if cache_result else None
         weights = result_cache.load(key, bb.unet()) if key else None
         if weights is not None:
-            progress(steps)  # cached: the bar completes at once
+            progress.step(steps)  # cached: the bar completes at once
         else:
             with trainable(bb):
-                weights = ant(bb, concept.strip(), s, synonyms=tuple(_split(synonyms)), progress=progress,
-                              check_interrupt=interrupt).weights
+                weights = ant(bb, concept.strip(), s, synonyms=tuple(_split(synonyms)), progress=progress).weights
             if key:
                 result_cache.save(key, weights)
         return io.NodeOutput(patched_model(model, weights), _export(weights, model, bb))
@@ -301,7 +277,7 @@ class MassEraseMACE(io.ComfyNode):
         x0 = None if samples is None else model.model.latent_format.process_in(samples.float())
         user = user_training_data(names, x0, masks, image_concepts, bb.channels)  # fails before any work
         total = (len(items) - len(user)) * s.sample_steps + len(items) * s.lora_steps
-        progress, interrupt = _progress(total)
+        progress = _progress(total)
         bb.load()
         key = None
         if cache_result:
@@ -311,14 +287,13 @@ class MassEraseMACE(io.ComfyNode):
             key = result_cache.result_key("mace", bb, settings, user_tensors)
         weights = result_cache.load(key, bb.unet()) if key else None
         if weights is not None:
-            progress(total)  # cached: the bar completes at once
+            progress.step(total)  # cached: the bar completes at once
         else:
             with trainable(bb):
-                # ordinary copies: training cannot save inference tensors for backward (TRAP 2)
+                # ordinary copies: training cannot save inference tensors for backward
                 user = {k: (x.clone(), m.clone()) for k, (x, m) in user.items()}
                 prior = gram(bb, prior_prompts(exclude=names) + _split_lines(preserve_prompts), cache_dir())
-                weights = mace(bb, items, s, prior, user_data=user, progress=progress,
-                               check_interrupt=interrupt, log=_console).weights
+                weights = mace(bb, items, s, prior, user_data=user, progress=progress).weights
             if key:
                 result_cache.save(key, weights)
         return io.NodeOutput(patched_model(model, weights), _export(weights, model, bb))
@@ -397,8 +372,7 @@ class ApplyErasedModel(io.ComfyNode):
         if lora is not None:
             w = _lora_weights(lora, model)
         elif lora_name and lora_name != "(none)":
-            w = from_lora(_underscored(ErasureWeights.load(folder_paths.get_full_path_or_raise("loras", lora_name)),
-                                       model), model)
+            w = from_lora(load_lora(folder_paths.get_full_path_or_raise("loras", lora_name)), model)
         else:
             raise ValueError("connect an erasure LoRA or choose a LoRA file")
         return io.NodeOutput(patched_model(model, w, strength))
@@ -430,11 +404,8 @@ class SaveErasureLoRA(io.ComfyNode):
         if os.path.exists(path) and not overwrite:
             raise ValueError(f"{os.path.basename(path)} already exists in models/loras: choose another name or "
                              "switch on overwrite")
-        meta = {str(k): str(v) for k, v in (getattr(lora, "metadata", None) or {}).items()} or _meta(
-            {"method": "unknown"})
-        from pathlib import Path
-
-        atomic_save({k: v.contiguous() for k, v in lora.items()}, Path(path), meta)
+        meta = dict(getattr(lora, "metadata", None) or {}) or metadata({"method": "unknown"})
+        write_lora(lora, meta, path)
         return io.NodeOutput()
 
 
@@ -489,19 +460,17 @@ class PreviewErasure(io.ComfyNode):
     @classmethod
     def execute(cls, original, erased, clip, vae, erased_prompts, unrelated_prompts, seeds, steps, cfg, resolution,
                 seed) -> io.NodeOutput:
-        from ..erasure.sampling import sample
-
         prompts = _split_lines(erased_prompts) + _split_lines(unrelated_prompts)
         if not prompts:
             raise ValueError("no prompts: give at least one erased or unrelated prompt, one per line")
         seed_list = list(range(seed, seed + seeds))
-        progress, interrupt = _progress(2 * steps * ((len(prompts) * seeds + 127) // 128))
+        progress = _progress(2 * steps * ((len(prompts) * seeds + 127) // 128))
         rows = []
         for model in (original, erased):
             bb = ComfyBackbone(model, clip, resolution or None)
             bb.load()
             res = sample(bb, prompts, seed_list, steps, cfg, resolution=resolution or None, decode=False,
-                         progress=progress, check_interrupt=interrupt)
+                         progress=progress)
             latents = model.model.latent_format.process_out(res.latents.float())
             rows.append(vae.decode(latents).float().cpu())  # [P * S, H, W, 3] in [0, 1]
         h, w = rows[0].shape[1:3]
@@ -513,7 +482,7 @@ class PreviewErasure(io.ComfyNode):
 
 
 def _split_lines(text: str) -> list[str]:
-    return [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    return split_list(text, "\n")
 
 
 NODES: list[type[io.ComfyNode]] = [EraseConceptANT, MassEraseMACE, FuseErasureLoRAs, ApplyErasedModel,

@@ -25,7 +25,8 @@ import folder_paths
 import torch
 
 from ..erasure import __version__
-from ..erasure.weights import Delta, ErasureWeights, atomic_save
+from ..erasure.files import atomic_save
+from ..erasure.weights import Delta, ErasureWeights
 
 FOLDER = "erasure-cache"
 FORMAT = "1"

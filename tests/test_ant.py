@@ -192,15 +192,15 @@ def test_scopes_train_what_they_say(tiny_backbone, scope):
 
 
 def test_conv_deltas_round_trip_through_a_lora_file(tiny_backbone, tmp_path):
-    from erasure.weights import ErasureWeights
+    from erasure.lora_files import load_lora, save_lora
 
     bb = tiny_backbone
     r = ant(bb, "circle", FAST.override(steps=2), templates=TEMPLATES)
     convs = [n for n in r.weights.deltas if r.weights.deltas[n].matrix().dim() == 4]
     assert convs
     path = tmp_path / "ant.safetensors"
-    assert r.weights.save(path) == 0.0
-    back = ErasureWeights.load(path)
+    assert save_lora(r.weights, path) == 0.0
+    back = load_lora(path)
     for n in r.weights.deltas:
         assert torch.equal(back.deltas[n].matrix(), r.weights.deltas[n].matrix())
 
@@ -219,26 +219,25 @@ def test_empty_concept_is_rejected(tiny_backbone):
 
 
 def test_scaled_multiplies_dense_and_lora_deltas_without_touching_the_original():
-    from erasure.ant import scaled
     from erasure.weights import Delta, ErasureWeights
 
     g = torch.Generator().manual_seed(0)
     up, down, dense = torch.randn(4, 1, generator=g), torch.randn(1, 3, generator=g), torch.randn(4, 3, generator=g)
     w = ErasureWeights({"a": Delta(up=up, down=down, scale=0.5), "b": Delta(dense=dense)}, {"k": "v"})
-    s = scaled(w, 1.25)
+    s = w.scaled(1.25)
     torch.testing.assert_close(s.deltas["a"].matrix(), 1.25 * w.deltas["a"].matrix())
     torch.testing.assert_close(s.deltas["b"].matrix(), 1.25 * dense)
     assert w.deltas["a"].scale == 0.5 and torch.equal(w.deltas["b"].dense, dense) and s.metadata == w.metadata
-    assert scaled(w, 1.0) is w
+    assert w.scaled(1.0) is w
 
 
 def test_ant_multi_fuses_each_edit_at_its_strength(tiny_backbone, tmp_path):
     """One concept, negligible regularisation: the fused K/V reproduce ``strength`` x the concept's own edit on its
     prompts; the strength is recorded in the file's metadata and a bad one is refused."""
     from erasure.ant import ant_multi
-    from erasure.mace import Concept, concept_token_embeddings
+    from erasure.fusion import concept_token_embeddings
     from erasure.prior import gram
-    from erasure.prompts import prior_prompts
+    from erasure.prompts import Concept, prior_prompts
 
     bb = tiny_backbone
     prior = gram(bb, prior_prompts(50, exclude=["circle"]), tmp_path)
@@ -259,7 +258,7 @@ def test_ant_multi_fuses_each_edit_at_its_strength(tiny_backbone, tmp_path):
 def test_reused_trajectories_serve_reuse_steps_and_query_the_frozen_model_once_per_latent(tiny_backbone, monkeypatch):
     """``reuse=3`` over 5 steps regenerates twice (steps 0 and 3); the frozen predictions at a latent are computed
     once however often it is drawn; the run is deterministic; and the UNet forwards it reports are the ones made."""
-    import erasure.ant as ant_mod
+    import erasure.ant.sources as ant_mod
 
     bb = tiny_backbone
     s = FAST.override(scope="xattn", sampling="on-policy", reuse=3, steps=5, preserve=0.0)
@@ -293,10 +292,10 @@ def test_reused_trajectories_serve_reuse_steps_and_query_the_frozen_model_once_p
 def test_ant_multi_folds_each_edit_into_the_fusion_and_frees_it(tiny_backbone, tmp_path):
     """Streaming fusion: without ``keep_edits`` no concept's dense edit is kept, and the fused result is the one
     ``fuse`` gives for the kept edits (same normal equations, summed as the concepts finish)."""
-    from erasure.ant import ant_multi, scaled
-    from erasure.mace import Concept, fuse
+    from erasure.ant import ant_multi
+    from erasure.fusion import fuse
     from erasure.prior import gram
-    from erasure.prompts import prior_prompts
+    from erasure.prompts import Concept, prior_prompts
 
     bb = tiny_backbone
     names = ["circle", "square"]
@@ -306,7 +305,7 @@ def test_ant_multi_folds_each_edit_into_the_fusion_and_frees_it(tiny_backbone, t
     import gc
     import weakref
 
-    import erasure.ant as ant_mod
+    import erasure.ant.train as ant_mod
 
     real_ant, refs, alive_at_call = ant_mod.ant, [], []
 
@@ -327,7 +326,7 @@ def test_ant_multi_folds_each_edit_into_the_fusion_and_frees_it(tiny_backbone, t
     kept = ant_multi(bb, names, s, prior, templates=temps, keep_edits=True)
     assert all(not r.weights.deltas for r in lean.per_concept)
     assert all(r.weights.deltas for r in kept.per_concept)
-    items = [(Concept(c, "", s.kind, templates=tuple(temps[c])), scaled(r.weights, 1.25))
+    items = [(Concept(c, "", s.kind, templates=tuple(temps[c])), r.weights.scaled(1.25))
              for c, r in zip(names, kept.per_concept, strict=True)]
     ref = fuse(bb, items, None, prior, lam=0.01, preserve=0.1, method="ant-fused")
     for name in ref.deltas:

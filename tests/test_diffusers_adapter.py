@@ -7,7 +7,9 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from erasure.diffusers_backbone import DiffusersBackbone, UnsupportedModelError, load_diffusers
+from erasure.diffusers_backbone import DiffusersBackbone, load_diffusers
+from erasure.errors import UnsupportedModelError
+from erasure.lora_files import save_lora
 from erasure.sampling import sample
 from erasure.weights import ErasureWeights
 
@@ -27,7 +29,7 @@ def _tiny_vae():
 def test_lora_file_loads_in_diffusers_with_the_same_unet_output(tiny_backbone, tmp_path):
     bb = tiny_backbone
     w = _random_edit(bb)
-    w.save(tmp_path / "e.safetensors")
+    save_lora(w, tmp_path / "e.safetensors")
     pipe = StableDiffusionPipeline(vae=_tiny_vae(), text_encoder=bb.text_encoders[0], tokenizer=bb.tokenizers[0],
                                    unet=bb.unet(), scheduler=DDIMScheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)

@@ -59,7 +59,7 @@ def test_sampling_the_lab_model_is_deterministic(lab):
 
 @pytest.mark.slow
 def test_esd_baseline_reduces_the_erased_concept(lab, clf, tmp_path, monkeypatch):
-    from erasure.lab.baseline import esd
+    from erasure.esd import esd
 
     monkeypatch.setenv("ERASURE_CACHE", str(tmp_path))
     s = EvalSettings(seeds_own=6, seeds_syn=2, concepts=("red", "blue"))

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from erasure.mace import Concept, aligned_pairs, refine
+from erasure.mace import aligned_pairs, refine
 from erasure.prior import gram
-from erasure.prompts import prior_prompts
+from erasure.prompts import Concept, prior_prompts
 
 
 def _lab_prior(bb, tmp_path, exclude=()):

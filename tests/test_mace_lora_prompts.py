@@ -9,7 +9,6 @@ from erasure import mace as mace_mod
 from erasure.mace import (
     END_RESIDUE_MIN,
     AttentionLoss,
-    Concept,
     ConceptData,
     MaceSettings,
     end_residue,
@@ -17,6 +16,8 @@ from erasure.mace import (
     resolve_suppress_end,
     train_lora,
 )
+from erasure.progress import Progress
+from erasure.prompts import Concept
 
 TEMPLATES = ("a photo of a {c}", "a red {c}", "a {c} on a plain background")
 
@@ -136,7 +137,7 @@ def test_a_lora_that_barely_moves_the_attention_is_reported(tiny_backbone, monke
 
     logged: list[str] = []
     monkeypatch.setattr(mace_mod, "train_lora", flat)
-    res = mace(tiny_backbone, [c], s, None, log=logged.append)
+    res = mace(tiny_backbone, [c], s, None, progress=Progress(log=logged.append))
     assert res.loras[0].stalled()
     warning = [m for m in logged if m.startswith("warning:")]
     assert len(warning) == 1 and "'circle'" in warning[0] and "raise the LoRA learning rate" in warning[0]
@@ -193,7 +194,7 @@ def test_cli_flags_reach_the_settings(monkeypatch, tmp_path, capsys):
         captured["s"] = s
         raise SystemExit(0)
 
-    monkeypatch.setattr(mace_mod, "mace", fake_mace)
+    monkeypatch.setattr(cli, "mace", fake_mace)
     monkeypatch.setenv("ERASURE_CACHE", str(tmp_path))
     try:
         cli.main(["mace", "--model", "lab", "--concepts", "circle", "--out", str(tmp_path / "x.safetensors"),
@@ -209,11 +210,12 @@ def test_cli_flags_reach_the_settings(monkeypatch, tmp_path, capsys):
 def test_mace_encodes_each_concepts_prompt_pairs_once(tiny_backbone, monkeypatch):
     """CFR and the end-token check read the same encodings of the concept/anchor prompt pairs (they were encoded
     twice); the choice made from them is the one ``resolve_suppress_end`` makes on its own."""
-    from erasure.mace import concept_and_anchor_prompts, fuse, mace
+    from erasure.fusion import fuse
+    from erasure.mace import mace
 
     c = Concept("circle", "shape", templates=TEMPLATES, data_prompt="a photo of a {c}")
     s = MaceSettings(images_per_concept=1, sample_steps=2, guidance=3.0, lora_steps=2)
-    src, dst = concept_and_anchor_prompts(c)
+    src, dst = c.prompts(), c.anchor_prompts()
     calls: list[list[str]] = []
     real = tiny_backbone.encode_text
 

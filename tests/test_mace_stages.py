@@ -1,10 +1,8 @@
 import torch
 
+from erasure.fusion import concept_token_embeddings, fuse
 from erasure.mace import (
-    Concept,
     MaceSettings,
-    concept_token_embeddings,
-    fuse,
     generate_data,
     mace,
     masks_from_attention,
@@ -13,7 +11,7 @@ from erasure.mace import (
     train_lora,
 )
 from erasure.prior import gram
-from erasure.prompts import prior_prompts
+from erasure.prompts import Concept, prior_prompts
 
 LAB_TEMPLATES = ("a {c}", "a photo of a {c}", "a red {c}", "a picture of a blue {c}")
 
@@ -144,7 +142,9 @@ def test_full_pipeline_runs_and_names_its_concepts(tiny_backbone, tmp_path):
     res = mace(bb, concepts, _settings(lora_steps=3), prior)
     assert res.weights.metadata["erasure.method"] == "mace"
     assert len(res.loras) == 2 and set(res.weights.deltas) == set(bb.cross_attention_kv())
-    res.weights.save(tmp_path / "m.safetensors")
+    from erasure.lora_files import save_lora
+
+    save_lora(res.weights, tmp_path / "m.safetensors")
 
 
 def test_fusion_of_loras_alone_is_an_exact_low_rank_lora(tiny_backbone, tmp_path):
@@ -188,7 +188,7 @@ def test_fusion_keeps_the_cheaper_of_a_loras_rows_and_its_gram(tiny_backbone, tm
     import pytest
 
     from erasure.closed_form import least_squares_edit
-    from erasure.mace import FusionSystem, mean_prompt_count
+    from erasure.fusion import FusionSystem, mean_prompt_count
     from erasure.weights import Delta, ErasureWeights
 
     bb = tiny_backbone
@@ -229,7 +229,7 @@ def test_fusion_of_an_item_with_low_rank_and_dense_layers(tiny_backbone, tmp_pat
     """One item may hold LoRA factors on some layers and dense deltas on others (a merged file): each layer takes
     its own path, kept (``fuse``) or folded at once (``keep=False``), with the stacked problem's solution."""
     from erasure.closed_form import least_squares_edit
-    from erasure.mace import FusionSystem, mean_prompt_count
+    from erasure.fusion import FusionSystem, mean_prompt_count
     from erasure.weights import Delta, ErasureWeights
 
     bb = tiny_backbone

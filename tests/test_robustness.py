@@ -17,10 +17,15 @@ import torch
 from safetensors.torch import save_file
 
 from erasure import files, validation
-from erasure.ant import AntSettings, TrainingDivergedError, ant, ant_multi
-from erasure.guards import ErasureOutOfMemoryError, torch_state_preserved
-from erasure.mace import Concept, MaceSettings, fuse, mace
+from erasure.ant import AntSettings, ant, ant_multi
+from erasure.errors import ErasureOutOfMemoryError, TrainingDivergedError
+from erasure.fusion import fuse
+from erasure.guards import torch_state_preserved
+from erasure.lora_files import load_lora, save_lora
+from erasure.mace import MaceSettings, mace
 from erasure.prior import gram
+from erasure.progress import Progress
+from erasure.prompts import Concept
 from erasure.weights import Delta, ErasureWeights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +106,7 @@ ANT_BAD = [
     ("circle", {"lr": math.nan}, "learning rate must be a positive number"),
     ("circle", {"lr": math.inf}, "learning rate must be a positive number"),
     ("circle", {"lr": 2.0}, "learning rate 2 is far too large"),
-    ("circle", {"steps": 0}, "steps must be >= 1"),
+    ("circle", {"steps": 0}, "steps must be a whole number >= 1"),
     ("circle", {"saliency_fraction": 0.0}, r"saliency_fraction must be in \(0, 1\]"),
     ("circle", {"saliency_fraction": 1.5}, r"saliency_fraction must be in \(0, 1\]"),
     ("circle", {"resolution": 12}, "multiple of 8"),
@@ -204,7 +209,8 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def test_unsupported_model_folders_are_refused_before_loading(tmp_path):
-    from erasure.diffusers_backbone import UnsupportedModelError, load_diffusers
+    from erasure.diffusers_backbone import load_diffusers
+    from erasure.errors import UnsupportedModelError
 
     flux = tmp_path / "flux"
     _write_json(flux / "model_index.json", {"_class_name": "FluxPipeline"})
@@ -234,19 +240,19 @@ def _lora_file(path: Path, **override: torch.Tensor) -> Path:
 
 def test_only_valid_safetensors_are_read(tmp_path):
     with pytest.raises(ValueError, match="only .safetensors files are read"):
-        ErasureWeights.load(tmp_path / "x.ckpt")
+        load_lora(tmp_path / "x.ckpt")
     evil = tmp_path / "evil.safetensors"  # a pickle renamed: never unpickled, refused with what to do
     evil.write_bytes(pickle.dumps({"lora_unet_a.lora_up.weight": [1.0]}))
     with pytest.raises(ValueError, match="is not a valid safetensors file .*download or save it again"):
-        ErasureWeights.load(evil)
+        load_lora(evil)
     good = _lora_file(tmp_path / "good.safetensors")
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(good.read_bytes()[:-7])  # a download that stopped early
     with pytest.raises(ValueError, match="is not a valid safetensors file"):
-        ErasureWeights.load(cut)
+        load_lora(cut)
     with pytest.raises(ValueError, match="no such file"):
-        ErasureWeights.load(tmp_path / "missing.safetensors")
-    assert ErasureWeights.load(good).deltas["lora_unet_a"].matrix().shape == (4, 3)
+        load_lora(tmp_path / "missing.safetensors")
+    assert load_lora(good).deltas["lora_unet_a"].matrix().shape == (4, 3)
 
 
 @pytest.mark.parametrize(("override", "match"), [
@@ -258,14 +264,14 @@ def test_only_valid_safetensors_are_read(tmp_path):
 ])
 def test_damaged_lora_files_get_a_message(tmp_path, override, match):
     with pytest.raises(ValueError, match=match):
-        ErasureWeights.load(_lora_file(tmp_path / "bad.safetensors", **override))
+        load_lora(_lora_file(tmp_path / "bad.safetensors", **override))
 
 
 def test_peft_keys_are_named_in_the_message(tmp_path):
     p = tmp_path / "peft.safetensors"
     save_file({"unet.a.lora_A.weight": torch.ones(2, 3), "unet.a.lora_B.weight": torch.ones(4, 2)}, str(p))
     with pytest.raises(ValueError, match="PEFT lora_A/lora_B keys are not supported"):
-        ErasureWeights.load(p)
+        load_lora(p)
 
 
 def test_metadata_is_untrusted_text():
@@ -319,12 +325,12 @@ def _crash_after_partial_write(monkeypatch, exc: BaseException) -> None:
 def test_a_crash_mid_write_leaves_the_old_file_or_none(tmp_path, monkeypatch, exc):
     w = ErasureWeights({"a": Delta(dense=torch.ones(3, 3))})
     old = tmp_path / "old.safetensors"
-    w.save(old)
+    save_lora(w, old)
     before = old.read_bytes()
     _crash_after_partial_write(monkeypatch, exc)
     for target in (old, tmp_path / "new.safetensors"):
         with pytest.raises(type(exc)):
-            ErasureWeights({"a": Delta(dense=torch.zeros(3, 3))}).save(target)
+            save_lora(ErasureWeights({"a": Delta(dense=torch.zeros(3, 3))}), target)
     assert old.read_bytes() == before, "the old file was damaged"
     assert not (tmp_path / "new.safetensors").exists(), "a partial file was left"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.safetensors"], "temporary files were left"
@@ -374,7 +380,8 @@ def test_gram_cache_is_rebuilt_when_corrupt_stale_or_truncated(bb, tmp_path):
 
 # -- faults during training ----------------------------------------------------------------------------------------
 def test_nan_loss_stops_ant_with_a_message_and_returns_nothing(bb, monkeypatch):
-    import erasure.ant as ant_mod
+    import erasure.ant.saliency as saliency_mod
+    import erasure.ant.train as ant_mod
 
     real, calls = ant_mod.ant_loss, []
 
@@ -384,6 +391,7 @@ def test_nan_loss_stops_ant_with_a_message_and_returns_nothing(bb, monkeypatch):
         return (loss * math.nan if len(calls) > 3 else loss), parts  # the saliency maps use 2, then training
 
     monkeypatch.setattr(ant_mod, "ant_loss", poisoned)
+    monkeypatch.setattr(saliency_mod, "ant_loss", poisoned)
     snap, state = _snapshot(bb), _torch_state()
     with pytest.raises(TrainingDivergedError, match="lower the learning rate"):
         _ant(bb)
@@ -495,7 +503,7 @@ def test_interrupt_at_any_point_of_ant_leaves_the_model_as_it_was(bb, at):
     snap, state = _snapshot(bb), _torch_state()
     with pytest.raises(KeyboardInterrupt):
         ant(bb, "circle", FAST.override(refresh_every=2, sampling="cached"), templates=TEMPLATES, preserve_prompts=PRES,
-            check_interrupt=interrupt)
+            progress=Progress(interrupt=interrupt))
     assert calls[0] == at
     _assert_untouched(bb, snap)
     _assert_state(state)
@@ -508,7 +516,7 @@ def test_interrupt_at_any_point_of_mace_leaves_the_model_as_it_was(bb, at):
     s = MaceSettings(images_per_concept=2, sample_steps=3, lora_steps=3)
     with pytest.raises(KeyboardInterrupt):
         mace(bb, [Concept("circle", "shape", templates=LAB_TEMPLATES, data_prompt="a {c}")], s, None,
-             check_interrupt=interrupt)
+             progress=Progress(interrupt=interrupt))
     assert calls[0] == at
     _assert_untouched(bb, snap)
     _assert_state(state)
@@ -516,7 +524,7 @@ def test_interrupt_at_any_point_of_mace_leaves_the_model_as_it_was(bb, at):
 
 # -- shared state ----------------------------------------------------------------------------------------------------
 def test_no_global_torch_state_leaks_even_from_code_that_changes_it(bb, monkeypatch):
-    import erasure.ant as ant_mod
+    import erasure.ant.train as ant_mod
 
     real = ant_mod.AntResult
 
@@ -612,11 +620,10 @@ def test_every_troubleshooting_message_exists_in_the_code():
     (KeyboardInterrupt(), 130, "interrupted: nothing was written"),
 ])
 def test_command_line_faults_write_nothing(tmp_path, monkeypatch, capsys, exc, rc, says):
-    import erasure.ant as ant_mod
     from erasure import cli
 
     monkeypatch.setattr(cli, "_load_model", lambda *a: object())
-    monkeypatch.setattr(ant_mod, "ant", lambda *a, **kw: (_ for _ in ()).throw(exc))
+    monkeypatch.setattr(cli, "ant_one", lambda *a, **kw: (_ for _ in ()).throw(exc))
     out = tmp_path / "erased.safetensors"
     assert cli.main(["ant", "--concept", "circle", "--out", str(out)]) == rc
     assert says in capsys.readouterr().err

@@ -10,7 +10,7 @@ import torch
 from ldm_export import tiny_model, write_checkpoint
 from safetensors.torch import save_file
 
-from erasure.diffusers_backbone import UnsupportedModelError
+from erasure.errors import UnsupportedModelError
 from erasure.single_file import load_single_file
 
 PROMPTS = ["a photo of a cat", "Van Gogh, starry night", ""]
@@ -148,7 +148,6 @@ def test_cli_runs_mace_and_ant_on_a_single_file(tmp_path, monkeypatch, capsys):
 
     from erasure.cli import main
     from erasure.clip_tokenizer import write_clip_tokenizer_files
-    from erasure.weights import ErasureWeights
 
     monkeypatch.setenv("ERASURE_CACHE", str(tmp_path / "cache"))
     ref, ldm = tiny_model("sd1", attention_first=False)
@@ -163,7 +162,9 @@ def test_cli_runs_mace_and_ant_on_a_single_file(tmp_path, monkeypatch, capsys):
                  str(tmp_path / "imgs"), "--steps", "2", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "SD1.x single file" in text and f"tokenizer from {tok}" in text and "VAE converted" in text
-    w = ErasureWeights.load(out)
+    from erasure.lora_files import load_lora
+
+    w = load_lora(out)
     assert w.metadata["erasure.base_model"] == ref.fingerprint() and len(w.deltas) == len(ref.cross_attention_kv())
     out = tmp_path / "ant.safetensors"
     assert main(["ant", "--model", str(ckpt), "--concept", "cat", "--scope", "xattn", "--steps", "2",

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 import erasure.mace as mace_mod
-from erasure.mace import Concept, ConceptData, MaceSettings, train_lora
+from erasure.mace import ConceptData, MaceSettings, train_lora
+from erasure.prompts import Concept
 from erasure.user_images import find_user_images, load_user_data
 
 

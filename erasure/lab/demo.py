@@ -1,6 +1,6 @@
 """Erasure methods on the lab model, with the lab's own prompts (templates, anchors, prior set).
 
-``esd``: the anchor-free ESD baseline (``baseline.py``). ``cfr``: MACE's closed-form cross-attention refinement
+``esd``: the anchor-free ESD baseline (``erasure/esd.py``). ``cfr``: MACE's closed-form cross-attention refinement
 alone (stage 2 of 4). ``mace``: all four MACE stages with the object preset. ``ant``: ANT with its default
 settings (on-policy, dense cross-attention for one concept; one K/V edit per concept and closed-form fusion for
 several).
@@ -8,15 +8,17 @@ several).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+from ..ant import AntSettings, ant, ant_multi
 from ..backbone import Backbone
-from ..mace import PRESETS, Concept, MaceSettings, mace, refine
+from ..errors import BadInputError
+from ..esd import esd
+from ..files import cache_dir
+from ..mace import PRESETS, MaceSettings, mace, refine
 from ..prior import gram
+from ..progress import Progress
+from ..prompts import Concept
 from ..weights import ErasureWeights
 from . import world
-from .baseline import esd
-from .evaluate import cache_dir
 
 METHODS = ("esd", "cfr", "mace", "ant")
 
@@ -34,8 +36,7 @@ def lab_concept(concept: str, anchor: str | None = None, with_other_concepts: bo
 
     By default the templates name no other lab concept (as ANT's): in MACE's fusion every token of a concept's
     prompts is pulled towards that concept's LoRA, so "a green {c}" among the circle's prompts pulls "green" towards
-    the circle's edit and away from green's own. Measured (`mace --concepts "circle; green; striped" --lr 1e-3
-    --steps 200 --no-suppress-end`): efficacy 0.708 with such templates, 0.938 without."""
+    the circle's edit and away from green's own (measured: docs/lab.md#lab-concepts-in-mace)."""
     kind = world.concept_kind(concept)
     return Concept(concept, lab_anchor(concept) if anchor is None else anchor,
                    "style" if kind == "style" else "object",
@@ -48,16 +49,14 @@ def lab_prior(backbone: Backbone, concepts: list[str]):
 
 
 def erase(backbone: Backbone, concepts: str | list[str], method: str = "ant", steps: int | None = None,
-          seed: int = 0, progress: Callable[[int], None] | None = None,
+          seed: int = 0, progress: Progress | None = None,
           settings: MaceSettings | None = None) -> ErasureWeights:
     names = [concepts] if isinstance(concepts, str) else list(concepts)
     if method == "esd":
         if len(names) != 1:
-            raise ValueError("the ESD baseline erases one concept at a time")
+            raise BadInputError("the ESD baseline erases one concept at a time")
         return esd(backbone, names[0], iterations=steps or 150, seed=seed, progress=progress)
     if method == "ant":
-        from ..ant import AntSettings, ant, ant_multi
-
         a = AntSettings().override(steps=steps, multi_steps=steps, seed=seed)
         if len(names) == 1:
             return ant(backbone, names[0], a, templates=world.concept_templates(names[0], False),
@@ -74,4 +73,4 @@ def erase(backbone: Backbone, concepts: str | list[str], method: str = "ant", st
         return refine(backbone, items, prior, lam=s.lam, preserve=s.preserve)
     if method == "mace":
         return mace(backbone, items, s.override(seed=seed), prior, progress=progress).weights
-    raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    raise BadInputError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")

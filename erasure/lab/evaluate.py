@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 from ..backbone import Backbone
-from ..files import load_cache, save_cache
+from ..files import cache_dir, load_cache, save_cache
+from ..progress import Progress
 from ..sampling import sample
 from ..weights import ErasureWeights
 from . import world
@@ -43,10 +43,6 @@ class EvalSettings:
         return list(range(self.seed_base + 500, self.seed_base + 500 + self.seeds_syn))
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("ERASURE_CACHE", Path.home() / ".cache" / "erasure"))
-
-
 def _prompt_sets(s: EvalSettings) -> tuple[list[str], list[str]]:
     own = [p for c in s.concepts for p in world.concept_prompts(c)]
     syn = [p for c in s.concepts for p in world.concept_prompts(c, synonyms=True)]
@@ -58,8 +54,8 @@ def generate(backbone: Backbone, s: EvalSettings, desc: str = "generating") -> d
     own, syn = _prompt_sets(s)
     total = (len(own) * s.seeds_own + len(syn) * s.seeds_syn + 127) // 128 * s.steps
     with tqdm(total=total, desc=desc, leave=False, disable=None) as bar:
-        a = sample(backbone, own, s.own_seeds(), s.steps, s.guidance, progress=bar.update).images
-        b = sample(backbone, syn, s.syn_seeds(), s.steps, s.guidance, progress=bar.update).images
+        a = sample(backbone, own, s.own_seeds(), s.steps, s.guidance, progress=Progress(bar.update)).images
+        b = sample(backbone, syn, s.syn_seeds(), s.steps, s.guidance, progress=Progress(bar.update)).images
     return {"own": a, "syn": b}
 
 

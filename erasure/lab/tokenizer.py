@@ -11,25 +11,9 @@ characters, so user prompts never fail on the lab model.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from pathlib import Path
 
-BOS = "<|startoftext|>"
-EOS = "<|endoftext|>"
-
-
-@lru_cache
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP's (and GPT-2's) reversible byte -> printable unicode map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs], strict=False))
+from ..clip_tokenizer import BOS, EOS, bytes_to_unicode
 
 
 def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:

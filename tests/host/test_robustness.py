@@ -176,7 +176,7 @@ def test_out_of_memory_and_nan_in_a_node_leave_the_model_as_it_was(comfy, loaded
     _assert_untouched(model, snap)
     monkeypatch.undo()
 
-    ant_mod = _pack_module(comfy, "erasure.ant")
+    ant_mod = _pack_module(comfy, "erasure.ant.train")
     real_loss = ant_mod.ant_loss
     monkeypatch.setattr(ant_mod, "ant_loss", lambda *a, **kw: (lambda r: (r[0] * float("nan"), r[1]))(
         real_loss(*a, **kw)))

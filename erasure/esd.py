@@ -15,19 +15,16 @@ interface, so it runs on any supported model, not only the lab's.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from ..backbone import Backbone
-from ..deltas import TrainableDeltas
-from ..sampling import ddim_step, ddim_timesteps, guided_eps, initial_noise
-from ..weights import ErasureWeights
-
-
-class TrainingDivergedError(RuntimeError):
-    """A loss or a weight became NaN/inf; nothing is returned."""
+from .backbone import Backbone
+from .deltas import TrainableDeltas
+from .errors import BadInputError, TrainingDivergedError
+from .progress import Progress, as_progress
+from .sampling import ddim_step, ddim_timesteps, guided_eps, initial_noise
+from .weights import ErasureWeights
 
 
 def esd_modules(backbone: Backbone, scope: str = "xattn") -> dict[str, nn.Linear]:
@@ -38,7 +35,7 @@ def esd_modules(backbone: Backbone, scope: str = "xattn") -> dict[str, nn.Linear
         sel = {n: m for n, m in mods.items() if ".attn1." in n or ".ff." in n or n.endswith("proj_in")
                or n.endswith("proj_out")}
     else:
-        raise ValueError(f"unknown ESD scope {scope!r}: use 'xattn' or 'unet'")
+        raise BadInputError(f"unknown ESD scope {scope!r}: use 'xattn' or 'unet'")
     return sel
 
 
@@ -53,12 +50,12 @@ def esd(
     guidance: float = 3.0,
     scope: str = "xattn",
     seed: int = 0,
-    progress: Callable[[int], None] | None = None,
-    log: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> ErasureWeights:
     """Erase ``concept`` (the prompt is the concept text itself, as in ESD) and return the dense deltas."""
     if not concept.strip():
-        raise ValueError("the concept is empty: give the word or phrase to erase")
+        raise BadInputError("the concept is empty: give the word or phrase to erase")
+    progress = as_progress(progress)
     t0 = time.time()
     gen = torch.Generator().manual_seed(seed)
     cond = backbone.encode_text([concept]).repeat(batch_size)
@@ -70,6 +67,7 @@ def esd(
     with TrainableDeltas(esd_modules(backbone, scope)) as deltas:
         opt = torch.optim.Adam(deltas.parameters(), lr=lr)
         for it in range(iterations):
+            progress.check()
             stop = int(torch.randint(0, sample_steps, (), generator=gen))
             seeds = torch.randint(0, 2**31 - 1, (batch_size,), generator=gen).tolist()
             with torch.no_grad():
@@ -90,10 +88,9 @@ def esd(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if progress is not None:
-                progress(1)
-            if log is not None and (it + 1) % 50 == 0:
-                log(f"esd iteration {it + 1}/{iterations} loss {loss.item():.4f}")
+            progress.step()
+            if (it + 1) % 50 == 0:
+                progress.say(f"esd iteration {it + 1}/{iterations} loss {loss.item():.4f}")
         if not deltas.all_finite():
             raise TrainingDivergedError("ESD weights became non-finite: lower the learning rate")
         return deltas.result(method="esd", concepts=[concept], settings={

@@ -1,0 +1,103 @@
+"""ANT's objective: the stage targets, a batch of training samples, and the loss of the edited model on it.
+
+Per sample, a guided DDIM trajectory of the concept prompt gives an early latent ``x+`` (high noise: the image's
+structure) and a mid/late one ``x-``; the frozen model's predictions ``eps_u``, ``eps_c`` there give the targets
+
+    early:      eps_u + eta (eps_c - eps_u)     (keep the guidance direction)
+    mid/late:   eps_u - eta (eps_c - eps_u)     (reverse it)
+
+and the loss is ``L_erase + a1 L_u(late) + a2 (L_enh + a1 L_u(early))`` with the anchor-free preservation terms
+``L_u = ||eps*_u - eps_u||^2`` carrying gradient (the reference's single-concept code computes them under no_grad),
+plus the project's optional preservation term on prompts without the concept (docs/ant.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..backbone import Backbone, TextConditioning
+from ..deltas import HookedDeltas
+from .settings import AUTO_CHECKPOINT_CELLS, AUTO_CHECKPOINT_PARAMS, AntSettings
+
+
+def stage_targets(eu_early: torch.Tensor, ec_early: torch.Tensor, eu_late: torch.Tensor, ec_late: torch.Tensor,
+                  eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(early target keeping the guidance direction, mid/late target reversing it)."""
+    return eu_early + eta * (ec_early - eu_early), eu_late - eta * (ec_late - eu_late)
+
+
+@dataclass
+class Batch:
+    """Training samples: the early and late latents of some trajectories, their timesteps, conditionings and the
+    frozen model's predictions there."""
+
+    x_early: torch.Tensor
+    t_early: torch.Tensor
+    x_late: torch.Tensor
+    t_late: torch.Tensor
+    cond: TextConditioning
+    eu_early: torch.Tensor
+    ec_early: torch.Tensor
+    eu_late: torch.Tensor
+    ec_late: torch.Tensor
+    #: optional preservation samples: other prompts at the same latents, with the frozen model's predictions
+    pres_cond: TextConditioning | None = None
+    pres_early: torch.Tensor | None = None
+    pres_late: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def add_preservation(backbone: Backbone, deltas: HookedDeltas | None, b: Batch, prompts: TextConditioning,
+                     which: list[int]) -> int:
+    """Attach preservation targets to ``b``: prompts ``which`` (rows of ``prompts``) at the batch's latents, with the
+    frozen model's predictions. Returns the UNet evaluations spent."""
+    cond = prompts[which]
+    x = torch.cat([b.x_early, b.x_late])
+    t = torch.cat([b.t_early, b.t_late])
+    ctx = deltas.disabled() if deltas is not None else contextlib.nullcontext()
+    with ctx:
+        eps = backbone.predict_noise(x, t, TextConditioning.cat([cond, cond]))
+    b.pres_cond, (b.pres_early, b.pres_late) = cond, eps.split(len(which))
+    return 2 * len(which)
+
+
+def ant_loss(backbone: Backbone, b: Batch, uncond: TextConditioning, s: AntSettings
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The ANT loss of the backbone as it is now (the edited model), in one batched forward of 4B rows (6B with
+    preservation samples)."""
+    n = b.x_early.shape[0]
+    xs = [b.x_early, b.x_late, b.x_early, b.x_late]
+    ts = [b.t_early, b.t_late, b.t_early, b.t_late]
+    conds = [b.cond, b.cond, uncond.repeat(n), uncond.repeat(n)]
+    if b.pres_cond is not None:
+        xs, ts, conds = xs + [b.x_early, b.x_late], ts + [b.t_early, b.t_late], conds + [b.pres_cond, b.pres_cond]
+    eps = backbone.predict_noise(torch.cat(xs), torch.cat(ts), TextConditioning.cat(conds)).float()
+    pc_e, pc_l, pu_e, pu_l = eps.split(n)[:4]
+    if s.prediction == "guided":
+        p_e, p_l = pu_e + s.guidance * (pc_e - pu_e), pu_l + s.guidance * (pc_l - pu_l)
+    else:
+        p_e, p_l = pc_e, pc_l
+    enh, erase = stage_targets(b.eu_early.float(), b.ec_early.float(), b.eu_late.float(), b.ec_late.float(), s.eta)
+    mse = nn.functional.mse_loss
+    parts = {"erase": mse(p_l, erase), "u_late": mse(pu_l, b.eu_late.float()), "enh": mse(p_e, enh),
+             "u_early": mse(pu_e, b.eu_early.float())}
+    loss = parts["erase"] + s.a1 * parts["u_late"] + s.a2 * (parts["enh"] + s.a1 * parts["u_early"])
+    if b.pres_cond is not None:
+        pp_e, pp_l = eps.split(n)[4:]
+        parts["preserve"] = 0.5 * (mse(pp_e, b.pres_early.float()) + mse(pp_l, b.pres_late.float()))
+        loss = loss + s.preserve * parts["preserve"]
+    return loss, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def use_checkpointing(backbone: Backbone, s: AntSettings) -> bool:
+    """Whether the training forward asks for gradient checkpointing (``s.gradient_checkpointing``; "auto": a UNet
+    of at least ``AUTO_CHECKPOINT_PARAMS`` parameters, or a latent of more than ``AUTO_CHECKPOINT_CELLS`` cells)."""
+    if s.gradient_checkpointing != "auto":
+        return s.gradient_checkpointing == "on"
+    _, h, w = backbone.latent_shape(s.resolution)
+    params = sum(p.numel() for p in backbone.unet().parameters())
+    return params >= AUTO_CHECKPOINT_PARAMS or h * w > AUTO_CHECKPOINT_CELLS

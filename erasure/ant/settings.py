@@ -1,0 +1,93 @@
+"""Every ANT setting, its default and how it is checked. Why each default is what it is, with the measurements
+behind it: ``docs/ant.md#settings``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .. import validation
+from ..errors import BadInputError
+from ..prompts import CONCEPT_TEMPLATES
+from ..settings import Settings
+
+SCOPES = ("saliency", "xattn", "non-xattn", "kv", "lora")
+PREDICTIONS = ("cond", "guided")
+SAMPLINGS = ("on-policy", "cached")
+CHECKPOINTING = ("auto", "on", "off")
+#: ``gradient_checkpointing="auto"`` turns checkpointing on for UNets of at least this many parameters (SDXL's
+#: 2.57 G, not SD1.5's 860 M) or latents of more than this many cells (docs/ant.md#auto-checkpointing)
+AUTO_CHECKPOINT_PARAMS, AUTO_CHECKPOINT_CELLS = 1_500_000_000, 64 * 64
+#: the many-concept path's fusion: regulariser, prior weight, and the factor each concept's edit enters it with
+#: (docs/ant.md#fusion-settings)
+FUSE_LAM, FUSE_PRESERVE = 0.01, 0.1
+FUSE_STRENGTH = 1.25
+
+
+@dataclass(frozen=True)
+class AntSettings(Settings):
+    """Every ANT setting, with the defaults used everywhere (command line, nodes, lab). The reference's value is in
+    the comment where it differs; docs/ant.md#settings says why."""
+
+    label: ClassVar[str] = "ANT"
+
+    steps: int = 250  # training steps (reference 250)
+    multi_steps: int = 300  # training steps per concept on the many-concept path (``ant_multi``)
+    lr: float = 1e-3  # Adam (reference 5e-4, for its saliency scope)
+    batch_size: int = 1  # reference 1
+    trajectory_steps: int = 10  # DDIM steps of the training trajectories (reference 50)
+    early_steps: int = 1  # the first ``early_steps`` of them are the early (structure) stage (reference ~4 of 50)
+    guidance: float = 7.5  # guidance of the trajectories, and of the edited model's guided prediction
+    eta: float = 1.0
+    a1: float = 2.5
+    a2: float = 0.5
+    #: weight of the project's preservation term (not in the paper): the edited model's conditional prediction for
+    #: prompts without the concept must match the frozen one at the same latents (0 = the paper's objective)
+    preserve: float = 5.0
+    preserve_prompts: int = 64  # how many of the prior-preservation prompts are used
+    #: the edited model's prediction that is regressed: its conditional one ("cond"), or its guided one ("guided",
+    #: as in the reference's many-concept code)
+    prediction: str = "guided"
+    #: where training latents come from: "on-policy" (the edited model's own trajectories, regenerated as training
+    #: goes: the reference's loop) or "cached" (frozen-model trajectories computed once, refreshed every
+    #: ``refresh_every`` steps)
+    sampling: str = "on-policy"
+    trajectories: int = 16  # trajectories (augmentations cycled, new seeds each cycle) and saliency maps drawn from
+    refresh_every: int = 25  # cached sampling: regenerate the trajectories with the edited model every N steps
+    #: on-policy: each regenerated trajectory serves this many training steps at newly drawn steps (1 = the
+    #: reference's loop, a new trajectory for every step)
+    reuse: int = 8
+    multi_reuse: int = 1  # ``reuse`` on the many-concept path
+    #: what is trained: dense cross-attention K/V ("kv"), the paper's saliency mask over the whole UNet
+    #: ("saliency"), every cross-attention Linear ("xattn"), everything else ("non-xattn"), or a K/V LoRA ("lora")
+    scope: str = "kv"  # reference: saliency
+    saliency_fraction: float = 0.5  # fraction of entries each saliency map keeps (before intersecting)
+    saliency_maps: int = 8  # maps intersected: the first N trajectories (prompt augmentations x seeds)
+    lora_rank: int = 4
+    grad_clip: float = 1.0
+    resolution: int | None = None
+    seed: int = 0
+    kind: str = "object"  # which prompt templates augment the concept (object, person, style, nudity)
+    #: gradient checkpointing of the training forward: "on" recomputes activations in backward (about one extra
+    #: forward of the training rows per step), "off" keeps them, "auto" is on for large UNets or latents
+    gradient_checkpointing: str = "auto"
+
+    def validate(self) -> None:
+        """Reject bad settings before any expensive work, naming the fix."""
+        for k in ("steps", "multi_steps", "batch_size", "trajectories", "reuse", "multi_reuse", "lora_rank",
+                  "saliency_maps", "preserve_prompts"):
+            validation.check_count(k, getattr(self, k))
+        validation.check_count("refresh_every", self.refresh_every, low=0)
+        validation.check_learning_rate(self.lr)
+        if not 0 < self.early_steps < self.trajectory_steps:
+            raise BadInputError(f"early_steps must be between 1 and trajectory_steps - 1 "
+                                f"(got {self.early_steps} of {self.trajectory_steps})")
+        validation.check_number("saliency_fraction", self.saliency_fraction, 0.0, 1.0, low_open=True)
+        validation.check_choice("sampling", self.sampling, SAMPLINGS)
+        validation.check_choice("prediction", self.prediction, PREDICTIONS)
+        validation.check_choice("scope", self.scope, SCOPES)
+        validation.check_choice("gradient_checkpointing", self.gradient_checkpointing, CHECKPOINTING)
+        validation.check_choice("kind", self.kind, tuple(CONCEPT_TEMPLATES))
+        for k in ("eta", "a1", "a2", "guidance", "grad_clip", "preserve"):
+            validation.check_number(k, getattr(self, k))
+        validation.check_resolution(self.resolution)

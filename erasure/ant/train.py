@@ -1,0 +1,196 @@
+"""ANT's training loop for one concept (:func:`ant`) and for many, fused (:func:`ant_multi`)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from .. import prompts as prompt_sets
+from .. import validation
+from ..backbone import Backbone, gradient_checkpointing
+from ..deltas import HookedDeltas, SparseDeltas, TrainableDeltas, TrainableLoRA
+from ..errors import BadInputError, TrainingDivergedError
+from ..fusion import FusionSystem, mean_prompt_count
+from ..guards import entry_point
+from ..progress import Progress, as_progress
+from ..prompts import CONCEPT_TEMPLATES, Concept, augmented_prompts
+from ..weights import ErasureWeights, metadata
+from .objective import add_preservation, ant_loss, use_checkpointing
+from .saliency import saliency_masks, scope_modules
+from .settings import FUSE_LAM, FUSE_PRESERVE, FUSE_STRENGTH, AntSettings
+from .sources import build_trajectories, draw, make_source
+
+
+@dataclass
+class AntResult:
+    weights: ErasureWeights
+    trainable_params: int
+    total_params: int  # entries of the layers in scope
+    selected_fraction: float | None  # the saliency mask's share of those entries
+    unet_forwards: int
+    unet_backwards: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+    optimizer_state_bytes: int = 0
+
+
+def trainable(backbone: Backbone, s: AntSettings, masks: dict[str, torch.Tensor] | None,
+              gen: torch.Generator) -> HookedDeltas:
+    """The edit being trained, zero at the start: sparse (saliency), a LoRA (scope lora) or dense."""
+    mods = scope_modules(backbone, s.scope)
+    if s.scope == "saliency":
+        assert masks is not None
+        return SparseDeltas(mods, masks)
+    if s.scope == "lora":
+        return TrainableLoRA(mods, rank=s.lora_rank, generator=gen)
+    return TrainableDeltas(mods)
+
+
+@entry_point("ANT", "the resolution, batch_size, trajectories or trajectory_steps, or use scope 'lora'")
+def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, synonyms: tuple[str, ...] = (),
+        templates: list[str] | tuple[str, ...] | None = None, cache: bool | None = None,
+        preserve_prompts: list[str] | None = None, progress: Progress | None = None) -> AntResult:
+    """Erase one concept. ``templates`` (with ``{c}``) and ``synonyms`` make the prompt augmentations: the
+    trajectories' prompts and the saliency maps' prompts. ``cache`` overrides ``settings.sampling`` (``False``: the
+    on-policy loop). ``preserve_prompts``: prompts without the concept for the preservation term (default: the
+    project's prior set minus the concept and its synonyms)."""
+    s = settings or AntSettings()
+    s.validate()
+    concept = validation.check_concept(concept)
+    progress = as_progress(progress)
+    if cache is None:
+        cache = s.sampling == "cached"
+    t0 = time.time()
+    prompts = augmented_prompts(concept.strip(), synonyms, s.kind, templates)
+    for word in (concept, *synonyms):  # each word must fit whole in the prompts made from it
+        validation.check_fits_context(backbone, word, augmented_prompts(word, (), s.kind, templates))
+    validation.check_model_finite(backbone.unet())
+    gen = torch.Generator().manual_seed(s.seed)
+    torch_state = torch.random.get_rng_state()
+    uncond = backbone.encode_text([""])
+    enc = {p: backbone.encode_text([p]) for p in dict.fromkeys(prompts)}
+    pres = None
+    if s.preserve > 0:
+        if preserve_prompts is None:
+            preserve_prompts = prompt_sets.prior_prompts(n=s.preserve_prompts, exclude=[concept, *synonyms])
+        pres_list = [p for p in preserve_prompts if p.strip()][: s.preserve_prompts]
+        if not pres_list:
+            raise BadInputError("no preservation prompts: give some, or set preserve to 0")
+        pres = backbone.encode_text(pres_list)
+    fwd = bwd = 0
+    tr = None
+    if cache or s.scope == "saliency":
+        progress.say(f"ant: {s.trajectories} trajectories x {s.trajectory_steps} steps with the frozen model")
+        tr, ev = build_trajectories(backbone, prompts, s, progress=progress)
+        fwd += ev
+    masks, fraction = None, None
+    if s.scope == "saliency":
+        assert tr is not None
+        masks, fraction, f2, b2 = saliency_masks(backbone, tr, scope_modules(backbone, "saliency"), s, progress)
+        fwd, bwd = fwd + f2, bwd + b2
+        progress.say(f"ant: saliency keeps {fraction:.2%} of the UNet's Linear/Conv2d weights")
+    total = sum(m.weight.numel() for m in scope_modules(backbone, s.scope).values())
+    ckpt = use_checkpointing(backbone, s)
+    if ckpt:
+        progress.say("ant: gradient checkpointing on for the training forward")
+    losses: list[float] = []
+    try:
+        with trainable(backbone, s, masks, gen) as deltas:
+            source = make_source(backbone, deltas, s, prompts, enc, uncond, cache, tr, progress)
+            opt = torch.optim.Adam(deltas.parameters(), lr=s.lr)
+            for step in range(s.steps):
+                progress.check()
+                idx, ke, kl = draw(gen, s.trajectories, s)
+                which = torch.randint(0, len(pres), (s.batch_size,), generator=gen).tolist() if pres else []
+                b, ev = source.batch(step, idx, ke, kl)
+                fwd += ev
+                if pres is not None:
+                    fwd += add_preservation(backbone, deltas, b, pres, which)
+                # the training forward only; "off" leaves the model's own setting alone
+                with gradient_checkpointing(backbone, True) if ckpt else contextlib.nullcontext():
+                    loss, _ = ant_loss(backbone, b, uncond, s)
+                fwd += (6 if pres is not None else 4) * s.batch_size
+                bwd += 1
+                if not torch.isfinite(loss):
+                    raise TrainingDivergedError(f"the ANT loss became {loss.item()} at step {step}: lower the "
+                                                f"learning rate (now {s.lr})")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if s.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(deltas.parameters(), s.grad_clip)
+                opt.step()
+                losses.append(float(loss.detach()))
+                progress.step()
+                if (step + 1) % 50 == 0:
+                    progress.say(f"ant step {step + 1}/{s.steps} loss {loss.item():.4f}")
+            if not deltas.all_finite():
+                raise TrainingDivergedError("the ANT weights became non-finite: lower the learning rate")
+            opt_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                            if torch.is_tensor(t))
+            trained = deltas.num_trainable()
+            weights = deltas.result(method="ant", concepts=[concept.strip()], synonyms=list(synonyms),
+                                    settings=s.as_dict(), selected_fraction=fraction)
+    finally:
+        torch.random.set_rng_state(torch_state)
+    return AntResult(weights, trained, total, fraction, fwd, bwd, round(time.time() - t0, 2), losses, opt_bytes)
+
+
+@dataclass
+class AntMultiResult:
+    weights: ErasureWeights
+    per_concept: list[AntResult]
+    unet_forwards: int
+    unet_backwards: int
+    seconds: float
+
+
+@entry_point("ANT", "the resolution, batch_size, trajectories or trajectory_steps, or the LoRA rank")
+def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | None, prior: torch.Tensor | None,
+              templates: dict[str, list[str]] | None = None, lam: float = FUSE_LAM, preserve: float = FUSE_PRESERVE,
+              preserve_prompts: list[str] | None = None, strength: float = FUSE_STRENGTH,
+              progress: Progress | None = None, keep_edits: bool = False) -> AntMultiResult:
+    """Many concepts: one ANT edit per concept on the cross-attention K/V (dense, or a LoRA with scope ``lora``),
+    then the closed-form fusion of their K/V effects (``erasure.fusion``), each edit entering it at ``strength`` and
+    every concept weighted alike.
+
+    Each finished dense edit is folded into the fusion's normal equations at once and dropped, so host memory does
+    not grow with the number of concepts (a dense K/V edit is as large as the K/V weights); LoRA edits stay low rank
+    until the solve. ``keep_edits`` keeps each concept's own dense edit in ``per_concept`` too; otherwise their
+    ``weights`` are empty."""
+    validation.check_fuse_strength(strength)
+    validation.check_number("lam", lam, 0.0, low_open=True)
+    validation.check_number("preserve", preserve)
+    names = validation.check_concepts(concepts)
+    low = [c.lower() for c in names]
+    s = settings or AntSettings()
+    s = s.override(scope="lora" if s.scope == "lora" else "kv", steps=s.multi_steps, reuse=s.multi_reuse)
+    s.validate()
+    validation.check_ant_concepts_fit(backbone, names, s.kind, templates)
+    progress = as_progress(progress)
+    t0 = time.time()
+    concepts_ = [Concept(c, "", s.kind, templates=tuple((templates or {}).get(c) or CONCEPT_TEMPLATES[s.kind]))
+                 for c in names]
+    system = FusionSystem(backbone, mean_prompt_count([[c] for c in concepts_]))
+    results = []
+    for c, concept in zip(names, concepts_, strict=True):
+        progress.say(f"ant: concept {len(results) + 1}/{len(names)}: {c!r}")
+        temps = (templates or {}).get(c)
+        pres = None if preserve_prompts is None else [p for p in preserve_prompts
+                                                      if not set(p.lower().split()) & set(low)]
+        r = ant(backbone, c, s, templates=temps, preserve_prompts=pres, progress=progress)
+        validation.check_fuse_inputs(backbone, [(concept, r.weights)], lam, preserve,
+                                     labels=[f"the ANT edit of concept {len(results) + 1} ({c!r})"])
+        # a LoRA (scope lora) is small: its factors stay until the solve (the result stays low rank); a dense K/V
+        # edit is folded in now and freed
+        system.add(concept, r.weights, keep=s.scope == "lora", factor=strength)
+        results.append(r if keep_edits or s.scope == "lora" else replace(r, weights=ErasureWeights()))
+        del r  # the edit must not outlive its concept (it is as large as the K/V weights)
+    fused = system.solve(None, prior, lam, preserve, method="ant-fused")
+    fused.metadata.update(metadata({"settings": s.as_dict(), "fuse": {"lam": lam, "preserve": preserve,
+                                                                      "strength": strength, "balance": True}}))
+    return AntMultiResult(fused, results, sum(r.unet_forwards for r in results),
+                          sum(r.unet_backwards for r in results), round(time.time() - t0, 2))
