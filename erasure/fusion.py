@@ -197,9 +197,8 @@ def fuse(backbone: Backbone, items: list[tuple[Concept | list[Concept], ErasureW
 
     ``balance`` (the project's addition; the paper sums every prompt alike) weighs each concept's tokens by
     ``mean count / its prompt count``, so that every concept pulls on the least-squares solution equally however
-    many prompt augmentations it has. Concepts with the same templates (one MACE preset) are unchanged; on the lab a
-    shape (6 prompts) fused beside a colour (18) and a texture (12) lost most of its erasure without it
-    (README, "ANT from the command line").
+    many prompt augmentations it has. Concepts with the same templates (one MACE preset) are unchanged
+    (docs/fusion.md#balance).
     """
     validation.check_fuse_inputs(backbone, items, lam, preserve)
     groups = [c if isinstance(c, list) else [c] for c, _ in items]

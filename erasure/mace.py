@@ -1,6 +1,6 @@
 """MACE (Lu et al., CVPR 2024): mass concept erasure on the cross-attention key/value projections.
 
-Four stages, as in ``shared/docs/ALGORITHMS.md``:
+Four stages (the method and where we differ from the reference, with the reasons and measurements: ``docs/mace.md``):
 
 1. ``generate_data``: N images per concept from the frozen model, with masks derived from the concept tokens' own
    cross-attention maps during the same sampling pass (mid-resolution layers, later steps, heads averaged,
@@ -10,16 +10,11 @@ Four stages, as in ``shared/docs/ALGORITHMS.md``:
 3. ``train_lora``: one rank-1 K/V LoRA per concept on the CFR model, trained to suppress the concept tokens'
    attention inside the mask (``attention_loss``), at timesteps drawn from
    ``p(t) ~ sigmoid(0.05 (t - 200)) - sigmoid(0.05 (t - 400))``.
-4. ``fuse``: closed-form fusion of all concept LoRAs into one set of dense K/V edits.
+4. ``erasure.fusion``: closed-form fusion of all concept LoRAs into one set of dense K/V edits.
 
-Where the project differs from the reference code on purpose: the prior Gram matrix is shared by all layers and its
-weight applied once (the reference applies it twice and caches two matrices per layer); solves are float64 Cholesky
-instead of explicit float32 inverses, and both closed forms solve one D x D system for all layers (CFR: ``W = W0 P``;
-fusion: one factor, per-layer right-hand sides); masks come from the model's own attention; the attention loss
-covers the end token and padding only where the text encoder carries the concept into them (``end_residue``: a
-causal CLIP does -- measured on a randomly initialised one, assumed for SD's trained one, whose weights are not
-available here -- the lab's encoder does not, and suppressing concept-free padding suppresses every prompt).
-Stage 3 draws each step's prompt from the concept's templates, as the reference's ``augment: true`` does.
+On purpose unlike the reference code: one prior Gram matrix for all layers, its weight applied once; float64
+Cholesky solves of one D x D system for all layers; masks from the model's own attention; the end token and padding
+suppressed only where the text encoder carries the concept into them (``end_residue``).
 """
 
 from __future__ import annotations
@@ -69,11 +64,8 @@ class MaceSettings(Settings):
     #: draw LoRA timesteps from ``p(t) ~ sigmoid(0.05 (t-200)) - sigmoid(0.05 (t-400))`` (the reference's
     #: ``importance_sampling: true``); off: uniform over all timesteps (the reference's other option)
     importance_sampling: bool = True
-    #: also suppress the end token and padding after the concept (the reference's positions, which carry the prompt's
-    #: content through CLIP's causal attention in SD). ``None`` (default): only where they do carry the concept, as
-    #: measured by ``end_residue`` (>= ``END_RESIDUE_MIN``). On the lab model they carry nothing (keys of "a photo of a
-    #: circle" and "... square" at the end token: cosine 0.998), and suppressing them there suppresses every prompt's
-    #: padding: specificity 0.21 with them, 0.85 without (README, MACE sweep).
+    #: also suppress the end token and padding after the concept (the reference's positions). ``None`` (default):
+    #: only where they carry the concept, as ``end_residue`` measures it (docs/mace.md#suppress_end)
     suppress_end: bool | None = None
     seed: int = 0
 
@@ -241,7 +233,8 @@ def _end_position(backbone: Backbone, ids: list[int]) -> int | None:
     return next((i for i, t in enumerate(ids) if t == eos and i > 0), None)
 
 
-#: ``end_residue`` at and above which the end token and padding count as carrying the concept (``suppress_end=None``)
+#: ``end_residue`` at and above which the end token and padding count as carrying the concept (``suppress_end=None``;
+#: docs/mace.md#end_residue_min)
 END_RESIDUE_MIN = 0.02
 
 
@@ -309,12 +302,10 @@ def lora_prompts(data: ConceptData, augment: bool = True) -> list[str]:
 
 
 #: a LoRA whose attention loss on the fixed probe ends above this fraction of its start has barely changed the
-#: attention (``mace`` warns). Chosen on the lab model, where the reference's lr leaves the probe at 0.98x of its
-#: start (circle, green, striped) and lr 1e-3 with 200 steps takes it to 0.003-0.01x; not calibrated on SD
+#: attention (``mace`` warns; docs/mace.md#stalled_loss)
 STALLED_LOSS = 0.9
-#: probe samples: images cycled, timesteps at evenly spaced quantiles of the LoRA's timestep distribution, prompts
-#: cycled, noise from its own generator -- the same before and after training, so the two losses compare (single
-#: training steps do not: each draws its own image, timestep and prompt)
+#: probe samples: the same images, timesteps, prompts and noise before and after training, so that the two losses
+#: compare (docs/mace.md#probe_samples)
 PROBE_SAMPLES = 8
 PROBE_CHUNK = 4  # samples per UNet call of the probe
 

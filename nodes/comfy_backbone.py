@@ -315,9 +315,9 @@ def _capturing_forward(m: nn.Module, name: str, sink, latent_hw):
 
 @contextlib.contextmanager
 def trainable(backbone: ComfyBackbone) -> Iterator[None]:
-    """Training inside a prompt (TRAP 2): grad on, inference mode off, and every UNet weight swapped for a
-    non-inference copy (requires_grad False) for the duration. The original Parameter objects, which other
-    branches of the graph share (TRAP 1), are put back untouched on exit, even on error or Cancel. The model's lock
+    """Training inside a prompt, which ComfyUI runs in inference mode: grad on, inference mode off, and every UNet
+    weight swapped for a non-inference copy (requires_grad False) for the duration. The original Parameter objects,
+    which other branches of the graph share, are put back untouched on exit, even on error or Cancel. The model's lock
     (``erasure.guards.model_lock``) is held throughout, so two erasures of one MODEL (or of its clones, which share
     the UNet) take turns instead of swapping each other's weights."""
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []

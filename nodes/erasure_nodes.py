@@ -142,16 +142,14 @@ class EraseConceptANT(io.ComfyNode):
                              tooltip="Saliency maps (prompt augmentation x seed) intersected."),
                 _cache_input(),
                 io.Combo.Input("sampling", options=list(SAMPLINGS), default=d.sampling, optional=True,
-                               tooltip="on-policy: each step follows the edited model's own denoising trajectory "
-                                       "(erased the concept on the concept lab); cached: trajectories of the "
-                                       "original model made once and reused (cheaper, erased far less on the lab)."),
+                               tooltip="on-policy: each step follows the edited model's own denoising trajectory; "
+                                       "cached: trajectories of the original model made once and reused (cheaper, "
+                                       "but it erases far less)."),
                 # the last two are newer: kept at the end so that saved workflows keep their widget values in place
                 io.Int.Input("reuse", default=d.reuse, min=1, max=64, optional=True,
                              tooltip="on-policy only: each regenerated trajectory serves this many training steps "
                                      "(1 = the reference's loop, a new trajectory every step). The default 8 needs "
-                                     "0.56x the UNet evaluations of 1 (5.7x fewer than the published reference at "
-                                     "250 steps); with 250 steps it met the concept lab's bars at 7 training seeds "
-                                     "of 8 (README)."),
+                                     "0.56x the UNet evaluations of 1."),
                 io.Combo.Input("gradient_checkpointing", options=list(CHECKPOINTING),
                                default=d.gradient_checkpointing, optional=True,
                                tooltip="Recompute activations during backward instead of keeping them: less memory "

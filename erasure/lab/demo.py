@@ -36,7 +36,7 @@ def lab_concept(concept: str, anchor: str | None = None, with_other_concepts: bo
 
     By default the templates name no other lab concept (as ANT's): in MACE's fusion every token of a concept's
     prompts is pulled towards that concept's LoRA, so "a green {c}" among the circle's prompts pulls "green" towards
-    the circle's edit and away from green's own (measured: docs/lab.md#lab-concepts-in-mace)."""
+    the circle's edit and away from green's own (measured: docs/lab.md#templates-that-name-other-concepts)."""
     kind = world.concept_kind(concept)
     return Concept(concept, lab_anchor(concept) if anchor is None else anchor,
                    "style" if kind == "style" else "object",

@@ -92,7 +92,7 @@ def check_erasure(comfy, model, clip, erased, lora, before: torch.Tensor, filena
     nodes = comfy["nodes"]
     edited = _unet_out(erased)
     assert not torch.allclose(edited, before), "the erasure did nothing"
-    assert torch.equal(_unet_out(model), before), "the input MODEL changed (TRAP 1)"
+    assert torch.equal(_unet_out(model), before), "the input MODEL changed"
     nodes.NODE_CLASS_MAPPINGS["SaveErasureLoRA"].execute(lora=lora, filename=filename, overwrite=True)
     with torch.inference_mode():
         stock, _ = nodes.LoraLoader().load_lora(model, clip, f"{filename}.safetensors", 1.0, 0.0)

@@ -49,7 +49,7 @@ def _images(vae, n: int, size: int = 64, seed: int = 0) -> dict:
 
 
 def _run(node, model, clip, concepts: str, **kw):
-    with torch.inference_mode():  # as inside a prompt (TRAP 2)
+    with torch.inference_mode():  # as inside a prompt
         r = node.execute(model=model, clip=clip, concepts=concepts, **(FAST_MACE | kw))
     return _out(r, 0), _out(r, 1)
 
@@ -74,7 +74,7 @@ def test_user_masks_reach_training_and_change_the_result(comfy, loaded, mace_env
     assert lora_full.keys() == lora_corner.keys()
     assert any(not torch.equal(lora_full[k], lora_corner[k]) for k in lora_full), "the masks changed nothing"
     assert not torch.allclose(_unet_out(erased), before), "the erasure did nothing"
-    assert torch.equal(_unet_out(model), before), "the input MODEL changed (TRAP 1)"
+    assert torch.equal(_unet_out(model), before), "the input MODEL changed"
 
 
 def test_image_concepts_pick_the_concept_and_a_latent_noise_mask_is_used(comfy, loaded, mace_env):

@@ -40,7 +40,7 @@ def _unet_out(model, seed: int = 0) -> torch.Tensor:
 
 def _ant(comfy, model, clip, **kw):
     node = comfy["nodes"].NODE_CLASS_MAPPINGS["EraseConceptANT"]
-    with torch.inference_mode():  # as inside a prompt (TRAP 2)
+    with torch.inference_mode():  # as inside a prompt
         out = node.execute(model=model, clip=clip, **(FAST_ANT | kw))
     return out.result if hasattr(out, "result") else out
 
@@ -50,7 +50,7 @@ def test_ant_node_patches_a_clone_and_the_lora_loads_in_the_stock_loader(comfy, 
     before = _unet_out(model)
     erased, lora = _ant(comfy, model, clip)
     assert erased is not model
-    assert torch.equal(_unet_out(model), before), "the input MODEL changed (TRAP 1)"
+    assert torch.equal(_unet_out(model), before), "the input MODEL changed"
     edited = _unet_out(erased)
     assert not torch.allclose(edited, before), "the erasure did nothing"
     # save with our node, load with ComfyUI's stock LoraLoader: same UNet output as the node's MODEL
