@@ -17,7 +17,7 @@ from erasure.ant import AntSettings, draw
 
 
 def _late(s: AntSettings) -> list[int]:
-    n_late = s.trajectory_steps - 1 - s.early_steps
+    n_late = s.trajectory_steps - s.early_steps
     return sorted({s.early_steps + round(i * (n_late - 1) / 7) for i in range(min(8, n_late))})
 
 
@@ -28,7 +28,7 @@ def ours_ant_single(s: AntSettings, n_preserve: int | None = None) -> dict[str, 
     saliency scope; preservation prompts when ``preserve`` > 0 (``n_preserve``: how many; default
     ``preserve_prompts``)."""
     cached = s.sampling == "cached"
-    per_traj = 2 * s.trajectories * (s.trajectory_steps - 1)  # guided DDIM: two rows per step
+    per_traj = 2 * s.trajectories * s.trajectory_steps  # guided DDIM: two rows per step, every step a sample
     trajectories = per_traj if (cached or s.scope == "saliency") else 0
     saliency = 4 * len(_late(s)) * min(s.saliency_maps, s.trajectories) if s.scope == "saliency" else 0
     # per step: the frozen model's predictions for the preservation prompts (2 rows), then the loss forward of the
@@ -51,7 +51,7 @@ def ours_ant_single(s: AntSettings, n_preserve: int | None = None) -> dict[str, 
             # reuse: every ``reuse`` steps the trajectories run to the last late step; frozen predictions (2 rows)
             # only at latents (row, step) not queried since
             if step % s.reuse == 0:
-                regen += 2 * (s.trajectory_steps - 2) * s.batch_size
+                regen += 2 * (s.trajectory_steps - 1) * s.batch_size
                 seen = set()
             new = {(r, k) for r, pair in enumerate(zip(ke, kl, strict=True)) for k in pair} - seen
             regen += 2 * len(new)

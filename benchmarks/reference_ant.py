@@ -70,7 +70,8 @@ def _loss(edited: DiffusersBackbone, frozen: DiffusersBackbone, x_e: torch.Tenso
             pu_e, pu_l = edited.predict_noise(x2, t2, TextConditioning.cat([un, un])).float().split(n)
     if s.prediction == "guided":
         pc_e, pc_l = pu_e + s.guidance * (pc_e - pu_e), pu_l + s.guidance * (pc_l - pu_l)
-    enh, erase = stage_targets(eu_e.float(), ec_e.float(), eu_l.float(), ec_l.float(), s.eta)
+    enh, erase = stage_targets(eu_e.float(), ec_e.float(), eu_l.float(), ec_l.float(), s.eta,
+                               s.guidance if s.prediction == "guided" else 1.0)
     mse = nn.functional.mse_loss
     return (mse(pc_l, erase) + s.a1 * mse(pu_l, eu_l.float())
             + s.a2 * (mse(pc_e, enh) + s.a1 * mse(pu_e, eu_e.float())))
@@ -108,7 +109,7 @@ def reference_ant_single(bb: DiffusersBackbone, frozen: DiffusersBackbone, conce
     params = dict(unet.named_parameters())
     unet.requires_grad_(True)
     # saliency over the whole UNet: one map per augmentation x seed, each from a freshly generated trajectory
-    n_late = s.trajectory_steps - 1 - s.early_steps
+    n_late = s.trajectory_steps - s.early_steps
     late = sorted({s.early_steps + round(i * (n_late - 1) / 7) for i in range(min(8, n_late))})
     early = [i % s.early_steps for i in range(len(late))]
     mask: dict[str, torch.Tensor] | None = None

@@ -30,6 +30,7 @@ from .ant import (
     AntSettings,
     ant_multi,
 )
+from .ant import PRESETS as ANT_PRESETS
 from .ant import ant as ant_one
 from .diffusers_backbone import load_diffusers
 from .errors import ErasureOutOfMemoryError, TrainingDivergedError
@@ -317,7 +318,9 @@ def add_mace_command(sub) -> None:
 ANT_FLAGS = {"lora_rank": "rank"}
 ANT_HELP = {
     "kind": "prompt templates (default {default})",
-    "lr": "Adam learning rate (default {default})",
+    "lr": "Adam step size; relative to each layer's weight RMS unless --no-lr-relative (default {default})",
+    "lr_relative": "scale each layer's step by the RMS of its weights, so --lr means the same relative change on "
+                   "any model (default; --no-lr-relative: the same absolute step everywhere, as the reference)",
     "batch_size": "trajectories per step (default {default})",
     "trajectory_steps": "DDIM steps of the trajectories (default {default})",
     "early_steps": "early (kept) steps of them (default {default})",
@@ -355,7 +358,7 @@ def _ant_settings(args: argparse.Namespace) -> AntSettings:
                                            "multi_steps": args.steps if many else None,
                                            "reuse": None if many else args.reuse,
                                            "multi_reuse": args.reuse if many else None}
-    return AntSettings().override(**given)
+    return ANT_PRESETS[args.preset].override(**given)
 
 
 def _ant(args: argparse.Namespace) -> int:
@@ -420,6 +423,9 @@ def add_ant_command(sub) -> None:
     an.add_argument("--concepts", help="';'-separated: one ANT edit per concept, fused in closed form")
     an.add_argument("--synonyms", help="';'-separated synonyms of --concept, used as prompt augmentations")
     an.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")
+    an.add_argument("--preset", choices=sorted(ANT_PRESETS), default="default",
+                    help="default: the library's defaults; paper: the published configuration (saliency mask, "
+                    "conditional prediction, 50-step trajectories, absolute lr 5e-4); other flags override it")
     an.add_argument("--steps", type=int, help=f"training steps per concept (default {d.steps}; with --concepts "
                     f"{d.multi_steps})")
     an.add_argument("--reuse", type=int, help="on-policy: training steps each regenerated trajectory serves "

@@ -57,6 +57,10 @@ class HookedDeltas(nn.Module):
             h.remove()
         self._handles = []
 
+    def layer_parameters(self, i: int) -> list[nn.Parameter]:
+        """The trainable parameters of layer ``self.names[i]`` (for per-layer learning rates)."""
+        raise NotImplementedError
+
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -88,6 +92,9 @@ class TrainableDeltas(HookedDeltas):
             return nn.functional.conv2d(x.to(d.dtype), d, None, conv.stride, conv.padding, conv.dilation, conv.groups)
         return nn.functional.linear(x.to(d.dtype), d)
 
+    def layer_parameters(self, i: int) -> list[nn.Parameter]:
+        return [self.deltas[i]]
+
     def result(self, **metadata: object) -> ErasureWeights:
         return ErasureWeights.dense({n: p.detach() for n, p in zip(self.names, self.deltas, strict=True)}, **metadata)
 
@@ -117,6 +124,9 @@ class TrainableLoRA(HookedDeltas):
     def _delta_output(self, i: int, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.downs[i].dtype)
         return nn.functional.linear(nn.functional.linear(x, self.downs[i]), self.ups[i]) * self.scale
+
+    def layer_parameters(self, i: int) -> list[nn.Parameter]:
+        return [self.downs[i], self.ups[i]]
 
     def result(self, **values: object) -> ErasureWeights:
         deltas = {n: Delta(up=u.detach().float().cpu().clone(), down=d.detach().float().cpu().clone(),
@@ -160,6 +170,9 @@ class SparseDeltas(HookedDeltas):
             return nn.functional.conv2d(x.to(v.dtype), w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
 
         return checkpoint(conv_delta, x, self.values[i], use_reentrant=False)
+
+    def layer_parameters(self, i: int) -> list[nn.Parameter]:
+        return [self.values[i]]
 
     def selected(self) -> int:
         return sum(len(i) for i in self.indices)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ANT (or the ESD baseline) on the lab model over several training seeds, each run then evaluated with `lab eval`:
-# the multi-seed tables in the README ("ANT from the command line"). One thread per run, two runs at a time.
+# the multi-seed tables in docs/ant.md. THREADS=1 (default): one thread per run, two runs at a time; THREADS=2: two
+# threads per run, one at a time (float reductions differ with the thread count: a second draw of each seed).
 #
 #   scripts/ant_seed_sweep.sh OUTDIR TAG "SEEDS" [ANT FLAGS...]      e.g.
 #   scripts/ant_seed_sweep.sh out/sweep kv8 "0 1 2 3 4 5 6 7" --scope kv --reuse 8
@@ -13,7 +14,8 @@ set -euo pipefail
 out=$(realpath -m "$1"); tag=$2; seeds=$3; shift 3
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+threads=${THREADS:-1}
+export OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
 one() {
   set -euo pipefail
   local s=$1; shift
@@ -30,4 +32,4 @@ one() {
 }
 export -f one
 export out tag
-printf '%s\n' $seeds | xargs -P 2 -I{} bash -c 'one "$@"' _ {} "$@"
+printf '%s\n' $seeds | xargs -P $(( 2 / threads > 0 ? 2 / threads : 1 )) -I{} bash -c 'one "$@"' _ {} "$@"

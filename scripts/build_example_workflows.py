@@ -69,8 +69,8 @@ def erase_one_concept_ant() -> dict:
     w = Workflow()
     ck = checkpoint(w)
     ant = w.node("EraseConceptANT", (400, 200),
-                 ["nudity", "naked; nude", 150, 1e-3, "xattn", 0.5, 5.0, "guided", 0, 0, 16, 10, 1, 25, 8, False,
-                  "on-policy"],
+                 ["nudity", "naked; nude", 250, 0.02, "kv", 0.5, 5.0, "guided", 0, 0, 16, 10, 1, 25, 8, False,
+                  "on-policy", 8, "auto"],
                  [("model", "MODEL"), ("clip", "CLIP")], [("MODEL", "MODEL"), ("LORA", "LORA_MODEL")],
                  size=(340, 420))
     w.link(ck, 0, ant, "model")
@@ -95,7 +95,7 @@ def mass_erase_mace() -> dict:
     w = Workflow()
     ck = checkpoint(w)
     mace = w.node("MassEraseMACE", (400, 200),
-                  ["Mickey Mouse\nSpider-Man\nPikachu", "object", "", "", 0, 0, 0, "", False],
+                  ["Mickey Mouse\nSpider-Man\nPikachu", "object", "", "", 0, 0, 0, "", False, 0],
                   [("model", "MODEL"), ("clip", "CLIP")], [("MODEL", "MODEL"), ("LORA", "LORA_MODEL")],
                   size=(340, 360))
     w.link(ck, 0, mace, "model")

@@ -47,14 +47,38 @@ def test_stage_targets_and_weights_match_a_hand_computation(tiny_backbone):
             un = uncond.repeat(2)
             pu_e = bb.predict_noise(b.x_early, b.t_early, un)
             pu_l = bb.predict_noise(b.x_late, b.t_late, un)
+        w = 4.0 if prediction == "guided" else 1.0  # the targets are at the regressed prediction's scale
         if prediction == "guided":
             pc_e, pc_l = pu_e + 4.0 * (pc_e - pu_e), pu_l + 4.0 * (pc_l - pu_l)
-        enh = b.eu_early + 0.7 * (b.ec_early - b.eu_early)  # early: keep the guidance direction
-        erase = b.eu_late - 0.7 * (b.ec_late - b.eu_late)  # mid/late: reverse it
+        enh = b.eu_early + w * 0.7 * (b.ec_early - b.eu_early)  # early: keep the guidance direction
+        erase = b.eu_late - w * 0.7 * (b.ec_late - b.eu_late)  # mid/late: reverse it
         by_hand = (((pc_l - erase) ** 2).mean() + 2.5 * ((pu_l - b.eu_late) ** 2).mean()
                    + 0.5 * (((pc_e - enh) ** 2).mean() + 2.5 * ((pu_e - b.eu_early) ** 2).mean()))
         assert float(loss) == pytest.approx(float(by_hand), rel=1e-4)
         assert parts["erase"] == pytest.approx(float(((pc_l - erase) ** 2).mean()), rel=1e-4)
+
+
+@pytest.mark.parametrize("prediction", ["cond", "guided"])
+def test_the_early_stage_and_unconditional_terms_are_fixed_points_of_the_unedited_model(tiny_backbone, prediction):
+    """At eta = 1 and the pretrained weights, with the frozen predictions taken from the same model: the early
+    ("keep") loss and both L_u terms are zero, and the late target is the exact reversal of the concept's direction
+    at the regressed prediction's scale (guided: w (eps_c - eps_u); conditional: eps_c - eps_u)."""
+    bb = tiny_backbone
+    b = _batch(bb)
+    uncond = bb.encode_text([""])
+    un = uncond.repeat(2)
+    with torch.no_grad():
+        b.eu_early = bb.predict_noise(b.x_early, b.t_early, un)
+        b.ec_early = bb.predict_noise(b.x_early, b.t_early, b.cond)
+        b.eu_late = bb.predict_noise(b.x_late, b.t_late, un)
+        b.ec_late = bb.predict_noise(b.x_late, b.t_late, b.cond)
+        s = AntSettings(eta=1.0, guidance=7.5, prediction=prediction)
+        _, parts = ant_loss(bb, b, uncond, s)
+    assert parts["enh"] < 1e-10 and parts["u_early"] < 1e-10 and parts["u_late"] < 1e-10, parts
+    w = 7.5 if prediction == "guided" else 1.0
+    d = b.ec_late - b.eu_late
+    # the edited prediction at the pretrained weights is eu + w d; the target eu - w d: the loss is (2 w d)^2
+    assert parts["erase"] == pytest.approx(float(((2 * w * d) ** 2).mean()), rel=1e-4)
 
 
 def test_preservation_terms_carry_gradient(tiny_backbone):
@@ -74,9 +98,10 @@ def test_preservation_terms_carry_gradient(tiny_backbone):
     assert not torch.allclose(g0, g1), "the unconditional-preservation terms must change the gradient"
 
 
-def test_top_fraction_keeps_the_largest_and_maps_intersect():
-    g1 = {"a": torch.tensor([1.0, -5.0, 3.0, 0.5]), "b": torch.tensor([[4.0, -0.1], [2.0, 0.0]])}
-    m1 = top_fraction_mask(g1, 0.5)  # 8 entries -> keep 4: |-5|, 4, 3, 2
+def test_top_fraction_keeps_the_largest_of_each_tensor_and_maps_intersect():
+    """Ranked within each tensor (the reference's rule): a tensor of small gradients keeps its own top half."""
+    g1 = {"a": torch.tensor([1.0, -5.0, 3.0, 0.5]), "b": torch.tensor([[0.04, -0.001], [0.02, 0.0]])}
+    m1 = top_fraction_mask(g1, 0.5)  # each tensor keeps 2 of its 4 entries
     assert m1["a"].tolist() == [False, True, True, False]
     assert m1["b"].tolist() == [[True, False], [True, False]]
     g2 = {"a": torch.tensor([9.0, 8.0, 0.0, 0.0]), "b": torch.tensor([[7.0, 0.0], [0.0, 6.0]])}
@@ -211,6 +236,73 @@ def test_conv_deltas_round_trip_through_a_lora_file(tiny_backbone, tmp_path):
 def test_bad_settings_are_rejected_before_work(tiny_backbone, bad):
     with pytest.raises(ValueError):
         ant(tiny_backbone, "circle", AntSettings().override(**bad))
+
+
+@pytest.mark.parametrize(("steps", "early"), [(2, 2), (10, 10), (1, 1), (10, 0)])
+def test_trajectory_and_early_step_combinations_that_leave_no_stage_are_refused(steps, early):
+    with pytest.raises(ValueError, match="early_steps must be between 1 and trajectory_steps - 1|trajectory_steps "
+                                         "must be a whole number >= 2"):
+        AntSettings(trajectory_steps=steps, early_steps=early).validate()
+
+
+def test_two_step_trajectories_train_and_every_step_can_be_drawn(tiny_backbone):
+    """The smallest trajectory (one early, one late step) trains; the late draws reach the lowest-noise step."""
+    from erasure.ant import draw
+
+    s = FAST.override(scope="kv", trajectory_steps=2, early_steps=1, steps=2, preserve=0.0)
+    r = ant(tiny_backbone, "circle", s, templates=TEMPLATES)
+    assert len(r.losses) == 2
+    gen = torch.Generator().manual_seed(0)
+    drawn = {k for _ in range(50) for k in draw(gen, 3, FAST.override(trajectory_steps=6, early_steps=2))[2]}
+    assert drawn == {2, 3, 4, 5}
+
+
+def test_relative_learning_rate_scales_each_layer_by_its_weights(tiny_backbone):
+    """lr_relative: each layer's Adam step is lr x the RMS of its weights; absolute: lr for all. The run reports
+    ||dW|| / ||W|| per layer group, also in the file's metadata."""
+    import json
+
+    from erasure.ant.train import optimizer
+
+    bb = tiny_backbone
+    mods = scope_modules(bb, "kv")
+    with TrainableDeltas(mods) as d:
+        rel = optimizer(d, mods, AntSettings(lr=0.02))
+        ab = optimizer(d, mods, AntSettings(lr=5e-4, lr_relative=False))
+    for g, name in zip(rel.param_groups, sorted(mods), strict=True):
+        assert g["lr"] == pytest.approx(0.02 * float(mods[name].weight.pow(2).mean().sqrt()))
+    assert all(g["lr"] == 5e-4 for g in ab.param_groups)
+    r = ant(bb, "circle", FAST.override(scope="kv", preserve=0.0), templates=TEMPLATES)
+    change = json.loads(r.weights.metadata["erasure.relative_change"])
+    assert change == r.relative_change and change["all"] > 0
+    assert {k.split(".")[0] for k in change} <= {"down", "mid", "up", "all"}
+
+
+def test_ant_multi_keeps_every_concept_of_the_run_out_of_the_preservation_prompts(tiny_backbone, monkeypatch):
+    import erasure.ant.train as train_mod
+
+    seen = []
+    real = train_mod.ant
+
+    def recording(*a, **kw):
+        seen.append(kw["preserve_prompts"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "ant", recording)
+    s = FAST.override(scope="kv", multi_steps=1, preserve_prompts=400)
+    train_mod.ant_multi(tiny_backbone, ["dog", "cat"], s, None, templates={"dog": TEMPLATES, "cat": TEMPLATES})
+    assert len(seen) == 2 and all(seen)
+    assert not any(set(p.lower().split()) & {"dog", "cat"} for ps in seen for p in ps)
+
+
+def test_the_paper_preset_is_valid_and_differs_where_the_paper_does():
+    from erasure.ant.settings import PRESETS
+
+    p = PRESETS["paper"]
+    p.validate()
+    assert (p.scope, p.prediction, p.trajectory_steps, p.early_steps, p.preserve, p.reuse, p.lr_relative) == (
+        "saliency", "cond", 50, 4, 0.0, 1, False)
+    assert PRESETS["default"] == AntSettings()
 
 
 def test_empty_concept_is_rejected(tiny_backbone):

@@ -33,3 +33,25 @@ def test_fidelity_scale():
     assert fidelity(x, x) == 1.0
     assert fidelity(x + 1, x - 1) == pytest.approx(0.0)
     assert fidelity(x + 0.2, x) == pytest.approx(0.9)
+
+
+def test_collateral_counts_images_that_keep_every_attribute():
+    """Unrelated images whose original shows an erased concept are left out; erased prompts are judged on the heads
+    that were not erased."""
+    import torch
+
+    from erasure.lab import world
+    from erasure.lab.evaluate import collateral
+
+    circle, red = world.concept_index("circle"), world.concept_index("red")
+    other = (circle + 1) % len(world.SHAPES)
+    orig = {"shape": torch.tensor([other, other, circle, circle]), "colour": torch.tensor([red, 0, 1, 1]),
+            "style": torch.tensor([0, 0, 0, 0])}
+    edited = {"shape": torch.tensor([other, other, other, other]), "colour": torch.tensor([red, 2, 1, 2]),
+              "style": torch.tensor([0, 0, 0, 1])}
+    unrelated = torch.tensor([True, True, True, False])  # rows 0-2: other concepts' prompts; row 3: circle's
+    c = collateral(orig, edited, unrelated, ["circle"])
+    # row 2's original shows a circle: left out; row 0 keeps everything, row 1 changed its colour
+    assert c["unrelated"] == {"shape": 1.0, "colour": 0.5, "style": 1.0, "all": 0.5, "images": 2}
+    # row 3 (a circle prompt): shape is erased, colour and style both changed
+    assert c["erased_prompts"] == {"colour": 0.0, "style": 0.0, "all": 0.0, "images": 1}

@@ -16,6 +16,7 @@ from .settings import (
     FUSE_PRESERVE,
     FUSE_STRENGTH,
     PREDICTIONS,
+    PRESETS,
     SAMPLINGS,
     SCOPES,
     AntSettings,
@@ -25,7 +26,7 @@ from .train import AntMultiResult, AntResult, ant, ant_multi
 
 __all__ = [
     "AUTO_CHECKPOINT_CELLS", "AUTO_CHECKPOINT_PARAMS", "CHECKPOINTING", "FUSE_LAM", "FUSE_PRESERVE", "FUSE_STRENGTH",
-    "PREDICTIONS", "SAMPLINGS", "SCOPES", "AntMultiResult", "AntResult", "AntSettings", "Batch", "Trajectories",
-    "ant", "ant_loss", "ant_multi", "build_trajectories", "draw", "run_trajectory", "saliency_masks",
+    "PREDICTIONS", "PRESETS", "SAMPLINGS", "SCOPES", "AntMultiResult", "AntResult", "AntSettings", "Batch",
+    "Trajectories", "ant", "ant_loss", "ant_multi", "build_trajectories", "draw", "run_trajectory", "saliency_masks",
     "scope_modules", "stage_targets", "top_fraction_mask", "trajectory_plan", "use_checkpointing",
 ]

@@ -3,8 +3,12 @@
 Per sample, a guided DDIM trajectory of the concept prompt gives an early latent ``x+`` (high noise: the image's
 structure) and a mid/late one ``x-``; the frozen model's predictions ``eps_u``, ``eps_c`` there give the targets
 
-    early:      eps_u + eta (eps_c - eps_u)     (keep the guidance direction)
-    mid/late:   eps_u - eta (eps_c - eps_u)     (reverse it)
+    early:      eps_u + w eta (eps_c - eps_u)     (keep the guidance direction)
+    mid/late:   eps_u - w eta (eps_c - eps_u)     (reverse it)
+
+regressed by the edited model's conditional prediction (``w = 1``) or its guided one ``eps*_u + w (eps*_c - eps*_u)``
+(``w`` the guidance scale): at ``eta = 1`` the early target and the ``L_u`` terms are fixed points of the unedited
+model, so the structure stage is kept, not shrunk,
 
 and the loss is ``L_erase + a1 L_u(late) + a2 (L_enh + a1 L_u(early))`` with the anchor-free preservation terms
 ``L_u = ||eps*_u - eps_u||^2`` carrying gradient (the reference's single-concept code computes them under no_grad),
@@ -25,9 +29,11 @@ from .settings import AUTO_CHECKPOINT_CELLS, AUTO_CHECKPOINT_PARAMS, AntSettings
 
 
 def stage_targets(eu_early: torch.Tensor, ec_early: torch.Tensor, eu_late: torch.Tensor, ec_late: torch.Tensor,
-                  eta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(early target keeping the guidance direction, mid/late target reversing it)."""
-    return eu_early + eta * (ec_early - eu_early), eu_late - eta * (ec_late - eu_late)
+                  eta: float, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(early target keeping the guidance direction, mid/late target reversing it), at ``scale`` times the concept's
+    direction: 1 for the conditional prediction, the guidance scale for the guided one, so that at ``eta = 1`` the
+    early target is what the unedited model predicts (a fixed point) and the late one its exact reversal."""
+    return eu_early + scale * eta * (ec_early - eu_early), eu_late - scale * eta * (ec_late - eu_late)
 
 
 @dataclass
@@ -81,7 +87,9 @@ def ant_loss(backbone: Backbone, b: Batch, uncond: TextConditioning, s: AntSetti
         p_e, p_l = pu_e + s.guidance * (pc_e - pu_e), pu_l + s.guidance * (pc_l - pu_l)
     else:
         p_e, p_l = pc_e, pc_l
-    enh, erase = stage_targets(b.eu_early.float(), b.ec_early.float(), b.eu_late.float(), b.ec_late.float(), s.eta)
+    scale = s.guidance if s.prediction == "guided" else 1.0
+    enh, erase = stage_targets(b.eu_early.float(), b.ec_early.float(), b.eu_late.float(), b.ec_late.float(), s.eta,
+                               scale)
     mse = nn.functional.mse_loss
     parts = {"erase": mse(p_l, erase), "u_late": mse(pu_l, b.eu_late.float()), "enh": mse(p_e, enh),
              "u_early": mse(pu_e, b.eu_early.float())}

@@ -33,12 +33,17 @@ def scope_modules(backbone: Backbone, scope: str) -> dict[str, nn.Module]:
 
 
 def top_fraction_mask(grads: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
-    """Per map: True for the entries with the largest |grad| (the top ``fraction`` of all entries of the map,
-    ties at the threshold kept). The reference's ascending sort keeps the smallest: a bug not copied."""
-    flat = torch.cat([g.detach().abs().float().flatten().cpu() for g in grads.values()])
-    keep = max(1, math.ceil(fraction * flat.numel()))
-    threshold = flat.kthvalue(flat.numel() - keep + 1).values
-    return {n: (g.detach().abs().float() >= threshold.to(g.device)) for n, g in grads.items()}
+    """Per weight tensor: True for its entries with the largest |grad|, the top ``fraction`` of that tensor (ties at
+    the threshold kept), as the reference ranks (one threshold over all layers is SalUn's rule). The reference's
+    ascending sort keeps the smallest: a bug not copied."""
+    out = {}
+    for n, g in grads.items():
+        flat = g.detach().abs().float().flatten()
+        keep = max(1, math.ceil(fraction * flat.numel()))
+        threshold = flat.kthvalue(flat.numel() - keep + 1).values if flat.is_cpu else \
+            flat.cpu().kthvalue(flat.numel() - keep + 1).values.to(flat.device)
+        out[n] = g.detach().abs().float() >= threshold
+    return out
 
 
 def saliency_masks(backbone: Backbone, tr: Trajectories, modules: dict[str, nn.Module], s: AntSettings,
@@ -54,7 +59,7 @@ def saliency_masks(backbone: Backbone, tr: Trajectories, modules: dict[str, nn.M
     weights = {n: m.weight for n, m in modules.items()}
     flags = {n: w.requires_grad for n, w in weights.items()}
     uncond = backbone.encode_text([""])
-    n_late = s.trajectory_steps - 1 - s.early_steps
+    n_late = s.trajectory_steps - s.early_steps
     late = sorted({s.early_steps + round(i * (n_late - 1) / 7) for i in range(min(8, n_late))})
     early = [i % s.early_steps for i in range(len(late))]
     mask: dict[str, torch.Tensor] | None = None

@@ -33,7 +33,11 @@ class AntSettings(Settings):
 
     steps: int = 250  # training steps (reference 250)
     multi_steps: int = 300  # training steps per concept on the many-concept path (``ant_multi``)
-    lr: float = 1e-3  # Adam (reference 5e-4, for its saliency scope)
+    #: Adam's step size. Relative (``lr_relative``, the default): each layer steps by ``lr`` times its own weights'
+    #: RMS, so that a value means the same relative change on the lab, SD1.5 or SDXL (docs/ant.md#lr). Absolute:
+    #: the same step for every weight, as the reference (5e-4)
+    lr: float = 0.02
+    lr_relative: bool = True
     batch_size: int = 1  # reference 1
     trajectory_steps: int = 10  # DDIM steps of the training trajectories (reference 50)
     early_steps: int = 1  # the first ``early_steps`` of them are the early (structure) stage (reference ~4 of 50)
@@ -79,9 +83,11 @@ class AntSettings(Settings):
             validation.check_count(k, getattr(self, k))
         validation.check_count("refresh_every", self.refresh_every, low=0)
         validation.check_learning_rate(self.lr)
+        validation.check_count("trajectory_steps", self.trajectory_steps, low=2)
         if not 0 < self.early_steps < self.trajectory_steps:
-            raise BadInputError(f"early_steps must be between 1 and trajectory_steps - 1 "
-                                f"(got {self.early_steps} of {self.trajectory_steps})")
+            # the early (kept) stage and the mid/late (reversed) stage each need a step of their own
+            raise BadInputError(f"early_steps must be between 1 and trajectory_steps - 1 (got {self.early_steps} of "
+                                f"{self.trajectory_steps}): lower early_steps or raise trajectory_steps")
         validation.check_number("saliency_fraction", self.saliency_fraction, 0.0, 1.0, low_open=True)
         validation.check_choice("sampling", self.sampling, SAMPLINGS)
         validation.check_choice("prediction", self.prediction, PREDICTIONS)
@@ -91,3 +97,15 @@ class AntSettings(Settings):
         for k in ("eta", "a1", "a2", "guidance", "grad_clip", "preserve"):
             validation.check_number(k, getattr(self, k))
         validation.check_resolution(self.resolution)
+
+
+#: named configurations: "default" (the library's defaults) and "paper" (the published method as specified, with the
+#: reference code's bugs fixed: saliency mask over the whole UNet ranked within each tensor, sparse Adam at the
+#: reference's absolute learning rate, the conditional prediction, 50-step trajectories regenerated with the edited
+#: model for every step, early stage the first 4 of them, no preservation term beyond the paper's; docs/ant.md#presets)
+PRESETS: dict[str, AntSettings] = {
+    "default": AntSettings(),
+    "paper": AntSettings(scope="saliency", lr=5e-4, lr_relative=False, prediction="cond", trajectory_steps=50,
+                         early_steps=4, preserve=0.0, reuse=1, grad_clip=0.0, sampling="on-policy", steps=250,
+                         batch_size=1),
+}

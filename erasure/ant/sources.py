@@ -82,9 +82,9 @@ def build_trajectories(backbone: Backbone, prompts: list[str], s: AntSettings, d
         progress.check()
         ps, ss = plan_prompts[start:start + chunk], seeds[start:start + chunk]
         cond = backbone.encode_text(ps)
-        xs, eu, ec = run_trajectory(backbone, cond, uncond, ss, ts, s.guidance, len(ts) - 1, s.resolution, progress)
-        evals += 2 * len(ss) * (len(ts) - 1)
-        xs = xs[:-1]
+        xs, eu, ec = run_trajectory(backbone, cond, uncond, ss, ts, s.guidance, len(ts), s.resolution, progress)
+        evals += 2 * len(ss) * len(ts)
+        xs = xs[:-1]  # the latent after the last step is a clean image, not a training sample
         if deltas is not None:
             with deltas.disabled():
                 eu, ec = [], []
@@ -96,14 +96,13 @@ def build_trajectories(backbone: Backbone, prompts: list[str], s: AntSettings, d
         lat.append(torch.stack(xs, 1).cpu())
         eus.append(torch.stack(eu, 1).cpu())
         ecs.append(torch.stack(ec, 1).cpu())
-    # the last DDIM step (t smallest) is never a training sample: it has no successor worth preserving
-    return Trajectories(plan_prompts, seeds, ts[:-1], torch.cat(lat), torch.cat(eus), torch.cat(ecs)), evals
+    return Trajectories(plan_prompts, seeds, ts, torch.cat(lat), torch.cat(eus), torch.cat(ecs)), evals
 
 
 def draw(gen: torch.Generator, n_traj: int, s: AntSettings) -> tuple[list[int], list[int], list[int]]:
     """Which trajectories, early steps and mid/late steps a training step uses (the same draws whatever the
-    source)."""
-    late_steps = s.trajectory_steps - 1 - s.early_steps
+    source). Every step of the trajectory can be drawn, the lowest-noise one included."""
+    late_steps = s.trajectory_steps - s.early_steps
     idx = torch.randint(0, n_traj, (s.batch_size,), generator=gen).tolist()
     ke = torch.randint(0, s.early_steps, (s.batch_size,), generator=gen).tolist()
     kl = (s.early_steps + torch.randint(0, late_steps, (s.batch_size,), generator=gen)).tolist()
@@ -163,7 +162,7 @@ def regenerate(backbone: Backbone, prompts: list[str], seeds: list[int], idx: li
     """The drawn trajectories with the edited model, up to the last step a draw can pick. Returns them and the UNet
     evaluations spent."""
     ts = ddim_timesteps(s.trajectory_steps, backbone.schedule.num_timesteps)
-    upto = s.trajectory_steps - 2
+    upto = s.trajectory_steps - 1
     lat = [run_trajectory(backbone, enc[prompts[i]], uncond, [seeds[i]], ts, s.guidance, upto, s.resolution,
                           progress)[0] for i in idx]
     return ReusedTrajectories(list(idx), lat), 2 * upto * len(idx)

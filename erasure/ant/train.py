@@ -36,6 +36,8 @@ class AntResult:
     seconds: float
     losses: list[float] = field(default_factory=list)
     optimizer_state_bytes: int = 0
+    #: ``||dW|| / ||W||`` per layer group (``relative_change``): how much of the model the edit changed
+    relative_change: dict[str, float] = field(default_factory=dict)
 
 
 def trainable(backbone: Backbone, s: AntSettings, masks: dict[str, torch.Tensor] | None,
@@ -48,6 +50,38 @@ def trainable(backbone: Backbone, s: AntSettings, masks: dict[str, torch.Tensor]
     if s.scope == "lora":
         return TrainableLoRA(mods, rank=s.lora_rank, generator=gen)
     return TrainableDeltas(mods)
+
+
+def optimizer(deltas: HookedDeltas, modules: dict[str, nn.Module], s: AntSettings) -> torch.optim.Adam:
+    """Adam over the edit, one parameter group per layer: with ``lr_relative`` each layer's step is ``s.lr`` times
+    the RMS of its weights, so the setting means the same relative change on any model."""
+    groups = []
+    for i, name in enumerate(deltas.names):
+        w = modules[name].weight.detach()
+        scale = float(w.float().pow(2).mean().sqrt()) if s.lr_relative else 1.0
+        groups.append({"params": deltas.layer_parameters(i), "lr": s.lr * scale})
+    return torch.optim.Adam(groups, lr=s.lr)
+
+
+def _group(name: str) -> str:
+    """A layer's group for ``relative_change``: its part of the UNet and its kind (``down.to_k``, ``up.conv1``)."""
+    parts = name.split(".")
+    where = {"down_blocks": "down", "input_blocks": "down", "mid_block": "mid", "middle_block": "mid",
+             "up_blocks": "up", "output_blocks": "up"}.get(parts[0], "other")
+    return f"{where}.{parts[-1] if not parts[-1].isdigit() else parts[-2]}"
+
+
+def relative_change(weights: ErasureWeights, modules: dict[str, nn.Module]) -> dict[str, float]:
+    """``||dW|| / ||W||`` per layer group and over all edited layers (``"all"``), Frobenius norms."""
+    num: dict[str, float] = {}
+    den: dict[str, float] = {}
+    for name, d in weights.deltas.items():
+        dw2 = float(d.matrix().double().pow(2).sum())
+        w2 = float(modules[name].weight.detach().double().pow(2).sum())
+        for g in (_group(name), "all"):
+            num[g] = num.get(g, 0.0) + dw2
+            den[g] = den.get(g, 0.0) + w2
+    return {g: round((num[g] / den[g]) ** 0.5, 6) if den[g] > 0 else 0.0 for g in sorted(num)}
 
 
 @entry_point("ANT", "the resolution, batch_size, trajectories or trajectory_steps, or use scope 'lora'")
@@ -101,7 +135,8 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
     try:
         with trainable(backbone, s, masks, gen) as deltas:
             source = make_source(backbone, deltas, s, prompts, enc, uncond, cache, tr, progress)
-            opt = torch.optim.Adam(deltas.parameters(), lr=s.lr)
+            mods = scope_modules(backbone, s.scope)
+            opt = optimizer(deltas, mods, s)
             for step in range(s.steps):
                 progress.check()
                 idx, ke, kl = draw(gen, s.trajectories, s)
@@ -134,9 +169,12 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
             trained = deltas.num_trainable()
             weights = deltas.result(method="ant", concepts=[concept.strip()], synonyms=list(synonyms),
                                     settings=s.as_dict(), selected_fraction=fraction)
+            change = relative_change(weights, mods)
+            weights.metadata.update(metadata({"relative_change": change}))
     finally:
         torch.random.set_rng_state(torch_state)
-    return AntResult(weights, trained, total, fraction, fwd, bwd, round(time.time() - t0, 2), losses, opt_bytes)
+    return AntResult(weights, trained, total, fraction, fwd, bwd, round(time.time() - t0, 2), losses, opt_bytes,
+                     change)
 
 
 @dataclass
@@ -146,6 +184,7 @@ class AntMultiResult:
     unet_forwards: int
     unet_backwards: int
     seconds: float
+    relative_change: dict[str, float] = field(default_factory=dict)  # of the fused edit
 
 
 @entry_point("ANT", "the resolution, batch_size, trajectories or trajectory_steps, or the LoRA rank")
@@ -160,7 +199,8 @@ def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | N
     Each finished dense edit is folded into the fusion's normal equations at once and dropped, so host memory does
     not grow with the number of concepts (a dense K/V edit is as large as the K/V weights); LoRA edits stay low rank
     until the solve. ``keep_edits`` keeps each concept's own dense edit in ``per_concept`` too; otherwise their
-    ``weights`` are empty."""
+    ``weights`` are empty. The preservation prompts (default: the project's prior set) never name any concept of the
+    run, so that one concept's preservation cannot protect another being erased."""
     validation.check_fuse_strength(strength)
     validation.check_number("lam", lam, 0.0, low_open=True)
     validation.check_number("preserve", preserve)
@@ -172,6 +212,8 @@ def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | N
     validation.check_ant_concepts_fit(backbone, names, s.kind, templates)
     progress = as_progress(progress)
     t0 = time.time()
+    if preserve_prompts is None and s.preserve > 0:
+        preserve_prompts = prompt_sets.prior_prompts(n=s.preserve_prompts, exclude=names)
     concepts_ = [Concept(c, "", s.kind, templates=tuple((templates or {}).get(c) or CONCEPT_TEMPLATES[s.kind]))
                  for c in names]
     system = FusionSystem(backbone, mean_prompt_count([[c] for c in concepts_]))
@@ -190,7 +232,9 @@ def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | N
         results.append(r if keep_edits or s.scope == "lora" else replace(r, weights=ErasureWeights()))
         del r  # the edit must not outlive its concept (it is as large as the K/V weights)
     fused = system.solve(None, prior, lam, preserve, method="ant-fused")
-    fused.metadata.update(metadata({"settings": s.as_dict(), "fuse": {"lam": lam, "preserve": preserve,
-                                                                      "strength": strength, "balance": True}}))
+    change = relative_change(fused, dict(backbone.unet().named_modules()))
+    fused.metadata.update(metadata({"settings": s.as_dict(), "relative_change": change,
+                                    "fuse": {"lam": lam, "preserve": preserve, "strength": strength,
+                                             "balance": True}}))
     return AntMultiResult(fused, results, sum(r.unet_forwards for r in results),
-                          sum(r.unet_backwards for r in results), round(time.time() - t0, 2))
+                          sum(r.unet_backwards for r in results), round(time.time() - t0, 2), change)

@@ -2,8 +2,9 @@
 
 The evaluation set is every lab concept's own prompts (``world.concept_prompts``) with ``seeds_own`` seeds each, and
 its synonym prompts with ``seeds_syn`` seeds each; the seeds are fixed, so the original and an edited model are
-compared image for image. The original model's images are cached on disk (keyed by the model's fingerprint and the
-settings), so evaluating an edited model costs one generation pass.
+compared image for image: beside the erasure metrics (``metrics.py``), ``collateral`` counts the unrelated images
+whose shape, colour and style all stayed as they were (``kept``). The original model's images are cached on disk
+(keyed by the model's fingerprint and the settings), so evaluating an edited model costs one generation pass.
 """
 
 from __future__ import annotations
@@ -112,12 +113,41 @@ def evaluate(backbone: Backbone, clf: LabClassifier, erased: list[str] | None = 
     if erased:
         keep = _unrelated_mask(s, erased)
         report.update(summarise(acc, syn_acc, erased, fidelity(edited["own"][keep], orig["own"][keep])))
+        report["collateral"] = collateral(clf.predict(orig["own"]), clf.predict(edited["own"]), keep, erased)
+        report["kept"] = report["collateral"]["unrelated"]["all"]
         report["erased"] = erased
     report["seconds"] = round(time.time() - t0, 2)
     report["settings"] = asdict(s)
     if grid is not None:
         write_grid(grid, s, orig["own"], edited["own"] if weights is not None else None, erased)
     return report
+
+
+def collateral(orig: dict[str, torch.Tensor], edited: dict[str, torch.Tensor], unrelated: torch.Tensor,
+               erased: list[str]) -> dict[str, dict[str, float]]:
+    """What else changed, image by image (same prompts and seeds), as the classifier reads shape, colour and style.
+
+    ``unrelated``: of the other concepts' images whose original shows no erased concept, the fraction whose
+    prediction on each head (and on all three) equals the original's. ``erased_prompts``: of the erased concepts' own
+    images, the same on the heads that are not erased (an erased circle prompt should keep its colour and style)."""
+    shows_erased = torch.zeros_like(unrelated)
+    for c in erased:
+        shows_erased |= orig[world.concept_kind(c)] == world.concept_index(c)
+    erased_heads = {world.concept_kind(c) for c in erased}
+
+    def kept(rows: torch.Tensor, heads: list[str]) -> dict[str, float]:
+        n = int(rows.sum())
+        same = {h: (edited[h] == orig[h]) & rows for h in heads}
+        out = {h: float(same[h].sum()) / n if n else 1.0 for h in heads}
+        every = rows.clone()
+        for h in heads:
+            every &= same[h]
+        out["all"] = float(every.sum()) / n if n and heads else 1.0
+        out["images"] = n
+        return out
+
+    return {"unrelated": kept(unrelated & ~shows_erased, list(HEADS)),
+            "erased_prompts": kept(~unrelated, [h for h in HEADS if h not in erased_heads])}
 
 
 def _unrelated_mask(s: EvalSettings, erased: list[str]) -> torch.Tensor:
@@ -186,10 +216,15 @@ def format_table(report: dict, before: dict | None = None) -> str:
     if "efficacy" in report:
         lines.append("")
         lines.append("  ".join(f"{k} {report[k]:.3f}" for k in ("efficacy", "generality", "specificity", "H",
-                                                                  "fidelity")))
+                                                                  "fidelity", "kept")))
+        for part, what in (("unrelated", "unrelated images"), ("erased_prompts", "erased prompts' images")):
+            c = report["collateral"][part]
+            heads = " ".join(f"{h} {v:.3f}" for h, v in c.items() if h not in ("all", "images"))
+            lines.append(f"{what} keeping {heads or '(no head left)'}: all {c['all']:.3f} of {c['images']}")
     if erased:
         lines.append("(* erased)")
     return "\n".join(lines)
 
 
-__all__ = ["EvalSettings", "evaluate", "format_table", "generate", "original_images", "write_grid", "HEADS"]
+__all__ = ["EvalSettings", "collateral", "evaluate", "format_table", "generate", "original_images", "write_grid",
+           "HEADS"]
