@@ -50,7 +50,7 @@ def test_stage_targets_and_weights_match_a_hand_computation(tiny_backbone):
         w = 4.0 if prediction == "guided" else 1.0  # the targets are at the regressed prediction's scale
         if prediction == "guided":
             pc_e, pc_l = pu_e + 4.0 * (pc_e - pu_e), pu_l + 4.0 * (pc_l - pu_l)
-        enh = b.eu_early + w * 0.7 * (b.ec_early - b.eu_early)  # early: keep the guidance direction
+        enh = b.eu_early + w * (b.ec_early - b.eu_early)  # early: keep the guidance direction, whatever eta
         erase = b.eu_late - w * 0.7 * (b.ec_late - b.eu_late)  # mid/late: reverse it
         by_hand = (((pc_l - erase) ** 2).mean() + 2.5 * ((pu_l - b.eu_late) ** 2).mean()
                    + 0.5 * (((pc_e - enh) ** 2).mean() + 2.5 * ((pu_e - b.eu_early) ** 2).mean()))
@@ -58,11 +58,13 @@ def test_stage_targets_and_weights_match_a_hand_computation(tiny_backbone):
         assert parts["erase"] == pytest.approx(float(((pc_l - erase) ** 2).mean()), rel=1e-4)
 
 
+@pytest.mark.parametrize("eta", [1.0, 0.3])
 @pytest.mark.parametrize("prediction", ["cond", "guided"])
-def test_the_early_stage_and_unconditional_terms_are_fixed_points_of_the_unedited_model(tiny_backbone, prediction):
-    """At eta = 1 and the pretrained weights, with the frozen predictions taken from the same model: the early
-    ("keep") loss and both L_u terms are zero, and the late target is the exact reversal of the concept's direction
-    at the regressed prediction's scale (guided: w (eps_c - eps_u); conditional: eps_c - eps_u)."""
+def test_the_early_stage_and_unconditional_terms_are_fixed_points_of_the_unedited_model(tiny_backbone, prediction,
+                                                                                         eta):
+    """At the pretrained weights, with the frozen predictions taken from the same model: the early ("keep") loss and
+    both L_u terms are zero, and the late target reverses eta of the concept's direction at the regressed
+    prediction's scale (guided: w (eps_c - eps_u); conditional: eps_c - eps_u); at eta = 1 exactly."""
     bb = tiny_backbone
     b = _batch(bb)
     uncond = bb.encode_text([""])
@@ -72,13 +74,14 @@ def test_the_early_stage_and_unconditional_terms_are_fixed_points_of_the_unedite
         b.ec_early = bb.predict_noise(b.x_early, b.t_early, b.cond)
         b.eu_late = bb.predict_noise(b.x_late, b.t_late, un)
         b.ec_late = bb.predict_noise(b.x_late, b.t_late, b.cond)
-        s = AntSettings(eta=1.0, guidance=7.5, prediction=prediction)
+        s = AntSettings(eta=eta, guidance=7.5, prediction=prediction)
         _, parts = ant_loss(bb, b, uncond, s)
     assert parts["enh"] < 1e-10 and parts["u_early"] < 1e-10 and parts["u_late"] < 1e-10, parts
     w = 7.5 if prediction == "guided" else 1.0
     d = b.ec_late - b.eu_late
-    # the edited prediction at the pretrained weights is eu + w d; the target eu - w d: the loss is (2 w d)^2
-    assert parts["erase"] == pytest.approx(float(((2 * w * d) ** 2).mean()), rel=1e-4)
+    # the edited prediction at the pretrained weights is eu + w d; the target eu - w eta d: the loss is
+    # ((1 + eta) w d)^2
+    assert parts["erase"] == pytest.approx(float((((1 + eta) * w * d) ** 2).mean()), rel=1e-4)
 
 
 def test_preservation_terms_carry_gradient(tiny_backbone):

@@ -31,9 +31,10 @@ from .settings import AUTO_CHECKPOINT_CELLS, AUTO_CHECKPOINT_PARAMS, AntSettings
 def stage_targets(eu_early: torch.Tensor, ec_early: torch.Tensor, eu_late: torch.Tensor, ec_late: torch.Tensor,
                   eta: float, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(early target keeping the guidance direction, mid/late target reversing it), at ``scale`` times the concept's
-    direction: 1 for the conditional prediction, the guidance scale for the guided one, so that at ``eta = 1`` the
-    early target is what the unedited model predicts (a fixed point) and the late one its exact reversal."""
-    return eu_early + scale * eta * (ec_early - eu_early), eu_late - scale * eta * (ec_late - eu_late)
+    direction: 1 for the conditional prediction, the guidance scale for the guided one. The early target is what the
+    unedited model predicts (a fixed point, whatever ``eta``); the late one reverses ``eta`` of the direction (the
+    paper scales both by ``eta``: at its value, 1, the two agree)."""
+    return eu_early + scale * (ec_early - eu_early), eu_late - scale * eta * (ec_late - eu_late)
 
 
 @dataclass

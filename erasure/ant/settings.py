@@ -42,7 +42,9 @@ class AntSettings(Settings):
     trajectory_steps: int = 10  # DDIM steps of the training trajectories (reference 50)
     early_steps: int = 1  # the first ``early_steps`` of them are the early (structure) stage (reference ~4 of 50)
     guidance: float = 7.5  # guidance of the trajectories, and of the edited model's guided prediction
-    eta: float = 1.0
+    #: the fraction of the concept's guidance direction reversed in the mid/late steps (the early target keeps all of
+    #: it whatever eta; reference 1, which on the lab changed far more of the unrelated images: docs/ant.md#eta)
+    eta: float = 0.3
     a1: float = 2.5
     a2: float = 0.5
     #: weight of the project's preservation term (not in the paper): the edited model's conditional prediction for
@@ -107,5 +109,5 @@ PRESETS: dict[str, AntSettings] = {
     "default": AntSettings(),
     "paper": AntSettings(scope="saliency", lr=5e-4, lr_relative=False, prediction="cond", trajectory_steps=50,
                          early_steps=4, preserve=0.0, reuse=1, grad_clip=0.0, sampling="on-policy", steps=250,
-                         batch_size=1),
+                         batch_size=1, eta=1.0),
 }
