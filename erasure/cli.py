@@ -1,4 +1,4 @@
-"""Command line: ``python -m erasure {demo,mace,ant,lab} ...``.
+"""Command line: ``python -m erasure {demo,mace,ant,audit,lab} ...``.
 
 ``--model lab`` (the default everywhere) is the concept lab's model shipped in this package; ``mace``, ``ant`` and
 ``lab baseline`` also take a diffusers folder or a single-file SD1.x/SD2.x/SDXL ``.safetensors`` checkpoint. Each
@@ -32,10 +32,26 @@ from .ant import (
 )
 from .ant import PRESETS as ANT_PRESETS
 from .ant import ant as ant_one
+from .audit import (
+    LAB_PRESET,
+    AuditPrompts,
+    AuditSettings,
+    WeightsModels,
+    atomic_write_png,
+    audit_units,
+    embedding_tensors,
+    find_concept_images,
+    general_audit_prompts,
+    grid_image,
+    load_concept_images,
+    run_audit,
+    summary,
+)
+from .audit_text import SLOT, DiffusersSlotEncoder, fill
 from .diffusers_backbone import load_diffusers
-from .errors import ErasureOutOfMemoryError, TrainingDivergedError
+from .errors import BadInputError, ErasureOutOfMemoryError, TrainingDivergedError
 from .esd import esd
-from .files import atomic_write_text, cache_dir
+from .files import atomic_save, atomic_write_text, cache_dir
 from .lab import world
 from .lab.classifier import load_classifier, train_classifier
 from .lab.demo import erase, lab_concept, lab_prior
@@ -52,9 +68,12 @@ from .user_images import find_user_images, load_user_data
 from .validation import (
     check_anchors,
     check_ant_concepts_fit,
+    check_concept,
     check_concepts,
+    check_fits_context,
     check_fuse_strength,
     check_mace_inputs,
+    check_weights_finite,
     concepts_from_metadata,
 )
 
@@ -531,12 +550,105 @@ def add_lab_command(sub) -> None:
     tc.set_defaults(func=_lab_train_classifier)
 
 
+# -- audit -------------------------------------------------------------------------------------------------------
+AUDIT_HELP = {
+    "steps": "concept-inversion steps (default {default})",
+    "lr": "inversion step size, in units of the token embeddings' standard deviation (default {default})",
+    "batch_size": "images per inversion step (default {default})",
+    "tokens": "learned token embeddings (default {default})",
+    "init_word": "the learned tokens start at this word's embedding ('' = random tokens; default {default})",
+    "prefix_tokens": "soft prefix embeddings of the prefix attack (default {default})",
+    "prefix_steps": "prefix-attack iterations on one image (default {default})",
+    "prefix_lr": "prefix-attack step size (default {default})",
+    "generated_images": "without --images: concept images the original model generates for the inversion "
+                        "(default {default})",
+    "heldout": "further generated images held out for the recoverability score (default {default})",
+    "t_min": "attacks and held-out loss use timesteps in [t_min*T, T) (default {default})",
+    "sample_steps": "DDIM steps of every sampling (default: lab 10, else {default})",
+    "guidance": "guidance of every sampling (default: lab 5.0, else {default})",
+    "seeds": "seeds per evaluation prompt (default: lab 16, else {default})",
+    "resolution": "sampling resolution in pixels (default: the model's)",
+    "seed": "(default {default})",
+}
+
+
+def _lab_audit_inputs(concept: str) -> tuple:
+    """``(AuditPrompts, judge)``: the lab's prompts for ``concept``, and its classifier as the judge (images -> does
+    the head of the concept's kind read the concept), as ``lab eval`` judges."""
+    if concept not in world.ALL_CONCEPTS:
+        raise BadInputError(f"{concept!r} is not a lab concept; lab concepts are {', '.join(world.ALL_CONCEPTS)}")
+    prompts = AuditPrompts(
+        templates=tuple(t.replace("{c}", SLOT) for t in world.concept_templates(concept, with_other_concepts=False)),
+        eval_templates=tuple(" ".join(SLOT if w == concept else w for w in p.split())
+                             for p in world.concept_prompts(concept)),
+        generation=tuple(world.concept_prompts(concept)))
+    clf = load_classifier(CLASSIFIER_FILE)
+    kind, index = world.concept_kind(concept), world.concept_index(concept)
+    return prompts, lambda images: clf.predict(images)[kind] == index
+
+
+def _audit(args: argparse.Namespace) -> int:
+    concept = check_concept(args.concept)
+    lab = args.model == "lab"
+    base = AuditSettings().override(**LAB_PRESET) if lab else AuditSettings()
+    s = base.override(**_given(args, AuditSettings()))
+    s.validate()
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BadInputError(f"--out-dir {out_dir} is a file: give a folder (it is created if missing)")
+    if args.json and (not args.json.endswith(".json") or Path(args.json).is_dir()):
+        raise BadInputError(f"--json {args.json!r} must be a file name ending in .json")
+    lora = load_lora(args.lora)  # a missing, damaged or non-safetensors file is refused before the model loads
+    files = find_concept_images(args.images, concept) if args.images else None
+    prompts, judge = _lab_audit_inputs(concept) if lab else (general_audit_prompts(concept, args.kind), None)
+    backbone = _load_model(args, need_vae=True)
+    weights = resolve_names(lora, dict(backbone.unet().named_modules()))
+    check_weights_finite(weights, Path(args.lora).name)
+    check_fits_context(backbone, concept, [*prompts.generation, *(fill(t, concept) for t in prompts.eval_templates)])
+    images = load_concept_images(backbone, files, s.resolution) if files else None
+    total = audit_units(s, prompts, images is not None, judge is not None)
+    with _bar(total, f"audit {concept}") as bar:
+        result = run_audit(WeightsModels(backbone, weights), DiffusersSlotEncoder(backbone), concept, prompts, s,
+                           images=images, judge=judge, progress=_progress(bar))
+    report = {"model": args.model, "lora": str(args.lora), **result.report}
+    text = json.dumps(report, indent=2)
+    atomic_write_png(out_dir / "grid.png", grid_image(result.rows))
+    atomic_save(embedding_tensors(result.token), out_dir / "learned-token.safetensors",
+                {"erasure.concept": concept, "erasure.audit": "the concept inversion's learned token (erased model)"})
+    atomic_write_text(out_dir / "report.json", text)
+    if args.json:
+        atomic_write_text(args.json, text)
+    print(summary(report))
+    print(f"wrote {out_dir / 'grid.png'} (rows: {', '.join(label for label, _ in result.rows)}), "
+          f"{out_dir / 'report.json'}, {out_dir / 'learned-token.safetensors'}"
+          + (f", {args.json}" if args.json else "") + f"; {_peak_memory()}")
+    _print_model_note(args)
+    return 0
+
+
+def add_audit_command(sub) -> None:
+    au = sub.add_parser("audit", help="audit an erasure: concept inversion and a prefix attack against the erased "
+                        "model; does the concept come back?")
+    _add_model_flags(au)
+    au.add_argument("--lora", required=True, help="the erasure LoRA (.safetensors) to audit")
+    au.add_argument("--concept", required=True, help="the erased concept")
+    au.add_argument("--images", help="a folder of your own images of the concept (or DIR/<concept>/); default: "
+                    "images generated by the original model")
+    au.add_argument("--kind", choices=tuple(sorted(CONCEPT_TEMPLATES)), default="object",
+                    help="prompt templates of the concept (not the lab; default object)")
+    au.add_argument("--json", help="also write the report here")
+    au.add_argument("--out-dir", default="out/audit", help="grid.png, report.json and learned-token.safetensors "
+                    "(default out/audit)")
+    settings_flags(au, AuditSettings(), AUDIT_HELP)
+    au.set_defaults(func=_audit)
+
+
 # -- entry -------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m erasure", description="Concept erasure for diffusion models.")
     p.add_argument("--version", action="version", version=f"erasure {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (add_demo_command, add_mace_command, add_ant_command, add_lab_command):
+    for add in (add_demo_command, add_mace_command, add_ant_command, add_lab_command, add_audit_command):
         add(sub)
     return p
 

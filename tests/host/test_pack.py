@@ -10,7 +10,7 @@ import torch
 from .conftest import StubServer, run_prompt
 
 PACK_NODES = ("EraseConceptANT", "MassEraseMACE", "FuseErasureLoRAs", "ApplyErasedModel", "SaveErasureLoRA",
-              "LoadErasureLoRA", "PreviewErasure")
+              "LoadErasureLoRA", "PreviewErasure", "AuditErasure")
 FAST_ANT = {"concept": "cat", "synonyms": "kitten", "steps": 2, "learning_rate": 1e-3, "scope": "saliency",
             "preserve": 5.0, "saliency_fraction": 0.5, "prediction": "guided", "resolution": 64, "seed": 0,
             "trajectories": 2, "trajectory_steps": 6, "early_steps": 2, "saliency_maps": 2, "refresh_every": 1}
