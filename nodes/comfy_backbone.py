@@ -5,9 +5,10 @@ DDPM timesteps, which is exactly what ComfyUI's SD1.x/SD2.x/SDXL ``diffusion_mod
 v-prediction models are converted with ``eps = sqrt(abar) v + sqrt(1 - abar) x_t``.
 
 Module names are ComfyUI's (ldm layout, ``input_blocks.1.1.transformer_blocks.0.attn2.to_k``). At the edges
-(LoRA sockets and files) they are translated to diffusers names through ComfyUI's own ``unet_to_diffusers`` map, so a
-LoRA made here is the same file as one made from a diffusers model, and loads in LoraLoader, A1111/Forge and
-diffusers alike.
+(LoRA sockets and files) they are translated to diffusers names through ComfyUI's own ``unet_to_diffusers`` map and
+written by the library exactly as from a diffusers model (SD1.x/SD2.x keys in diffusers names, SDXL keys in ldm
+names, as kohya writes them), so a LoRA made here is the same file as one made from the command line, and loads in
+LoraLoader, A1111/Forge and diffusers alike.
 
 Three facts of the host are handled here: results become patches on a ``clone()`` (never writes into the shared
 weights); ComfyUI runs graphs in inference mode, so training swaps each weight for a non-inference copy for its
@@ -32,7 +33,7 @@ from torch import nn
 from ..erasure import errors
 from ..erasure.backbone import NoiseSchedule, TextConditioning
 from ..erasure.guards import model_lock
-from ..erasure.lora_files import lora_tensors, resolve_names
+from ..erasure.lora_files import file_metadata, lora_tensors, resolve_names
 from ..erasure.weights import ErasureWeights
 
 #: prompts whose embeddings a backbone keeps (SDXL: 128 x 77 x 2048 values, 40 MB in fp16)
@@ -40,6 +41,8 @@ TEXT_CACHE_SIZE = 128
 
 #: ComfyUI model configs this pack supports (class names in comfy/supported_models.py)
 SUPPORTED = {"SD15": "SD1.x", "SD20": "SD2.x", "SDXL": "SDXL"}
+#: the families' names in LoRA files (``erasure.lora_files``: kohya's base model versions, ModelSpec architectures)
+FAMILY_IDS = {"SD1.x": "sd1", "SD2.x": "sd2", "SDXL": "sdxl"}
 
 
 class UnsupportedModelError(errors.UnsupportedModelError):
@@ -79,9 +82,12 @@ def check_supported(model) -> str:
 
 
 def ldm_to_diffusers(model) -> dict[str, str]:
-    """ComfyUI module name -> diffusers module name, for every weight of the UNet."""
+    """ComfyUI module name -> diffusers module name, for every weight of the UNet. ComfyUI's map also names SDXL's
+    ``label_emb`` as unCLIP's ``class_embedding`` (in set order, which varies between runs): the supported models
+    have ``add_embedding`` only, so that name is skipped."""
     mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
-    return {v[: -len(".weight")]: k[: -len(".weight")] for k, v in mapping.items() if k.endswith(".weight")}
+    return {v[: -len(".weight")]: k[: -len(".weight")] for k, v in mapping.items()
+            if k.endswith(".weight") and not k.startswith("class_embedding.")}
 
 
 class ComfyBackbone:
@@ -335,9 +341,16 @@ def trainable(backbone: ComfyBackbone) -> Iterator[None]:
                 mod._parameters[pname] = p
 
 
-def to_lora_dict(weights: ErasureWeights, model, rank: int | None = None) -> tuple[dict[str, torch.Tensor], float]:
-    """Kohya tensors with diffusers module names (what every tool loads), and the relative factorisation error."""
-    return lora_tensors(weights.renamed(ldm_to_diffusers(model)), rank)
+def to_lora_dict(weights: ErasureWeights, model, rank: int | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Kohya tensors and file metadata of ``weights`` (ComfyUI names), exactly as the library writes them for the
+    same layers of a diffusers model: keys named as kohya names them for the model's family, kohya/ModelSpec
+    metadata for its family and prediction type (``rank``: see ``ErasureWeights.export_rank``)."""
+    family = FAMILY_IDS[check_supported(model)]
+    prediction = prediction_type(model)
+    named = weights.renamed(ldm_to_diffusers(model))
+    tensors, err = lora_tensors(named, rank, family)
+    return tensors, file_metadata(named, err, rank, family, prediction)
 
 
 def from_lora(weights: ErasureWeights, model) -> ErasureWeights:

@@ -22,7 +22,7 @@ from ..erasure import validation
 from ..erasure.ant import CHECKPOINTING, PREDICTIONS, SAMPLINGS, SCOPES, AntSettings, ant
 from ..erasure.files import cache_dir, read_safetensors
 from ..erasure.fusion import fuse
-from ..erasure.lora_files import file_metadata, load_lora, parse_lora, write_lora
+from ..erasure.lora_files import kohya_metadata, load_lora, parse_lora, write_lora
 from ..erasure.mace import PRESETS, mace
 from ..erasure.prior import gram
 from ..erasure.progress import Progress
@@ -30,7 +30,7 @@ from ..erasure.prompts import Concept, prior_prompts, split_list
 from ..erasure.sampling import sample
 from ..erasure.weights import META_PREFIX, ErasureWeights, metadata
 from . import result_cache
-from .comfy_backbone import ComfyBackbone, from_lora, ldm_to_diffusers, patched_model, to_lora_dict, trainable
+from .comfy_backbone import ComfyBackbone, from_lora, patched_model, to_lora_dict, trainable
 from .user_images import user_training_data
 
 CATEGORY = "erasure"
@@ -76,11 +76,11 @@ def _progress(total: int) -> Progress:
 
 def _export(weights: ErasureWeights, model, backbone: ComfyBackbone) -> ErasureLora:
     """The LoRA socket value: exact when it stays under 256 MB, else a rank-64 truncated SVD (error in metadata);
-    tensors and metadata as the library writes them to a file."""
+    tensors and metadata (erasure, kohya and ModelSpec keys) as the library writes them to a file."""
     weights.metadata[META_PREFIX + "base_model"] = backbone.fingerprint()
     weights.metadata[META_PREFIX + "base_family"] = backbone.family
-    tensors, err = to_lora_dict(weights, model, weights.export_rank())
-    return ErasureLora(tensors, file_metadata(weights.renamed(ldm_to_diffusers(model)), err))
+    weights.metadata[META_PREFIX + "base_prediction"] = "v" if backbone.v_prediction else "eps"
+    return ErasureLora(*to_lora_dict(weights, model, weights.export_rank()))
 
 
 def _lora_weights(lora: dict, model) -> ErasureWeights:
@@ -110,8 +110,9 @@ class EraseConceptANT(io.ComfyNode):
                                 tooltip="Other words for the concept, ';' or one per line: used as prompt "
                                         "augmentations for the saliency mask and the trajectories."),
                 io.Int.Input("steps", default=d.steps, min=1, max=10000, tooltip="Training steps."),
-                io.Float.Input("learning_rate", default=d.lr, min=1e-7, max=1e-1, step=1e-6,
-                               tooltip="Adam learning rate."),
+                io.Float.Input("learning_rate", default=d.lr, min=1e-5, max=0.5, step=1e-4,
+                               tooltip="Adam's step relative to each layer's weight scale: 0.02 moves a weight by "
+                                       "about 2% of its layer's RMS per step, on any model."),
                 io.Combo.Input("scope", options=list(SCOPES), default=d.scope,
                                tooltip="kv: the cross-attention keys and values (what reads the prompt; the "
                                        "default); xattn: every cross-attention projection; saliency: only the "
@@ -403,8 +404,16 @@ class SaveErasureLoRA(io.ComfyNode):
             raise ValueError(f"{os.path.basename(path)} already exists in models/loras: choose another name or "
                              "switch on overwrite")
         meta = dict(getattr(lora, "metadata", None) or {}) or metadata({"method": "unknown"})
+        if "ss_network_module" not in meta and cls._plain_lora(lora):
+            # a LoRA from another node: kohya's keys (base model from its K/V shapes) so A1111/Forge list it
+            meta = kohya_metadata(parse_lora(lora, meta)) | meta
         write_lora(lora, meta, path)
         return io.NodeOutput()
+
+    @staticmethod
+    def _plain_lora(tensors: dict) -> bool:
+        """Only kohya LoRA keys (``lora_up``/``lora_down``/``alpha``): not LoHa, LoKr or other adapters."""
+        return bool(tensors) and all(k.endswith((".lora_up.weight", ".lora_down.weight", ".alpha")) for k in tensors)
 
 
 class LoadErasureLoRA(io.ComfyNode):
