@@ -1,6 +1,6 @@
 """Robustness (issue #7) on tiny models: bad input is refused before any work, faults (NaN, out of memory, Ctrl-C)
 leave the model, torch's global state and every file as they were, files are atomic and caches self-checking, and
-the README's troubleshooting table quotes messages that exist in the code."""
+docs/troubleshooting.md's table quotes messages that exist in the code."""
 
 from __future__ import annotations
 
@@ -574,7 +574,7 @@ def test_two_erasures_of_one_model_at_once_do_not_interfere(bb):
     _assert_untouched(bb, snap)
 
 
-# -- the README's troubleshooting table quotes the code --------------------------------------------------------------
+# -- docs/troubleshooting.md quotes the code --------------------------------------------------------------
 def _code_messages() -> list[re.Pattern]:
     """Every string literal of the library and the nodes as a regex; f-string fields match any text."""
     out = []
@@ -590,8 +590,8 @@ def _code_messages() -> list[re.Pattern]:
 
 
 def _troubleshooting_rows() -> list[tuple[str, str]]:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
+    text = (REPO / "docs" / "troubleshooting.md").read_text(encoding="utf-8")
+    section = text.split("## Messages", 1)[1].split("\n## ", 1)[0]
     rows = []
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
@@ -602,7 +602,7 @@ def _troubleshooting_rows() -> list[tuple[str, str]]:
 
 def test_every_troubleshooting_message_exists_in_the_code():
     rows = _troubleshooting_rows()
-    assert len(rows) >= 25, "the README's troubleshooting table is missing or short"
+    assert len(rows) >= 25, "docs/troubleshooting.md's table is missing or short"
     code = _code_messages()
     for case, cell in rows:
         for quoted in re.findall(r"`([^`]+)`", cell):
