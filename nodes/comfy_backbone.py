@@ -90,6 +90,33 @@ def ldm_to_diffusers(model) -> dict[str, str]:
             if k.endswith(".weight") and not k.startswith("class_embedding.")}
 
 
+def clip_layers(clip) -> list[list]:
+    """``[layer, layer_idx]`` of each text encoder of ``clip`` as ``encode_from_tokens`` sets them: the encoders'
+    defaults (SD1.x: the last layer; SD2.x, SDXL: the penultimate one) overridden by ``clip.layer_idx``, which CLIP
+    Set Last Layer (or a checkpoint's config) sets on each CLIP object; clones share the encoder module, so the layer
+    is read from the object, not from the module's state. An index beyond the encoder's depth means the last
+    layer, as in ComfyUI."""
+    enc = clip.cond_stage_model
+    enc.reset_clip_options()
+    try:
+        if clip.layer_idx is not None:
+            enc.set_clip_options({"layer": clip.layer_idx})
+        return [_layer(m) for m in enc.modules() if hasattr(m, "options_default") and hasattr(m, "num_layers")]
+    finally:
+        enc.reset_clip_options()
+
+
+def _layer(m) -> list:
+    """One encoder's layer in one spelling per output: the index counted from the first layer, and the last layer
+    with the final layer norm (SD1.x's CLIP Set Last Layer -1) as ``"last"``, which encodes the same."""
+    if m.layer != "hidden":
+        return [m.layer, None]
+    i = m.layer_idx if m.layer_idx >= 0 else m.num_layers + m.layer_idx
+    if i == m.num_layers - 1 and m.layer_norm_hidden_state:
+        return ["last", None]
+    return ["hidden", i]
+
+
 class ComfyBackbone:
     """The library's Backbone protocol on a ModelPatcher + CLIP (see ``erasure/backbone.py``)."""
 
@@ -103,7 +130,6 @@ class ComfyBackbone:
         self.family = check_supported(model)
         self.patcher = model
         self.clip = clip
-        self.text_encoders = [clip.cond_stage_model]  # what the prior cache's key hashes
         self._text_cache: OrderedDict[str, TextConditioning] = OrderedDict()
         base = model.model
         sampling = model.get_model_object("model_sampling")
@@ -115,6 +141,20 @@ class ComfyBackbone:
                                                  768 if self.v_prediction else 512)
         #: latent size of the UNet input being evaluated (the attention maps' layout); set by predict_noise
         self._hw = (self.default_resolution // 8, self.default_resolution // 8)
+
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        """The text encoder with this CLIP's own patches applied (a LoRA's text-encoder part), as the prior cache's
+        key hashes it: clones of one CLIP share the module, whose weights are those of whichever clone was loaded
+        last."""
+        self.clip.load_model()
+        return [self.clip.cond_stage_model]
+
+    @property
+    def hidden_layer(self) -> list[list]:
+        """The layer each text encoder conditions with (CLIP Set Last Layer), for the prior cache's key:
+        :func:`clip_layers`."""
+        return clip_layers(self.clip)
 
     # -- devices -------------------------------------------------------------------------------------------------
     def load(self) -> None:

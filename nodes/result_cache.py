@@ -4,7 +4,8 @@ ComfyUI's own cache already skips a node whose inputs did not change, but only w
 the exact graph. This one is keyed by what determines the result, hashed in full:
 
 - the UNet's weights as loaded (so a LoRA or any patch applied upstream counts), the text encoder's weights as
-  loaded and its clip-skip layer, and the sampling schedule (prediction type, sigmas);
+  loaded and the layer each of its encoders conditions with (CLIP Set Last Layer: ``comfy_backbone.clip_layers``),
+  and the sampling schedule (prediction type, sigmas);
 - every setting and text of the node, the user's images and masks (MACE);
 - the pack's own source code and the library version (any change of the code invalidates every entry).
 
@@ -27,6 +28,7 @@ import torch
 from ..erasure import __version__
 from ..erasure.files import atomic_save
 from ..erasure.weights import Delta, ErasureWeights
+from .comfy_backbone import clip_layers
 
 FOLDER = "erasure-cache"
 FORMAT = "1"
@@ -58,7 +60,7 @@ def result_key(method: str, backbone, settings: dict, tensors: dict[str, torch.T
     h = hashlib.blake2b(digest_size=20)
     h.update(json.dumps({"format": FORMAT, "library": __version__, "code": _source_digest(), "method": method,
                          "family": backbone.family, "v_prediction": backbone.v_prediction,
-                         "clip_layer": getattr(backbone.clip, "layer_idx", None), "settings": settings},
+                         "clip_layers": clip_layers(backbone.clip), "settings": settings},
                         sort_keys=True, default=str).encode())
     _update(h, "sigmas", backbone.patcher.get_model_object("model_sampling").sigmas)
     for name, t in backbone.unet().state_dict().items():
