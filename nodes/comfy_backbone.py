@@ -28,13 +28,14 @@ import comfy.model_management
 import comfy.utils
 import torch
 import torch.utils.checkpoint
+from comfy.weight_adapter import LoRAAdapter
 from torch import nn
 
 from ..erasure import errors
 from ..erasure.backbone import NoiseSchedule, TextConditioning
 from ..erasure.guards import model_lock
 from ..erasure.lora_files import file_metadata, lora_tensors, resolve_names
-from ..erasure.weights import ErasureWeights
+from ..erasure.weights import Delta, ErasureWeights
 
 #: prompts whose embeddings a backbone keeps (SDXL: 128 x 77 x 2048 values, 40 MB in fp16)
 TEXT_CACHE_SIZE = 128
@@ -400,12 +401,35 @@ def from_lora(weights: ErasureWeights, model) -> ErasureWeights:
     return resolve_names(weights, dict(model.model.diffusion_model.named_modules()), to_ldm)
 
 
+def weight_patch(d: Delta, weight: torch.Tensor, compute_dtype: torch.dtype):
+    """What ``ModelPatcher.add_patches`` gets for one delta. A low-rank delta: ComfyUI's ``LoRAAdapter`` on its
+    factors, as LoraLoader builds it for a LoRA file (ComfyUI forms ``up @ down`` only while it patches the weight),
+    unless the factors hold more numbers than the dense matrix (an exact file of a dense edit). A dense delta: a
+    ``"diff"``, in the weight's dtype when ComfyUI applies patches in that dtype (``compute_dtype``, its
+    ``lora_compute_dtype``: float16 on most GPUs), since it casts the diff to it anyway, else in float32; either
+    way the patched weight is the one a float32 diff gives (docs/comfyui-integration.md)."""
+    if d.up is not None and d.down is not None:
+        out_f, rank = d.up.shape[0], d.down.shape[0]
+        if rank * (out_f + d.down[0].numel()) < weight.numel():
+            return LoRAAdapter(set(), (d.up.detach(), d.down.detach(), d.scale * rank, None, None, None))
+    dtype = weight.dtype if weight.dtype == compute_dtype else torch.float32
+    return ("diff", (d.matrix().detach().to(dtype),))
+
+
 def patched_model(model, weights: ErasureWeights, strength: float = 1.0):
-    """A clone of ``model`` with the erasure as weight-diff patches (the input's weights are untouched)."""
+    """A clone of ``model`` with the erasure as weight patches at ``strength`` (the input's weights are untouched):
+    LoRA adapters for low-rank deltas, weight diffs for dense ones (``weight_patch``)."""
     m = model.clone()
+    compute = comfy.model_management.lora_compute_dtype(m.load_device)
     patches = {}
     for name, d in weights.deltas.items():
-        patches[f"diffusion_model.{name}.weight"] = ("diff", (d.matrix().to(torch.float32),))
+        key = f"diffusion_model.{name}.weight"
+        try:
+            w = comfy.utils.get_attr(m.model, key)
+        except AttributeError:
+            w = None
+        patches[key] = (weight_patch(d, w, compute) if w is not None and tuple(d.shape) == tuple(w.shape)
+                        else ("diff", (d.matrix().to(torch.float32),)))
     missing = set(patches) - set(m.add_patches(patches, strength))
     if missing:
         raise ValueError(f"{len(missing)} erasure layers did not match this model (e.g. {sorted(missing)[0]}): "
