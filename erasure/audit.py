@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -564,25 +562,6 @@ def grid_image(rows: list[tuple[str, torch.Tensor]], label_width: int = 230, min
             tile = PILImage.fromarray(arr).resize((cell, cell), PILImage.NEAREST)
             canvas.paste(tile, (label_width + j * cell, r * cell))
     return canvas
-
-
-def atomic_write_png(path: str | Path, image: Image) -> None:
-    """Save a PIL image as PNG atomically (temporary file in the target folder, then rename), like
-    ``erasure.files.atomic_write_text``: a crash or Cancel never leaves a truncated picture."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def embedding_tensors(vectors: list[torch.Tensor]) -> dict[str, torch.Tensor]:

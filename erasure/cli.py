@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, loss_curve
 from .ant import (
     CHECKPOINTING,
     FUSE_LAM,
@@ -37,7 +37,6 @@ from .audit import (
     AuditPrompts,
     AuditSettings,
     WeightsModels,
-    atomic_write_png,
     audit_units,
     embedding_tensors,
     find_concept_images,
@@ -51,7 +50,7 @@ from .audit_text import SLOT, DiffusersSlotEncoder, fill
 from .diffusers_backbone import load_diffusers
 from .errors import BadInputError, ErasureOutOfMemoryError, TrainingDivergedError
 from .esd import esd
-from .files import atomic_save, atomic_write_text, cache_dir
+from .files import atomic_save, atomic_write_png, atomic_write_text, cache_dir
 from .lab import world
 from .lab.classifier import load_classifier, train_classifier
 from .lab.demo import erase, lab_concept, lab_prior
@@ -59,6 +58,7 @@ from .lab.evaluate import EvalSettings, evaluate, format_table
 from .lab.model import CLASSIFIER_FILE
 from .lab.train import train_lab_model
 from .lora_files import load_lora, resolve_names, save_lora
+from .loss_curve import curve_from_metadata
 from .mace import PRESETS, MaceSettings, mace
 from .prior import gram
 from .progress import Progress
@@ -101,6 +101,17 @@ def _peak_memory() -> str:
     if resource is None:
         return "peak RSS not measured on this system"
     return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
+
+
+def _write_loss_png(weights, lora_path: str | Path, title: str) -> str:
+    """The run's loss curve as NAME.loss.png beside the LoRA (from the curve its metadata holds); the words that
+    name it in the closing line, or nothing when the method has no loss (closed-form only)."""
+    curve = curve_from_metadata(weights.metadata)
+    if not curve or not curve["loss"]:
+        return ""
+    path = loss_curve.write_png(loss_curve.png_beside(lora_path), curve["loss"], title,
+                                [(label, start) for label, start in curve.get("segments", [])], curve.get("steps"))
+    return f"; loss curve {path}"
 
 
 def _bar(total: int | None, desc: str) -> tqdm:
@@ -220,11 +231,12 @@ def _demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     weights.metadata["erasure.base_model"] = backbone.fingerprint()
     save_lora(weights, out / f"erase-{concept}.safetensors")
+    curve = _write_loss_png(weights, out / f"erase-{concept}.safetensors", f"{args.method} loss per training step")
     after = evaluate(backbone, clf, [concept], weights, s, grid=out / "grid.png")
     print(format_table(after, before))
     print(f"before: efficacy {before['efficacy']:.3f}  after: efficacy {after['efficacy']:.3f}")
     atomic_write_text(out / "report.json", json.dumps({"before": before, "after": after}, indent=2))
-    print(f"wrote {out / f'erase-{concept}.safetensors'}, {out / 'grid.png'}, {out / 'report.json'} "
+    print(f"wrote {out / f'erase-{concept}.safetensors'}, {out / 'grid.png'}, {out / 'report.json'}{curve} "
           f"in {time.time() - t0:.0f} s ({_peak_memory()})")
     return 0
 
@@ -300,13 +312,14 @@ def _mace(args: argparse.Namespace) -> int:
         res = mace(backbone, items, s, prior, user_data=user_data, progress=_progress(bar))
     res.weights.metadata["erasure.base_model"] = backbone.fingerprint()
     err = save_lora(res.weights, args.out, rank=args.export_rank)
+    curve = _write_loss_png(res.weights, args.out, "MACE attention loss per LoRA step")
     print(f"MACE erased {', '.join(repr(c) for c in concepts)} (anchors: "
           f"{', '.join(repr(c.anchor) for c in items)}) in {time.time() - t0:.1f} s; "
           f"{res.unet_evaluations} UNet evaluations; {_peak_memory()}")
     for c, lr in zip(concepts, res.loras, strict=True):
         where = "concept tokens, end token and padding" if lr.suppress_end else "concept tokens only"
         print(f"  {c!r}: attention loss ({where}) {_loss_span(lr)}")
-    print(f"wrote {args.out} ({len(res.weights.deltas)} K/V matrices; LoRA relative error {err:.1e})")
+    print(f"wrote {args.out} ({len(res.weights.deltas)} K/V matrices; LoRA relative error {err:.1e}){curve}")
     _print_model_note(args)
     return 0
 
@@ -426,9 +439,10 @@ def _ant(args: argparse.Namespace) -> int:
                    f"concepts, {kind} each), fused into {len(weights.deltas)} K/V matrices")
     weights.metadata["erasure.base_model"] = backbone.fingerprint()
     err = save_lora(weights, args.out, rank=_export_rank(weights, args.export_rank))
+    curve = _write_loss_png(weights, args.out, "ANT loss per training step")
     print(f"ANT erased {', '.join(repr(c) for c in concepts)} in {time.time() - t0:.1f} s: {trained}; "
           f"{fwd:,} UNet forwards, {bwd:,} backwards; {_peak_memory()}")
-    print(f"wrote {args.out} ({len(weights.deltas)} layers; LoRA relative error {err:.1e})")
+    print(f"wrote {args.out} ({len(weights.deltas)} layers; LoRA relative error {err:.1e}){curve}")
     _print_model_note(args)
     return 0
 

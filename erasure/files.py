@@ -15,6 +15,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -116,3 +117,22 @@ def load_cache(path: Path, shapes: dict[str, tuple[int | None, ...]] | None = No
                                                                                              strict=True)):
             return None
     return tensors
+
+
+def atomic_write_png(path: str | Path, image: Any) -> None:
+    """Save a PIL image as PNG atomically (temporary file in the target folder, then rename), like
+    ``atomic_write_text``: a crash or Cancel never leaves a truncated picture."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -32,6 +32,7 @@ from .deltas import TrainableLoRA
 from .errors import TrainingDivergedError
 from .fusion import FusionSystem, mean_prompt_count
 from .guards import entry_point
+from .loss_curve import joined_curve
 from .progress import Progress, as_progress
 from .prompts import Concept
 from .sampling import sample
@@ -458,5 +459,6 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
     used = {c.text: lr.suppress_end for c, lr in zip(concepts, loras, strict=True)}  # suppress_end=None resolved
     fused.metadata.update(ErasureWeights.dense({}, method="mace", settings={**asdict(s), "suppress_end_used": used}
                                                ).metadata)
+    fused.metadata.update(joined_curve([(c.text, lr.losses) for c, lr in zip(concepts, loras, strict=True)]))
     return MaceResult(fused, cfr, loras, data, round(time.time() - t0, 2), evals)
 

@@ -166,12 +166,15 @@ def test_cli_runs_mace_and_ant_on_a_single_file(tmp_path, monkeypatch, capsys):
 
     w = load_lora(out)
     assert w.metadata["erasure.base_model"] == ref.fingerprint() and len(w.deltas) == len(ref.cross_attention_kv())
+    # the attention loss per LoRA step, drawn beside the LoRA
+    assert f"loss curve {tmp_path / 'mace.loss.png'}" in text and (tmp_path / "mace.loss.png").stat().st_size > 0
     out = tmp_path / "ant.safetensors"
     assert main(["ant", "--model", str(ckpt), "--concept", "cat", "--scope", "xattn", "--steps", "2",
                  "--trajectories", "1", "--trajectory-steps", "4", "--early-steps", "1", "--batch-size", "1",
                  "--resolution", "64", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "built-in CLIP BPE" in text and "VAE not loaded" in text and out.exists()
+    assert f"loss curve {tmp_path / 'ant.loss.png'}" in text and (tmp_path / "ant.loss.png").stat().st_size > 0
     assert text.count("model: tiny-sd15.safetensors: SD1.x") == 2  # at the start and in the closing summary
 
 

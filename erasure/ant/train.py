@@ -16,6 +16,7 @@ from ..deltas import HookedDeltas, SparseDeltas, TrainableDeltas, TrainableLoRA
 from ..errors import BadInputError, TrainingDivergedError
 from ..fusion import FusionSystem, mean_prompt_count
 from ..guards import entry_point
+from ..loss_curve import curve_metadata, joined_curve
 from ..progress import Progress, as_progress
 from ..prompts import CONCEPT_TEMPLATES, Concept, augmented_prompts
 from ..weights import ErasureWeights, metadata
@@ -171,6 +172,7 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
                                     settings=s.as_dict(), selected_fraction=fraction)
             change = relative_change(weights, mods)
             weights.metadata.update(metadata({"relative_change": change}))
+            weights.metadata.update(curve_metadata(losses))
     finally:
         torch.random.set_rng_state(torch_state)
     return AntResult(weights, trained, total, fraction, fwd, bwd, round(time.time() - t0, 2), losses, opt_bytes,
@@ -232,6 +234,7 @@ def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | N
         results.append(r if keep_edits or s.scope == "lora" else replace(r, weights=ErasureWeights()))
         del r  # the edit must not outlive its concept (it is as large as the K/V weights)
     fused = system.solve(None, prior, lam, preserve, method="ant-fused")
+    fused.metadata.update(joined_curve([(c, r.losses) for c, r in zip(names, results, strict=True)]))
     change = relative_change(fused, dict(backbone.unet().named_modules()))
     fused.metadata.update(metadata({"settings": s.as_dict(), "relative_change": change,
                                     "fuse": {"lam": lam, "preserve": preserve, "strength": strength,
