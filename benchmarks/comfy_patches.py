@@ -58,7 +58,7 @@ def setup():
 
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     assert asyncio.run(nodes.load_custom_node(str(ROOT))), "the pack failed to load"
-    pkg = sys.modules[nodes.NODE_CLASS_MAPPINGS["EraseConceptANT"].__module__].__package__
+    pkg = sys.modules[nodes.NODE_CLASS_MAPPINGS["ApplyErasedModel"].__module__].__package__
     return sys.modules[pkg + ".comfy_backbone"], sys.modules[pkg.rsplit(".", 1)[0] + ".erasure.weights"]
 
 

@@ -13,7 +13,7 @@ PROMPTS = ["a house", "a tree"]
 
 @pytest.fixture
 def mods(comfy):
-    node = comfy["nodes"].NODE_CLASS_MAPPINGS["EraseConceptANT"]
+    node = comfy["nodes"].NODE_CLASS_MAPPINGS["ApplyErasedModel"]
     pkg = sys.modules[node.__module__].__package__
     return sys.modules[pkg + ".comfy_backbone"], sys.modules[pkg.rsplit(".", 1)[0] + ".erasure.prior"]
 

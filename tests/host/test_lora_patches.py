@@ -14,7 +14,7 @@ from .tiny_unets import tiny_unet_model
 
 def library(comfy):
     """The pack's ``comfy_backbone`` and ``erasure.weights`` modules, as ComfyUI loaded them."""
-    pkg = sys.modules[comfy["nodes"].NODE_CLASS_MAPPINGS["EraseConceptANT"].__module__].__package__
+    pkg = sys.modules[comfy["nodes"].NODE_CLASS_MAPPINGS["ApplyErasedModel"].__module__].__package__
     return sys.modules[pkg + ".comfy_backbone"], sys.modules[pkg.rsplit(".", 1)[0] + ".erasure.weights"]
 
 
