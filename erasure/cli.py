@@ -63,6 +63,7 @@ from .mace import PRESETS, MaceSettings, mace
 from .prior import gram
 from .progress import Progress
 from .prompts import CONCEPT_TEMPLATES, Concept, prior_prompts, split_list
+from .report import ReportSettings, add_to_metadata, erasure_report, report_line, report_steps
 from .single_file import load_single_file
 from .user_images import find_user_images, load_user_data
 from .validation import (
@@ -112,6 +113,40 @@ def _write_loss_png(weights, lora_path: str | Path, title: str) -> str:
     path = loss_curve.write_png(loss_curve.png_beside(lora_path), curve["loss"], title,
                                 [(label, start) for label, start in curve.get("segments", [])], curve.get("steps"))
     return f"; loss curve {path}"
+
+
+def _report(args: argparse.Namespace, backbone, weights, concepts: list, kind: str = "object",
+            resolution: int | None = None) -> dict | None:
+    """The erasure report (``erasure/report.py``) of ``weights`` on ``backbone``, stored in their metadata
+    (``erasure.report``) before the file is written; None with ``--no-report``. ``concepts``: names or
+    :class:`Concept` items; on the lab, the lab's templates and preservation captions."""
+    if getattr(args, "no_report", False):
+        return None
+    lab = getattr(args, "model", "lab") == "lab"
+    names = [c.text if isinstance(c, Concept) else c for c in concepts]
+    if lab:
+        items = [lab_concept(n) for n in names]
+        unrelated = world.prior_prompts(exclude=names)
+        s = ReportSettings(batch_size=64)
+    else:
+        items = [c if isinstance(c, Concept) else Concept(c, "", kind) for c in concepts]
+        unrelated = prior_prompts(n=100, exclude=names)
+        s = ReportSettings(guidance=7.5, batch_size=4, resolution=resolution)
+    n_prompts = sum(min(len(dict.fromkeys(c.prompts())), s.concept_prompts) for c in items)
+    with _bar(report_steps(n_prompts, s.unrelated_prompts, s), "erasure report") as bar:
+        report = erasure_report(backbone, weights, items, unrelated, s, progress=_progress(bar))
+    add_to_metadata(weights, report)
+    return report
+
+
+def _report_summary(report: dict | None) -> str:
+    return report_line(report) if report is not None else "erasure report skipped (--no-report)"
+
+
+def _add_report_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-report", action="store_true", help="skip the erasure report (how much of the concept's "
+                   "guidance is left, how far unrelated prompts moved: a few hundred UNet evaluations, stored in the "
+                   "LoRA's metadata as erasure.report)")
 
 
 def _bar(total: int | None, desc: str) -> tqdm:
@@ -230,12 +265,15 @@ def _demo(args: argparse.Namespace) -> int:
         weights = erase(backbone, concept, args.method, steps=args.steps, seed=args.seed, progress=_progress(bar))
     out.mkdir(parents=True, exist_ok=True)
     weights.metadata["erasure.base_model"] = backbone.fingerprint()
+    report = _report(args, backbone, weights, [concept])
     save_lora(weights, out / f"erase-{concept}.safetensors")
     curve = _write_loss_png(weights, out / f"erase-{concept}.safetensors", f"{args.method} loss per training step")
     after = evaluate(backbone, clf, [concept], weights, s, grid=out / "grid.png")
     print(format_table(after, before))
     print(f"before: efficacy {before['efficacy']:.3f}  after: efficacy {after['efficacy']:.3f}")
-    atomic_write_text(out / "report.json", json.dumps({"before": before, "after": after}, indent=2))
+    print(_report_summary(report))
+    atomic_write_text(out / "report.json", json.dumps({"before": before, "after": after, "erasure_report": report},
+                                                      indent=2))
     print(f"wrote {out / f'erase-{concept}.safetensors'}, {out / 'grid.png'}, {out / 'report.json'}{curve} "
           f"in {time.time() - t0:.0f} s ({_peak_memory()})")
     return 0
@@ -252,6 +290,7 @@ def add_demo_command(sub) -> None:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="out/demo")
     _add_eval_flags(demo)
+    _add_report_flag(demo)
     demo.set_defaults(func=_demo)
 
 
@@ -311,14 +350,17 @@ def _mace(args: argparse.Namespace) -> int:
     with _bar(total, "MACE") as bar:
         res = mace(backbone, items, s, prior, user_data=user_data, progress=_progress(bar))
     res.weights.metadata["erasure.base_model"] = backbone.fingerprint()
+    elapsed = time.time() - t0
+    report = _report(args, backbone, res.weights, items)
     err = save_lora(res.weights, args.out, rank=args.export_rank)
     curve = _write_loss_png(res.weights, args.out, "MACE attention loss per LoRA step")
     print(f"MACE erased {', '.join(repr(c) for c in concepts)} (anchors: "
-          f"{', '.join(repr(c.anchor) for c in items)}) in {time.time() - t0:.1f} s; "
+          f"{', '.join(repr(c.anchor) for c in items)}) in {elapsed:.1f} s; "
           f"{res.unet_evaluations} UNet evaluations; {_peak_memory()}")
     for c, lr in zip(concepts, res.loras, strict=True):
         where = "concept tokens, end token and padding" if lr.suppress_end else "concept tokens only"
         print(f"  {c!r}: attention loss ({where}) {_loss_span(lr)}")
+    print(_report_summary(report))
     print(f"wrote {args.out} ({len(res.weights.deltas)} K/V matrices; LoRA relative error {err:.1e}){curve}")
     _print_model_note(args)
     return 0
@@ -343,6 +385,7 @@ def add_mace_command(sub) -> None:
     settings_flags(mc, MaceSettings(), MACE_HELP, MACE_FLAGS)
     mc.add_argument("--prior-file", help="extra prior-preservation prompts, one per line")
     mc.add_argument("--export-rank", type=int, help="truncate the saved LoRA to this rank (default: exact)")
+    _add_report_flag(mc)
     mc.set_defaults(func=_mace)
 
 
@@ -438,10 +481,13 @@ def _ant(args: argparse.Namespace) -> int:
         trained = (f"{sum(r.trainable_params for r in m.per_concept):,} parameters trained ({len(concepts)} "
                    f"concepts, {kind} each), fused into {len(weights.deltas)} K/V matrices")
     weights.metadata["erasure.base_model"] = backbone.fingerprint()
+    elapsed = time.time() - t0
+    report = _report(args, backbone, weights, concepts, s.kind, s.resolution)
     err = save_lora(weights, args.out, rank=_export_rank(weights, args.export_rank))
     curve = _write_loss_png(weights, args.out, "ANT loss per training step")
-    print(f"ANT erased {', '.join(repr(c) for c in concepts)} in {time.time() - t0:.1f} s: {trained}; "
+    print(f"ANT erased {', '.join(repr(c) for c in concepts)} in {elapsed:.1f} s: {trained}; "
           f"{fwd:,} UNet forwards, {bwd:,} backwards; {_peak_memory()}")
+    print(_report_summary(report))
     print(f"wrote {args.out} ({len(weights.deltas)} layers; LoRA relative error {err:.1e}){curve}")
     _print_model_note(args)
     return 0
@@ -473,6 +519,7 @@ def add_ant_command(sub) -> None:
                     "per line")
     an.add_argument("--export-rank", type=int, help="LoRA rank of the file (0: exact; default: exact up to "
                     "256 MB, else 64)")
+    _add_report_flag(an)
     an.set_defaults(func=_ant)
 
 

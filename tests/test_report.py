@@ -1,0 +1,94 @@
+"""The erasure report (erasure/report.py): its two numbers on edits whose effect is known, the metadata in a LoRA
+file, and the command line's summary."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from erasure.report import (
+    METADATA_KEY,
+    ReportSettings,
+    add_to_metadata,
+    erasure_report,
+    report_from_metadata,
+    report_text,
+    report_units,
+)
+from erasure.weights import ErasureWeights
+
+SMALL = ReportSettings(steps=4, seeds=2, concept_prompts=2, unrelated_prompts=2, batch_size=8)
+UNRELATED = ["a red square", "a blue cross", "a green triangle"]
+
+
+def _values_off(backbone, factor: float = 1.0) -> ErasureWeights:
+    """Deltas that scale every cross-attention value projection by (1 - factor): factor 1 makes the cross-attention
+    output zero for every prompt, so the text no longer steers the model."""
+    return ErasureWeights.dense({n: -factor * m.weight.detach().clone()
+                                 for n, m in backbone.cross_attention_kv().items() if n.endswith("to_v")})
+
+
+def test_no_edit_leaves_everything(tiny_backbone):
+    for weights in (None, ErasureWeights(), _values_off(tiny_backbone).scaled(0.0)):
+        r = erasure_report(tiny_backbone, weights, ["circle"], UNRELATED, SMALL)
+        assert r["guidance_left"] == pytest.approx(1.0, abs=1e-4)
+        assert r["unrelated_drift"] == pytest.approx(0.0, abs=1e-4)
+        assert r["guidance_left_by_concept"] == {"circle": pytest.approx(1.0, abs=1e-4)}
+    assert r["prompts"]["unrelated"] == UNRELATED[:2]
+
+
+def test_edits_move_the_numbers_as_expected(tiny_backbone):
+    gone = erasure_report(tiny_backbone, _values_off(tiny_backbone), ["circle"], UNRELATED, SMALL)
+    assert abs(gone["guidance_left"]) < 1e-4  # no text reaches the UNet: no guidance direction at all
+    assert gone["unrelated_drift"] > 0.1  # ...and unrelated prompts lost theirs too
+    half = erasure_report(tiny_backbone, _values_off(tiny_backbone, 0.5), ["circle"], UNRELATED, SMALL)
+    assert 0.05 < half["guidance_left"] < 0.95
+    assert 0 < half["unrelated_drift"] < gone["unrelated_drift"]
+    assert half["unet_evaluations"] == report_units(2, 2, SMALL)
+    assert set(half["guidance_left_by_stage"]) == {"mid", "late"}
+
+
+def test_report_text_and_metadata_round_trip(tiny_backbone, tmp_path):
+    from erasure.lora_files import load_lora, save_lora
+
+    weights = _values_off(tiny_backbone, 0.5)
+    r = erasure_report(tiny_backbone, weights, ["circle"], UNRELATED, SMALL)
+    text = report_text(r)
+    assert "guidance left" in text and "unrelated prompts" in text and '"guidance_left"' in text
+    add_to_metadata(weights, r)
+    save_lora(weights, tmp_path / "w.safetensors")
+    back = load_lora(tmp_path / "w.safetensors")
+    assert METADATA_KEY in back.metadata and report_from_metadata(back.metadata) == r
+    assert report_from_metadata({}) is None and report_from_metadata({METADATA_KEY: "not json"}) is None
+
+
+def test_settings_are_checked():
+    from erasure.errors import BadInputError
+
+    with pytest.raises(BadInputError):
+        ReportSettings(late_from=1.0).validate()
+    with pytest.raises(BadInputError):
+        ReportSettings(steps=1).validate()
+
+
+def test_command_line_summary_and_file(tmp_path, monkeypatch, capsys):
+    """`python -m erasure ant` on the lab: the closing summary has the report, the LoRA's metadata holds it;
+    --no-report skips it."""
+    from erasure import cli
+    from erasure.lora_files import load_lora
+
+    monkeypatch.setattr(cli, "ReportSettings", functools.partial(ReportSettings, steps=3, seeds=1, concept_prompts=1,
+                                                                 unrelated_prompts=1))
+    out = tmp_path / "e.safetensors"
+    args = ["ant", "--model", "lab", "--concept", "circle", "--steps", "1", "--trajectories", "1",
+            "--trajectory-steps", "4", "--early-steps", "1", "--batch-size", "1", "--reuse", "1", "--out", str(out)]
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert "erasure report: guidance left" in text and "unrelated prompts' drift" in text
+    r = report_from_metadata(load_lora(out).metadata)
+    assert r is not None and r["prompts"]["concepts"] == {"circle": ["a circle"]}
+    assert f"guidance left {r['guidance_left']:.2f}" in text
+    assert cli.main([*args, "--no-report"]) == 0
+    assert "erasure report skipped" in capsys.readouterr().out
+    assert report_from_metadata(load_lora(out).metadata) is None
