@@ -9,10 +9,10 @@ original and the edited model are asked at the same latents and timesteps, so on
   ``d_o = eps_o(x, c) - eps_o(x, "")`` the edited model still has: ``sum <d_e, d_o> / sum ||d_o||^2`` over the steps
   and samples. 1 = unchanged, 0 = the concept no longer steers, negative = steered away from it (ANT, ESD).
 - ``unrelated_drift``: on unrelated prompts (the preservation prompt set, without the concepts), at every step of
-  their own trajectories, how far the edited model's conditional prediction moved relative to that prompt's own
-  guidance direction: ``sqrt(sum ||eps_e(x, p) - eps_o(x, p)||^2 / sum ||eps_o(x, p) - eps_o(x, "")||^2)`` per
-  sample, then the mean. 0 = unrelated prompts predict exactly as before; 1 = a change as large as what the prompt
-  itself does to the prediction.
+  their own trajectories, how far the edited model's conditional prediction moved relative to the prompts' own
+  guidance direction: ``sqrt(sum ||eps_e(x, p) - eps_o(x, p)||^2 / sum ||eps_o(x, p) - eps_o(x, "")||^2)`` over the
+  steps and samples. 0 = unrelated prompts predict exactly as before; 1 = a change as large as what the prompts
+  themselves do to the prediction.
 
 Both use only the :class:`~erasure.backbone.Backbone` interface and apply the erasure weights as a temporary patch
 (:meth:`ErasureWeights.applied`), so they run on any supported model and in the ComfyUI pack. The cost is a few hundred
@@ -113,7 +113,8 @@ def erasure_report(backbone: Backbone, weights: ErasureWeights | None, concepts:
     (default: the general preservation set without the concepts); ``weights`` None or empty: the model unchanged.
 
     Returns ``{"guidance_left", "guidance_left_by_stage": {"mid", "late"}, "guidance_left_by_concept",
-    "unrelated_drift", "unet_evaluations", "seconds", "settings", "prompts"}``."""
+    "unrelated_drift", "unrelated_drift_by_stage": {"early", "mid", "late"}, "unet_evaluations", "seconds",
+    "settings", "prompts"}``."""
     s = settings or ReportSettings()
     s.validate()
     progress = as_progress(progress)
@@ -184,30 +185,36 @@ def erasure_report(backbone: Backbone, weights: ErasureWeights | None, concepts:
     split = mid_cut - late[0]
 
     # -- drift of unrelated prompts --------------------------------------------------------------------------------
-    drift = 0.0
+    num = torch.zeros(s.steps, dtype=torch.float64)
+    den = torch.zeros(s.steps, dtype=torch.float64)
     if unrelated:
         ut = trajectories(unrelated)
         n_u = len(unrelated) * len(seeds)
-        num = torch.zeros(n_u, dtype=torch.float64)
-        den = torch.zeros(n_u, dtype=torch.float64)
         cond_u = conds(unrelated)
         for i in range(s.steps):
             progress.check()
             if edit is not None:
                 with edit.applied(unet):
                     e_p = _predict(backbone, ut.trajectory[i], int(ut.timesteps[i]), cond_u, s.batch_size)
-                num += (e_p - ut.eps_cond[i]).double().flatten(1).pow(2).sum(1)
+                num[i] = (e_p - ut.eps_cond[i]).double().pow(2).sum()
                 evals += n_u
-            den += (ut.eps_cond[i] - ut.eps_uncond[i]).double().flatten(1).pow(2).sum(1)
+            den[i] = (ut.eps_cond[i] - ut.eps_uncond[i]).double().pow(2).sum()
             progress.step()
-        drift = float((num / den.clamp_min(1e-20)).sqrt().mean())
+
+    def drift(steps: slice) -> float | None:
+        # pooled over the images and steps: an image whose prompt barely steers (a tiny denominator) cannot dominate
+        d = float(den[steps].sum())
+        return math.sqrt(float(num[steps].sum()) / d) if d > 0 else (0.0 if unrelated else None)
 
     return {
         "guidance_left": round(ratio(slice(None)), 4),
         "guidance_left_by_stage": {"mid": round(ratio(slice(0, split)), 4),
                                    "late": round(ratio(slice(split, None)), 4) if split < len(late) else None},
         "guidance_left_by_concept": {k: round(v, 4) for k, v in by_concept.items()},
-        "unrelated_drift": round(drift, 4),
+        "unrelated_drift": round(drift(slice(None)) or 0.0, 4),
+        "unrelated_drift_by_stage": {k: None if v is None else round(v, 4) for k, v in (
+            ("early", drift(slice(0, late[0])) if late[0] > 0 else None), ("mid", drift(slice(late[0], mid_cut))),
+            ("late", drift(slice(mid_cut, None)) if mid_cut < s.steps else None))},
         "unet_evaluations": evals,
         "seconds": round(time.time() - t0, 2),
         "settings": asdict(s),
