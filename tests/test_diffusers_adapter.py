@@ -4,8 +4,9 @@ import types
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from tiny_models import tiny_sdxl as build_tiny_sdxl
+from tiny_models import tiny_vae
 
 from erasure.diffusers_backbone import DiffusersBackbone, load_diffusers
 from erasure.errors import UnsupportedModelError
@@ -20,17 +21,11 @@ def _random_edit(bb, scale=0.05):
                                  for n, m in bb.cross_attention_kv().items()}, method="test", concepts=["circle"])
 
 
-def _tiny_vae():
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8),
-                         latent_channels=4, norm_num_groups=4)
-
-
 def test_lora_file_loads_in_diffusers_with_the_same_unet_output(tiny_backbone, tmp_path):
     bb = tiny_backbone
     w = _random_edit(bb)
     save_lora(w, tmp_path / "e.safetensors")
-    pipe = StableDiffusionPipeline(vae=_tiny_vae(), text_encoder=bb.text_encoders[0], tokenizer=bb.tokenizers[0],
+    pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=bb.text_encoders[0], tokenizer=bb.tokenizers[0],
                                    unet=bb.unet(), scheduler=DDIMScheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([500])
@@ -79,21 +74,7 @@ def test_unknown_prediction_type_is_refused(tiny_backbone):
 
 @pytest.fixture()
 def tiny_sdxl(lab_tokenizer_dir):
-    torch.manual_seed(0)
-    tok = CLIPTokenizer.from_pretrained(lab_tokenizer_dir)
-    base = dict(vocab_size=len(tok), intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.eos_token_id)
-    te1 = CLIPTextModel(CLIPTextConfig(hidden_size=32, **base))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=16, **base))
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=2, norm_num_groups=8, addition_embed_type="text_time",
-        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16,
-        transformer_layers_per_block=(1, 2))
-    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    return DiffusersBackbone(unet, [te1, te2], [tok, tok], sched.alphas_cumprod, vae=_tiny_vae(), hidden_layer=-2)
+    return build_tiny_sdxl(lab_tokenizer_dir, transformer_layers_per_block=(1, 2))
 
 
 def test_sdxl_two_encoders_pooled_and_size_conditioning(tiny_sdxl):

@@ -41,10 +41,10 @@ class AntResult:
     relative_change: dict[str, float] = field(default_factory=dict)
 
 
-def trainable(backbone: Backbone, s: AntSettings, masks: dict[str, torch.Tensor] | None,
+def trainable(mods: dict[str, nn.Module], s: AntSettings, masks: dict[str, torch.Tensor] | None,
               gen: torch.Generator) -> HookedDeltas:
-    """The edit being trained, zero at the start: sparse (saliency), a LoRA (scope lora) or dense."""
-    mods = scope_modules(backbone, s.scope)
+    """The edit of the scope's modules being trained, zero at the start: sparse (saliency), a LoRA (scope lora) or
+    dense."""
     if s.scope == "saliency":
         assert masks is not None
         return SparseDeltas(mods, masks)
@@ -128,15 +128,15 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
         masks, fraction, f2, b2 = saliency_masks(backbone, tr, scope_modules(backbone, "saliency"), s, progress)
         fwd, bwd = fwd + f2, bwd + b2
         progress.say(f"ant: saliency keeps {fraction:.2%} of the UNet's Linear/Conv2d weights")
-    total = sum(m.weight.numel() for m in scope_modules(backbone, s.scope).values())
+    mods = scope_modules(backbone, s.scope)
+    total = sum(m.weight.numel() for m in mods.values())
     ckpt = use_checkpointing(backbone, s)
     if ckpt:
         progress.say("ant: gradient checkpointing on for the training forward")
     losses: list[float] = []
     try:
-        with trainable(backbone, s, masks, gen) as deltas:
+        with trainable(mods, s, masks, gen) as deltas:
             source = make_source(backbone, deltas, s, prompts, enc, uncond, cache, tr, progress)
-            mods = scope_modules(backbone, s.scope)
             opt = optimizer(deltas, mods, s)
             for step in range(s.steps):
                 progress.check()
