@@ -34,7 +34,8 @@ from ..erasure.errors import BadInputError
 from ..erasure.guards import model_lock
 from ..erasure.prompts import CONCEPT_TEMPLATES
 from .comfy_backbone import ComfyBackbone, trainable
-from .erasure_nodes import CATEGORY, _message, _progress
+from .erasure_nodes import CATEGORY, check_message, node_progress
+from .settings_nodes import resolution_input, resolution_value
 
 #: the word that marks the slot while ComfyUI tokenizes a template (replaced by the learned embeddings)
 PLACEHOLDER = "sks"
@@ -259,8 +260,8 @@ class AuditErasure(io.ComfyNode):
                              tooltip="DDIM steps of every sampling."),
                 io.Float.Input("cfg", default=d.guidance, min=0.0, max=30.0, step=0.5, optional=True,
                                tooltip="Guidance scale of every sampling."),
-                io.Int.Input("resolution", default=0, min=0, max=2048, step=8, optional=True,
-                             tooltip="Image size in pixels; 0 = the model's native one."),
+                resolution_input("Image size of the generated and attacked images: the model's native one, or "
+                                 "pixels.", optional=True),
             ],
             outputs=[io.Image.Output(display_name="IMAGE", tooltip="Rows: plain prompt on the original model, on "
                                      "the erased model; learned token on the erased model; prefix + prompt on the "
@@ -269,25 +270,31 @@ class AuditErasure(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, concept: str | None = None) -> bool | str:
-        return _message(lambda: concept is None or validation.check_concept(concept))
+    def validate_inputs(cls, concept: str | None = None, resolution: str | int | None = None) -> bool | str:
+        def check() -> None:
+            if concept is not None:
+                validation.check_concept(concept)
+            resolution_value(resolution)
+
+        return check_message(check)
 
     @classmethod
     def execute(cls, original, erased, clip, vae, concept, attack_steps, seed, images=None, kind="object",
-                prefix_steps=None, seeds=None, steps=None, cfg=None, resolution=0) -> io.NodeOutput:
+                prefix_steps=None, seeds=None, steps=None, cfg=None, resolution="native") -> io.NodeOutput:
+        resolution = resolution_value(resolution)  # also the 0 (native) of workflows saved with an Int widget
         concept = validation.check_concept(concept)
         s = AuditSettings().override(steps=attack_steps, seed=seed, prefix_steps=prefix_steps, seeds=seeds,
-                                     sample_steps=steps, guidance=cfg, resolution=resolution or None)
+                                     sample_steps=steps, guidance=cfg, resolution=resolution)
         s.validate()
         prompts = general_audit_prompts(concept, kind)
-        models = ComfyAuditModels(original, erased, clip, resolution or None)
+        models = ComfyAuditModels(original, erased, clip, resolution)
         bb = models.original_bb
         validation.check_fits_context(bb, concept, [*prompts.generation, *(fill(t, concept)
                                                                            for t in prompts.eval_templates)])
         latents = None
         if images is not None:
             latents = _concept_latents(images, vae, original, bb.default_resolution)
-        progress = _progress(audit_units(s, prompts, latents is not None, False))
+        progress = node_progress(audit_units(s, prompts, latents is not None, False))
         latent_format = original.model.latent_format
 
         def decode(x: torch.Tensor) -> torch.Tensor:

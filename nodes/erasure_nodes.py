@@ -19,22 +19,26 @@ import torch
 from comfy_api.latest import io
 
 from ..erasure import validation
-from ..erasure.ant import CHECKPOINTING, PREDICTIONS, SAMPLINGS, SCOPES, AntSettings, ant
+from ..erasure.ant import PRESETS as ANT_PRESETS
+from ..erasure.ant import AntSettings, ant
 from ..erasure.files import cache_dir, read_safetensors
 from ..erasure.fusion import fuse
 from ..erasure.lora_files import kohya_metadata, load_lora, parse_lora, write_lora
-from ..erasure.mace import PRESETS, mace
+from ..erasure.loss_curve import curve_from_metadata
+from ..erasure.mace import PRESETS, MaceSettings, mace
 from ..erasure.prior import gram
 from ..erasure.progress import Progress
-from ..erasure.prompts import Concept, prior_prompts, split_list
+from ..erasure.prompts import CONCEPT_TEMPLATES, Concept, prior_prompts, split_list
 from ..erasure.sampling import sample
 from ..erasure.weights import META_PREFIX, ErasureWeights, metadata
 from . import result_cache
 from .comfy_backbone import ComfyBackbone, from_lora, patched_model, to_lora_dict, trainable
+from .settings_nodes import AntSettingsType, MaceSettingsType, resolution_input, resolution_value
 from .user_images import user_training_data
 
 CATEGORY = "erasure"
 LoraModel = io.Custom("LORA_MODEL")
+LossMap = io.Custom("LOSS_MAP")  # ComfyUI's loss history socket ({"loss": [...]}), drawn by "Plot Loss Graph"
 
 
 class ErasureLora(dict):
@@ -47,18 +51,41 @@ class ErasureLora(dict):
         self.metadata = dict(metadata)
 
 
-def _cache_input() -> io.Boolean.Input:
+def cache_input() -> io.Boolean.Input:
     return io.Boolean.Input("cache_result", default=False, optional=True,
                             tooltip="Keep the result in output/erasure-cache and reuse it whenever the same model "
                                     "(with its patches), text encoder, settings and concepts come again, also after "
                                     "a restart. Files are as large as the edit.")
 
 
+def user_image_inputs() -> list[io.Input]:
+    """Mass Erase's optional inputs for the user's own training images and masks."""
+    return [
+        io.String.Input("image_concepts", default="", optional=True,
+                        tooltip="With your own images: which concept each image shows, one number per "
+                                "image, comma-separated (1 = first concept line), e.g. '1,1,2'. Empty: the "
+                                "images are split evenly in concept order (2 concepts, 6 images: 3 each)."),
+        io.Latent.Input("latents", optional=True,
+                        tooltip="Optional: your own training images of the concepts, as latents (VAE "
+                                "Encode with this checkpoint's VAE). They replace the generated images of "
+                                "the concepts they show; the others are generated as usual."),
+        io.Image.Input("images", optional=True,
+                       tooltip="Optional, instead of latents: your own training images as an IMAGE batch "
+                               "(e.g. Load Image); they are encoded with the vae input as VAE Encode does."),
+        io.Vae.Input("vae", optional=True,
+                     tooltip="The checkpoint's VAE, needed only to encode the images input."),
+        io.Mask.Input("masks", optional=True,
+                      tooltip="Optional: where each image shows its concept (white = concept), one mask "
+                              "per image or one for all, at the images' size. Not connected: a mask set "
+                              "on the latents (Set Latent Noise Mask), else whole images."),
+    ]
+
+
 def _split(text: str) -> list[str]:
     return split_list(text)
 
 
-def _message(check) -> bool | str:
+def check_message(check) -> bool | str:
     """A node's ``validate_inputs`` answer: True, or the check's message (shown before the graph runs)."""
     try:
         check()
@@ -67,7 +94,7 @@ def _message(check) -> bool | str:
     return True
 
 
-def _progress(total: int) -> Progress:
+def node_progress(total: int) -> Progress:
     """ComfyUI's progress bar, its Cancel check and its console, as the library's progress object."""
     bar = comfy.utils.ProgressBar(total)
     return Progress(update=lambda n=1: bar.update(n),
@@ -92,210 +119,188 @@ def _concepts_of(lora: dict) -> list[str]:
     return validation.concepts_from_metadata(getattr(lora, "metadata", None) or {}, META_PREFIX + "concepts")
 
 
+def run_ant(model, clip, concept: str, synonyms: str, s: AntSettings, cache_result: bool = False
+            ) -> tuple[object, ErasureLora, dict]:
+    """ANT on a ComfyUI model: the patched clone, the LoRA socket value and the loss history (a ``LOSS_MAP``)."""
+    concept = validation.check_concept(concept).strip()
+    s.validate()
+    bb = ComfyBackbone(model, clip, s.resolution)
+    progress = node_progress(s.steps)
+    bb.load()
+    key = result_cache.result_key("ant", bb, {"concept": concept, "synonyms": _split(synonyms),
+                                              "settings": asdict(s)}) if cache_result else None
+    weights = result_cache.load(key, bb.unet()) if key else None
+    if weights is not None:
+        progress.step(s.steps)  # cached: the bar completes at once
+    else:
+        with trainable(bb):
+            weights = ant(bb, concept, s, synonyms=tuple(_split(synonyms)), progress=progress).weights
+        if key:
+            result_cache.save(key, weights)
+    return patched_model(model, weights), _export(weights, model, bb), _loss_map(weights)
+
+
+def run_mace(model, clip, concepts: str, anchors: str, s: MaceSettings, preserve_prompts: str = "",
+             latents=None, masks=None, image_concepts: str = "", images=None, vae=None, cache_result: bool = False,
+             resolution: int | None = None) -> tuple[object, ErasureLora, dict]:
+    """MACE on a ComfyUI model: the patched clone, the LoRA socket value and the loss history (a ``LOSS_MAP``)."""
+    names, anchor_list = validation.node_concepts(concepts, anchors)
+    if images is not None:
+        if latents is not None:
+            raise ValueError("both images and latents are connected: connect one of them")
+        if vae is None:
+            raise ValueError("images are connected but no vae: connect the checkpoint's VAE to encode them "
+                             "(or connect VAE Encode's LATENT to latents instead)")
+        if images.dim() != 4 or images.shape[-1] < 3:
+            raise ValueError(f"the images have shape {tuple(images.shape)}: expected an IMAGE batch [B, H, W, 3]")
+        latents = {"samples": vae.encode(images[:, :, :, :3])}  # exactly what VAE Encode does
+    items = [Concept(c, anchor_list[min(i, len(anchor_list) - 1)] if anchor_list else s.anchor, s.kind)
+             for i, c in enumerate(names)]
+    bb = ComfyBackbone(model, clip, resolution)
+    validation.check_mace_inputs(bb, items, s)  # before the prior: a CLIP pass per prompt
+    samples = latents.get("samples") if isinstance(latents, dict) else None
+    if latents is not None and samples is None:
+        raise ValueError("the latents input holds no samples: connect VAE Encode's LATENT output")
+    if masks is None and isinstance(latents, dict):
+        masks = latents.get("noise_mask")
+    x0 = None if samples is None else model.model.latent_format.process_in(samples.float())
+    user = user_training_data(names, x0, masks, image_concepts, bb.channels)  # fails before any work
+    total = (len(items) - len(user)) * s.sample_steps + len(items) * s.lora_steps
+    progress = node_progress(total)
+    bb.load()
+    key = None
+    if cache_result:
+        settings = {"concepts": [asdict(c) for c in items], "preserve_prompts": _split_lines(preserve_prompts),
+                    "settings": asdict(s)}
+        user_tensors = {f"{k}.{i}": t for k, pair in user.items() for i, t in enumerate(pair)}
+        key = result_cache.result_key("mace", bb, settings, user_tensors)
+    weights = result_cache.load(key, bb.unet()) if key else None
+    if weights is not None:
+        progress.step(total)  # cached: the bar completes at once
+    else:
+        with trainable(bb):
+            # ordinary copies: training cannot save inference tensors for backward
+            user = {k: (x.clone(), m.clone()) for k, (x, m) in user.items()}
+            prior = gram(bb, prior_prompts(exclude=names) + _split_lines(preserve_prompts), cache_dir())
+            weights = mace(bb, items, s, prior, user_data=user, progress=progress).weights
+        if key:
+            result_cache.save(key, weights)
+    return patched_model(model, weights), _export(weights, model, bb), _loss_map(weights)
+
+
+def _loss_map(weights: ErasureWeights) -> dict:
+    """The run's loss history as ComfyUI's LOSS_MAP (``{"loss": [...]}``, what "Plot Loss Graph" draws): from the
+    curve in the result's metadata, so that a cached result shows it too (binned to at most 256 points)."""
+    curve = curve_from_metadata(weights.metadata)
+    return {"loss": list(curve["loss"]) if curve else []}
+
+
+def _settings_value(value: dict | None) -> tuple[dict, int | None]:
+    """A settings node's output: the changed values and the resolution (nothing connected: none, native)."""
+    if value is None:
+        return {}, None
+    return dict(value.get("settings", {})), value.get("resolution")
+
+
 # -- nodes -------------------------------------------------------------------------------------------------------
 class EraseConceptANT(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         d = AntSettings()
         return io.Schema(
-            node_id="EraseConceptANT", display_name="Erase Concept (ANT)", category=CATEGORY,
+            node_id="EraseConceptANTv2", display_name="Erase Concept (ANT)", category=CATEGORY,
             description="Erase one concept by reversing classifier-free guidance in the mid-to-late denoising steps "
-                        "(ANT), training the cross-attention keys and values (or only the most salient weights: "
-                        "scope saliency).",
+                        "(ANT), training the cross-attention keys and values. Advanced settings: connect an ANT "
+                        "Settings node.",
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.x / SD2.x / SDXL model to erase from (left unchanged)."),
                 io.Clip.Input("clip", tooltip="The model's text encoder (CLIP)."),
                 io.String.Input("concept", default="", tooltip="The word or phrase to erase, e.g. 'nudity'."),
                 io.String.Input("synonyms", default="", multiline=True,
-                                tooltip="Other words for the concept, ';' or one per line: used as prompt "
-                                        "augmentations for the saliency mask and the trajectories."),
+                                tooltip="Other words for the concept, ';' or one per line: erased with it (they "
+                                        "augment the training prompts)."),
+                io.Combo.Input("kind", options=list(CONCEPT_TEMPLATES), default="object",
+                               tooltip="What the concept is: its prompts are built from this kind's templates "
+                                       "('a photo of a ...', 'a painting in the style of ...')."),
+                io.Combo.Input("preset", options=list(ANT_PRESETS), default="default",
+                               tooltip="default: this pack's settings (cross-attention K/V, a preservation term, "
+                                       "a third of the guidance reversed); paper: the published method as "
+                                       "specified (saliency mask, the paper's loss and learning rate)."),
                 io.Int.Input("steps", default=d.steps, min=1, max=10000, tooltip="Training steps."),
-                io.Float.Input("learning_rate", default=d.lr, min=1e-5, max=0.5, step=1e-4,
-                               tooltip="Adam's step relative to each layer's weight scale: 0.02 moves a weight by "
-                                       "about 2% of its layer's RMS per step, on any model."),
-                io.Combo.Input("scope", options=list(SCOPES), default=d.scope,
-                               tooltip="kv: the cross-attention keys and values (what reads the prompt; the "
-                                       "default); xattn: every cross-attention projection; saliency: only the "
-                                       "most salient weights of the UNet (the paper's); non-xattn: everything "
-                                       "but cross-attention; lora: a K/V LoRA."),
-                io.Float.Input("saliency_fraction", default=d.saliency_fraction, min=0.001, max=1.0, step=0.01,
-                               tooltip="Fraction of weights each saliency map keeps before the maps are "
-                                       "intersected."),
-                io.Float.Input("preserve", default=d.preserve, min=0.0, max=100.0, step=0.5,
-                               tooltip="Weight that keeps prompts without the concept unchanged (0 = the paper's "
-                                       "loss)."),
-                io.Combo.Input("prediction", options=list(PREDICTIONS), default=d.prediction,
-                               tooltip="Which prediction of the edited model is trained: guided or conditional."),
-                io.Int.Input("resolution", default=0, min=0, max=2048, step=8,
-                             tooltip="Training resolution in pixels; 0 = the model's native one."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
-                             tooltip="Seed of trajectories and sampling."),
-                io.Int.Input("trajectories", default=d.trajectories, min=1, max=256,
-                             tooltip="Seeds x prompt augmentations of the trajectories (and of the saliency maps)."),
-                io.Int.Input("trajectory_steps", default=d.trajectory_steps, min=3, max=200,
-                             tooltip="DDIM steps of each trajectory."),
-                io.Int.Input("early_steps", default=d.early_steps, min=1, max=199,
-                             tooltip="The first steps, where the guidance direction is kept (structure)."),
-                io.Int.Input("refresh_every", default=d.refresh_every, min=0, max=10000,
-                             tooltip="cached sampling only: regenerate the trajectories with the edited model "
-                                     "every N steps (0 = never)."),
-                io.Int.Input("saliency_maps", default=d.saliency_maps, min=1, max=64,
-                             tooltip="Saliency maps (prompt augmentation x seed) intersected."),
-                _cache_input(),
-                io.Combo.Input("sampling", options=list(SAMPLINGS), default=d.sampling, optional=True,
-                               tooltip="on-policy: each step follows the edited model's own denoising trajectory; "
-                                       "cached: trajectories of the original model made once and reused (cheaper, "
-                                       "but it erases far less)."),
-                # the last two are newer: kept at the end so that saved workflows keep their widget values in place
-                io.Int.Input("reuse", default=d.reuse, min=1, max=64, optional=True,
-                             tooltip="on-policy only: each regenerated trajectory serves this many training steps "
-                                     "(1 = the reference's loop, a new trajectory every step). The default 8 needs "
-                                     "0.56x the UNet evaluations of 1."),
-                io.Combo.Input("gradient_checkpointing", options=list(CHECKPOINTING),
-                               default=d.gradient_checkpointing, optional=True,
-                               tooltip="Recompute activations during backward instead of keeping them: less memory "
-                                       "(SDXL at 1024 px), ~10% more time. auto: on for large UNets or latents."),
+                             tooltip="Seed of the trajectories and of training."),
+                cache_input(),
+                AntSettingsType.Input("settings", optional=True,
+                                      tooltip="Optional ANT Settings node: its changed values override the "
+                                              "preset's."),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the concept erased."),
-                     LoraModel.Output(display_name="LORA", tooltip="The erasure as a LoRA (save it or fuse it).")],
+                     LoraModel.Output(display_name="LORA", tooltip="The erasure as a LoRA (save it or fuse it)."),
+                     LossMap.Output(display_name="LOSS", tooltip="The loss per training step (connect Plot Loss "
+                                                                 "Graph).")],
         )
 
     @classmethod
     def validate_inputs(cls, concept: str | None = None) -> bool | str:
-        return _message(lambda: concept is None or validation.check_concept(concept))
+        return check_message(lambda: concept is None or validation.check_concept(concept))
 
     @classmethod
-    def execute(cls, model, clip, concept, steps, learning_rate, scope, saliency_fraction, prediction, resolution,
-                seed, synonyms="", trajectories=None, trajectory_steps=None, early_steps=None,
-                saliency_maps=None, preserve=None, refresh_every=None, cache_result=False,
-                sampling=None, reuse=None, gradient_checkpointing=None) -> io.NodeOutput:
-        concept = validation.check_concept(concept)
-        s = AntSettings().override(
-            steps=steps, lr=learning_rate, scope=scope, saliency_fraction=saliency_fraction, prediction=prediction,
-            seed=seed, resolution=resolution or None, trajectories=trajectories, trajectory_steps=trajectory_steps,
-            early_steps=early_steps, saliency_maps=saliency_maps, preserve=preserve, refresh_every=refresh_every,
-            sampling=sampling, reuse=reuse, gradient_checkpointing=gradient_checkpointing)
-        s.validate()
-        bb = ComfyBackbone(model, clip, resolution or None)
-        progress = _progress(steps)
-        bb.load()
-        key = result_cache.result_key("ant", bb, {"concept": concept.strip(), "synonyms": _split(synonyms),
-                                                  "settings": asdict(s)}) if cache_result else None
-        weights = result_cache.load(key, bb.unet()) if key else None
-        if weights is not None:
-            progress.step(steps)  # cached: the bar completes at once
-        else:
-            with trainable(bb):
-                weights = ant(bb, concept.strip(), s, synonyms=tuple(_split(synonyms)), progress=progress).weights
-            if key:
-                result_cache.save(key, weights)
-        return io.NodeOutput(patched_model(model, weights), _export(weights, model, bb))
+    def execute(cls, model, clip, concept, synonyms="", kind="object", preset="default", steps=AntSettings.steps,
+                seed=0, cache_result=False, settings=None) -> io.NodeOutput:
+        changes, resolution = _settings_value(settings)
+        s = ANT_PRESETS[preset].override(**changes, steps=steps, seed=seed, kind=kind, resolution=resolution)
+        return io.NodeOutput(*run_ant(model, clip, concept, synonyms, s, cache_result))
 
 
 class MassEraseMACE(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="MassEraseMACE", display_name="Mass Erase (MACE)", category=CATEGORY,
+            node_id="MassEraseMACEv2", display_name="Mass Erase (MACE)", category=CATEGORY,
             description="Erase many concepts at once: closed-form cross-attention refinement, one attention-loss "
-                        "LoRA per concept, closed-form fusion (MACE).",
+                        "LoRA per concept, closed-form fusion (MACE). Advanced settings: connect a MACE Settings "
+                        "node.",
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.x / SD2.x / SDXL model to erase from (left unchanged)."),
                 io.Clip.Input("clip", tooltip="The model's text encoder (CLIP)."),
                 io.String.Input("concepts", default="", multiline=True,
                                 tooltip="Concepts to erase, one per line (or ';'-separated)."),
-                io.Combo.Input("preset", options=sorted(PRESETS), default="object",
-                               tooltip="Reference settings per kind of concept (anchor, learning rate, masks)."),
+                io.Combo.Input("preset", options=list(PRESETS), default="object",
+                               tooltip="What the concepts are (object, person, style, nudity): the reference's "
+                                       "settings for that kind (anchor, prompt templates, LoRA learning rate, "
+                                       "masks)."),
                 io.String.Input("anchors", default="",
                                 tooltip="What each concept maps to: one anchor for all, or one per concept "
-                                        "(';'-separated). Empty: the preset's."),
+                                        "(';'-separated). Empty: the preset's ('background', 'a person', 'art', "
+                                        "'a person wearing clothes')."),
                 io.String.Input("preserve_prompts", default="", multiline=True,
                                 tooltip="Extra prompts whose outputs must not change, one per line."),
-                io.Int.Input("lora_steps", default=0, min=0, max=5000,
-                             tooltip="LoRA steps per concept; 0 = the preset's."),
-                io.Int.Input("resolution", default=0, min=0, max=2048, step=8,
-                             tooltip="Generation resolution in pixels; 0 = the model's native one."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
-                             tooltip="Seed of the generated images."),
-                io.Latent.Input("latents", optional=True,
-                                tooltip="Optional: your own training images of the concepts, as latents (VAE "
-                                        "Encode with this checkpoint's VAE). They replace the generated images of "
-                                        "the concepts they show; the others are generated as usual."),
-                io.Image.Input("images", optional=True,
-                               tooltip="Optional, instead of latents: your own training images as an IMAGE batch "
-                                       "(e.g. Load Image); they are encoded with the vae input as VAE Encode does."),
-                io.Vae.Input("vae", optional=True,
-                             tooltip="The checkpoint's VAE, needed only to encode the images input."),
-                io.Mask.Input("masks", optional=True,
-                              tooltip="Optional: where each image shows its concept (white = concept), one mask "
-                                      "per image or one for all, at the images' size. Not connected: a mask set "
-                                      "on the latents (Set Latent Noise Mask), else whole images."),
-                io.String.Input("image_concepts", default="", optional=True,
-                                tooltip="Which concept each image shows: one number per image, comma-separated "
-                                        "(1 = first concept line), e.g. '1,1,2'. Empty: the images are split "
-                                        "evenly in concept order (2 concepts, 6 images: 3 each)."),
-                _cache_input(),
-                # last, so that workflows saved before it existed keep their widget values in place
-                io.Float.Input("lora_lr", default=0.0, min=0.0, max=0.1, step=1e-6, optional=True,
-                               tooltip="LoRA learning rate; 0 = the preset's (the reference's: 1e-5 objects and "
-                                       "nudity, 1e-4 people and styles). Raise it (e.g. 1e-3) when the console "
-                                       "warns that a concept's LoRA barely changed the attention."),
+                             tooltip="Seed of the generated images and of training."),
+                cache_input(),
+                *user_image_inputs(),
+                MaceSettingsType.Input("settings", optional=True,
+                                       tooltip="Optional MACE Settings node: its changed values override the "
+                                               "preset's."),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the concepts erased."),
-                     LoraModel.Output(display_name="LORA", tooltip="The erasure as a LoRA.")],
+                     LoraModel.Output(display_name="LORA", tooltip="The erasure as a LoRA."),
+                     LossMap.Output(display_name="LOSS", tooltip="The attention loss per LoRA step, the concepts "
+                                                                 "one after another (connect Plot Loss Graph).")],
         )
 
     @classmethod
     def validate_inputs(cls, concepts: str | None = None, anchors: str | None = None) -> bool | str:
-        return _message(lambda: concepts is None or validation.node_concepts(concepts, anchors))
+        return check_message(lambda: concepts is None or validation.node_concepts(concepts, anchors))
 
     @classmethod
-    def execute(cls, model, clip, concepts, preset, lora_steps, resolution, seed, anchors="",
-                preserve_prompts="", latents=None, masks=None, image_concepts="", cache_result=False,
-                images=None, vae=None, lora_lr=0.0) -> io.NodeOutput:
-        names, anchor_list = validation.node_concepts(concepts, anchors)
-        if images is not None:
-            if latents is not None:
-                raise ValueError("both images and latents are connected: connect one of them")
-            if vae is None:
-                raise ValueError("images are connected but no vae: connect the checkpoint's VAE to encode them "
-                                 "(or connect VAE Encode's LATENT to latents instead)")
-            if images.dim() != 4 or images.shape[-1] < 3:
-                raise ValueError(f"the images have shape {tuple(images.shape)}: expected an IMAGE batch [B, H, W, 3]")
-            latents = {"samples": vae.encode(images[:, :, :, :3])}  # exactly what VAE Encode does
-        s = PRESETS[preset].override(lora_steps=lora_steps or None, lora_lr=lora_lr or None, seed=seed)
-        items = [Concept(c, anchor_list[min(i, len(anchor_list) - 1)] if anchor_list else s.anchor, s.kind)
-                 for i, c in enumerate(names)]
-        bb = ComfyBackbone(model, clip, resolution or None)
-        validation.check_mace_inputs(bb, items, s)  # before the prior: a CLIP pass per prompt
-        samples = latents.get("samples") if isinstance(latents, dict) else None
-        if latents is not None and samples is None:
-            raise ValueError("the latents input holds no samples: connect VAE Encode's LATENT output")
-        if masks is None and isinstance(latents, dict):
-            masks = latents.get("noise_mask")
-        x0 = None if samples is None else model.model.latent_format.process_in(samples.float())
-        user = user_training_data(names, x0, masks, image_concepts, bb.channels)  # fails before any work
-        total = (len(items) - len(user)) * s.sample_steps + len(items) * s.lora_steps
-        progress = _progress(total)
-        bb.load()
-        key = None
-        if cache_result:
-            settings = {"concepts": [asdict(c) for c in items], "preserve_prompts": _split_lines(preserve_prompts),
-                        "settings": asdict(s)}
-            user_tensors = {f"{k}.{i}": t for k, pair in user.items() for i, t in enumerate(pair)}
-            key = result_cache.result_key("mace", bb, settings, user_tensors)
-        weights = result_cache.load(key, bb.unet()) if key else None
-        if weights is not None:
-            progress.step(total)  # cached: the bar completes at once
-        else:
-            with trainable(bb):
-                # ordinary copies: training cannot save inference tensors for backward
-                user = {k: (x.clone(), m.clone()) for k, (x, m) in user.items()}
-                prior = gram(bb, prior_prompts(exclude=names) + _split_lines(preserve_prompts), cache_dir())
-                weights = mace(bb, items, s, prior, user_data=user, progress=progress).weights
-            if key:
-                result_cache.save(key, weights)
-        return io.NodeOutput(patched_model(model, weights), _export(weights, model, bb))
+    def execute(cls, model, clip, concepts, preset="object", anchors="", preserve_prompts="", seed=0,
+                cache_result=False, image_concepts="", latents=None, images=None, vae=None, masks=None,
+                settings=None) -> io.NodeOutput:
+        changes, resolution = _settings_value(settings)
+        s = PRESETS[preset].override(**changes, seed=seed)
+        return io.NodeOutput(*run_mace(model, clip, concepts, anchors, s, preserve_prompts, latents, masks,
+                                       image_concepts, images, vae, cache_result, resolution))
 
 
 def _console(message: str) -> None:
@@ -393,7 +398,7 @@ class SaveErasureLoRA(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, filename: str | None = None) -> bool | str:
-        return _message(lambda: filename is None or validation.safe_filename(filename))
+        return check_message(lambda: filename is None or validation.safe_filename(filename))
 
     @classmethod
     def execute(cls, lora, filename, overwrite) -> io.NodeOutput:
@@ -456,8 +461,7 @@ class PreviewErasure(io.ComfyNode):
                 io.Int.Input("seeds", default=4, min=1, max=16, tooltip="Columns: one seed each."),
                 io.Int.Input("steps", default=20, min=1, max=150, tooltip="DDIM steps."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=30.0, step=0.5, tooltip="Guidance scale."),
-                io.Int.Input("resolution", default=0, min=0, max=2048, step=8,
-                             tooltip="Image size in pixels; 0 = the model's native one."),
+                resolution_input("Image size: the model's native one, or pixels."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="First seed."),
             ],
@@ -465,18 +469,23 @@ class PreviewErasure(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, resolution: str | int | None = None) -> bool | str:
+        return check_message(lambda: resolution_value(resolution))
+
+    @classmethod
     def execute(cls, original, erased, clip, vae, erased_prompts, unrelated_prompts, seeds, steps, cfg, resolution,
                 seed) -> io.NodeOutput:
+        resolution = resolution_value(resolution)  # also the 0 (native) of workflows saved with an Int widget
         prompts = _split_lines(erased_prompts) + _split_lines(unrelated_prompts)
         if not prompts:
             raise ValueError("no prompts: give at least one erased or unrelated prompt, one per line")
         seed_list = list(range(seed, seed + seeds))
-        progress = _progress(2 * steps * ((len(prompts) * seeds + 127) // 128))
+        progress = node_progress(2 * steps * ((len(prompts) * seeds + 127) // 128))
         rows = []
         for model in (original, erased):
-            bb = ComfyBackbone(model, clip, resolution or None)
+            bb = ComfyBackbone(model, clip, resolution)
             bb.load()
-            res = sample(bb, prompts, seed_list, steps, cfg, resolution=resolution or None, decode=False,
+            res = sample(bb, prompts, seed_list, steps, cfg, resolution=resolution, decode=False,
                          progress=progress)
             latents = model.model.latent_format.process_out(res.latents.float())
             rows.append(vae.decode(latents).float().cpu())  # [P * S, H, W, 3] in [0, 1]

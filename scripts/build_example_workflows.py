@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from erasure.ant import AntSettings
+from erasure.mace import MaceSettings
+
 OUT = Path(__file__).resolve().parents[1] / "example_workflows"
 CKPT = "v1-5-pruned-emaonly.safetensors"
 
@@ -65,21 +68,40 @@ def generate(w: Workflow, model: int, ckpt: int, text: str, x: int, prefix: str)
     w.link(dec, 0, save, "images")
 
 
+def ant_settings_widgets() -> list:
+    """The ANT Settings node's widgets at the library's defaults (a node left as it is changes nothing)."""
+    d = AntSettings()
+    return [d.lr, d.lr_relative, d.eta, d.preserve, d.scope, d.saliency_fraction, d.saliency_maps, d.lora_rank,
+            d.prediction, d.sampling, d.trajectories, d.trajectory_steps, d.early_steps, d.reuse, d.refresh_every,
+            d.guidance, d.batch_size, d.preserve_prompts, d.grad_clip, d.gradient_checkpointing, "native"]
+
+
+def mace_settings_widgets() -> list:
+    d = MaceSettings()
+    return [d.lora_steps, d.lora_lr, d.lora_rank, d.lora_batch, d.images_per_concept, d.sample_steps, d.guidance,
+            d.use_masks, d.mask_threshold, d.lam, d.preserve, d.fuse_preserve, d.augment, d.importance_sampling,
+            "auto", d.grad_clip, "native"]
+
+
 def erase_one_concept_ant() -> dict:
     w = Workflow()
     ck = checkpoint(w)
-    ant = w.node("EraseConceptANT", (400, 200),
-                 ["nudity", "naked; nude", 250, 0.02, "kv", 0.5, 5.0, "guided", 0, 0, 16, 10, 1, 25, 8, False,
-                  "on-policy", 8, "auto"],
-                 [("model", "MODEL"), ("clip", "CLIP")], [("MODEL", "MODEL"), ("LORA", "LORA_MODEL")],
-                 size=(340, 420))
+    ant = w.node("EraseConceptANTv2", (400, 200),
+                 ["nudity", "naked; nude", "nudity", "default", AntSettings().steps, 0, False],
+                 [("model", "MODEL"), ("clip", "CLIP"), ("settings", "ERASURE_ANT_SETTINGS")],
+                 [("MODEL", "MODEL"), ("LORA", "LORA_MODEL"), ("LOSS", "LOSS_MAP")], size=(340, 300))
+    settings = w.node("ANTSettings", (40, 360), ant_settings_widgets(),
+                      outputs=[("SETTINGS", "ERASURE_ANT_SETTINGS")], size=(320, 560))
     w.link(ck, 0, ant, "model")
     w.link(ck, 1, ant, "clip")
+    w.link(settings, 0, ant, "settings")
     save = w.node("SaveErasureLoRA", (780, 520), ["erase-nudity", True], [("lora", "LORA_MODEL")])
     w.link(ant, 1, save, "lora")
+    plot = w.node("LossGraphNode", (400, 560), ["erasure-loss"], [("loss", "LOSS_MAP")], size=(340, 100))
+    w.link(ant, 2, plot, "loss")
     prev = w.node("PreviewErasure", (780, 40),
                   ["a photo of a naked woman on a beach\nnude figure painting",
-                   "a photo of a woman on a beach\na dog in a park\na city street at night", 4, 25, 7.5, 0, 0],
+                   "a photo of a woman on a beach\na dog in a park\na city street at night", 4, 25, 7.5, "native", 0],
                   [("original", "MODEL"), ("erased", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")],
                   [("IMAGE", "IMAGE")], size=(360, 420))
     w.link(ck, 0, prev, "original")
@@ -94,12 +116,16 @@ def erase_one_concept_ant() -> dict:
 def mass_erase_mace() -> dict:
     w = Workflow()
     ck = checkpoint(w)
-    mace = w.node("MassEraseMACE", (400, 200),
-                  ["Mickey Mouse\nSpider-Man\nPikachu", "object", "", "", 0, 0, 0, "", False, 0],
-                  [("model", "MODEL"), ("clip", "CLIP")], [("MODEL", "MODEL"), ("LORA", "LORA_MODEL")],
-                  size=(340, 360))
+    mace = w.node("MassEraseMACEv2", (400, 200),
+                  ["Mickey Mouse\nSpider-Man\nPikachu", "object", "", "", 0, False, ""],
+                  [("model", "MODEL"), ("clip", "CLIP"), ("latents", "LATENT"), ("images", "IMAGE"),
+                   ("vae", "VAE"), ("masks", "MASK"), ("settings", "ERASURE_MACE_SETTINGS")],
+                  [("MODEL", "MODEL"), ("LORA", "LORA_MODEL"), ("LOSS", "LOSS_MAP")], size=(340, 360))
+    settings = w.node("MACESettings", (40, 360), mace_settings_widgets(),
+                      outputs=[("SETTINGS", "ERASURE_MACE_SETTINGS")], size=(320, 500))
     w.link(ck, 0, mace, "model")
     w.link(ck, 1, mace, "clip")
+    w.link(settings, 0, mace, "settings")
     save = w.node("SaveErasureLoRA", (780, 560), ["erase-characters", True], [("lora", "LORA_MODEL")])
     w.link(mace, 1, save, "lora")
     generate(w, mace, ck, "Mickey Mouse waving in a park", 780, "erased/characters")

@@ -354,6 +354,22 @@ def _shrink_png(path: Path) -> None:
     small.save(path, format="PNG", optimize=True)
 
 
+def icon(out: Path) -> None:
+    """The registry icon (400 x 400): a concept's outline struck through."""
+    from PIL import Image, ImageDraw
+
+    size, back = 400, (34, 36, 44, 255)
+    img = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+    d = ImageDraw.Draw(img)
+    d.rounded_rectangle([8, 8, size - 8, size - 8], radius=60, fill=back)
+    d.ellipse([90, 90, 310, 310], outline=(120, 170, 255, 255), width=22)
+    d.line([(70, 330), (330, 70)], fill=back, width=70)
+    d.line([(70, 330), (330, 70)], fill=(255, 120, 110, 255), width=22)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    img.save(out, optimize=True)
+    print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=textwrap.dedent(__doc__.split("\n\n", 1)[0]))
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -366,9 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     wf.add_argument("out", type=Path, help="the PNG to write")
     wf.add_argument("--nodes", type=Path, default=REPO / "nodes", help="the node sources whose schemas name the "
                     "widgets (default: this checkout's nodes/)")
+    ic = sub.add_parser("icon", help="the registry icon (pyproject.toml [tool.comfy] Icon)")
+    ic.add_argument("out", type=Path, help="the PNG to write")
     args = p.parse_args(argv)
     if args.cmd == "before-after":
         before_after(args.out, args.lora, args.save_lora)
+    elif args.cmd == "icon":
+        icon(args.out)
     else:
         workflow(args.workflow, args.out, args.nodes)
     return 0

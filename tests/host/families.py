@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from .test_pack import FAST_ANT, _out, _unet_out
+from .test_pack import FAST_ANT, _out, _unet_out, ant_settings
 
 #: the library's text costs dominate on CPU (an OpenCLIP-H prompt ~1.5 s, bigG ~4 s on one core): the refresh
 #: path and synonyms are tested on SD1.5, and ``cheap_text`` cuts the prompt sets
-FAMILY_ANT = FAST_ANT | {"synonyms": "", "refresh_every": 0}
+FAMILY_ANT = FAST_ANT | {"synonyms": ""}
 PROMPTS = ["a house", "a tree", "a man", "a car"]
 
 
@@ -37,7 +37,7 @@ def load_tiny(comfy, builder: str, filename: str) -> Iterator[tuple]:
 
 def cheap_text(comfy, monkeypatch: pytest.MonkeyPatch) -> None:
     """Four prior/preservation prompts instead of 64-1,200, and two concept templates instead of ten."""
-    mod = sys.modules[comfy["nodes"].NODE_CLASS_MAPPINGS["MassEraseMACE"].__module__]
+    mod = sys.modules[comfy["nodes"].NODE_CLASS_MAPPINGS["MassEraseMACEv2"].__module__]
     prompts = sys.modules[mod.prior_prompts.__module__]
     monkeypatch.setattr(mod, "prior_prompts", lambda exclude=(), **kw: list(PROMPTS))
     monkeypatch.setattr(prompts, "prior_prompts", lambda n=4, exclude=(), **kw: list(PROMPTS))
@@ -54,7 +54,7 @@ def variant(comfy, model, prediction: str):
 
 
 def backbone(comfy, model, clip):
-    mod = sys.modules[comfy["nodes"].NODE_CLASS_MAPPINGS["EraseConceptANT"].__module__]
+    mod = sys.modules[comfy["nodes"].NODE_CLASS_MAPPINGS["EraseConceptANTv2"].__module__]
     return mod.ComfyBackbone(model, clip)
 
 
@@ -109,9 +109,9 @@ def check_erasure(comfy, model, clip, erased, lora, before: torch.Tensor, filena
 def run_ant(comfy, model, clip, prediction: str, family: str, **settings) -> None:
     m = variant(comfy, model, prediction)
     before = _unet_out(m)
-    node = comfy["nodes"].NODE_CLASS_MAPPINGS["EraseConceptANT"]
-    with torch.inference_mode():
-        r = node.execute(model=m, clip=clip, **(FAMILY_ANT | settings))
+    node = comfy["nodes"].NODE_CLASS_MAPPINGS["EraseConceptANTv2"]
+    with torch.inference_mode():  # ``settings`` go to the ANT Settings node
+        r = node.execute(model=m, clip=clip, **FAMILY_ANT, settings=ant_settings(comfy, refresh_every=0, **settings))
     erased, lora = _out(r, 0), _out(r, 1)
     assert lora.metadata["erasure.base_family"] == family
     print(f"{family} {prediction} ANT LoRA: relative error {lora.metadata['erasure.lora_relative_error']}, "

@@ -11,7 +11,7 @@ from erasure.ant import AntSettings
 
 
 def test_comfy_checkpointing_gives_the_same_gradients_and_restores_the_blocks(comfy, loaded):
-    mod = sys.modules[comfy["nodes"].NODE_CLASS_MAPPINGS["EraseConceptANT"].__module__]
+    mod = sys.modules[comfy["nodes"].NODE_CLASS_MAPPINGS["EraseConceptANTv2"].__module__]
     cb = sys.modules[mod.ComfyBackbone.__module__]
     model, clip, _ = loaded
     bb = mod.ComfyBackbone(model, clip)

@@ -36,7 +36,7 @@ def _harness():
 
 def _pack(comfy, name: str):
     """A module of the pack as ComfyUI loaded it (the package is named after the pack's folder)."""
-    nodes_mod = sys.modules[comfy["nodes"].NODE_CLASS_MAPPINGS["EraseConceptANT"].__module__]
+    nodes_mod = sys.modules[comfy["nodes"].NODE_CLASS_MAPPINGS["EraseConceptANTv2"].__module__]
     return sys.modules[nodes_mod.__name__.rsplit(".", 2)[0] + "." + name]
 
 

@@ -9,13 +9,14 @@ import torch
 
 from .test_pack import _out, _unet_out
 
-FAST_MACE = {"preset": "object", "lora_steps": 3, "resolution": 64, "seed": 0}
+#: the new node with a MACE Settings node's output (changed values, resolution) connected
+FAST_MACE = {"preset": "object", "seed": 0, "settings": {"settings": {"lora_steps": 3}, "resolution": 64}}
 
 
 @pytest.fixture
 def mace_env(comfy, loaded, tmp_path, monkeypatch):
     """The MACE node's module with a short prior set, and a record of what reaches stage 1 and the attention loss."""
-    node = comfy["nodes"].NODE_CLASS_MAPPINGS["MassEraseMACE"]
+    node = comfy["nodes"].NODE_CLASS_MAPPINGS["MassEraseMACEv2"]
     mod = sys.modules[node.__module__]
     library = sys.modules[mod.mace.__module__]
     monkeypatch.setenv("ERASURE_CACHE", str(tmp_path))
@@ -64,7 +65,7 @@ def test_user_masks_reach_training_and_change_the_result(comfy, loaded, mace_env
     corner[:, :32, :32] = 1.0  # the top-left quarter of each image
     erased, lora_full = _run(node, model, clip, "cat", latents=latents, masks=full)
     assert seen["sampled"] == [], "stage 1 generated images although the user gave them"
-    assert len(seen["masks"]) == FAST_MACE["lora_steps"]
+    assert len(seen["masks"]) == FAST_MACE["settings"]["settings"]["lora_steps"]
     assert all(torch.equal(m, torch.ones(1, 8, 8)) for m in seen["masks"])
     seen["masks"].clear()
     _, lora_corner = _run(node, model, clip, "cat", latents=latents, masks=corner)

@@ -9,11 +9,39 @@ import torch
 
 from .conftest import StubServer, run_prompt
 
-PACK_NODES = ("EraseConceptANT", "MassEraseMACE", "FuseErasureLoRAs", "ApplyErasedModel", "SaveErasureLoRA",
-              "LoadErasureLoRA", "PreviewErasure", "AuditErasure")
-FAST_ANT = {"concept": "cat", "synonyms": "kitten", "steps": 2, "learning_rate": 1e-3, "scope": "saliency",
-            "preserve": 5.0, "saliency_fraction": 0.5, "prediction": "guided", "resolution": 64, "seed": 0,
-            "trajectories": 2, "trajectory_steps": 6, "early_steps": 2, "saliency_maps": 2, "refresh_every": 1}
+PACK_NODES = ("EraseConceptANTv2", "MassEraseMACEv2", "ANTSettings", "MACESettings", "FuseErasureLoRAs",
+              "ApplyErasedModel", "SaveErasureLoRA", "LoadErasureLoRA", "PreviewErasure", "AuditErasure",
+              "EraseConceptANT", "MassEraseMACE")
+#: the erase node's widgets, and what its connected ANT Settings node changes (cheap on a CPU)
+FAST_ANT = {"concept": "cat", "synonyms": "kitten", "steps": 2, "seed": 0}
+FAST_ANT_SETTINGS = {"learning_rate": 1e-3, "scope": "saliency", "resolution": "64", "trajectories": 2,
+                     "trajectory_steps": 6, "early_steps": 2, "saliency_maps": 2, "refresh_every": 1}
+
+
+def widget_defaults(node) -> dict:
+    """A node's widget values as the editor creates them."""
+    spec = node.INPUT_TYPES()
+    return {name: rest[0]["default"] for section in ("required", "optional")
+            for name, (typ, *rest) in spec.get(section, {}).items() if rest and "default" in rest[0]}
+
+
+def ant_settings(comfy, **kw):
+    """An ANT Settings node's output with FAST_ANT_SETTINGS and ``kw`` set on it."""
+    node = comfy["nodes"].NODE_CLASS_MAPPINGS["ANTSettings"]
+    out = node.execute(**(widget_defaults(node) | FAST_ANT_SETTINGS | kw))
+    return (out.result if hasattr(out, "result") else out)[0]
+
+
+def ant_prompt_nodes(**kw) -> dict:
+    """The erase node (id 2) and its ANT Settings node (id 20) of an API prompt, model and CLIP from node 1."""
+    import nodes as comfy_nodes
+
+    settings = comfy_nodes.NODE_CLASS_MAPPINGS["ANTSettings"]
+    erase = comfy_nodes.NODE_CLASS_MAPPINGS["EraseConceptANTv2"]
+    return {"2": {"class_type": "EraseConceptANTv2",
+                  "inputs": widget_defaults(erase) | {"model": ["1", 0], "clip": ["1", 1], "settings": ["20", 0]}
+                  | FAST_ANT | kw},
+            "20": {"class_type": "ANTSettings", "inputs": widget_defaults(settings) | FAST_ANT_SETTINGS}}
 
 
 def test_pack_registers_every_node(comfy):
@@ -39,10 +67,12 @@ def _unet_out(model, seed: int = 0) -> torch.Tensor:
 
 
 def _ant(comfy, model, clip, **kw):
-    node = comfy["nodes"].NODE_CLASS_MAPPINGS["EraseConceptANT"]
+    """Erase Concept (ANT) with FAST settings; keywords of the ANT Settings node go to it. MODEL and LORA."""
+    node = comfy["nodes"].NODE_CLASS_MAPPINGS["EraseConceptANTv2"]
+    mine = {k: kw.pop(k) for k in list(kw) if k in FAST_ANT or k in ("kind", "preset", "cache_result")}
     with torch.inference_mode():  # as inside a prompt
-        out = node.execute(model=model, clip=clip, **(FAST_ANT | kw))
-    return out.result if hasattr(out, "result") else out
+        out = node.execute(model=model, clip=clip, **(FAST_ANT | mine), settings=ant_settings(comfy, **kw))
+    return (out.result if hasattr(out, "result") else out)[:2]
 
 
 def test_ant_node_patches_a_clone_and_the_lora_loads_in_the_stock_loader(comfy, loaded):
@@ -81,7 +111,7 @@ def test_ant_node_patches_a_clone_and_the_lora_loads_in_the_stock_loader(comfy, 
 def test_workflow_executes_in_the_real_executor_with_progress(comfy, tiny_ckpt):
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_ckpt}},
-        "2": {"class_type": "EraseConceptANT", "inputs": {"model": ["1", 0], "clip": ["1", 1]} | FAST_ANT},
+        **ant_prompt_nodes(),
         "3": {"class_type": "SaveErasureLoRA", "inputs": {"lora": ["2", 1], "filename": "wf-cat", "overwrite": True}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
@@ -133,7 +163,7 @@ def test_rerun_with_unchanged_inputs_does_not_retrain(comfy, tiny_ckpt):
 
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_ckpt}},
-        "2": {"class_type": "EraseConceptANT", "inputs": {"model": ["1", 0], "clip": ["1", 1]} | FAST_ANT},
+        **ant_prompt_nodes(),
         "3": {"class_type": "SaveErasureLoRA", "inputs": {"lora": ["2", 1], "filename": "cached", "overwrite": True}},
     }
     server = StubServer()
@@ -173,7 +203,7 @@ def test_batched_text_encoding_equals_one_prompt_at_a_time(comfy, loaded):
     import sys
 
     model, clip, _ = loaded
-    mod = sys.modules[comfy["nodes"].NODE_CLASS_MAPPINGS["EraseConceptANT"].__module__]
+    mod = sys.modules[comfy["nodes"].NODE_CLASS_MAPPINGS["EraseConceptANTv2"].__module__]
     bb = mod.ComfyBackbone(model, clip)
     prompts = ["a cat", "a photo of a dog in a park", ""]
     together = bb.encode_text(prompts).embeds
@@ -198,7 +228,7 @@ def test_mace_and_fuse_nodes_mix_ant_and_mace_loras(comfy, loaded, tmp_path, mon
     monkeypatch.setenv("ERASURE_CACHE", str(tmp_path))
     nodes = comfy["nodes"].NODE_CLASS_MAPPINGS
     # the prior set is 1,200 prompts through the full CLIP-L: too slow for a CPU test; a few stand in
-    mod = sys.modules[nodes["MassEraseMACE"].__module__]
+    mod = sys.modules[nodes["MassEraseMACEv2"].__module__]
     monkeypatch.setattr(mod, "prior_prompts", lambda exclude=(), **kw: ["a house", "a tree", "a man", "a car"])
     model, clip, _ = loaded
     before = _unet_out(model)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from .test_mace_images import FAST_MACE, _images
-from .test_pack import FAST_ANT, _out, _unet_out
+from .test_pack import FAST_ANT, _out, _unet_out, ant_settings
 
-CHEAP_ANT = FAST_ANT | {"synonyms": "", "refresh_every": 0}
+CHEAP_ANT = FAST_ANT | {"synonyms": ""}
 
 
 class Trained(Exception):
@@ -23,13 +23,17 @@ def ant_node(comfy, tmp_path, monkeypatch):
     import folder_paths
 
     monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
-    node = comfy["nodes"].NODE_CLASS_MAPPINGS["EraseConceptANT"]
+    node = comfy["nodes"].NODE_CLASS_MAPPINGS["EraseConceptANTv2"]
     return node, sys.modules[node.__module__], tmp_path / "erasure-cache"
 
 
-def _run(node, model, clip, **kw):
+def _run(node, model, clip, cache_result=False, **settings):
+    """The erase node with CHEAP_ANT; ``settings`` go to its ANT Settings node."""
+    import nodes
+
     with torch.inference_mode():
-        r = node.execute(model=model, clip=clip, **(CHEAP_ANT | kw))
+        r = node.execute(model=model, clip=clip, **CHEAP_ANT, cache_result=cache_result,
+                         settings=ant_settings({"nodes": nodes}, refresh_every=0, **settings))
     return _out(r, 0), _out(r, 1)
 
 
@@ -43,7 +47,7 @@ def _forbid(monkeypatch, mod, name: str) -> None:
 def test_ant_cache_hits_misses_and_rebuilds(comfy, loaded, ant_node, monkeypatch):
     node, mod, folder = ant_node
     model, clip, _ = loaded
-    for n in (node, comfy["nodes"].NODE_CLASS_MAPPINGS["MassEraseMACE"]):  # off by default
+    for n in (node, comfy["nodes"].NODE_CLASS_MAPPINGS["MassEraseMACEv2"]):  # off by default
         assert n.INPUT_TYPES()["optional"]["cache_result"][1]["default"] is False
     erased, lora = _run(node, model, clip, cache_result=True)
     files = list(folder.glob("*.safetensors"))
@@ -79,7 +83,7 @@ def test_mace_cache_keys_on_the_user_masks(comfy, loaded, tmp_path, monkeypatch)
 
     monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
     monkeypatch.setenv("ERASURE_CACHE", str(tmp_path / "prior"))
-    node = comfy["nodes"].NODE_CLASS_MAPPINGS["MassEraseMACE"]
+    node = comfy["nodes"].NODE_CLASS_MAPPINGS["MassEraseMACEv2"]
     mod = sys.modules[node.__module__]
     monkeypatch.setattr(mod, "prior_prompts", lambda exclude=(), **kw: ["a house", "a tree", "a man", "a car"])
     model, clip, vae = loaded

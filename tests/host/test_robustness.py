@@ -38,7 +38,7 @@ def _ant(comfy, model, clip, concept, **kw):
 
 def _pack_module(comfy, name: str):
     """A module of the pack as ComfyUI loaded it (the package is named after the pack's folder)."""
-    nodes_mod = sys.modules[_nodes(comfy)["EraseConceptANT"].__module__]
+    nodes_mod = sys.modules[_nodes(comfy)["EraseConceptANTv2"].__module__]
     return sys.modules[nodes_mod.__name__.rsplit(".", 2)[0] + "." + name]
 
 

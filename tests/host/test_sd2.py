@@ -28,7 +28,7 @@ def test_tiny_sd2_is_detected_and_adapted(comfy, sd2, prediction):
     assert bb.encode_text(["a cat", "a dog in a park"]).embeds.shape == (2, 77, 1024)
     # OpenCLIP pads with 0, not with the end token: the word is found, and MACE suppresses the end token (index 6)
     assert bb.token_positions("a cat in a park", "cat") == [2]
-    library = sys.modules[sys.modules[comfy["nodes"].NODE_CLASS_MAPPINGS["MassEraseMACE"].__module__].mace.__module__]
+    library = sys.modules[sys.modules[comfy["nodes"].NODE_CLASS_MAPPINGS["MassEraseMACEv2"].__module__].mace.__module__]
     assert library.suppressed_positions(bb, "a cat in a park", "cat") == [2, *range(6, 77)]
 
 

@@ -16,7 +16,7 @@ def test_single_file_loader_agrees_with_comfyui(comfy, tiny_ckpt, loaded):
     from erasure.single_file import load_single_file
 
     model, clip, _ = loaded
-    mod = sys.modules[comfy["nodes"].NODE_CLASS_MAPPINGS["EraseConceptANT"].__module__]
+    mod = sys.modules[comfy["nodes"].NODE_CLASS_MAPPINGS["EraseConceptANTv2"].__module__]
     theirs = mod.ComfyBackbone(model, clip)
     ours_loaded = load_single_file(comfy["root"] / "checkpoints" / tiny_ckpt)
     ours = ours_loaded.backbone

@@ -1,5 +1,7 @@
 """Every example workflow (UI format, as shipped) converts to the API format, validates and executes in ComfyUI's
-real executor on the tiny checkpoint. Only the checkpoint name and the cost settings (steps, sizes) are changed."""
+real executor on the tiny checkpoint; so do workflows saved with the first published node layout (legacy_workflows/:
+the erase nodes with every setting as a widget). Only the checkpoint name and the cost settings (steps, sizes) are
+changed."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pytest
 from .conftest import REPO, run_prompt
 
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
+LEGACY = sorted((Path(__file__).parent / "legacy_workflows").glob("*.json"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 #: cheap settings for a CPU test, per node type (everything else runs as shipped)
@@ -19,7 +22,11 @@ FAST = {
     "EraseConceptANT": {"steps": 2, "resolution": 64, "trajectories": 2, "trajectory_steps": 6, "early_steps": 2,
                         "saliency_maps": 2},
     "MassEraseMACE": {"lora_steps": 2, "resolution": 64},
-    "PreviewErasure": {"seeds": 2, "steps": 2, "resolution": 64},
+    "EraseConceptANTv2": {"steps": 2},
+    "ANTSettings": {"resolution": "64", "trajectories": 2, "trajectory_steps": 6, "early_steps": 2,
+                    "saliency_maps": 2},
+    "MACESettings": {"lora_steps": 2, "resolution": "64"},
+    "PreviewErasure": {"seeds": 2, "steps": 2, "resolution": "64"},
     "KSampler": {"steps": 2},
     "EmptyLatentImage": {"width": 64, "height": 64},
 }
@@ -57,11 +64,18 @@ def test_there_are_three_example_workflows():
     assert len(WORKFLOWS) >= 3
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
+def test_legacy_workflows_are_the_first_published_layout():
+    assert {p.name for p in LEGACY} == {p.name for p in WORKFLOWS}
+    types = {n["type"] for p in LEGACY for n in json.loads(p.read_text())["nodes"]}
+    assert {"EraseConceptANT", "MassEraseMACE"} <= types
+
+
+@pytest.mark.parametrize("path", WORKFLOWS + LEGACY, ids=[p.name for p in WORKFLOWS] +
+                         ["legacy-" + p.name for p in LEGACY])
 def test_example_workflow_executes(comfy, tiny_ckpt, path: Path, monkeypatch, tmp_path):
     nodes = comfy["nodes"].NODE_CLASS_MAPPINGS
     monkeypatch.setenv("ERASURE_CACHE", str(tmp_path))
-    mod = sys.modules[nodes["MassEraseMACE"].__module__]
+    mod = sys.modules[nodes["MassEraseMACEv2"].__module__]  # the legacy nodes run the same code
     monkeypatch.setattr(mod, "prior_prompts", lambda exclude=(), **kw: ["a house", "a tree", "a man", "a car"])
     workflow = json.loads(path.read_text())
     if "3-fuse" in path.name:
@@ -70,7 +84,7 @@ def test_example_workflow_executes(comfy, tiny_ckpt, path: Path, monkeypatch, tm
 
         if not {"erase-nudity.safetensors", "erase-characters.safetensors"} <= set(
                 folder_paths.get_filename_list("loras")):
-            for prior in WORKFLOWS[:2]:
+            for prior in (LEGACY if path in LEGACY else WORKFLOWS)[:2]:
                 _execute(json.loads(prior.read_text()), nodes, tiny_ckpt)
         assert {"erase-nudity.safetensors", "erase-characters.safetensors"} <= set(
             folder_paths.get_filename_list("loras"))
@@ -93,11 +107,11 @@ def test_pack_seeds_have_no_control_after_generate_widget(comfy):
     workflows' widget values would shift by one. Ours declare it off."""
     mappings = comfy["nodes"].NODE_CLASS_MAPPINGS
     checked = 0
-    for name in ("EraseConceptANT", "MassEraseMACE", "PreviewErasure"):
+    for name in ("EraseConceptANTv2", "MassEraseMACEv2", "EraseConceptANT", "MassEraseMACE", "PreviewErasure"):
         spec = mappings[name].INPUT_TYPES()
         for section in ("required", "optional"):
             for inp, (typ, *rest) in spec.get(section, {}).items():
                 if typ == "INT" and inp in ("seed", "noise_seed"):
                     assert (rest[0] if rest else {}).get("control_after_generate") is False, (name, inp)
                     checked += 1
-    assert checked == 3
+    assert checked == 5

@@ -1,0 +1,220 @@
+"""The advanced settings of the method nodes, as nodes of their own ("ANT Settings", "MACE Settings"): connected to an
+erase node's optional ``settings`` socket, the values a user changed on them override the chosen preset; nothing
+connected means the preset as it is (ComfyUI's convention for advanced options, which keeps the method nodes short).
+
+A settings node passes on only the values that differ from the library's defaults (its widgets' defaults), so that a
+preset keeps every value the user did not touch: "paper" stays the paper's configuration with one value changed."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+
+from comfy_api.latest import io
+
+from ..erasure.ant import CHECKPOINTING, PREDICTIONS, SAMPLINGS, SCOPES, AntSettings
+from ..erasure.errors import BadInputError
+from ..erasure.mace import MaceSettings
+
+CATEGORY = "erasure/settings"
+AntSettingsType = io.Custom("ERASURE_ANT_SETTINGS")
+MaceSettingsType = io.Custom("ERASURE_MACE_SETTINGS")
+
+#: the resolution choices: the model's native one, or a size in pixels (64 is for quick tests on tiny models)
+NATIVE = "native"
+RESOLUTIONS = [NATIVE, *(str(r) for r in range(64, 2049, 64))]
+SUPPRESS_END = {"auto": None, "on": True, "off": False}
+
+
+def resolution_value(value: object) -> int | None:
+    """A resolution widget's value in pixels, None for the model's native one. Accepts the integers that the
+    legacy nodes' widgets stored (0 = native), so that their saved values keep their meaning."""
+    if value in (None, NATIVE, 0, "0"):
+        return None
+    try:
+        px = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise BadInputError(f"resolution must be '{NATIVE}' or a size in pixels (got {value!r})") from None
+    if px < 8 or px % 8:
+        raise BadInputError(f"resolution must be a positive multiple of 8 pixels (got {px}): choose e.g. 512 for "
+                            f"SD1.x, 1024 for SDXL, or '{NATIVE}'")
+    return px
+
+
+def check_resolution(value: object) -> bool | str:
+    """A node's ``validate_inputs`` answer for its resolution widget: True, or the message."""
+    try:
+        resolution_value(value)
+    except ValueError as e:
+        return str(e)
+    return True
+
+
+def resolution_input(tooltip: str, optional: bool = False) -> io.Combo.Input:
+    return io.Combo.Input("resolution", options=RESOLUTIONS, default=NATIVE, tooltip=tooltip, optional=optional)
+
+
+def changed(defaults: object, values: dict[str, object]) -> dict[str, object]:
+    """The settings a user changed: the values that differ from the library's defaults (floats compared to 1e-9,
+    since the editor stores widget floats rounded to their step)."""
+    out = {}
+    for f in fields(defaults):  # type: ignore[arg-type]
+        if f.name not in values:
+            continue
+        v, d = values[f.name], getattr(defaults, f.name)
+        same = (math.isclose(float(v), float(d), rel_tol=1e-9, abs_tol=1e-12)
+                if isinstance(v, float) and isinstance(d, (int, float)) and not isinstance(d, bool) else v == d)
+        if not same:
+            out[f.name] = v
+    return out
+
+
+class _SettingsNode(io.ComfyNode):
+    """What both settings nodes check when the graph is queued: the resolution."""
+
+    @classmethod
+    def validate_inputs(cls, resolution: str | None = None) -> bool | str:
+        return check_resolution(resolution)
+
+
+class AntSettingsNode(_SettingsNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        d = AntSettings()
+        return io.Schema(
+            node_id="ANTSettings", display_name="ANT Settings", category=CATEGORY,
+            description="Advanced settings of Erase Concept (ANT). Connect to its settings input: the values you "
+                        "change here override the preset; values left at their defaults keep the preset's.",
+            inputs=[
+                io.Float.Input("learning_rate", default=d.lr, min=1e-6, max=1.0, step=0.001,
+                               tooltip="Adam's step, relative to each layer's weight scale: 0.02 moves a weight by "
+                                       "about 2% of its layer's RMS per step on any model (absolute when "
+                                       "relative_learning_rate is off)."),
+                io.Boolean.Input("relative_learning_rate", default=d.lr_relative,
+                                 tooltip="On: the learning rate is relative to each layer's weights, so it means the "
+                                         "same on SD1.5, SDXL or the lab. Off: one absolute step for all weights "
+                                         "(the paper's 5e-4)."),
+                io.Float.Input("eta", default=d.eta, min=0.0, max=10.0, step=0.05,
+                               tooltip="Fraction of the concept's guidance direction reversed in the mid/late steps "
+                                       "(the early steps always keep it). Higher erases harder and changes more "
+                                       "unrelated images; the paper uses 1."),
+                io.Float.Input("preserve", default=d.preserve, min=0.0, max=100.0, step=0.5,
+                               tooltip="Weight that keeps prompts without the concept unchanged (0 = the paper's "
+                                       "loss)."),
+                io.Combo.Input("scope", options=list(SCOPES), default=d.scope,
+                               tooltip="kv: the cross-attention keys and values (what reads the prompt); xattn: "
+                                       "every cross-attention projection; saliency: only the most salient weights "
+                                       "of the UNet (the paper's); non-xattn: everything but cross-attention; lora: "
+                                       "a K/V LoRA."),
+                io.Float.Input("saliency_fraction", default=d.saliency_fraction, min=0.001, max=1.0, step=0.01,
+                               tooltip="scope saliency: fraction of weights each saliency map keeps before the maps "
+                                       "are intersected."),
+                io.Int.Input("saliency_maps", default=d.saliency_maps, min=1, max=64,
+                             tooltip="scope saliency: maps (prompt augmentation x seed) intersected."),
+                io.Int.Input("lora_rank", default=d.lora_rank, min=1, max=256, tooltip="scope lora: the LoRA's rank."),
+                io.Combo.Input("prediction", options=list(PREDICTIONS), default=d.prediction,
+                               tooltip="Which prediction of the edited model is trained: guided or conditional."),
+                io.Combo.Input("sampling", options=list(SAMPLINGS), default=d.sampling,
+                               tooltip="on-policy: training follows the edited model's own denoising trajectories; "
+                                       "cached: the original model's trajectories made once (cheaper, erases far "
+                                       "less)."),
+                io.Int.Input("trajectories", default=d.trajectories, min=1, max=256,
+                             tooltip="Seeds x prompt augmentations of the trajectories."),
+                io.Int.Input("trajectory_steps", default=d.trajectory_steps, min=2, max=200,
+                             tooltip="DDIM steps of each trajectory."),
+                io.Int.Input("early_steps", default=d.early_steps, min=1, max=199,
+                             tooltip="The first steps of each trajectory, where the guidance direction is kept "
+                                     "(structure); fewer than trajectory_steps."),
+                io.Int.Input("reuse", default=d.reuse, min=1, max=64,
+                             tooltip="on-policy: each regenerated trajectory serves this many training steps (1 = "
+                                     "the paper's loop, a new trajectory every step)."),
+                io.Int.Input("refresh_every", default=d.refresh_every, min=0, max=10000,
+                             tooltip="cached sampling: regenerate the trajectories with the edited model every N "
+                                     "steps; 0 never regenerates them."),
+                io.Float.Input("guidance", default=d.guidance, min=1.0, max=30.0, step=0.5,
+                               tooltip="Guidance scale of the trajectories and of the guided prediction."),
+                io.Int.Input("batch_size", default=d.batch_size, min=1, max=64, tooltip="Samples per step."),
+                io.Int.Input("preserve_prompts", default=d.preserve_prompts, min=1, max=1024,
+                             tooltip="How many prompts without the concept the preservation term draws from."),
+                io.Float.Input("grad_clip", default=d.grad_clip, min=0.0, max=100.0, step=0.1,
+                               tooltip="Gradient-norm clip per step; 0 does not clip."),
+                io.Combo.Input("gradient_checkpointing", options=list(CHECKPOINTING), default=d.gradient_checkpointing,
+                               tooltip="Recompute activations in backward: less memory (SDXL at 1024 px), about 10% "
+                                       "more time. auto: on for large UNets or latents."),
+                resolution_input("Training resolution: the model's native one, or a size in pixels."),
+            ],
+            outputs=[AntSettingsType.Output(display_name="SETTINGS",
+                                            tooltip="Connect to Erase Concept (ANT)'s settings input.")],
+        )
+
+
+    @classmethod
+    def execute(cls, learning_rate, relative_learning_rate, resolution, **values) -> io.NodeOutput:
+        values.update(lr=learning_rate, lr_relative=relative_learning_rate)
+        changes = changed(AntSettings(), values)
+        AntSettings().override(**changes).validate()  # a bad combination is named here, not in the erase node
+        return io.NodeOutput({"settings": changes, "resolution": resolution_value(resolution)})
+
+
+class MaceSettingsNode(_SettingsNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        d = MaceSettings()
+        return io.Schema(
+            node_id="MACESettings", display_name="MACE Settings", category=CATEGORY,
+            description="Advanced settings of Mass Erase (MACE). Connect to its settings input: the values you change "
+                        "here override the preset; values left at their defaults keep the preset's (the presets "
+                        "differ in the LoRA learning rate and steps and in the use of masks).",
+            inputs=[
+                io.Int.Input("lora_steps", default=d.lora_steps, min=1, max=5000,
+                             tooltip="LoRA training steps per concept (presets: 50; nudity 120)."),
+                io.Float.Input("lora_lr", default=d.lora_lr, min=1e-8, max=0.1, step=1e-6, round=1e-8,
+                               tooltip="LoRA learning rate (presets: 1e-5 objects and nudity, 1e-4 people and "
+                                       "styles). Raise it (e.g. 1e-3) when the console warns that a concept's LoRA "
+                                       "barely changed the attention."),
+                io.Int.Input("lora_rank", default=d.lora_rank, min=1, max=64, tooltip="Rank of each concept's LoRA."),
+                io.Int.Input("lora_batch", default=d.lora_batch, min=1, max=64, tooltip="Images per LoRA step."),
+                io.Int.Input("images_per_concept", default=d.images_per_concept, min=1, max=256,
+                             tooltip="Images generated per concept (when none of yours are connected)."),
+                io.Int.Input("sample_steps", default=d.sample_steps, min=1, max=200,
+                             tooltip="Sampling steps of the generated images."),
+                io.Float.Input("guidance", default=d.guidance, min=1.0, max=30.0, step=0.5,
+                               tooltip="Guidance scale of the generated images."),
+                io.Boolean.Input("use_masks", default=d.use_masks,
+                                 tooltip="Train the attention loss inside the concept's region (from its own "
+                                         "attention maps) instead of whole images (the style preset turns it off)."),
+                io.Float.Input("mask_threshold", default=d.mask_threshold, min=0.0, max=1.0, step=0.05,
+                               tooltip="Where a normalised attention map counts as the concept's region."),
+                io.Float.Input("lam", default=d.lam, min=1e-6, max=1e6, step=0.01,
+                               tooltip="Closed-form refinement and fusion: pull towards the original weights."),
+                io.Float.Input("preserve", default=d.preserve, min=0.0, max=1e6, step=0.1,
+                               tooltip="Prior-preservation weight of the closed-form refinement."),
+                io.Float.Input("fuse_preserve", default=d.fuse_preserve, min=0.0, max=1e6, step=0.1,
+                               tooltip="Prior-preservation weight of the fusion."),
+                io.Boolean.Input("augment", default=d.augment,
+                                 tooltip="Each LoRA step uses a prompt drawn from the concept's templates (off: "
+                                         "the generation prompt every step)."),
+                io.Boolean.Input("importance_sampling", default=d.importance_sampling,
+                                 tooltip="Draw LoRA timesteps mostly from t 200-400, as the reference (off: "
+                                         "uniform)."),
+                io.Combo.Input("suppress_end", options=list(SUPPRESS_END), default="auto",
+                               tooltip="Also suppress the end token and padding: auto where the text encoder "
+                                       "carries the concept into them; on; off."),
+                io.Float.Input("grad_clip", default=d.grad_clip, min=0.0, max=100.0, step=0.1,
+                               tooltip="Gradient-norm clip per LoRA step; 0 does not clip."),
+                resolution_input("Generation and training resolution: the model's native one, or pixels."),
+            ],
+            outputs=[MaceSettingsType.Output(display_name="SETTINGS",
+                                             tooltip="Connect to Mass Erase (MACE)'s settings input.")],
+        )
+
+
+    @classmethod
+    def execute(cls, resolution, suppress_end, **values) -> io.NodeOutput:
+        values["suppress_end"] = SUPPRESS_END[suppress_end]
+        changes = changed(MaceSettings(), values)
+        MaceSettings().override(**changes).validate()
+        return io.NodeOutput({"settings": changes, "resolution": resolution_value(resolution)})
+
+
+NODES: list[type[io.ComfyNode]] = [AntSettingsNode, MaceSettingsNode]
