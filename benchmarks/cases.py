@@ -85,7 +85,7 @@ def _cells(archs: dict[str, dict[str, tuple[int, ...]]]) -> tuple[tuple[str, str
 
 #: The ANT rows measure the library's current defaults (``AntSettings()``): a size overrides only what sets its
 #: cost (training steps, trajectories, preservation prompts), so a change of default flows into the next run.
-#: The configuration the benchmark first measured stays as a variant (historical, for comparison): cached
+#: A second configuration is run as a variant, for comparison with the reference at equal sampling: cached
 #: trajectories refreshed on-policy every ``refresh_every`` steps, saliency-masked sparse deltas and lr 1e-4 for one
 #: concept; the same sampling with K/V LoRAs for many.
 PINNED_ANT = dict(sampling="cached", scope="saliency", lr=1e-4)
@@ -94,8 +94,8 @@ PINNED_ANT_MULTI = dict(scope="lora")
 PUBLISHED = dict(trajectory_steps=50, early_steps=4)
 _SMOKE_ANT = dict(steps=2, trajectory_steps=4, early_steps=1, trajectories=2, saliency_maps=2, refresh_every=1,
                   preserve_prompts=4)
-#: the library's ANT defaults when this benchmark was first measured (README, Benchmarks), in the pinned
-#: configuration (the "counts" size; ``run.default_counts`` replays them as history)
+#: the cached configuration at the settings of the measured tables (docs/benchmarks.md), pinned (the "counts"
+#: size; ``run.default_counts`` replays them)
 MEASURED_DEFAULTS = dict(steps=250, trajectory_steps=50, early_steps=4, trajectories=16, saliency_maps=8,
                          refresh_every=25, preserve=5.0, preserve_prompts=64, **PINNED_ANT)
 _SMOKE_MACE = dict(images_per_concept=2, sample_steps=2, lora_steps=1)
@@ -114,16 +114,16 @@ class Variant:
 
 def _variants(old_sizes: dict) -> dict[str, Variant]:
     """The extra ANT rows of a size: the reference as published (50-step trajectories, ratio (b)) and the
-    historical configuration at the settings the size first measured it with (``old_sizes``)."""
+    cached configuration at the size's settings for it (``old_sizes``)."""
     return {
         "published": Variant(("ant-single",), ("reference",), dict(PUBLISHED),
                              note="the reference with its published 50-step trajectories (early stage: 4)"),
         "cached-saliency": Variant(("ant-single",), ("ours", "reference"), {**old_sizes, **PINNED_ANT},
-                                   note="historical: the configuration first measured (cached trajectories, "
-                                        "saliency-masked sparse deltas, lr 1e-4), at its first settings"),
+                                   note="the cached configuration (cached trajectories, saliency-masked sparse "
+                                        "deltas, lr 1e-4)"),
         "cached-lora": Variant(("ant-multi",), ("ours", "reference"), {**old_sizes, **PINNED_ANT},
                                dict(PINNED_ANT_MULTI),
-                               note="historical: ANT multi as first measured (cached trajectories, K/V LoRA)"),
+                               note="ANT multi in the cached configuration (cached trajectories, K/V LoRA)"),
     }
 
 
@@ -156,7 +156,7 @@ SIZES: dict[str, Size] = {
         # (full-UNet gradients plus the float32 copy and kthvalue of all 860 M of them on the host); the reference
         # (two float32 UNets, full gradients, Adam's moments, the same threshold) needs more still
         scales={"ant-single/sd15": "half"},
-        # the first cpu measurement's ANT settings, kept for the historical variants
+        # the cached configuration's settings at this size
         variants=_variants(dict(trajectory_steps=6, early_steps=2, refresh_every=2)),
         also=(("ant-single", "ours", "sd15", 1, "default", "full"),),
         # SDXL's float32 weights and text encoders (13 GiB) do not fit beside other work here: bf16 for both impls
@@ -169,8 +169,8 @@ SIZES: dict[str, Size] = {
                  ("fusion", "sdxl", "100 LoRAs too slow on 2 CPU cores (the reference's per-layer float32 "
                   "inverses; encoding 1,000 prompts with both text encoders); run --size gpu"))),
     # one H200-class GPU; gpu.sh runs it. Sized by estimate for the 8-minute budget (not yet run): the library's ANT
-    # defaults with 16 trajectories and 8 saliency maps (the reference's), fewer training steps; the historical
-    # configuration at its first gpu settings (50-step trajectories, refresh every 10). SDXL at 512 px: its ANT
+    # defaults with 16 trajectories and 8 saliency maps (the reference's), fewer training steps; the cached
+    # configuration at its gpu settings (50-step trajectories, refresh every 10). SDXL at 512 px: its ANT
     # rows compare algorithms, the 1024 px memory is measured separately (projection.measure_peak)
     "gpu": Size(
         "gpu", "full", "cuda", "float32",
@@ -186,7 +186,7 @@ SIZES: dict[str, Size] = {
         skipped=(("ant-multi", "sdxl", "left out of the 8-minute budget"),
                  ("mace", "sdxl", "50 concepts left out of the 8-minute budget"),
                  ("fusion", "sdxl", "100 LoRAs left out of the 8-minute budget"))),
-    # ANT single at the defaults first measured (250 steps, 16 cached trajectories of 50 steps, 8 saliency maps,
+    # ANT single in the cached configuration (250 steps, 16 cached trajectories of 50 steps, 8 saliency maps,
     # refresh every 25), on the tiny layout: UNet evaluations do not depend on the model's width, so this counts
     # exactly what those settings cost on a real model; its times are not the real model's
     "counts": Size(

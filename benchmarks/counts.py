@@ -2,10 +2,10 @@
 
 The count depends only on the settings and on the sampled schedule (which trajectory, which early and late step at
 each training step), never on the model. Replaying the schedule with the library's own ``draw`` and the same
-generator gives the exact count, so the library's full default settings (150 on-policy steps over 10-step
-trajectories; or the older cached configuration) and the reference as published (50-step trajectories) can be
+generator gives the exact count, so the library's default settings (on-policy steps over 10-step trajectories)
+or the cached configuration of the measured tables and the reference as published (50-step trajectories) can be
 reported on a machine that cannot run them on a real UNet. The smoke test checks these formulas against the counts
-measured by the hooks (``meter.py``) for every variant it runs; on the tiny layout the old cached defaults were also
+measured by the hooks (``meter.py``) for every variant it runs; on the tiny layout the cached configuration was also
 run for real: ours 32,048 evaluations with refresh, 3,824 without (both equal to the formula).
 """
 

@@ -13,7 +13,7 @@ Method: peak = resident tensors, counted exactly, + activations saved for backwa
   SDPA on GPU and CPU), so a line through the two smallest sizes is extrapolated to the target and checked against
   the third, then scaled to 16 bits (the inputs of the layers a dense delta trains stay float32: the delta casts
   and saves them). Four graphs: ANT's dense deltas with the UNet frozen (on every cross-attention Linear,
-  ``xattn``, ANT single's default until session 7; on the cross-attention K/V, ``kv``, the default of ANT single
+  ``xattn``; on the cross-attention K/V, ``kv``, the default of ANT single
   and multi), the whole UNet (gradients for
   every weight: the saliency maps and sparse deltas of the historical configuration, full finetuning) and MACE's
   attention-loss graph (rank-1 K/V LoRA, explicit attention probabilities, gradient only through cross-attention).

@@ -1,7 +1,8 @@
-"""``python benchmarks/report.py RESULTS.json [--only METHODS]``: the README's markdown tables from a run's JSON.
+"""``python benchmarks/report.py RESULTS.json [--only METHODS]``: the markdown tables of docs/benchmarks.md from a
+run's JSON.
 
-``--only ant-single,ant-multi`` keeps the rows and ratios of those methods (the README shows ANT and MACE from
-different runs).
+``--only ant-single,ant-multi`` keeps the rows and ratios of those methods (docs/benchmarks.md shows ANT and MACE
+from different runs).
 """
 
 from __future__ import annotations

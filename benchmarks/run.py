@@ -183,10 +183,10 @@ def _ant_keys(s) -> dict:
 
 
 def default_counts() -> dict:
-    """ANT single's UNet evaluations for the library's default settings (``AntSettings()``: today's 150 on-policy
-    steps over 10-step trajectories), against the reference with the same trajectory steps (a) and as published,
-    50-step trajectories (b), both for the same training steps; and, as history, the defaults first measured
-    (``cases.MEASURED_DEFAULTS``). Replayed (``counts.py``), not run."""
+    """ANT single's UNet evaluations for the library's default settings (``AntSettings()``: on-policy steps over
+    10-step trajectories), against the reference with the same trajectory steps (a) and as published,
+    50-step trajectories (b), both for the same training steps; and the cached configuration the benchmark
+    tables were measured with (``cases.MEASURED_DEFAULTS``). Replayed (``counts.py``), not run."""
     from benchmarks.cases import MEASURED_DEFAULTS, PUBLISHED
     from benchmarks.counts import ours_ant_single, reference_ant_single
     from erasure.ant import AntSettings
@@ -221,7 +221,7 @@ def format_counts(c: dict) -> str:
             f"{c['reference_published']}\n"
             f"reference / ours: (a) same trajectory steps {c['ratio_a_same_trajectory_steps']}, "
             f"(b) as published {c['ratio_b_published']}\n"
-            f"history, the defaults first measured ({h['settings']['sampling']}, {h['settings']['scope']}, "
+            f"the measured tables' configuration ({h['settings']['sampling']}, {h['settings']['scope']}, "
             f"{h['settings']['steps']} steps): ours {h['ours']['total']}, without refresh "
             f"{h['ours_no_refresh']['total']}, reference {h['reference']['total']}")
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the lab tables in the README: the original model; ESD, MACE and ANT on one shape; MACE and ANT on
+# Reproduces the lab tables in docs/lab.md: the original model; ESD, MACE and ANT on one shape; MACE and ANT on
 # three concepts. Default settings everywhere. Writes reports/*.json and reports/*.png. About 25 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."

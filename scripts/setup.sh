@@ -48,7 +48,7 @@ run_tests() {
     "$comfy_py" -m pip install -q --disable-pip-version-check -r requirements.txt pytest "diffusers>=0.30" accelerate
     OMP_NUM_THREADS=1 COMFYUI_PATH="$comfy" "$comfy_py" -m pytest -q tests/host
   else
-    echo "!!! HOST TESTS SKIPPED: no ComfyUI at $comfy or no interpreter at $comfy_py (see README, 'Host tests') !!!"
+    echo "!!! HOST TESTS SKIPPED: no ComfyUI at $comfy or no interpreter at $comfy_py (see docs/development.md, 'Host tests') !!!"
   fi
 }
 

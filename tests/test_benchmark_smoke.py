@@ -4,7 +4,7 @@ Checks that it runs, writes the JSON interface other tools read, that the ANT ro
 defaults, and that the counts mean what they say (the published reference's 50-step trajectories cost more than
 ours' 10; full-UNet Adam holds more state than our cross-attention deltas; the replay in ``counts.py`` equals the
 hooks' count for every ANT single row; MACE's counted evaluations match its settings). The real measurements are
-``--size cpu`` and ``--size gpu`` (README, Benchmarks).
+``--size cpu`` and ``--size gpu`` (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def test_counts_reflect_the_algorithms(result):
     assert 0 < ours["trainable_params"] < ref["trainable_params"]
     # the reference as published regenerates 50-step trajectories: more evaluations than with ours' 10
     assert _row(result, "ant-single", "reference", variant="published")["unet_evals"] > ref["unet_evals"]
-    # historical configuration: the reference regenerates a trajectory one image at a time before every step,
+    # the cached configuration: the reference regenerates a trajectory one image at a time before every step,
     # ours caches them: more, smaller UNet calls for the reference
     old, old_ref = (_row(result, "ant-single", impl, variant="cached-saliency") for impl in ("ours", "reference"))
     assert old["ant_settings"]["sampling"] == "cached" and old["ant_settings"]["scope"] == "saliency"
@@ -118,6 +118,5 @@ def test_replayed_counts_equal_the_measured_ones(result):
     # the replay is of the library's current defaults, against the reference with 50-step trajectories
     assert d["settings"]["steps"] == AntSettings().steps and d["settings"]["sampling"] == AntSettings().sampling
     assert d["reference_published"]["trajectory_steps"] == 50
-    # the first measured defaults, also run on the tiny layout
-    # (32,048 and 3,824 when measured, before every trajectory step, the lowest-noise one included, was a sample)
+    # the cached configuration, also run on the tiny layout
     assert d["historical"]["ours"]["total"] == 32656 and d["historical"]["ours_no_refresh"]["total"] == 3856

@@ -1,8 +1,8 @@
 """Host tests: the pack inside a real ComfyUI, run in-process (ComfyUI as a library, no server).
 
 They need ComfyUI's source (``COMFYUI_PATH``, default ``~/ComfyUI``) and an interpreter that can run it (torchvision
-and ComfyUI's requirements: ``~/comfy-venv``, see README). When either is missing every host test is skipped and the
-run says so loudly in its summary.
+and ComfyUI's requirements: ``~/comfy-venv``, see docs/development.md#host-tests). When either is missing every host
+test is skipped and the run says so loudly in its summary.
 """
 
 from __future__ import annotations
