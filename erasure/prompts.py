@@ -146,3 +146,78 @@ def prior_prompts(n: int = 1200, seed: int = 0, exclude: list[str] | tuple[str, 
         lines = Path(extra_file).read_text(encoding="utf-8").splitlines()
         out += [line.strip() for line in lines if line.strip()]
     return out
+
+
+# -- concepts files ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConceptLine:
+    """One line of a concepts file: the concept, and its kind and anchor where the line gives them (``None``: the
+    run's default)."""
+
+    text: str
+    kind: str | None = None
+    anchor: str | None = None
+    line: int = 0
+
+    def concept(self, kind: str, anchor: str, **fields: object) -> Concept:
+        """The ``Concept``, with ``kind`` / ``anchor`` where the line left them out (``fields``: templates etc.)."""
+        return Concept(self.text, self.anchor if self.anchor is not None else anchor,
+                       kind=self.kind or kind, **fields)
+
+
+#: the most lines a concepts file may hold (a run over more is better split into several files)
+MAX_CONCEPT_LINES = 100_000
+
+
+def parse_concepts(text: str, source: str = "the concepts file") -> list[ConceptLine]:
+    """A concepts file's lines: ``concept``, ``concept | kind`` or ``concept | kind | anchor``.
+
+    Blank lines and lines starting with ``#`` are skipped; spaces around fields are stripped; an empty field means
+    the run's default (``concept | | anchor`` keeps the default kind). ``kind`` is one of ``CONCEPT_TEMPLATES``'s.
+    A concept given twice (case-insensitive), a fourth field, an unknown kind or an anchor equal to its concept is a
+    ``BadInputError`` naming ``source`` and the line."""
+    out: list[ConceptLine] = []
+    seen: dict[str, int] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{source}, line {number}"
+        fields = [f.strip() for f in line.split("|")]
+        if len(fields) > 3:
+            raise BadInputError(f"{where}: {len(fields)} fields in {line!r}; write 'concept', 'concept | kind' or "
+                                "'concept | kind | anchor' ('|' separates the fields)")
+        concept, kind, anchor = (fields + [""] * 3)[:3]
+        if not concept:
+            raise BadInputError(f"{where}: no concept before the first '|' in {line!r}")
+        if kind and kind not in CONCEPT_TEMPLATES:
+            raise BadInputError(f"{where}: unknown kind {kind!r} for {concept!r}; use one of "
+                                f"{', '.join(CONCEPT_TEMPLATES)} or leave the field empty for the default")
+        if anchor and anchor.lower() == concept.lower():
+            raise BadInputError(f"{where}: the anchor of {concept!r} is the concept itself: choose a different "
+                                "anchor or leave the field empty for the default")
+        key = concept.lower()
+        if key in seen:
+            raise BadInputError(f"{where}: {concept!r} is listed already on line {seen[key]}: remove one of them")
+        seen[key] = number
+        out.append(ConceptLine(concept, kind or None, anchor or None, number))
+        if len(out) > MAX_CONCEPT_LINES:
+            raise BadInputError(f"{source}: more than {MAX_CONCEPT_LINES} concepts: split it into several files")
+    if not out:
+        raise BadInputError(f"{source} lists no concept: write one concept per line ('concept | kind | anchor', "
+                            "kind and anchor optional; '#' starts a comment line)")
+    return out
+
+
+def read_concepts_file(path: str | Path) -> list[ConceptLine]:
+    """``parse_concepts`` of a UTF-8 text file; a missing or unreadable file is a ``BadInputError``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: no such concepts file") from None
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"{path}: not UTF-8 text (byte {e.start}): save the concepts file as UTF-8") from None
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot read the concepts file ({e.strerror})") from None
+    return parse_concepts(text, source=str(path))
