@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import validation
+from . import distributed, validation
 from .backbone import Backbone
 from .closed_form import factor, solve_factored
 from .guards import entry_point
@@ -128,6 +128,30 @@ class FusionSystem:
             for name, dl in layers:
                 if not self._low_rank(name, dl):
                     self._fold(name, _lora_times_gram(dl, g) * factor)
+
+    def all_reduce(self, groups: list[list[Concept]]) -> None:
+        """Combine the systems that several processes (``distributed.py``) built over their shares of the items:
+        each layer's terms (``sum_i dW_i G_i``: low-rank stacks and kept items formed densely) and ``sum_i G_i`` are
+        summed over the ranks, so that ``solve`` gives every rank the fused result of all items. ``groups``: all
+        items' concepts in their global order (the result's metadata). A no-op in a single process."""
+        if not distributed.active():
+            return
+        if self.solved:
+            raise RuntimeError("this fusion system was solved already: build a new one")
+        d = self.g_sum.shape[0]
+        for name, (out_f, _) in self.shapes.items():
+            dense = self.folded.pop(name, None)
+            dense = torch.zeros(out_f, d, dtype=torch.float64) if dense is None else dense
+            ups, rows = self.low.pop(name, ([], []))
+            if ups:
+                dense = dense + torch.cat(ups, dim=1) @ torch.cat(rows)
+            for lw, g in self.kept:
+                if name in lw.deltas:
+                    dense = dense + _lora_times_gram(lw.deltas[name], g)
+            self.folded[name] = distributed.all_reduce_(dense)
+        self.kept = []
+        distributed.all_reduce_(self.g_sum)
+        self.groups = [list(g) for g in groups]
 
     def solve(self, base: ErasureWeights | None, prior: torch.Tensor | None, lam: float, preserve: float,
               method: str = "mace-fused") -> ErasureWeights:

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 
-from . import validation
+from . import distributed, validation
 from .backbone import Backbone, TextConditioning
 from .closed_form import factor, solve_factored
 from .deltas import TrainableLoRA
@@ -38,6 +39,7 @@ from .prompts import Concept
 from .sampling import sample
 from .settings import Settings
 from .weights import ErasureWeights
+from .workdir import WorkDir, tensor_hash
 
 
 @dataclass(frozen=True)
@@ -177,15 +179,19 @@ def _kv_weights(backbone: Backbone) -> dict[str, torch.Tensor]:
 
 
 def refine(backbone: Backbone, concepts: list[Concept], prior: torch.Tensor | None, lam: float = 0.1,
-           preserve: float = 1.0, end_residues: dict[str, float] | None = None) -> ErasureWeights:
+           preserve: float = 1.0, end_residues: dict[str, float] | None = None,
+           mine: list[int] | None = None) -> ErasureWeights:
     """CFR for all concepts at once; dense K/V deltas. With no concepts the deltas are zero.
 
     ``end_residues``, when given, receives each concept's ``end_residue`` from the same encodings (stage 3 needs it;
-    encoding every concept's prompt pairs a second time cost MACE a third of its text encoding)."""
+    encoding every concept's prompt pairs a second time cost MACE a third of its text encoding).
+    ``mine``: the indices of the concepts this process encodes (several processes, ``distributed.py``): the normal
+    equations' sums over concepts are added up over the ranks (``all_reduce``), so that every rank solves the same
+    system; ``None``: all of them."""
     w0s = _kv_weights(backbone)
     d = next(iter(w0s.values())).shape[1]
     ef_list, eg_list = [torch.zeros(0, d, dtype=torch.float64)], [torch.zeros(0, d, dtype=torch.float64)]
-    for c in concepts:
+    for c in concepts if mine is None else [concepts[i] for i in mine]:
         encoded = encode_pairs(backbone, c)
         if end_residues is not None:
             end_residues[c.text] = end_residue(backbone, c, encoded)
@@ -199,8 +205,12 @@ def refine(backbone: Backbone, concepts: list[Concept], prior: torch.Tensor | No
     # W M2 = W0 A with A = E_g^T E_f + lam I + s C and M2 = E_f^T E_f + lam I + s C, both layer-independent:
     # W = W0 P with P = A M2^-1, solved once for all layers
     eye = torch.eye(d, dtype=torch.float64)
-    a = eg.T @ ef + lam * eye
-    m2 = ef.T @ ef + lam * eye
+    a, m2 = eg.T @ ef, ef.T @ ef
+    if mine is not None:
+        distributed.all_reduce_(a)
+        distributed.all_reduce_(m2)
+    a = a + lam * eye
+    m2 = m2 + lam * eye
     if prior is not None and preserve != 0:
         a = a + preserve * prior.double()
         m2 = m2 + preserve * prior.double()
@@ -417,48 +427,115 @@ class MaceResult:
     unet_evaluations: int = 0
 
 
+def _eta(started: float, done: int, total: int) -> str:
+    """`` (k/n; about X left)`` from the mean time of the finished items; empty before the first one."""
+    if done <= 0 or total <= 1:
+        return f" ({done + 1}/{total})" if total > 1 else ""
+    left = (time.time() - started) / done * (total - done)
+    when = f"{left / 3600:.1f} h" if left >= 5400 else f"{left / 60:.0f} min" if left >= 90 else f"{left:.0f} s"
+    return f" ({done + 1}/{total}; about {when} left in this stage)"
+
+
+def work_manifest(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, prior: torch.Tensor | None,
+                  user_data: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None) -> dict:
+    """What a MACE work directory (``erasure.workdir``) is tied to: everything a finished concept's LoRA depends
+    on (settings, base model, prior, the concept list, which the CFR edit under every LoRA depends on, and users'
+    own images)."""
+    fingerprint = backbone.fingerprint() if hasattr(backbone, "fingerprint") else "unknown"
+    items = []
+    for c in concepts:
+        user = (user_data or {}).get(c.text)
+        items.append({**asdict(c), "user_data": None if user is None else [tensor_hash(user[0]),
+                                                                            tensor_hash(user[1])]})
+    return {"method": "mace", "settings": asdict(settings), "base_model": fingerprint,
+            "prior": tensor_hash(prior), "concepts": items}
+
+
 @entry_point("MACE", "the resolution, images_per_concept or lora_batch")
 def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, prior: torch.Tensor | None,
          user_data: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None,
-         progress: Progress | None = None) -> MaceResult:
-    """All four stages. ``user_data[concept] = (latents, masks or None)`` replaces stage 1 for that concept."""
+         progress: Progress | None = None, work_dir: str | Path | None = None) -> MaceResult:
+    """All four stages. ``user_data[concept] = (latents, masks or None)`` replaces stage 1 for that concept.
+
+    ``work_dir`` (docs/mace.md#many-concepts): each finished concept's LoRA and fusion terms are written there, and a
+    rerun with the same inputs skips the concepts found there (a different run's directory is refused). Several
+    processes (``torch.distributed`` initialised, e.g. by ``distributed.init_from_env`` under ``torchrun``): each rank
+    generates and trains its share of the concepts (``distributed.owned``); the CFR's and the fusion's sums are added
+    up over the ranks, and every rank returns the same fused weights. ``loras`` then holds every concept's
+    ``LoraResult``, with weights only for this rank's concepts; ``data`` holds the concepts this process generated
+    in this run."""
     validation.check_mace_inputs(backbone, concepts, settings)
     progress = as_progress(progress)
     t0 = time.time()
     s = settings
+    several = distributed.active()
+    mine = distributed.owned(len(concepts))
+    wd = (WorkDir.open(work_dir, work_manifest(backbone, concepts, s, prior, user_data)) if work_dir is not None
+          else None)
+    loaded = {}
+    for i in mine if wd is not None else ():
+        got = wd.load(i)
+        if got is not None:
+            loaded[i] = got
+    if wd is not None:
+        progress.say(f"work directory {wd.path}: {len(loaded)} of {len(mine)} concepts finished already"
+                     + (f" (this process's share of {len(concepts)})" if several else ""))
+    todo = [i for i in mine if i not in loaded]
     evals = 0
-    data = []
-    for c in concepts:
-        progress.say(f"stage 1/4: generating {s.images_per_concept} images of {c.text!r}")
+    data: dict[int, ConceptData] = {}
+    started = time.time()
+    for k, i in enumerate(todo):
+        c = concepts[i]
+        progress.say(f"stage 1/4: generating {s.images_per_concept} images of {c.text!r}" + _eta(started, k, len(todo)))
         user = (user_data or {}).get(c.text)
-        data.append(generate_data(backbone, c, s, user_masks=user[1] if user else None,
-                                  user_latents=user[0] if user else None, progress=progress))
+        data[i] = generate_data(backbone, c, s, user_masks=user[1] if user else None,
+                                user_latents=user[0] if user else None, progress=progress)
         if user is None:
             evals += 2 * s.images_per_concept * s.sample_steps
     progress.say("stage 2/4: closed-form refinement of the cross-attention K/V")
     residues: dict[str, float] = {}
-    cfr = refine(backbone, concepts, prior, s.lam, s.preserve, end_residues=residues)
+    cfr = refine(backbone, concepts, prior, s.lam, s.preserve, end_residues=residues, mine=mine if several else None)
     # stage 4's system is built as the LoRAs finish: each enters with the prompt embeddings it trained on
     system = FusionSystem(backbone, mean_prompt_count([[c] for c in concepts]))
-    loras = []
-    for d in data:
-        progress.say(f"stage 3/4: attention-loss LoRA for {d.concept.text!r}")
-        end = s.suppress_end if s.suppress_end is not None else residues[d.concept.text] >= END_RESIDUE_MIN
-        loras.append(train_lora(backbone, d, cfr, s.override(suppress_end=end), progress))
-        system.add(d.concept, loras[-1].weights, embeddings=loras[-1].prompt_embeds)
-        loras[-1].prompt_embeds = None
+    loras: dict[int, LoraResult] = {}
+    started, k = time.time(), 0
+    for i in mine:
+        c = concepts[i]
+        if i in loaded:
+            weights, embeds, info = loaded.pop(i)
+            probe = tuple(info["probe"]) if info["probe"] is not None else None
+            loras[i] = LoraResult(weights, list(info["losses"]), bool(info["suppress_end"]), probe)
+            system.add(c, weights, embeddings=embeds)
+            continue
+        d = data[i]
+        progress.say(f"stage 3/4: attention-loss LoRA for {c.text!r}" + _eta(started, k, len(todo)))
+        end = s.suppress_end if s.suppress_end is not None else residues[c.text] >= END_RESIDUE_MIN
+        lr = loras[i] = train_lora(backbone, d, cfr, s.override(suppress_end=end), progress)
+        if wd is not None:
+            wd.save(i, lr.weights, lr.prompt_embeds, {"losses": lr.losses, "suppress_end": lr.suppress_end,
+                                                      "probe": list(lr.probe) if lr.probe is not None else None})
+        system.add(c, lr.weights, embeddings=lr.prompt_embeds)
+        lr.prompt_embeds = None
+        k += 1
         evals += s.lora_steps * s.lora_batch * 2 + 2 * PROBE_SAMPLES  # forward and backward; the probe twice
-        if loras[-1].stalled():
-            a, b = loras[-1].probe
-            progress.say(f"warning: the attention loss of {d.concept.text!r} only went from {a:.3g} to {b:.3g} on "
+        if lr.stalled():
+            a, b = lr.probe
+            progress.say(f"warning: the attention loss of {c.text!r} only went from {a:.3g} to {b:.3g} on "
                          f"the fixed probe: its LoRA barely changed the attention (lr {s.lora_lr:g}, {s.lora_steps} "
                          "steps); raise the LoRA learning rate or its steps (CLI: --lr, --steps; ComfyUI: lora_lr, "
                          "lora_steps)")
     progress.say("stage 4/4: closed-form fusion")
+    system.all_reduce([[c] for c in concepts])  # several processes: every rank's sums; one: nothing to do
     fused = system.solve(cfr, prior, s.lam, s.fuse_preserve)  # = fuse(backbone, [(c, lr.weights), ...], cfr, ...)
-    used = {c.text: lr.suppress_end for c, lr in zip(concepts, loras, strict=True)}  # suppress_end=None resolved
+    if several:  # the other ranks' LoRAs: their losses and probes (not their weights) for the summary
+        for part in distributed.all_gather_object({i: LoraResult(ErasureWeights(), lr.losses, lr.suppress_end,
+                                                                  lr.probe) for i, lr in loras.items()}):
+            for i, lr in part.items():
+                loras.setdefault(i, lr)
+        evals = int(distributed.all_reduce_(torch.tensor([evals], dtype=torch.float64)).item())
+    ordered = [loras[i] for i in range(len(concepts))]
+    used = {c.text: lr.suppress_end for c, lr in zip(concepts, ordered, strict=True)}  # suppress_end=None resolved
     fused.metadata.update(ErasureWeights.dense({}, method="mace", settings={**asdict(s), "suppress_end_used": used}
                                                ).metadata)
-    fused.metadata.update(joined_curve([(c.text, lr.losses) for c, lr in zip(concepts, loras, strict=True)]))
-    return MaceResult(fused, cfr, loras, data, round(time.time() - t0, 2), evals)
-
+    fused.metadata.update(joined_curve([(c.text, lr.losses) for c, lr in zip(concepts, ordered, strict=True)]))
+    return MaceResult(fused, cfr, ordered, [data[i] for i in sorted(data)], round(time.time() - t0, 2), evals)

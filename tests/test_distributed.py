@@ -1,0 +1,112 @@
+"""MACE over several processes (issue 20, item 2): two CPU processes on gloo give the single-process fused weights."""
+
+from __future__ import annotations
+
+import datetime
+import socket
+
+import pytest
+import torch
+
+from erasure import distributed
+from erasure.mace import MaceSettings, mace
+from erasure.prior import gram
+from erasure.progress import Progress
+from erasure.prompts import Concept, prior_prompts
+
+LAB_TEMPLATES = ("a {c}", "a photo of a {c}", "a red {c}", "a picture of a blue {c}")
+WORDS = ("circle", "square", "star")  # 3 concepts on 2 ranks: rank 0 owns two, rank 1 one
+
+
+def _settings():
+    return MaceSettings(images_per_concept=2, sample_steps=3, guidance=3.0, lora_steps=3, lora_lr=1e-2, lora_batch=2)
+
+
+def _concepts():
+    return [Concept(w, "shape", templates=LAB_TEMPLATES, data_prompt="a photo of a {c}") for w in WORDS]
+
+
+def _tiny_backbone(tokenizer_dir):
+    """tests/conftest.py's ``tiny_backbone`` (the same seeded weights), for the spawned processes."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from erasure.diffusers_backbone import DiffusersBackbone
+    from erasure.lab.model import SCHEDULER_CONFIG, text_config
+
+    torch.manual_seed(0)
+    tok = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=4)
+    cfg = text_config(len(tok), tok.bos_token_id, tok.eos_token_id)
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 32, 64, 2
+    te = CLIPTextModel(cfg)
+    sched = DDPMScheduler(**SCHEDULER_CONFIG)
+    return DiffusersBackbone(unet, [te], [tok], sched.alphas_cumprod, name="tiny")
+
+
+def _worker(rank: int, world: int, port: int, tokenizer_dir: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                         timeout=datetime.timedelta(seconds=120))
+    try:
+        assert distributed.active() and distributed.rank() == rank and distributed.world_size() == world
+        assert distributed.owned(3) == ([0, 2] if rank == 0 else [1])
+        bb = _tiny_backbone(tokenizer_dir)
+        prior = gram(bb, prior_prompts(100))
+        log: list[str] = []
+        res = mace(bb, _concepts(), _settings(), prior, progress=Progress(log=log.append),
+                   work_dir=f"{out_dir}/work")
+        trained = [m.split("'")[1] for m in log if m.startswith("stage 3/4")]
+        torch.save({"deltas": {n: d.matrix() for n, d in res.weights.deltas.items()},
+                    "cfr": {n: d.matrix() for n, d in res.cfr.deltas.items()},
+                    "losses": [lr.losses for lr in res.loras], "trained": trained,
+                    "concepts": res.weights.metadata["erasure.concepts"], "evals": res.unet_evaluations},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_single_process_helpers_are_no_ops():
+    t = torch.ones(3)
+    assert not distributed.active() and distributed.rank() == 0 and distributed.world_size() == 1
+    assert distributed.all_reduce_(t) is t and t.tolist() == [1.0, 1.0, 1.0]
+    assert distributed.owned(3) == [0, 1, 2] and distributed.all_gather_object("x") == ["x"]
+    assert distributed.init_from_env() is False  # no WORLD_SIZE: nothing initialised
+    distributed.barrier()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_two_processes_give_the_single_process_result(tiny_backbone, lab_tokenizer_dir, tmp_path):
+    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(lab_tokenizer_dir), str(tmp_path)), nprocs=2,
+                                join=True)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert r0["trained"] == ["circle", "star"] and r1["trained"] == ["square"]  # sharded, each concept once
+    bb = tiny_backbone
+    prior = gram(bb, prior_prompts(100))
+    ref = mace(bb, _concepts(), _settings(), prior)
+    for r in (r0, r1):  # every rank holds the same, single-process result
+        assert set(r["deltas"]) == set(ref.weights.deltas)
+        for n, m in r["deltas"].items():
+            torch.testing.assert_close(m, ref.weights.deltas[n].matrix(), rtol=0, atol=1e-6)
+        for n, m in r["cfr"].items():
+            torch.testing.assert_close(m, ref.cfr.deltas[n].matrix(), rtol=0, atol=1e-6)
+        # float32 training in processes with another thread count: equal to rounding
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor([lr.losses for lr in ref.loras]),
+                                   rtol=1e-4, atol=1e-6)
+        assert r["concepts"] == ref.weights.metadata["erasure.concepts"] and r["evals"] == ref.unet_evaluations
+    # the work directory the two ranks filled resumes in one process: nothing left to train, the same result
+    log: list[str] = []
+    again = mace(bb, _concepts(), _settings(), prior, progress=Progress(log=log.append), work_dir=tmp_path / "work")
+    assert not any(m.startswith("stage 3/4") for m in log)
+    for n, d in again.weights.deltas.items():
+        torch.testing.assert_close(d.matrix(), ref.weights.deltas[n].matrix(), rtol=0, atol=1e-6)

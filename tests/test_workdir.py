@@ -1,0 +1,118 @@
+"""The resumable work directory (issue 20, item 3): a killed MACE run resumes where it stopped and gives the same
+fused weights; another run's directory is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from erasure.errors import BadInputError
+from erasure.mace import MaceSettings, mace
+from erasure.prior import gram
+from erasure.progress import Progress
+from erasure.prompts import Concept, prior_prompts
+from erasure.workdir import WorkDir
+
+LAB_TEMPLATES = ("a {c}", "a photo of a {c}", "a red {c}", "a picture of a blue {c}")
+WORDS = ("circle", "square", "star")
+
+
+class Killed(Exception):
+    pass
+
+
+def _settings(**kw):
+    return MaceSettings(images_per_concept=2, sample_steps=3, guidance=3.0, lora_steps=3, lora_lr=1e-2,
+                        lora_batch=2).override(**kw)
+
+
+def _concepts():
+    return [Concept(w, "shape", templates=LAB_TEMPLATES, data_prompt="a photo of a {c}") for w in WORDS]
+
+
+def _killer(after: int, log: list[str]):
+    """A progress whose log raises at the LoRA stage of concept ``after + 1`` (the process 'dies' there)."""
+    def say(msg):
+        log.append(msg)
+        if msg.startswith("stage 3/4") and sum(m.startswith("stage 3/4") for m in log) > after:
+            raise Killed(msg)
+    return Progress(log=say)
+
+
+def _assert_same(a, b, atol=1e-6):
+    assert set(a.deltas) == set(b.deltas)
+    for n in a.deltas:
+        torch.testing.assert_close(a.deltas[n].matrix(), b.deltas[n].matrix(), rtol=0, atol=atol)
+
+
+def test_killed_run_resumes_with_the_same_result(tiny_backbone, tmp_path):
+    bb = tiny_backbone
+    prior = gram(bb, prior_prompts(100), tmp_path)
+    s = _settings()
+    ref = mace(bb, _concepts(), s, prior)
+    wd = tmp_path / "work"
+    log: list[str] = []
+    with pytest.raises(Killed):
+        mace(bb, _concepts(), s, prior, progress=_killer(1, log), work_dir=wd)
+    assert sorted(p.name for p in wd.iterdir()) == ["concept-00000.safetensors", "manifest.json"]
+    manifest = json.loads((wd / "manifest.json").read_text())
+    assert manifest["base_model"] == bb.fingerprint() and [c["text"] for c in manifest["concepts"]] == list(WORDS)
+    log2: list[str] = []
+    res = mace(bb, _concepts(), s, prior, progress=Progress(log=log2.append), work_dir=wd)
+    assert any("1 of 3 concepts finished already" in m for m in log2)
+    trained = [m for m in log2 if m.startswith("stage 3/4")]
+    assert trained[0] == "stage 3/4: attention-loss LoRA for 'square' (1/2)"
+    assert trained[1].startswith("stage 3/4: attention-loss LoRA for 'star' (2/2; about ")
+    assert not any("'circle'" in m for m in log2 if m.startswith("stage 1/4"))  # its images are not made again
+    _assert_same(res.weights, ref.weights, atol=1e-7)
+    assert [lr.losses for lr in res.loras] == [lr.losses for lr in ref.loras]
+    assert res.weights.metadata["erasure.concepts"] == ref.weights.metadata["erasure.concepts"]
+    assert len(res.data) == 2 and res.unet_evaluations < ref.unet_evaluations
+    # a third run finds everything finished: no training at all, the same result
+    log3: list[str] = []
+    again = mace(bb, _concepts(), s, prior, progress=Progress(log=log3.append), work_dir=wd)
+    assert not any(m.startswith(("stage 1/4", "stage 3/4")) for m in log3)
+    _assert_same(again.weights, ref.weights, atol=1e-7)
+
+
+def test_another_run_is_refused_and_a_damaged_concept_is_redone(tiny_backbone, tmp_path):
+    bb = tiny_backbone
+    prior = gram(bb, prior_prompts(100), tmp_path)
+    wd = tmp_path / "work"
+    first = mace(bb, _concepts()[:2], _settings(), prior, work_dir=wd)
+    with pytest.raises(BadInputError, match=r"lora_steps 3 -> 4.*new --work-dir"):
+        mace(bb, _concepts()[:2], _settings(lora_steps=4), prior, work_dir=wd)
+    with pytest.raises(BadInputError, match="concept list"):
+        mace(bb, _concepts(), _settings(), prior, work_dir=wd)
+    with pytest.raises(BadInputError, match="prior"):
+        mace(bb, _concepts()[:2], _settings(), prior * 2, work_dir=wd)
+    # a truncated concept file counts as unfinished: that concept is trained again, with the same result
+    f = wd / "concept-00001.safetensors"
+    f.write_bytes(f.read_bytes()[:-10])
+    log: list[str] = []
+    again = mace(bb, _concepts()[:2], _settings(), prior, progress=Progress(log=log.append), work_dir=wd)
+    assert [m for m in log if m.startswith("stage 3/4")] == ["stage 3/4: attention-loss LoRA for 'square'"]
+    _assert_same(again.weights, first.weights, atol=1e-7)
+    # another base model (its K/V weights changed)
+    with torch.no_grad():
+        next(iter(bb.cross_attention_kv().values())).weight.add_(0.01)
+    with pytest.raises(BadInputError, match="base model"):
+        mace(bb, _concepts()[:2], _settings(), prior, work_dir=wd)
+
+
+def test_a_low_rank_and_a_dense_entry_round_trip(tmp_path):
+    from erasure.weights import Delta, ErasureWeights
+
+    w = ErasureWeights({"a": Delta(up=torch.randn(4, 1), down=torch.randn(1, 3), scale=0.5),
+                        "b": Delta(dense=torch.randn(4, 3))}, {"erasure.method": "x"})
+    d = WorkDir.open(tmp_path / "w", {"concepts": [{"text": "x"}]})
+    assert d.load(0) is None
+    d.save(0, w, torch.ones(2, 3, dtype=torch.float64), {"losses": [1.0]})
+    got, emb, info = d.load(0)
+    assert info == {"losses": [1.0]} and emb.dtype == torch.float64 and got.metadata == w.metadata
+    for n in w.deltas:
+        torch.testing.assert_close(got.deltas[n].matrix(), w.deltas[n].matrix())
+    with pytest.raises(BadInputError, match="belongs to another run"):
+        WorkDir.open(tmp_path / "w", {"concepts": [{"text": "y"}]})
