@@ -457,13 +457,13 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
          progress: Progress | None = None, work_dir: str | Path | None = None) -> MaceResult:
     """All four stages. ``user_data[concept] = (latents, masks or None)`` replaces stage 1 for that concept.
 
-    ``work_dir`` (docs/mace.md#many-concepts): each finished concept's LoRA and fusion terms are written there, and a
-    rerun with the same inputs skips the concepts found there (a different run's directory is refused). Several
-    processes (``torch.distributed`` initialised, e.g. by ``distributed.init_from_env`` under ``torchrun``): each rank
-    generates and trains its share of the concepts (``distributed.owned``); the CFR's and the fusion's sums are added
-    up over the ranks, and every rank returns the same fused weights. ``loras`` then holds every concept's
-    ``LoraResult``, with weights only for this rank's concepts; ``data`` holds the concepts this process generated
-    in this run."""
+    ``work_dir``: each finished concept's LoRA and fusion terms are written there, and a rerun with the same inputs
+    skips the concepts found there (a different run's directory is refused). Several processes (``torch.distributed``
+    initialised, e.g. by ``distributed.init_from_env`` under ``torchrun``): each rank generates and trains its share
+    of the concepts (``distributed.owned``); the CFR's and the fusion's sums are added up over the ranks, and every
+    rank returns the same fused weights. ``loras`` then holds every concept's ``LoraResult``, with weights only for
+    this rank's concepts; ``data`` holds the concepts this process generated in this run. Both: docs/mace.md, "Many
+    concepts"."""
     validation.check_mace_inputs(backbone, concepts, settings)
     progress = as_progress(progress)
     t0 = time.time()
