@@ -480,6 +480,9 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
     if wd is not None:
         progress.say(f"work directory {wd.path}: {len(loaded)} of {len(mine)} concepts finished already"
                      + (f" (this process's share of {len(concepts)})" if several else ""))
+        # a progress total over this process's concepts (sampling steps + LoRA steps each) stays right
+        progress.step(sum((0 if concepts[i].text in (user_data or {}) else s.sample_steps) + s.lora_steps
+                          for i in loaded))
     todo = [i for i in mine if i not in loaded]
     evals = 0
     data: dict[int, ConceptData] = {}

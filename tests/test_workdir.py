@@ -60,7 +60,9 @@ def test_killed_run_resumes_with_the_same_result(tiny_backbone, tmp_path):
     manifest = json.loads((wd / "manifest.json").read_text())
     assert manifest["base_model"] == bb.fingerprint() and [c["text"] for c in manifest["concepts"]] == list(WORDS)
     log2: list[str] = []
-    res = mace(bb, _concepts(), s, prior, progress=Progress(log=log2.append), work_dir=wd)
+    steps: list[int] = []
+    res = mace(bb, _concepts(), s, prior, progress=Progress(log=log2.append, update=steps.append), work_dir=wd)
+    assert sum(steps) == 3 * (s.sample_steps + s.lora_steps) and steps[0] == s.sample_steps + s.lora_steps
     assert any("1 of 3 concepts finished already" in m for m in log2)
     trained = [m for m in log2 if m.startswith("stage 3/4")]
     assert trained[0] == "stage 3/4: attention-loss LoRA for 'square' (1/2)"
