@@ -135,14 +135,22 @@ def test_images_with_a_vae_equal_their_latents(comfy, loaded, mace_env):
         _run(node, model, clip, "cat", images=pixels, vae=vae, latents=_images(vae, 2))
 
 
-def test_lora_lr_widget_reaches_the_settings_and_zero_keeps_the_preset(comfy, loaded, mace_env):
-    """The learning-rate widget the stalled-LoRA warning points to: 0 = the preset's, else the given value."""
+def test_lora_lr_from_the_settings_node_and_the_preset_otherwise(comfy, loaded, mace_env):
+    """The learning rate the stalled-LoRA warning points to, set on a MACE Settings node; left at its default, the
+    preset's (person: the reference's 1e-4)."""
     import json
 
     node, _ = mace_env
     model, clip, _ = loaded
-    _, preset = _run(node, model, clip, "cat")
-    _, raised = _run(node, model, clip, "cat", lora_lr=1e-3)
-    assert json.loads(preset.metadata["erasure.settings"])["lora_lr"] == 1e-5  # the object preset's (reference)
+    settings = comfy["nodes"].NODE_CLASS_MAPPINGS["MACESettings"]
+    from .test_pack import widget_defaults
+
+    def with_settings(**kw):
+        out = settings.execute(**(widget_defaults(settings) | {"lora_steps": 3, "resolution": "64"} | kw))
+        return _out(out, 0)
+
+    _, preset = _run(node, model, clip, "cat", preset="person", settings=with_settings())
+    _, raised = _run(node, model, clip, "cat", preset="person", settings=with_settings(lora_lr=1e-3))
+    assert json.loads(preset.metadata["erasure.settings"])["lora_lr"] == 1e-4  # the person preset's (reference)
     assert json.loads(raised.metadata["erasure.settings"])["lora_lr"] == 1e-3
     assert any(not torch.equal(preset[k], raised[k]) for k in preset), "the learning rate changed nothing"
