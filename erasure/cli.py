@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import __version__, loss_curve
+from . import __version__, distributed, loss_curve
 from .ant import (
     CHECKPOINTING,
     FUSE_LAM,
@@ -62,7 +62,7 @@ from .loss_curve import curve_from_metadata
 from .mace import PRESETS, MaceSettings, mace
 from .prior import gram
 from .progress import Progress
-from .prompts import CONCEPT_TEMPLATES, Concept, prior_prompts, split_list
+from .prompts import CONCEPT_TEMPLATES, Concept, prior_prompts, read_concepts_file, split_list
 from .report import ReportSettings, add_to_metadata, erasure_report, report_line, report_steps
 from .single_file import load_single_file
 from .user_images import find_user_images, load_user_data
@@ -323,7 +323,10 @@ MACE_HELP = {
 
 
 def _mace(args: argparse.Namespace) -> int:
-    concepts = _parse_concepts(args.concepts)
+    if bool(args.concepts) == bool(args.concepts_file):
+        raise SystemExit("error: give --concepts \"a; b; c\" or --concepts-file FILE (one of them)")
+    lines = read_concepts_file(args.concepts_file) if args.concepts_file else None
+    concepts = [ln.text for ln in lines] if lines is not None else _parse_concepts(args.concepts)
     if not concepts:
         raise SystemExit("error: no concepts given; use --concepts \"a; b; c\"")
     concepts = check_concepts(concepts)
@@ -334,21 +337,34 @@ def _mace(args: argparse.Namespace) -> int:
     s.validate()
     if args.image_dir:
         find_user_images(args.image_dir, concepts)  # the layout's errors before a long model load
+    distributed.init_from_env(args.device)  # under torchrun: before the model, so "cuda" is this rank's GPU
+    main = distributed.is_main()
     backbone = _load_model(args, need_vae=bool(args.image_dir))
     lab = args.model == "lab"
     items = []
     for i, c in enumerate(concepts):
         anchor = anchors[min(i, len(anchors) - 1)] if anchors else None
-        items.append(lab_concept(c, anchor) if lab else Concept(c, anchor or s.anchor, s.kind))
+        if lines is not None and lines[i].anchor is not None:
+            anchor = lines[i].anchor
+        if lab:
+            items.append(lab_concept(c, anchor))
+        else:
+            kind = lines[i].kind if lines is not None and lines[i].kind else s.kind
+            items.append(Concept(c, anchor or s.anchor, kind))
     check_mace_inputs(backbone, items, s)  # before the prior, which costs a text-encoder pass per prompt
     user_data = (load_user_data(backbone, args.image_dir, concepts, Progress(log=print)) if args.image_dir
                  else {})
     prior = (lab_prior(backbone, concepts) if lab
              else gram(backbone, prior_prompts(exclude=concepts, extra_file=args.prior_file), cache_dir()))
-    total = sum((0 if c in user_data else s.sample_steps) + s.lora_steps for c in concepts)
+    mine = [concepts[i] for i in distributed.owned(len(concepts))]  # all of them in one process
+    total = sum((0 if c in user_data else s.sample_steps) + s.lora_steps for c in mine)
     t0 = time.time()
-    with _bar(total, "MACE") as bar:
-        res = mace(backbone, items, s, prior, user_data=user_data, progress=_progress(bar))
+    with _bar(total, "MACE") if main else tqdm(disable=True) as bar:
+        res = mace(backbone, items, s, prior, user_data=user_data, progress=_progress(bar) if main else Progress(),
+                   work_dir=args.work_dir)
+    if not main:  # rank 0 writes the file and the summary
+        distributed.barrier()
+        return 0
     res.weights.metadata["erasure.base_model"] = backbone.fingerprint()
     elapsed = time.time() - t0
     report = _report(args, backbone, res.weights, items)
@@ -360,9 +376,12 @@ def _mace(args: argparse.Namespace) -> int:
     for c, lr in zip(concepts, res.loras, strict=True):
         where = "concept tokens, end token and padding" if lr.suppress_end else "concept tokens only"
         print(f"  {c!r}: attention loss ({where}) {_loss_span(lr)}")
+    if distributed.world_size() > 1 or args.work_dir:
+        print(f"  {distributed.world_size()} process(es); work directory {args.work_dir or '(none)'}")
     print(_report_summary(report))
     print(f"wrote {args.out} ({len(res.weights.deltas)} K/V matrices; LoRA relative error {err:.1e}){curve}")
     _print_model_note(args)
+    distributed.barrier()  # the other ranks exit after the file is written
     return 0
 
 
@@ -376,7 +395,11 @@ def _loss_span(lora) -> str:
 def add_mace_command(sub) -> None:
     mc = sub.add_parser("mace", help="MACE: mass concept erasure -> LoRA file")
     _add_model_flags(mc)
-    mc.add_argument("--concepts", required=True, help="';'-separated, e.g. \"circle; red; striped\"")
+    mc.add_argument("--concepts", help="';'-separated, e.g. \"circle; red; striped\"")
+    mc.add_argument("--concepts-file", metavar="FILE",
+                    help="one concept per line: 'concept | kind | anchor' (kind and anchor optional; '#' comments)")
+    mc.add_argument("--work-dir", metavar="DIR",
+                    help="keep each finished concept here; rerun the same command to resume after a stop")
     mc.add_argument("--anchors", help="';'-separated: one for all concepts or one per concept (default: preset's)")
     mc.add_argument("--preset", choices=sorted(PRESETS), default="object")
     mc.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")

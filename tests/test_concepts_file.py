@@ -53,3 +53,32 @@ def test_missing_and_non_utf8_files(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9\n")
     with pytest.raises(BadInputError, match="UTF-8"):
         read_concepts_file(tmp_path / "bad.txt")
+
+
+def test_cli_mace_reads_a_concepts_file_with_kinds_and_anchors(tiny_backbone, tmp_path, monkeypatch):
+    """``python -m erasure mace --concepts-file``: each line's kind and anchor reach MACE, with the work directory;
+    --concepts and --concepts-file together are refused."""
+    from erasure import cli
+
+    captured = {}
+
+    def fake_mace(backbone, items, s, prior, work_dir=None, **kw):
+        captured.update(items=items, work_dir=work_dir)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli, "mace", fake_mace)
+    monkeypatch.setattr(cli, "_load_model", lambda args, need_vae=False: tiny_backbone)
+    monkeypatch.setattr(cli, "check_mace_inputs", lambda *a, **k: None)  # the lab vocabulary has no 'kettle'
+    monkeypatch.setattr(cli, "gram", lambda *a, **k: None)
+    monkeypatch.setenv("ERASURE_CACHE", str(tmp_path))
+    f = tmp_path / "names.txt"
+    f.write_text("# artists and things\nkettle\nvan gogh | style | art\nmickey mouse | | a cartoon\n")
+    with pytest.raises(SystemExit):
+        cli.main(["mace", "--model", "x.safetensors", "--concepts-file", str(f), "--work-dir", str(tmp_path / "w"),
+                  "--out", str(tmp_path / "x.safetensors")])
+    got = [(c.text, c.kind, c.anchor) for c in captured["items"]]
+    assert got == [("kettle", "object", "background"), ("van gogh", "style", "art"),
+                   ("mickey mouse", "object", "a cartoon")]
+    assert captured["work_dir"] == str(tmp_path / "w")
+    with pytest.raises(SystemExit, match="one of them"):
+        cli.main(["mace", "--concepts", "a", "--concepts-file", str(f), "--out", str(tmp_path / "y.safetensors")])

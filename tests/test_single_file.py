@@ -159,7 +159,7 @@ def test_cli_runs_mace_and_ant_on_a_single_file(tmp_path, monkeypatch, capsys):
         tmp_path / "imgs" / "cat" / "x.png")
     out = tmp_path / "mace.safetensors"
     assert main(["mace", "--model", str(ckpt), "--tokenizer", str(tok), "--concepts", "cat", "--image-dir",
-                 str(tmp_path / "imgs"), "--steps", "2", "--out", str(out)]) == 0
+                 str(tmp_path / "imgs"), "--steps", "2", "--no-report", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "SD1.x single file" in text and f"tokenizer from {tok}" in text and "VAE converted" in text
     from erasure.lora_files import load_lora
@@ -171,7 +171,7 @@ def test_cli_runs_mace_and_ant_on_a_single_file(tmp_path, monkeypatch, capsys):
     out = tmp_path / "ant.safetensors"
     assert main(["ant", "--model", str(ckpt), "--concept", "cat", "--scope", "xattn", "--steps", "2",
                  "--trajectories", "1", "--trajectory-steps", "4", "--early-steps", "1", "--batch-size", "1",
-                 "--resolution", "64", "--out", str(out)]) == 0
+                 "--resolution", "64", "--no-report", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "built-in CLIP BPE" in text and "VAE not loaded" in text and out.exists()
     assert f"loss curve {tmp_path / 'ant.loss.png'}" in text and (tmp_path / "ant.loss.png").stat().st_size > 0
