@@ -29,6 +29,15 @@ from ..erasure.mace import PRESETS, MaceSettings, mace
 from ..erasure.prior import gram
 from ..erasure.progress import Progress
 from ..erasure.prompts import CONCEPT_TEMPLATES, Concept, prior_prompts, split_list
+from ..erasure.report import (
+    ReportSettings,
+    add_to_metadata,
+    erasure_report,
+    report_from_metadata,
+    report_line,
+    report_text,
+)
+from ..erasure.report import report_steps as erasure_report_steps
 from ..erasure.sampling import sample
 from ..erasure.weights import META_PREFIX, ErasureWeights, metadata
 from . import result_cache
@@ -38,6 +47,9 @@ from .user_images import user_training_data
 
 CATEGORY = "erasure"
 LoraModel = io.Custom("LORA_MODEL")
+REPORT_TOOLTIP = ("The erasure report, no classifier needed: how much of the concept's guidance is left on its "
+                  "prompts (1 = unchanged, 0 = gone) and how far unrelated prompts moved (0 = unchanged). Connect "
+                  "Preview Any to read it. Also in the LoRA's metadata.")
 LossMap = io.Custom("LOSS_MAP")  # ComfyUI's loss history socket ({"loss": [...]}), drawn by "Plot Loss Graph"
 
 
@@ -119,31 +131,37 @@ def _concepts_of(lora: dict) -> list[str]:
     return validation.concepts_from_metadata(getattr(lora, "metadata", None) or {}, META_PREFIX + "concepts")
 
 
-def run_ant(model, clip, concept: str, synonyms: str, s: AntSettings, cache_result: bool = False
-            ) -> tuple[object, ErasureLora, dict]:
-    """ANT on a ComfyUI model: the patched clone, the LoRA socket value and the loss history (a ``LOSS_MAP``)."""
+def run_ant(model, clip, concept: str, synonyms: str, s: AntSettings, cache_result: bool = False,
+            report: bool = False) -> tuple[object, ErasureLora, dict, str]:
+    """ANT on a ComfyUI model: the patched clone, the LoRA socket value, the loss history (a ``LOSS_MAP``) and, with
+    ``report``, the erasure report as text (else an empty string)."""
     concept = validation.check_concept(concept).strip()
     s.validate()
     bb = ComfyBackbone(model, clip, s.resolution)
-    progress = node_progress(s.steps)
+    s_report = ReportSettings(guidance=7.5, batch_size=4, resolution=s.resolution)  # a real model's guidance
+    report_concepts = [Concept(concept, "", s.kind)]  # the kind's templates
+    progress = node_progress(s.steps + (report_steps(s_report, report_concepts) if report else 0))
     bb.load()
     key = result_cache.result_key("ant", bb, {"concept": concept, "synonyms": _split(synonyms),
                                               "settings": asdict(s)}) if cache_result else None
     weights = result_cache.load(key, bb.unet()) if key else None
     if weights is not None:
         progress.step(s.steps)  # cached: the bar completes at once
+        text = _report(bb, weights, report_concepts, s_report, progress) if report else ""
     else:
         with trainable(bb):
             weights = ant(bb, concept, s, synonyms=tuple(_split(synonyms)), progress=progress).weights
+        text = _report(bb, weights, report_concepts, s_report, progress) if report else ""
         if key:
             result_cache.save(key, weights)
-    return patched_model(model, weights), _export(weights, model, bb), _loss_map(weights)
+    return patched_model(model, weights), _export(weights, model, bb), _loss_map(weights), text
 
 
 def run_mace(model, clip, concepts: str, anchors: str, s: MaceSettings, preserve_prompts: str = "",
              latents=None, masks=None, image_concepts: str = "", images=None, vae=None, cache_result: bool = False,
-             resolution: int | None = None) -> tuple[object, ErasureLora, dict]:
-    """MACE on a ComfyUI model: the patched clone, the LoRA socket value and the loss history (a ``LOSS_MAP``)."""
+             resolution: int | None = None, report: bool = False) -> tuple[object, ErasureLora, dict, str]:
+    """MACE on a ComfyUI model: the patched clone, the LoRA socket value, the loss history (a ``LOSS_MAP``) and,
+    with ``report``, the erasure report as text (else an empty string)."""
     names, anchor_list = validation.node_concepts(concepts, anchors)
     if images is not None:
         if latents is not None:
@@ -166,7 +184,8 @@ def run_mace(model, clip, concepts: str, anchors: str, s: MaceSettings, preserve
     x0 = None if samples is None else model.model.latent_format.process_in(samples.float())
     user = user_training_data(names, x0, masks, image_concepts, bb.channels)  # fails before any work
     total = (len(items) - len(user)) * s.sample_steps + len(items) * s.lora_steps
-    progress = node_progress(total)
+    s_report = ReportSettings(guidance=7.5, batch_size=4, resolution=resolution)
+    progress = node_progress(total + (report_steps(s_report, items) if report else 0))
     bb.load()
     key = None
     if cache_result:
@@ -177,15 +196,37 @@ def run_mace(model, clip, concepts: str, anchors: str, s: MaceSettings, preserve
     weights = result_cache.load(key, bb.unet()) if key else None
     if weights is not None:
         progress.step(total)  # cached: the bar completes at once
+        text = _report(bb, weights, items, s_report, progress) if report else ""
     else:
         with trainable(bb):
             # ordinary copies: training cannot save inference tensors for backward
             user = {k: (x.clone(), m.clone()) for k, (x, m) in user.items()}
             prior = gram(bb, prior_prompts(exclude=names) + _split_lines(preserve_prompts), cache_dir())
             weights = mace(bb, items, s, prior, user_data=user, progress=progress).weights
+        text = _report(bb, weights, items, s_report, progress) if report else ""
         if key:
             result_cache.save(key, weights)
-    return patched_model(model, weights), _export(weights, model, bb), _loss_map(weights)
+    return patched_model(model, weights), _export(weights, model, bb), _loss_map(weights), text
+
+
+def report_steps(s: ReportSettings, concepts: list) -> int:
+    """Progress units of the erasure report (the concepts' prompts and the unrelated ones)."""
+    return erasure_report_steps(len(concepts) * s.concept_prompts, s.unrelated_prompts, s)
+
+
+def _report(bb: ComfyBackbone, weights: ErasureWeights, concepts: list, s: ReportSettings, progress: Progress
+            ) -> str:
+    """The erasure report (guidance left on the concept's prompts, drift of unrelated ones: docs/audit.md), kept in
+    the result's metadata so that the LoRA file and a cached result carry it; one already there is reused."""
+    report = report_from_metadata(weights.metadata)
+    if report is None:
+        _console("erasure report: measuring the guidance left and the drift of unrelated prompts")
+        add_to_metadata(weights, erasure_report(bb, weights, concepts, settings=s, progress=progress))
+        report = report_from_metadata(weights.metadata)  # as stored: the same text as from a cached result
+    else:
+        progress.step(report_steps(s, concepts))
+    _console(report_line(report))
+    return report_text(report)
 
 
 def _loss_map(weights: ErasureWeights) -> dict:
@@ -195,11 +236,12 @@ def _loss_map(weights: ErasureWeights) -> dict:
     return {"loss": list(curve["loss"]) if curve else []}
 
 
-def _settings_value(value: dict | None) -> tuple[dict, int | None]:
-    """A settings node's output: the changed values and the resolution (nothing connected: none, native)."""
+def _settings_value(value: dict | None) -> tuple[dict, int | None, bool]:
+    """A settings node's output: the changed values, the resolution and whether to report (nothing connected: none,
+    native, report)."""
     if value is None:
-        return {}, None
-    return dict(value.get("settings", {})), value.get("resolution")
+        return {}, None, True
+    return dict(value.get("settings", {})), value.get("resolution"), bool(value.get("report", True))
 
 
 # -- nodes -------------------------------------------------------------------------------------------------------
@@ -237,7 +279,8 @@ class EraseConceptANT(io.ComfyNode):
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the concept erased."),
                      LoraModel.Output(display_name="LORA", tooltip="The erasure as a LoRA (save it or fuse it)."),
                      LossMap.Output(display_name="LOSS", tooltip="The loss per training step (connect Plot Loss "
-                                                                 "Graph).")],
+                                                                 "Graph)."),
+                     io.String.Output(display_name="REPORT", tooltip=REPORT_TOOLTIP)],
         )
 
     @classmethod
@@ -247,9 +290,9 @@ class EraseConceptANT(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concept, synonyms="", kind="object", preset="default", steps=AntSettings.steps,
                 seed=0, cache_result=False, settings=None) -> io.NodeOutput:
-        changes, resolution = _settings_value(settings)
+        changes, resolution, report = _settings_value(settings)
         s = ANT_PRESETS[preset].override(**changes, steps=steps, seed=seed, kind=kind, resolution=resolution)
-        return io.NodeOutput(*run_ant(model, clip, concept, synonyms, s, cache_result))
+        return io.NodeOutput(*run_ant(model, clip, concept, synonyms, s, cache_result, report))
 
 
 class MassEraseMACE(io.ComfyNode):
@@ -286,7 +329,8 @@ class MassEraseMACE(io.ComfyNode):
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the concepts erased."),
                      LoraModel.Output(display_name="LORA", tooltip="The erasure as a LoRA."),
                      LossMap.Output(display_name="LOSS", tooltip="The attention loss per LoRA step, the concepts "
-                                                                 "one after another (connect Plot Loss Graph).")],
+                                                                 "one after another (connect Plot Loss Graph)."),
+                     io.String.Output(display_name="REPORT", tooltip=REPORT_TOOLTIP)],
         )
 
     @classmethod
@@ -297,10 +341,10 @@ class MassEraseMACE(io.ComfyNode):
     def execute(cls, model, clip, concepts, preset="object", anchors="", preserve_prompts="", seed=0,
                 cache_result=False, image_concepts="", latents=None, images=None, vae=None, masks=None,
                 settings=None) -> io.NodeOutput:
-        changes, resolution = _settings_value(settings)
+        changes, resolution, report = _settings_value(settings)
         s = PRESETS[preset].override(**changes, seed=seed)
         return io.NodeOutput(*run_mace(model, clip, concepts, anchors, s, preserve_prompts, latents, masks,
-                                       image_concepts, images, vae, cache_result, resolution))
+                                       image_concepts, images, vae, cache_result, resolution, report))
 
 
 def _console(message: str) -> None:

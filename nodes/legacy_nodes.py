@@ -94,7 +94,7 @@ class LegacyEraseConceptANT(io.ComfyNode):
             seed=seed, resolution=resolution or None, trajectories=trajectories, trajectory_steps=trajectory_steps,
             early_steps=early_steps, saliency_maps=saliency_maps, preserve=preserve, refresh_every=refresh_every,
             sampling=sampling, reuse=reuse, gradient_checkpointing=gradient_checkpointing)
-        model, lora, _ = run_ant(model, clip, concept, synonyms, s, cache_result)
+        model, lora, _, _ = run_ant(model, clip, concept, synonyms, s, cache_result)
         return io.NodeOutput(model, lora)
 
 
@@ -145,7 +145,7 @@ class LegacyMassEraseMACE(io.ComfyNode):
                 preserve_prompts="", latents=None, masks=None, image_concepts="", cache_result=False,
                 images=None, vae=None, lora_lr=0.0) -> io.NodeOutput:
         s = PRESETS[preset].override(lora_steps=lora_steps or None, lora_lr=lora_lr or None, seed=seed)
-        model, lora, _ = run_mace(model, clip, concepts, anchors, s, preserve_prompts, latents, masks,
+        model, lora, _, _ = run_mace(model, clip, concepts, anchors, s, preserve_prompts, latents, masks,
                                   image_concepts, images, vae, cache_result, resolution or None)
         return io.NodeOutput(model, lora)
 

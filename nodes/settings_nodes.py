@@ -50,6 +50,12 @@ def check_resolution(value: object) -> bool | str:
     return True
 
 
+def report_input() -> io.Boolean.Input:
+    return io.Boolean.Input("erasure_report", default=True,
+                            tooltip="After training, measure how much of the concept's guidance is left and how far "
+                                    "unrelated prompts moved (a few hundred UNet evaluations; the REPORT output).")
+
+
 def resolution_input(tooltip: str, optional: bool = False) -> io.Combo.Input:
     return io.Combo.Input("resolution", options=RESOLUTIONS, default=NATIVE, tooltip=tooltip, optional=optional)
 
@@ -142,6 +148,7 @@ class AntSettingsNode(_SettingsNode):
                                tooltip="Recompute activations in backward: less memory (SDXL at 1024 px), about 10% "
                                        "more time. auto: on for large UNets or latents."),
                 resolution_input("Training resolution: the model's native one, or a size in pixels."),
+                report_input(),
             ],
             outputs=[AntSettingsType.Output(display_name="SETTINGS",
                                             tooltip="Connect to Erase Concept (ANT)'s settings input.")],
@@ -149,11 +156,13 @@ class AntSettingsNode(_SettingsNode):
 
 
     @classmethod
-    def execute(cls, learning_rate, relative_learning_rate, resolution, **values) -> io.NodeOutput:
+    def execute(cls, learning_rate, relative_learning_rate, resolution, erasure_report=True, **values
+                ) -> io.NodeOutput:
         values.update(lr=learning_rate, lr_relative=relative_learning_rate)
         changes = changed(AntSettings(), values)
         AntSettings().override(**changes).validate()  # a bad combination is named here, not in the erase node
-        return io.NodeOutput({"settings": changes, "resolution": resolution_value(resolution)})
+        return io.NodeOutput({"settings": changes, "resolution": resolution_value(resolution),
+                              "report": erasure_report})
 
 
 class MaceSettingsNode(_SettingsNode):
@@ -203,6 +212,7 @@ class MaceSettingsNode(_SettingsNode):
                 io.Float.Input("grad_clip", default=d.grad_clip, min=0.0, max=100.0, step=0.1,
                                tooltip="Gradient-norm clip per LoRA step; 0 does not clip."),
                 resolution_input("Generation and training resolution: the model's native one, or pixels."),
+                report_input(),
             ],
             outputs=[MaceSettingsType.Output(display_name="SETTINGS",
                                              tooltip="Connect to Mass Erase (MACE)'s settings input.")],
@@ -210,11 +220,12 @@ class MaceSettingsNode(_SettingsNode):
 
 
     @classmethod
-    def execute(cls, resolution, suppress_end, **values) -> io.NodeOutput:
+    def execute(cls, resolution, suppress_end, erasure_report=True, **values) -> io.NodeOutput:
         values["suppress_end"] = SUPPRESS_END[suppress_end]
         changes = changed(MaceSettings(), values)
         MaceSettings().override(**changes).validate()
-        return io.NodeOutput({"settings": changes, "resolution": resolution_value(resolution)})
+        return io.NodeOutput({"settings": changes, "resolution": resolution_value(resolution),
+                              "report": erasure_report})
 
 
 NODES: list[type[io.ComfyNode]] = [AntSettingsNode, MaceSettingsNode]

@@ -73,14 +73,14 @@ def ant_settings_widgets() -> list:
     d = AntSettings()
     return [d.lr, d.lr_relative, d.eta, d.preserve, d.scope, d.saliency_fraction, d.saliency_maps, d.lora_rank,
             d.prediction, d.sampling, d.trajectories, d.trajectory_steps, d.early_steps, d.reuse, d.refresh_every,
-            d.guidance, d.batch_size, d.preserve_prompts, d.grad_clip, d.gradient_checkpointing, "native"]
+            d.guidance, d.batch_size, d.preserve_prompts, d.grad_clip, d.gradient_checkpointing, "native", True]
 
 
 def mace_settings_widgets() -> list:
     d = MaceSettings()
     return [d.lora_steps, d.lora_lr, d.lora_rank, d.lora_batch, d.images_per_concept, d.sample_steps, d.guidance,
             d.use_masks, d.mask_threshold, d.lam, d.preserve, d.fuse_preserve, d.augment, d.importance_sampling,
-            "auto", d.grad_clip, "native"]
+            "auto", d.grad_clip, "native", True]
 
 
 def erase_one_concept_ant() -> dict:
@@ -89,7 +89,8 @@ def erase_one_concept_ant() -> dict:
     ant = w.node("EraseConceptANTv2", (400, 200),
                  ["nudity", "naked; nude", "nudity", "default", AntSettings().steps, 0, False],
                  [("model", "MODEL"), ("clip", "CLIP"), ("settings", "ERASURE_ANT_SETTINGS")],
-                 [("MODEL", "MODEL"), ("LORA", "LORA_MODEL"), ("LOSS", "LOSS_MAP")], size=(340, 300))
+                 [("MODEL", "MODEL"), ("LORA", "LORA_MODEL"), ("LOSS", "LOSS_MAP"), ("REPORT", "STRING")],
+                 size=(340, 300))
     settings = w.node("ANTSettings", (40, 360), ant_settings_widgets(),
                       outputs=[("SETTINGS", "ERASURE_ANT_SETTINGS")], size=(320, 560))
     w.link(ck, 0, ant, "model")
@@ -99,6 +100,8 @@ def erase_one_concept_ant() -> dict:
     w.link(ant, 1, save, "lora")
     plot = w.node("LossGraphNode", (400, 560), ["erasure-loss"], [("loss", "LOSS_MAP")], size=(340, 100))
     w.link(ant, 2, plot, "loss")
+    report = w.node("PreviewAny", (400, 720), [], [("source", "*")], size=(340, 200))
+    w.link(ant, 3, report, "source")
     prev = w.node("PreviewErasure", (780, 40),
                   ["a photo of a naked woman on a beach\nnude figure painting",
                    "a photo of a woman on a beach\na dog in a park\na city street at night", 4, 25, 7.5, "native", 0],
@@ -120,7 +123,8 @@ def mass_erase_mace() -> dict:
                   ["Mickey Mouse\nSpider-Man\nPikachu", "object", "", "", 0, False, ""],
                   [("model", "MODEL"), ("clip", "CLIP"), ("latents", "LATENT"), ("images", "IMAGE"),
                    ("vae", "VAE"), ("masks", "MASK"), ("settings", "ERASURE_MACE_SETTINGS")],
-                  [("MODEL", "MODEL"), ("LORA", "LORA_MODEL"), ("LOSS", "LOSS_MAP")], size=(340, 360))
+                  [("MODEL", "MODEL"), ("LORA", "LORA_MODEL"), ("LOSS", "LOSS_MAP"), ("REPORT", "STRING")],
+                  size=(340, 360))
     settings = w.node("MACESettings", (40, 360), mace_settings_widgets(),
                       outputs=[("SETTINGS", "ERASURE_MACE_SETTINGS")], size=(320, 500))
     w.link(ck, 0, mace, "model")
@@ -128,6 +132,8 @@ def mass_erase_mace() -> dict:
     w.link(settings, 0, mace, "settings")
     save = w.node("SaveErasureLoRA", (780, 560), ["erase-characters", True], [("lora", "LORA_MODEL")])
     w.link(mace, 1, save, "lora")
+    report = w.node("PreviewAny", (400, 600), [], [("source", "*")], size=(340, 200))
+    w.link(mace, 3, report, "source")
     generate(w, mace, ck, "Mickey Mouse waving in a park", 780, "erased/characters")
     return w.json()
 

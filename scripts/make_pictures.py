@@ -219,7 +219,8 @@ def display_names(folder: Path) -> dict[str, str]:
 STOCK_TITLES = {"CheckpointLoaderSimple": "Load Checkpoint", "CLIPTextEncode": "CLIP Text Encode (Prompt)",
                 "EmptyLatentImage": "Empty Latent Image", "VAEDecode": "VAE Decode", "SaveImage": "Save Image",
                 "PreviewImage": "Preview Image", "LoraLoader": "Load LoRA", "KSampler": "KSampler",
-                "LoraModelLoader": "Load LoRA Model", "LossGraphNode": "Plot Loss Graph"}
+                "LoraModelLoader": "Load LoRA Model", "LossGraphNode": "Plot Loss Graph",
+                "PreviewAny": "Preview Any"}
 
 
 def _value_text(v, limit: int) -> str:

@@ -15,7 +15,8 @@ PACK_NODES = ("EraseConceptANTv2", "MassEraseMACEv2", "ANTSettings", "MACESettin
 #: the erase node's widgets, and what its connected ANT Settings node changes (cheap on a CPU)
 FAST_ANT = {"concept": "cat", "synonyms": "kitten", "steps": 2, "seed": 0}
 FAST_ANT_SETTINGS = {"learning_rate": 1e-3, "scope": "saliency", "resolution": "64", "trajectories": 2,
-                     "trajectory_steps": 6, "early_steps": 2, "saliency_maps": 2, "refresh_every": 1}
+                     "trajectory_steps": 6, "early_steps": 2, "saliency_maps": 2, "refresh_every": 1,
+                     "erasure_report": False}
 
 
 def widget_defaults(node) -> dict:
@@ -125,7 +126,7 @@ def test_workflow_executes_in_the_real_executor_with_progress(comfy, tiny_ckpt):
     ex, server = run_prompt(prompt)
     assert ex.success, ex.status_messages
     steps = [(d["value"], d["max"]) for e, d in server.events if e == "progress" and d["node"] == "2"]
-    assert steps and steps[-1] == (FAST_ANT["steps"], FAST_ANT["steps"]), \
+    assert steps and steps[-1][0] == steps[-1][1] >= FAST_ANT["steps"], \
         f"no step-by-step progress from the erasure node reached the client: {steps}"
 
 

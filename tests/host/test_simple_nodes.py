@@ -60,14 +60,14 @@ def test_first_layout_nodes_are_deprecated_but_registered(comfy):
 def test_settings_node_passes_on_only_what_was_changed(comfy):
     node = comfy["nodes"].NODE_CLASS_MAPPINGS["ANTSettings"]
     untouched = _out(node.execute(**widget_defaults(node)))
-    assert untouched == {"settings": {}, "resolution": None}
+    assert untouched == {"settings": {}, "resolution": None, "report": True}
     changed = _out(node.execute(**(widget_defaults(node) | {"learning_rate": 0.05, "scope": "lora",
-                                                            "resolution": "512"})))
-    assert changed == {"settings": {"lr": 0.05, "scope": "lora"}, "resolution": 512}
+                                                            "resolution": "512", "erasure_report": False})))
+    assert changed == {"settings": {"lr": 0.05, "scope": "lora"}, "resolution": 512, "report": False}
     with pytest.raises(ValueError, match="early_steps"):
         node.execute(**(widget_defaults(node) | {"trajectory_steps": 4, "early_steps": 4}))
     mace = comfy["nodes"].NODE_CLASS_MAPPINGS["MACESettings"]
-    assert _out(mace.execute(**widget_defaults(mace))) == {"settings": {}, "resolution": None}
+    assert _out(mace.execute(**widget_defaults(mace))) == {"settings": {}, "resolution": None, "report": True}
     assert _out(mace.execute(**(widget_defaults(mace) | {"suppress_end": "on"})))["settings"] == {
         "suppress_end": True}
 
@@ -92,7 +92,7 @@ def test_new_node_with_settings_equals_first_layout_node(comfy, loaded):
     model, clip, _ = loaded
     new, loss = _lora_and_loss(comfy, model, clip, settings=ant_settings(comfy))
     legacy = comfy["nodes"].NODE_CLASS_MAPPINGS["EraseConceptANT"]
-    old = {k: v for k, v in FAST_ANT_SETTINGS.items()} | {"resolution": 64}
+    old = {k: v for k, v in FAST_ANT_SETTINGS.items() if k != "erasure_report"} | {"resolution": 64}
     with torch.inference_mode():
         r = legacy.execute(model=model, clip=clip, **FAST_ANT, **old, preserve=5.0, saliency_fraction=0.5,
                            prediction="guided")
@@ -129,3 +129,30 @@ def test_loss_reaches_plot_loss_graph_also_from_the_result_cache(comfy, tiny_ckp
         assert ex.success, ex.status_messages[-3:]
         # the stock node divides by the loss range: an empty or constant history would have failed it
         assert ex.history_result["outputs"]["3"]["images"], "Plot Loss Graph showed no picture"
+
+
+def test_erasure_report_output_metadata_and_cache(comfy, loaded, monkeypatch, tmp_path):
+    """The REPORT output: measured after training, stored in the LoRA's metadata, reused from the result cache."""
+    import json
+    import sys
+
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
+    model, clip, _ = loaded
+    node = comfy["nodes"].NODE_CLASS_MAPPINGS["EraseConceptANTv2"]
+    settings = ant_settings(comfy, erasure_report=True)
+    with torch.inference_mode():
+        out = node.execute(model=model, clip=clip, **FAST_ANT, cache_result=True, settings=settings)
+    lora, text = _out(out, 1), _out(out, 3)
+    assert text.startswith("erasure report: guidance left")
+    report = json.loads(lora.metadata["erasure.report"])
+    assert report["unet_evaluations"] > 0 and -5 < report["guidance_left"] < 5 and report["unrelated_drift"] >= 0
+    mod = sys.modules[node.__module__]
+    monkeypatch.setattr(mod, "erasure_report", lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured")))
+    with torch.inference_mode():  # from the result cache: the stored report, not measured again
+        again = node.execute(model=model, clip=clip, **FAST_ANT, cache_result=True, settings=settings)
+    assert _out(again, 3) == text
+    with torch.inference_mode():  # switched off on the settings node: no report, no cost
+        off = node.execute(model=model, clip=clip, **FAST_ANT, settings=ant_settings(comfy))
+    assert _out(off, 3) == ""
