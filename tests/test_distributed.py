@@ -7,6 +7,7 @@ import socket
 
 import pytest
 import torch
+from tiny_models import tiny_lab_layout
 
 from erasure import distributed
 from erasure.mace import MaceSettings, mace
@@ -26,27 +27,6 @@ def _concepts():
     return [Concept(w, "shape", templates=LAB_TEMPLATES, data_prompt="a photo of a {c}") for w in WORDS]
 
 
-def _tiny_backbone(tokenizer_dir):
-    """tests/conftest.py's ``tiny_backbone`` (the same seeded weights), for the spawned processes."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    from erasure.diffusers_backbone import DiffusersBackbone
-    from erasure.lab.model import SCHEDULER_CONFIG, text_config
-
-    torch.manual_seed(0)
-    tok = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=4)
-    cfg = text_config(len(tok), tok.bos_token_id, tok.eos_token_id)
-    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 32, 64, 2
-    te = CLIPTextModel(cfg)
-    sched = DDPMScheduler(**SCHEDULER_CONFIG)
-    return DiffusersBackbone(unet, [te], [tok], sched.alphas_cumprod, name="tiny")
-
-
 def _worker(rank: int, world: int, port: int, tokenizer_dir: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -54,7 +34,7 @@ def _worker(rank: int, world: int, port: int, tokenizer_dir: str, out_dir: str) 
     try:
         assert distributed.active() and distributed.rank() == rank and distributed.world_size() == world
         assert distributed.owned(3) == ([0, 2] if rank == 0 else [1])
-        bb = _tiny_backbone(tokenizer_dir)
+        bb = tiny_lab_layout(tokenizer_dir)
         prior = gram(bb, prior_prompts(100))
         log: list[str] = []
         res = mace(bb, _concepts(), _settings(), prior, progress=Progress(log=log.append),

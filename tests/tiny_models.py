@@ -10,6 +10,24 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from erasure.diffusers_backbone import DiffusersBackbone
 
 
+def tiny_lab_layout(tokenizer_dir) -> DiffusersBackbone:
+    """A randomly initialised pixel-space model with the lab's layout but tiny widths (seeded: the same weights on
+    every call, also in another process)."""
+    from erasure.lab.model import SCHEDULER_CONFIG, text_config
+
+    torch.manual_seed(0)
+    tok = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=4)
+    cfg = text_config(len(tok), tok.bos_token_id, tok.eos_token_id)
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 32, 64, 2
+    te = CLIPTextModel(cfg)
+    sched = DDPMScheduler(**SCHEDULER_CONFIG)
+    return DiffusersBackbone(unet, [te], [tok], sched.alphas_cumprod, name="tiny")
+
+
 def tiny_vae() -> AutoencoderKL:
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
                          up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8),
