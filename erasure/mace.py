@@ -526,7 +526,7 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
             progress.say(f"warning: the attention loss of {c.text!r} only went from {a:.3g} to {b:.3g} on "
                          f"the fixed probe: its LoRA barely changed the attention (lr {s.lora_lr:g}, {s.lora_steps} "
                          "steps); raise the LoRA learning rate or its steps (CLI: --lr, --steps; ComfyUI: lora_lr, "
-                         "lora_steps)")
+                         "lora_steps on a MACE Settings node)")
     progress.say("stage 4/4: closed-form fusion")
     system.all_reduce([[c] for c in concepts])  # several processes: every rank's sums; one: nothing to do
     fused = system.solve(cfr, prior, s.lam, s.fuse_preserve)  # = fuse(backbone, [(c, lr.weights), ...], cfr, ...)
