@@ -145,15 +145,15 @@ def run_ant(model, clip, concept: str, synonyms: str, s: AntSettings, cache_resu
     key = result_cache.result_key("ant", bb, {"concept": concept, "synonyms": _split(synonyms),
                                               "settings": asdict(s)}) if cache_result else None
     weights = result_cache.load(key, bb.unet()) if key else None
-    if weights is not None:
+    cached = weights is not None
+    if cached:
         progress.step(s.steps)  # cached: the bar completes at once
-        text = _report(bb, weights, report_concepts, s_report, progress) if report else ""
     else:
         with trainable(bb):
             weights = ant(bb, concept, s, synonyms=tuple(_split(synonyms)), progress=progress).weights
-        text = _report(bb, weights, report_concepts, s_report, progress) if report else ""
-        if key:
-            result_cache.save(key, weights)
+    text = _report(bb, weights, report_concepts, s_report, progress) if report else ""  # before the cache write
+    if key and not cached:
+        result_cache.save(key, weights)
     return patched_model(model, weights), _export(weights, model, bb), _loss_map(weights), text
 
 
@@ -194,18 +194,18 @@ def run_mace(model, clip, concepts: str, anchors: str, s: MaceSettings, preserve
         user_tensors = {f"{k}.{i}": t for k, pair in user.items() for i, t in enumerate(pair)}
         key = result_cache.result_key("mace", bb, settings, user_tensors)
     weights = result_cache.load(key, bb.unet()) if key else None
-    if weights is not None:
+    cached = weights is not None
+    if cached:
         progress.step(total)  # cached: the bar completes at once
-        text = _report(bb, weights, items, s_report, progress) if report else ""
     else:
         with trainable(bb):
             # ordinary copies: training cannot save inference tensors for backward
             user = {k: (x.clone(), m.clone()) for k, (x, m) in user.items()}
             prior = gram(bb, prior_prompts(exclude=names) + _split_lines(preserve_prompts), cache_dir())
             weights = mace(bb, items, s, prior, user_data=user, progress=progress).weights
-        text = _report(bb, weights, items, s_report, progress) if report else ""
-        if key:
-            result_cache.save(key, weights)
+    text = _report(bb, weights, items, s_report, progress) if report else ""  # before the cache write
+    if key and not cached:
+        result_cache.save(key, weights)
     return patched_model(model, weights), _export(weights, model, bb), _loss_map(weights), text
 
 
