@@ -55,6 +55,9 @@ class Batch:
     pres_cond: TextConditioning | None = None
     pres_early: torch.Tensor | None = None
     pres_late: torch.Tensor | None = None
+    #: optional learned-token prompts (adversarial erasure), one per sample: regressed at the late latents onto the
+    #: concept prompt's reversed target (docs/ant.md#adversarial)
+    adv_cond: TextConditioning | None = None
 
 
 @torch.no_grad()
@@ -75,13 +78,15 @@ def add_preservation(backbone: Backbone, deltas: HookedDeltas | None, b: Batch, 
 def ant_loss(backbone: Backbone, b: Batch, uncond: TextConditioning, s: AntSettings
              ) -> tuple[torch.Tensor, dict[str, float]]:
     """The ANT loss of the backbone as it is now (the edited model), in one batched forward of 4B rows (6B with
-    preservation samples)."""
+    preservation samples, B more with learned-token prompts)."""
     n = b.x_early.shape[0]
     xs = [b.x_early, b.x_late, b.x_early, b.x_late]
     ts = [b.t_early, b.t_late, b.t_early, b.t_late]
     conds = [b.cond, b.cond, uncond.repeat(n), uncond.repeat(n)]
     if b.pres_cond is not None:
         xs, ts, conds = xs + [b.x_early, b.x_late], ts + [b.t_early, b.t_late], conds + [b.pres_cond, b.pres_cond]
+    if b.adv_cond is not None:  # appended last: without it the forward is the same rows as before
+        xs, ts, conds = xs + [b.x_late], ts + [b.t_late], conds + [b.adv_cond]
     eps = backbone.predict_noise(torch.cat(xs), torch.cat(ts), TextConditioning.cat(conds)).float()
     pc_e, pc_l, pu_e, pu_l = eps.split(n)[:4]
     if s.prediction == "guided":
@@ -96,9 +101,16 @@ def ant_loss(backbone: Backbone, b: Batch, uncond: TextConditioning, s: AntSetti
              "u_early": mse(pu_e, b.eu_early.float())}
     loss = parts["erase"] + s.a1 * parts["u_late"] + s.a2 * (parts["enh"] + s.a1 * parts["u_early"])
     if b.pres_cond is not None:
-        pp_e, pp_l = eps.split(n)[4:]
+        pp_e, pp_l = eps.split(n)[4:6]
         parts["preserve"] = 0.5 * (mse(pp_e, b.pres_early.float()) + mse(pp_l, b.pres_late.float()))
         loss = loss + s.preserve * parts["preserve"]
+    if b.adv_cond is not None:
+        # the learned token's prediction, guided with the same unconditional one, onto the concept's reversed
+        # target: whatever brings the concept back is pushed where the concept word is
+        pa_l = eps.split(n)[-1]
+        p_a = pu_l + s.guidance * (pa_l - pu_l) if s.prediction == "guided" else pa_l
+        parts["adversarial"] = mse(p_a, erase)
+        loss = loss + s.adversarial_weight * parts["adversarial"]
     return loss, {k: float(v.detach()) for k, v in parts.items()}
 
 

@@ -77,6 +77,14 @@ class AntSettings(Settings):
     #: gradient checkpointing of the training forward: "on" recomputes activations in backward (about one extra
     #: forward of the training rows per step), "off" keeps them, "auto" is on for large UNets or latents
     gradient_checkpointing: str = "auto"
+    #: adversarial erasure (one concept, not in the paper): learned tokens of a concept-inversion attack run inside
+    #: training against the edited model, whose prompts get the concept's reversed target too (0 = off;
+    #: docs/ant.md#adversarial)
+    adversarial: int = 0
+    adversarial_every: int = 25  # erasure steps between attack rounds (a round at step 0, then every N)
+    adversarial_steps: int = 20  # inversion steps per round (4 images each, as the audit's)
+    adversarial_lr: float = 0.3  # the attack's Adam step, in units of the token-embedding table's std (the audit's)
+    adversarial_weight: float = 1.0  # weight of the learned-token prompt's erase term against the concept prompt's
 
     def validate(self) -> None:
         """Reject bad settings before any expensive work, naming the fix."""
@@ -99,6 +107,12 @@ class AntSettings(Settings):
         for k in ("eta", "a1", "a2", "guidance", "grad_clip", "preserve"):
             validation.check_number(k, getattr(self, k))
         validation.check_resolution(self.resolution)
+        validation.check_count("adversarial", self.adversarial, low=0)
+        for k in ("adversarial_every", "adversarial_steps"):
+            validation.check_count(k, getattr(self, k))
+        # in units of the token-embedding table's std (not a weight step): the audit's 0.3; 10 stds is far outside
+        validation.check_number("adversarial_lr", self.adversarial_lr, 0.0, 10.0, low_open=True)
+        validation.check_number("adversarial_weight", self.adversarial_weight, 0.0, low_open=True)
 
 
 #: named configurations: "default" (the library's defaults) and "paper" (the published method as specified, with the

@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import prompts as prompt_sets
 from .. import validation
+from ..audit_text import SlotEncoder
 from ..backbone import Backbone, gradient_checkpointing
 from ..deltas import HookedDeltas, SparseDeltas, TrainableDeltas, TrainableLoRA
 from ..errors import BadInputError, TrainingDivergedError
@@ -20,6 +21,7 @@ from ..loss_curve import curve_metadata, joined_curve
 from ..progress import Progress, as_progress
 from ..prompts import CONCEPT_TEMPLATES, Concept, augmented_prompts
 from ..weights import ErasureWeights, metadata
+from .adversarial import attack_round, concept_images, slot_encoder_for, slot_templates, start_token
 from .objective import add_preservation, ant_loss, use_checkpointing
 from .saliency import saliency_masks, scope_modules
 from .settings import FUSE_LAM, FUSE_PRESERVE, FUSE_STRENGTH, AntSettings
@@ -39,6 +41,8 @@ class AntResult:
     optimizer_state_bytes: int = 0
     #: ``||dW|| / ||W||`` per layer group (``relative_change``): how much of the model the edit changed
     relative_change: dict[str, float] = field(default_factory=dict)
+    #: adversarial erasure: the attack's rounds (mean loss, how far the token moved) and the final learned token
+    adversarial: dict[str, object] = field(default_factory=dict)
 
 
 def trainable(mods: dict[str, nn.Module], s: AntSettings, masks: dict[str, torch.Tensor] | None,
@@ -88,11 +92,13 @@ def relative_change(weights: ErasureWeights, modules: dict[str, nn.Module]) -> d
 @entry_point("ANT", "the resolution, batch_size, trajectories or trajectory_steps, or use scope 'lora'")
 def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, synonyms: tuple[str, ...] = (),
         templates: list[str] | tuple[str, ...] | None = None, cache: bool | None = None,
-        preserve_prompts: list[str] | None = None, progress: Progress | None = None) -> AntResult:
+        preserve_prompts: list[str] | None = None, progress: Progress | None = None,
+        slot_encoder: SlotEncoder | None = None) -> AntResult:
     """Erase one concept. ``templates`` (with ``{c}``) and ``synonyms`` make the prompt augmentations: the
     trajectories' prompts and the saliency maps' prompts. ``cache`` overrides ``settings.sampling`` (``False``: the
     on-policy loop). ``preserve_prompts``: prompts without the concept for the preservation term (default: the
-    project's prior set minus the concept and its synonyms)."""
+    project's prior set minus the concept and its synonyms). ``slot_encoder``: the learned-token text encoding of
+    adversarial erasure (``settings.adversarial``; default: the diffusers backbone's own)."""
     s = settings or AntSettings()
     s.validate()
     concept = validation.check_concept(concept)
@@ -104,6 +110,14 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
     for word in (concept, *synonyms):  # each word must fit whole in the prompts made from it
         validation.check_fits_context(backbone, word, augmented_prompts(word, (), s.kind, templates))
     validation.check_model_finite(backbone.unet())
+    adv_templates: list[int] = []  # adversarial: the ANT template of each augmented prompt
+    encoder, slots = None, []
+    if s.adversarial:
+        encoder = slot_encoder_for(backbone, slot_encoder)
+        temps = list(templates) if templates else list(CONCEPT_TEMPLATES[s.kind])
+        slots = slot_templates(temps)
+        # augmented_prompts is template-major: prompt j is template j // (number of words)
+        adv_templates = [j * len(temps) // len(prompts) for j in range(len(prompts))]
     gen = torch.Generator().manual_seed(s.seed)
     torch_state = torch.random.get_rng_state()
     uncond = backbone.encode_text([""])
@@ -134,22 +148,38 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
     if ckpt:
         progress.say("ant: gradient checkpointing on for the training forward")
     losses: list[float] = []
+    tok = None
+    if encoder is not None:
+        # the attack's images of the concept, from the model before any edit
+        progress.say(f"ant: adversarial erasure, {s.trajectories} images of the concept for the attack")
+        images, ev = concept_images(backbone, prompts, s, progress)
+        fwd += ev
+        tok = start_token(backbone, encoder, slots, images, s)
     try:
         with trainable(mods, s, masks, gen) as deltas:
             source = make_source(backbone, deltas, s, prompts, enc, uncond, cache, tr, progress)
             opt = optimizer(deltas, mods, s)
+            plan = [adv_templates[i % len(prompts)] for i in range(s.trajectories)] if tok else []
+            adv_table = None
             for step in range(s.steps):
                 progress.check()
+                if tok is not None and step % s.adversarial_every == 0:
+                    # the attack's round against the model as it is now; its prompts are then encoded once
+                    ev = attack_round(backbone, tok, s, ckpt, progress)
+                    fwd, bwd = fwd + ev, bwd + s.adversarial_steps
+                    adv_table = tok.conditioning(list(range(len(slots))))
                 idx, ke, kl = draw(gen, s.trajectories, s)
                 which = torch.randint(0, len(pres), (s.batch_size,), generator=gen).tolist() if pres else []
                 b, ev = source.batch(step, idx, ke, kl)
                 fwd += ev
                 if pres is not None:
                     fwd += add_preservation(backbone, deltas, b, pres, which)
+                if adv_table is not None:
+                    b.adv_cond = adv_table[[plan[i] for i in idx]]
                 # the training forward only; "off" leaves the model's own setting alone
                 with gradient_checkpointing(backbone, True) if ckpt else contextlib.nullcontext():
                     loss, _ = ant_loss(backbone, b, uncond, s)
-                fwd += (6 if pres is not None else 4) * s.batch_size
+                fwd += (6 if pres is not None else 4) * s.batch_size + (s.batch_size if tok is not None else 0)
                 bwd += 1
                 if not torch.isfinite(loss):
                     raise TrainingDivergedError(f"the ANT loss became {loss.item()} at step {step}: lower the "
@@ -173,10 +203,14 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
             change = relative_change(weights, mods)
             weights.metadata.update(metadata({"relative_change": change}))
             weights.metadata.update(curve_metadata(losses))
+            adv = tok.report() if tok is not None else {}
+            if adv:
+                weights.metadata.update(metadata({"adversarial": {"rounds": adv["rounds"],
+                                                                  "history": adv["history"]}}))
     finally:
         torch.random.set_rng_state(torch_state)
     return AntResult(weights, trained, total, fraction, fwd, bwd, round(time.time() - t0, 2), losses, opt_bytes,
-                     change)
+                     change, adv)
 
 
 @dataclass
@@ -211,6 +245,10 @@ def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | N
     s = settings or AntSettings()
     s = s.override(scope="lora" if s.scope == "lora" else "kv", steps=s.multi_steps, reuse=s.multi_reuse)
     s.validate()
+    if s.adversarial:
+        # one attack per concept inside the fused path is not built (nor measured)
+        raise BadInputError("adversarial erasure is for one concept: set adversarial to 0 for several concepts, or "
+                            "erase each concept on its own (ant) and join the LoRAs with Fuse Erasure LoRAs")
     validation.check_ant_concepts_fit(backbone, names, s.kind, templates)
     progress = as_progress(progress)
     t0 = time.time()
