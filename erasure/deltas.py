@@ -180,3 +180,74 @@ class SparseDeltas(HookedDeltas):
     def result(self, **metadata: object) -> ErasureWeights:
         return ErasureWeights.dense({n: _sparse_dense(v.detach().float(), i, s) for n, v, i, s in
                                      zip(self.names, self.values, self.indices, self.shapes, strict=True)}, **metadata)
+
+
+class BatchedLoRA(HookedDeltas):
+    """Several independent LoRAs ("slots") on the same Linear layers, trained in one forward: sample ``b`` of a batch
+    goes through the LoRA of slot ``self.slots[b]`` (per-sample low-rank deltas), so that a batch holds many concepts
+    instead of one (issue 20; docs/mace.md#concept-batch).
+
+    Slot ``k`` starts exactly as ``TrainableLoRA(modules, rank, generator=generators[k])`` would, and its
+    gradients only come from its own samples, so with an element-wise optimiser and ``clip_grad_norm_per_slot``
+    training the slots together equals training each alone (to float rounding: the test compares them).
+    """
+
+    def __init__(self, modules: dict[str, nn.Linear], rank: int, generators: list[torch.Generator | None],
+                 alpha: float | None = None) -> None:
+        super().__init__(modules)
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1 (got {rank})")
+        if not generators:
+            raise ValueError("BatchedLoRA needs at least one slot")
+        self.rank = rank
+        self.scale = (alpha if alpha is not None else rank) / rank
+        # each slot draws its layers' starting values from its own generator, in TrainableLoRA's order
+        per_slot = [[torch.randn(rank, modules[n].weight.shape[1], generator=g) / rank for n in self.names]
+                    for g in generators]
+        downs, ups = [], []
+        for i, n in enumerate(self.names):
+            w = modules[n].weight
+            downs.append(nn.Parameter(torch.stack([s[i] for s in per_slot]).to(w.device)))
+            ups.append(nn.Parameter(torch.zeros(len(generators), w.shape[0], rank, device=w.device)))
+        self.downs = nn.ParameterList(downs)
+        self.ups = nn.ParameterList(ups)
+        #: the slot of each sample of the next forward ([B], long); set before every forward
+        self.slots: torch.Tensor | None = None
+        self._attach(modules)
+
+    @property
+    def num_slots(self) -> int:
+        return self.downs[0].shape[0]
+
+    def _delta_output(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if self.slots is None or x.shape[0] != len(self.slots):
+            raise RuntimeError(f"BatchedLoRA: set .slots to one slot per sample of the batch (batch {x.shape[0]}, "
+                               f"slots {None if self.slots is None else len(self.slots)})")
+        idx = self.slots.to(x.device)
+        down, up = self.downs[i][idx], self.ups[i][idx]  # [B, r, in], [B, out, r]
+        flat = x.to(down.dtype).reshape(x.shape[0], -1, x.shape[-1])
+        out = torch.bmm(torch.bmm(flat, down.transpose(1, 2)), up.transpose(1, 2)) * self.scale
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def layer_parameters(self, i: int) -> list[nn.Parameter]:
+        return [self.downs[i], self.ups[i]]
+
+    def clip_grad_norm_per_slot(self, max_norm: float) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` applied to each slot's gradients separately (a slot alone would be
+        clipped by its own norm). Returns the slots' norms before clipping."""
+        params = [p for p in self.parameters() if p.grad is not None]
+        sq = torch.stack([p.grad.flatten(1).float().pow(2).sum(1) for p in params]).sum(0)  # [slots]
+        norms = sq.sqrt()
+        coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for p in params:
+            p.grad.mul_(coef.view(-1, *([1] * (p.grad.dim() - 1))).to(p.grad.dtype))
+        return norms
+
+    def slot_finite(self, k: int) -> bool:
+        return all(bool(torch.isfinite(p[k]).all()) for p in self.parameters())
+
+    def result(self, k: int, **values: object) -> ErasureWeights:
+        """Slot ``k``'s LoRA, in the same form as ``TrainableLoRA.result``."""
+        deltas = {n: Delta(up=u[k].detach().float().cpu().clone(), down=d[k].detach().float().cpu().clone(),
+                           scale=self.scale) for n, u, d in zip(self.names, self.ups, self.downs, strict=True)}
+        return ErasureWeights(deltas, metadata(values))

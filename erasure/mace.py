@@ -29,7 +29,7 @@ import torch
 from . import distributed, validation
 from .backbone import Backbone, TextConditioning
 from .closed_form import factor, solve_factored
-from .deltas import TrainableLoRA
+from .deltas import BatchedLoRA, TrainableLoRA
 from .errors import TrainingDivergedError
 from .fusion import FusionSystem, mean_prompt_count
 from .guards import entry_point
@@ -70,6 +70,10 @@ class MaceSettings(Settings):
     #: also suppress the end token and padding after the concept (the reference's positions). ``None`` (default):
     #: only where they carry the concept, as ``end_residue`` measures it (docs/mace.md#suppress_end)
     suppress_end: bool | None = None
+    #: concepts whose LoRAs train together in one UNet forward (each sample carries its own concept's LoRA) and
+    #: whose images are generated in one batch; the result equals training them one by one (to float rounding).
+    #: ``None``: automatic, from free memory on a GPU, ``CPU_CONCEPT_BATCH`` on the CPU (docs/mace.md#concept-batch)
+    concept_batch: int | None = None
     seed: int = 0
 
     label: ClassVar[str] = "MACE"
@@ -126,6 +130,95 @@ def generate_data(backbone: Backbone, concept: Concept, s: MaceSettings, user_ma
     if user_masks is not None:
         masks = user_masks
     return ConceptData(concept, prompt, res.latents, masks, res.images if len(res.images) else None)
+
+
+def _scaled(progress: Progress, factor: float) -> Progress:
+    """``progress`` whose steps count ``factor`` units each (a batch of several concepts' sampling steps)."""
+    carry = [0.0]
+
+    def update(n: int) -> None:
+        carry[0] += n * factor
+        whole = int(carry[0])
+        carry[0] -= whole
+        progress.step(whole)
+
+    return Progress(update, progress.interrupt, progress.log)
+
+
+def generate_data_batch(backbone: Backbone, concepts: list[Concept], s: MaceSettings,
+                        progress: Progress | None = None) -> list[ConceptData]:
+    """``generate_data`` (no user images) for several concepts in one sampling batch: the same seeds per concept,
+    each concept's masks from its own word's attention, so each equals ``generate_data`` alone to float rounding."""
+    progress = as_progress(progress)
+    if len(concepts) == 1:
+        return [generate_data(backbone, concepts[0], s, progress=progress)]
+    seeds = [s.seed * 1000 + i for i in range(s.images_per_concept)]
+    want = [s.use_masks and c.kind != "style" for c in concepts]
+    chunks = -(-len(concepts) * len(seeds) // 128)  # ``sample``'s batch_size: its steps are counted per chunk
+    res = sample(backbone, [c.generation_prompt() for c in concepts], seeds, s.sample_steps, s.guidance,
+                 progress=_scaled(progress, len(concepts) / chunks),
+                 attention_word=[c.text for c in concepts] if any(want) else None,
+                 decode=not getattr(backbone, "latent_only", False))
+    out, n = [], len(seeds)
+    for k, c in enumerate(concepts):
+        sl = slice(k * n, (k + 1) * n)
+        masks = (masks_from_attention(res.attention[sl], s.mask_threshold) if want[k]
+                 else torch.ones(n, *res.latents.shape[2:]))
+        out.append(ConceptData(c, c.generation_prompt(), res.latents[sl], masks,
+                               res.images[sl] if len(res.images) else None))
+    return out
+
+
+#: concepts per batch when ``concept_batch`` is automatic on the CPU (docs/mace.md#concept-batch)
+CPU_CONCEPT_BATCH = 4
+#: automatic on a GPU: the share of free memory the batch's LoRA training may fill, and the largest batch
+GPU_MEMORY_SHARE, MAX_CONCEPT_BATCH = 0.6, 32
+
+
+def batch_from_memory(free_bytes: int, per_concept_bytes: int, n: int) -> int:
+    """Concepts per batch that fit ``GPU_MEMORY_SHARE`` of ``free_bytes``, at least 1, at most ``n`` and
+    ``MAX_CONCEPT_BATCH``."""
+    fit = int(GPU_MEMORY_SHARE * free_bytes // max(per_concept_bytes, 1))
+    return max(1, min(fit, n, MAX_CONCEPT_BATCH))
+
+
+def concept_step_bytes(backbone: Backbone, concept: Concept, s: MaceSettings) -> int:
+    """Peak GPU memory of one concept's LoRA training step (``lora_batch`` samples, forward, attention loss and
+    backward) above what is allocated before it, measured on random latents (the values do not change it)."""
+    dev = torch.device(backbone.device)
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    start = torch.cuda.memory_allocated(dev)
+    with TrainableLoRA(backbone.cross_attention_kv(), rank=s.lora_rank) as lora:
+        with torch.no_grad():
+            cond = backbone.encode_text([concept.generation_prompt()]).repeat(s.lora_batch)
+        x = torch.randn(s.lora_batch, *backbone.latent_shape(), device=dev, dtype=backbone.dtype)
+        t = torch.full((s.lora_batch,), 300, device=dev)
+        loss_fn = AttentionLoss([1], torch.ones(s.lora_batch, *x.shape[2:]))
+        with backbone.capture_attention(loss_fn):
+            backbone.predict_noise(x, t, cond.to(dev))
+        if loss_fn.total is not None:
+            loss_fn.total.backward()
+        for p in lora.parameters():
+            p.grad = None
+    torch.cuda.synchronize(dev)
+    return torch.cuda.max_memory_allocated(dev) - start
+
+
+def resolve_concept_batch(backbone: Backbone, concepts: list[Concept], s: MaceSettings) -> int:
+    """``s.concept_batch``, or its automatic value: ``CPU_CONCEPT_BATCH`` on the CPU; on a GPU as many concepts
+    as ``GPU_MEMORY_SHARE`` of the free memory holds, from one measured training step."""
+    n = len(concepts)
+    if n <= 1:
+        return 1
+    if s.concept_batch is not None:
+        return min(s.concept_batch, n)
+    dev = torch.device(backbone.device)
+    if dev.type != "cuda":
+        return min(CPU_CONCEPT_BATCH, n)
+    per = concept_step_bytes(backbone, concepts[0], s)
+    free, _ = torch.cuda.mem_get_info(dev)
+    return batch_from_memory(free, per, n)
 
 
 # -- stage 2 ---------------------------------------------------------------------------------------------------
@@ -283,13 +376,17 @@ class AttentionLoss:
     """Sum over layers of the squared attention of ``positions`` at masked pixels, per masked pixel and head.
 
     ``positions``: token positions shared by the batch, or a ``[B, L]`` 0/1 tensor (one row per sample: the batch's
-    prompts may differ).
+    prompts may differ). ``groups`` (``[B]`` long, with ``n_groups``): the batch holds several independent losses
+    (one per concept, ``train_loras``); each is normalised over its own samples as if computed alone, and
+    ``total`` is then a ``[n_groups]`` vector.
     """
 
     positions: list[int] | torch.Tensor
     masks: torch.Tensor  # [B, h, w]
     total: torch.Tensor | None = None
     layers: int = 0
+    groups: torch.Tensor | None = None
+    n_groups: int = 1
 
     def __call__(self, name: str, probs: torch.Tensor, hw: tuple[int, int]) -> None:
         m = torch.nn.functional.interpolate(self.masks[:, None].to(probs.device, probs.dtype), size=hw,
@@ -298,7 +395,13 @@ class AttentionLoss:
             sq = (probs.pow(2) * self.positions.to(probs.device, probs.dtype)[:, None, None, :]).sum(-1)
         else:
             sq = probs[..., self.positions].pow(2).sum(-1)  # [B, heads, HW]
-        val = (sq * m[:, None]).sum() / (m.sum().clamp_min(1) * probs.shape[1])
+        if self.groups is None:
+            val = (sq * m[:, None]).sum() / (m.sum().clamp_min(1) * probs.shape[1])
+        else:
+            g = self.groups.to(probs.device)
+            zero = sq.new_zeros(self.n_groups)
+            num = zero.index_add(0, g, (sq * m[:, None]).sum((1, 2)))
+            val = num / (zero.index_add(0, g, m.sum(1)).clamp_min(1) * probs.shape[1])
         self.total = val if self.total is None else self.total + val
         self.layers += 1
 
@@ -336,10 +439,9 @@ class LoraResult:
         return self.probe is not None and self.probe[0] > 0 and self.probe[1] / self.probe[0] > STALLED_LOSS
 
 
-@torch.no_grad()
-def probe_loss(backbone: Backbone, data: ConceptData, cond: TextConditioning, positions: torch.Tensor,
-               pt: torch.Tensor, seed: int, chunk: int = PROBE_CHUNK) -> float:
-    """Mean attention loss over ``PROBE_SAMPLES`` fixed samples (see ``PROBE_SAMPLES``)."""
+def _probe_draws(data: ConceptData, cond: TextConditioning, pt: torch.Tensor, seed: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The probe's fixed samples: timesteps, image and prompt indices, noise (``PROBE_SAMPLES`` each)."""
     gen = torch.Generator().manual_seed(seed + 7919)
     n = PROBE_SAMPLES
     cdf = torch.cumsum(pt, 0)
@@ -347,6 +449,15 @@ def probe_loss(backbone: Backbone, data: ConceptData, cond: TextConditioning, po
     img = torch.arange(n) % data.latents.shape[0]
     pidx = torch.arange(n) % len(cond)
     noise = torch.randn((n, *data.latents.shape[1:]), generator=gen)
+    return ts, img, pidx, noise
+
+
+@torch.no_grad()
+def probe_loss(backbone: Backbone, data: ConceptData, cond: TextConditioning, positions: torch.Tensor,
+               pt: torch.Tensor, seed: int, chunk: int = PROBE_CHUNK) -> float:
+    """Mean attention loss over ``PROBE_SAMPLES`` fixed samples (see ``PROBE_SAMPLES``)."""
+    ts, img, pidx, noise = _probe_draws(data, cond, pt, seed)
+    n = len(ts)
     total = 0.0
     for i in range(0, n, chunk):
         sl = slice(i, i + chunk)
@@ -358,6 +469,38 @@ def probe_loss(backbone: Backbone, data: ConceptData, cond: TextConditioning, po
             backbone.predict_noise(x_t, t, cond[pidx[sl]].to(backbone.device))
         total += float(loss_fn.total) * len(t) if loss_fn.total is not None else 0.0
     return total / n
+
+
+@torch.no_grad()
+def probe_losses(backbone: Backbone, items: list[tuple[ConceptData, TextConditioning, torch.Tensor]],
+                 pt: torch.Tensor, seed: int, lora: BatchedLoRA, chunk: int = PROBE_CHUNK) -> list[float]:
+    """``probe_loss`` for several concepts at once, concept ``k`` through ``lora``'s slot ``k``: the same samples,
+    each chunk of ``chunk`` samples normalised on its own as ``probe_loss`` does, several chunks per forward."""
+    rows = []  # one per chunk: (slot, x0, t, noise, cond, positions, masks)
+    for k, (data, cond, positions) in enumerate(items):
+        ts, img, pidx, noise = _probe_draws(data, cond, pt, seed)
+        for i in range(0, len(ts), chunk):
+            sl = slice(i, i + chunk)
+            rows.append((k, data.latents[img[sl]], ts[sl], noise[sl], cond[pidx[sl]], positions[pidx[sl]],
+                         data.masks[img[sl]]))
+    sums = [0.0] * len(items)
+    per_forward = max(1, len(items) // 2)  # chunks per UNet call: no more samples than about 2 per slot
+    for start in range(0, len(rows), per_forward):
+        part = rows[start:start + per_forward]
+        sizes = [len(r[2]) for r in part]
+        x0 = torch.cat([r[1] for r in part]).to(backbone.device, backbone.dtype)
+        t = torch.cat([r[2] for r in part]).to(backbone.device)
+        x_t = backbone.schedule.add_noise(x0, torch.cat([r[3] for r in part]).to(x0), t)
+        groups = torch.repeat_interleave(torch.arange(len(part)), torch.tensor(sizes))
+        loss_fn = AttentionLoss(torch.cat([r[5] for r in part]), torch.cat([r[6] for r in part]), groups=groups,
+                                n_groups=len(part))
+        lora.slots = torch.repeat_interleave(torch.tensor([r[0] for r in part]), torch.tensor(sizes))
+        with backbone.capture_attention(loss_fn):
+            backbone.predict_noise(x_t, t, TextConditioning.cat([r[4] for r in part]).to(backbone.device))
+        if loss_fn.total is not None:
+            for j, r in enumerate(part):
+                sums[r[0]] += float(loss_fn.total[j]) * sizes[j]
+    return [v / PROBE_SAMPLES for v in sums]
 
 
 def train_lora(backbone: Backbone, data: ConceptData, base: ErasureWeights | None, s: MaceSettings,
@@ -416,6 +559,92 @@ def train_lora(backbone: Backbone, data: ConceptData, base: ErasureWeights | Non
     return LoraResult(w, losses, end, measured, embeds)
 
 
+def train_loras(backbone: Backbone, datas: list[ConceptData], base: ErasureWeights | None, s: MaceSettings,
+                progress: Progress | None = None, probe: bool = True, ends: list[bool] | None = None
+                ) -> list[LoraResult]:
+    """``train_lora`` for several concepts in one UNet forward per step (issue 20): each concept keeps its own LoRA
+    (a slot of a ``BatchedLoRA``), random draws (its own generator seeded as ``train_lora`` seeds it), AdamW
+    state, gradient clipping and loss normalisation, so each result equals ``train_lora`` on that concept alone to
+    float rounding (``tests/test_mace_batched.py``). The concepts' latents must share one shape. ``ends``: each
+    concept's ``suppress_end`` when already resolved."""
+    progress = as_progress(progress)
+    if len({tuple(d.latents.shape[1:]) for d in datas}) != 1:
+        raise ValueError("train_loras: the concepts' latents differ in shape; train them in separate batches")
+    pt = timestep_weights(backbone.schedule.num_timesteps)
+    if not s.importance_sampling:
+        pt = torch.full_like(pt, 1.0 / len(pt))
+    gens = [torch.Generator().manual_seed(s.seed) for _ in datas]
+    ends = ends if ends is not None else [resolve_suppress_end(backbone, d.concept, s) for d in datas]
+    prompts = [lora_prompts(d, s.augment) for d in datas]
+    conds, positions = [], []
+    with torch.no_grad():
+        for d, ps, end in zip(datas, prompts, ends, strict=True):
+            cond = backbone.encode_text(ps)
+            pos = torch.zeros(len(ps), cond.embeds.shape[1])
+            for i, p in enumerate(ps):
+                pos[i, suppressed_positions(backbone, p, d.concept.text, end)] = 1.0
+            conds.append(cond)
+            positions.append(pos)
+    k_all = len(datas)
+    b = s.lora_batch
+    losses: list[list[float]] = [[] for _ in datas]
+    unet = backbone.unet()
+    base = base or ErasureWeights()
+    items = list(zip(datas, conds, positions, strict=True))
+    with base.applied(unet), BatchedLoRA(backbone.cross_attention_kv(), s.lora_rank, gens) as lora:
+        opt = torch.optim.AdamW(lora.parameters(), lr=s.lora_lr)
+        before = probe_losses(backbone, items, pt, s.seed, lora) if probe else None
+        groups = torch.arange(k_all).repeat_interleave(b)
+        for _step in range(s.lora_steps):
+            progress.check()
+            x0s, ts, noises, cs, pos_rows, masks = [], [], [], [], [], []
+            for k, (d, cond, pos) in enumerate(items):  # each concept's draws, in train_lora's order
+                g = gens[k]
+                idx = torch.randint(0, d.latents.shape[0], (b,), generator=g)
+                x0s.append(d.latents[idx])
+                ts.append(torch.multinomial(pt, b, replacement=True, generator=g))
+                noises.append(torch.randn((b, *d.latents.shape[1:]), generator=g))
+                pidx = (torch.randint(0, len(cond), (b,), generator=g) if len(cond) > 1
+                        else torch.zeros(b, dtype=torch.long))
+                cs.append(cond[pidx])
+                pos_rows.append(pos[pidx])
+                masks.append(d.masks[idx])
+            x0 = torch.cat(x0s).to(backbone.device, backbone.dtype)
+            t = torch.cat(ts).to(backbone.device)
+            x_t = backbone.schedule.add_noise(x0, torch.cat(noises).to(x0), t)
+            loss_fn = AttentionLoss(torch.cat(pos_rows), torch.cat(masks), groups=groups, n_groups=k_all)
+            lora.slots = groups
+            with backbone.capture_attention(loss_fn):
+                backbone.predict_noise(x_t, t, TextConditioning.cat(cs).to(backbone.device))
+            loss = loss_fn.total
+            if loss is None or not bool(torch.isfinite(loss).all()):
+                bad = [datas[k].concept.text for k in range(k_all) if loss is None or not torch.isfinite(loss[k])]
+                raise TrainingDivergedError(f"MACE attention loss is not finite for {', '.join(map(repr, bad))}: "
+                                            "lower lora_lr")
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()  # each slot's gradient is its own concept's loss's
+            lora.clip_grad_norm_per_slot(s.grad_clip)
+            opt.step()
+            for k in range(k_all):
+                losses[k].append(float(loss[k].detach()))
+            progress.step(k_all)
+        for k, d in enumerate(datas):
+            if not lora.slot_finite(k):
+                raise TrainingDivergedError(f"MACE LoRA for {d.concept.text!r} became non-finite: lower lora_lr")
+        after = probe_losses(backbone, items, pt, s.seed, lora) if probe else None
+        results = []
+        for k, d in enumerate(datas):
+            w = lora.result(k, method="mace-lora", concepts=[d.concept.text], anchors=[d.concept.anchor],
+                            settings={**asdict(s), "suppress_end": ends[k]})
+            embeds = None
+            if prompts[k] == d.concept.prompts():
+                embeds = conds[k].embeds.double().cpu()
+                embeds = embeds.reshape(-1, embeds.shape[-1])
+            measured = (before[k], after[k]) if before is not None and after is not None else None
+            results.append(LoraResult(w, losses[k], ends[k], measured, embeds))
+    return results
+
+
 # -- the pipeline ------------------------------------------------------------------------------------------------
 @dataclass
 class MaceResult:
@@ -424,16 +653,26 @@ class MaceResult:
     loras: list[LoraResult]
     data: list[ConceptData]
     seconds: float = 0.0
-    unet_evaluations: int = 0
+    unet_evaluations: int = 0  # samples through the UNet (a backward counts as one more), whatever the batching
+    unet_calls: int = 0  # UNet calls (a backward counts as one): what batching concepts reduces
+    concept_batch: int = 1  # concepts per batch used (``concept_batch`` resolved)
 
 
-def _eta(started: float, done: int, total: int) -> str:
-    """`` (k/n; about X left)`` from the mean time of the finished items; empty before the first one."""
-    if done <= 0 or total <= 1:
-        return f" ({done + 1}/{total})" if total > 1 else ""
+def _eta(started: float, done: int, total: int, size: int = 1) -> str:
+    """`` (k/n; about X left)`` (``k-l/n`` for a batch of ``size`` items) from the mean time of the finished items;
+    no estimate before the first one."""
+    if total <= 1:
+        return ""
+    which = f"{done + 1}" if size <= 1 else f"{done + 1}-{done + size}"
+    if done <= 0:
+        return f" ({which}/{total})"
     left = (time.time() - started) / done * (total - done)
     when = f"{left / 3600:.1f} h" if left >= 5400 else f"{left / 60:.0f} min" if left >= 90 else f"{left:.0f} s"
-    return f" ({done + 1}/{total}; about {when} left in this stage)"
+    return f" ({which}/{total}; about {when} left in this stage)"
+
+
+def _chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[k:k + size] for k in range(0, len(items), size)]
 
 
 def work_manifest(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, prior: torch.Tensor | None,
@@ -447,7 +686,9 @@ def work_manifest(backbone: Backbone, concepts: list[Concept], settings: MaceSet
         user = (user_data or {}).get(c.text)
         items.append({**asdict(c), "user_data": None if user is None else [tensor_hash(user[0]),
                                                                             tensor_hash(user[1])]})
-    return {"method": "mace", "settings": asdict(settings), "base_model": fingerprint,
+    # the concept batch changes the result by float rounding only: a resumed run may use another one
+    kept = {k: v for k, v in asdict(settings).items() if k != "concept_batch"}
+    return {"method": "mace", "settings": kept, "base_model": fingerprint,
             "prior": tensor_hash(prior), "concepts": items}
 
 
@@ -484,49 +725,74 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
         progress.step(sum((0 if concepts[i].text in (user_data or {}) else s.sample_steps) + s.lora_steps
                           for i in loaded))
     todo = [i for i in mine if i not in loaded]
-    evals = 0
+    batch = resolve_concept_batch(backbone, concepts, s) if todo else 1
+    if batch > 1:
+        progress.say(f"{batch} concepts per batch (concept_batch"
+                     f"{'' if s.concept_batch is not None else ', automatic'})")
+    evals = calls = 0
     data: dict[int, ConceptData] = {}
     started = time.time()
-    for k, i in enumerate(todo):
-        c = concepts[i]
-        progress.say(f"stage 1/4: generating {s.images_per_concept} images of {c.text!r}" + _eta(started, k, len(todo)))
-        user = (user_data or {}).get(c.text)
-        data[i] = generate_data(backbone, c, s, user_masks=user[1] if user else None,
-                                user_latents=user[0] if user else None, progress=progress)
-        if user is None:
-            evals += 2 * s.images_per_concept * s.sample_steps
+    users = [i for i in todo if concepts[i].text in (user_data or {})]
+    generated = [i for i in todo if i not in users]
+    done = 0
+    for group in [[i] for i in users] + _chunks(generated, batch):
+        names = ", ".join(repr(concepts[i].text) for i in group)
+        progress.say(f"stage 1/4: generating {s.images_per_concept} images of {names}"
+                     + _eta(started, done, len(todo), len(group)))
+        if group[0] in users:
+            user = user_data[concepts[group[0]].text]  # type: ignore[index]
+            data[group[0]] = generate_data(backbone, concepts[group[0]], s, user_masks=user[1],
+                                           user_latents=user[0], progress=progress)
+        else:
+            for i, d in zip(group, generate_data_batch(backbone, [concepts[i] for i in group], s, progress),
+                            strict=True):
+                data[i] = d
+            evals += 2 * s.images_per_concept * s.sample_steps * len(group)
+            calls += s.sample_steps * -(-len(group) * s.images_per_concept // 128)
+        done += len(group)
     progress.say("stage 2/4: closed-form refinement of the cross-attention K/V")
     residues: dict[str, float] = {}
     cfr = refine(backbone, concepts, prior, s.lam, s.preserve, end_residues=residues, mine=mine if several else None)
     # stage 4's system is built as the LoRAs finish: each enters with the prompt embeddings it trained on
     system = FusionSystem(backbone, mean_prompt_count([[c] for c in concepts]))
     loras: dict[int, LoraResult] = {}
-    started, k = time.time(), 0
     for i in mine:
-        c = concepts[i]
         if i in loaded:
             weights, embeds, info = loaded.pop(i)
             probe = tuple(info["probe"]) if info["probe"] is not None else None
             loras[i] = LoraResult(weights, list(info["losses"]), bool(info["suppress_end"]), probe)
-            system.add(c, weights, embeddings=embeds)
-            continue
-        d = data[i]
-        progress.say(f"stage 3/4: attention-loss LoRA for {c.text!r}" + _eta(started, k, len(todo)))
-        end = s.suppress_end if s.suppress_end is not None else residues[c.text] >= END_RESIDUE_MIN
-        lr = loras[i] = train_lora(backbone, d, cfr, s.override(suppress_end=end), progress)
-        if wd is not None:
-            wd.save(i, lr.weights, lr.prompt_embeds, {"losses": lr.losses, "suppress_end": lr.suppress_end,
-                                                      "probe": list(lr.probe) if lr.probe is not None else None})
-        system.add(c, lr.weights, embeddings=lr.prompt_embeds)
-        lr.prompt_embeds = None
-        k += 1
-        evals += s.lora_steps * s.lora_batch * 2 + 2 * PROBE_SAMPLES  # forward and backward; the probe twice
-        if lr.stalled():
-            a, b = lr.probe
-            progress.say(f"warning: the attention loss of {c.text!r} only went from {a:.3g} to {b:.3g} on "
-                         f"the fixed probe: its LoRA barely changed the attention (lr {s.lora_lr:g}, {s.lora_steps} "
-                         "steps); raise the LoRA learning rate or its steps (CLI: --lr, --steps; ComfyUI: lora_lr, "
-                         "lora_steps on a MACE Settings node)")
+            system.add(concepts[i], weights, embeddings=embeds)
+    # concepts train together when their latents share a shape (users' images may have their own size)
+    shapes: dict[tuple[int, ...], list[int]] = {}
+    for i in todo:
+        shapes.setdefault(tuple(data[i].latents.shape[1:]), []).append(i)
+    started, done = time.time(), 0
+    for group in [g for same in shapes.values() for g in _chunks(same, batch)]:
+        names = ", ".join(repr(concepts[i].text) for i in group)
+        progress.say(f"stage 3/4: attention-loss LoRA for {names}" + _eta(started, done, len(todo), len(group)))
+        ends = [s.suppress_end if s.suppress_end is not None else residues[concepts[i].text] >= END_RESIDUE_MIN
+                for i in group]
+        if len(group) == 1:
+            results = [train_lora(backbone, data[group[0]], cfr, s.override(suppress_end=ends[0]), progress)]
+        else:
+            results = train_loras(backbone, [data[i] for i in group], cfr, s, progress, ends=ends)
+        calls += s.lora_steps * 2 + 2 * -(-PROBE_SAMPLES * len(group) // (PROBE_CHUNK * max(1, len(group) // 2)))
+        for i, lr in zip(group, results, strict=True):
+            c = concepts[i]
+            loras[i] = lr
+            if wd is not None:
+                wd.save(i, lr.weights, lr.prompt_embeds, {"losses": lr.losses, "suppress_end": lr.suppress_end,
+                                                          "probe": list(lr.probe) if lr.probe is not None else None})
+            system.add(c, lr.weights, embeddings=lr.prompt_embeds)
+            lr.prompt_embeds = None
+            evals += s.lora_steps * s.lora_batch * 2 + 2 * PROBE_SAMPLES  # forward and backward; the probe twice
+            if lr.stalled():
+                a, b = lr.probe
+                progress.say(f"warning: the attention loss of {c.text!r} only went from {a:.3g} to {b:.3g} on "
+                             f"the fixed probe: its LoRA barely changed the attention (lr {s.lora_lr:g}, "
+                             f"{s.lora_steps} steps); raise the LoRA learning rate or its steps (CLI: --lr, --steps; "
+                             "ComfyUI: lora_lr, lora_steps on a MACE Settings node)")
+        done += len(group)
     progress.say("stage 4/4: closed-form fusion")
     system.all_reduce([[c] for c in concepts])  # several processes: every rank's sums; one: nothing to do
     fused = system.solve(cfr, prior, s.lam, s.fuse_preserve)  # = fuse(backbone, [(c, lr.weights), ...], cfr, ...)
@@ -535,10 +801,11 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
                                                                   lr.probe) for i, lr in loras.items()}):
             for i, lr in part.items():
                 loras.setdefault(i, lr)
-        evals = int(distributed.all_reduce_(torch.tensor([evals], dtype=torch.float64)).item())
+        evals, calls = (int(v) for v in distributed.all_reduce_(torch.tensor([evals, calls], dtype=torch.float64)))
     ordered = [loras[i] for i in range(len(concepts))]
     used = {c.text: lr.suppress_end for c, lr in zip(concepts, ordered, strict=True)}  # suppress_end=None resolved
     fused.metadata.update(ErasureWeights.dense({}, method="mace", settings={**asdict(s), "suppress_end_used": used}
                                                ).metadata)
     fused.metadata.update(joined_curve([(c.text, lr.losses) for c, lr in zip(concepts, ordered, strict=True)]))
-    return MaceResult(fused, cfr, ordered, [data[i] for i in sorted(data)], round(time.time() - t0, 2), evals)
+    return MaceResult(fused, cfr, ordered, [data[i] for i in sorted(data)], round(time.time() - t0, 2), evals,
+                      calls, batch)

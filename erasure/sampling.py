@@ -105,15 +105,16 @@ def sample(
     batch_size: int = 128,
     record: bool = False,
     progress: Progress | None = None,
-    attention_word: str | None = None,
+    attention_word: str | list[str] | None = None,
     attention_from: float = 0.5,
     decode: bool = True,
 ) -> SampleResult:
     """Images for every (prompt, seed) pair, prompt-major: index = prompt_index * len(seeds) + seed_index.
 
-    With ``attention_word``, ``result.attention`` holds each image's cross-attention map of that word's tokens,
-    accumulated over the steps after the fraction ``attention_from`` of sampling (the later steps, where the map
-    sits on the object). ``decode=False`` skips decoding (``images`` is then empty).
+    With ``attention_word``, ``result.attention`` holds each image's cross-attention map of that word's tokens (a
+    list: one word per prompt, so that several concepts' images are made in one batch), accumulated over the steps
+    after the fraction ``attention_from`` of sampling (the later steps, where the map sits on the object).
+    ``decode=False`` skips decoding (``images`` is then empty).
     """
     progress = as_progress(progress)
     shape = backbone.latent_shape(resolution)
@@ -132,9 +133,15 @@ def sample(
         traj, eu_l, ec_l = [], [], []
         acc = None
         if attention_word is not None:
-            positions = [backbone.token_positions(p, attention_word) for p, _ in chunk]
-            if any(not pos for pos in positions):
-                raise BadInputError(f"{attention_word!r} does not occur in every prompt")
+            words = ([attention_word] * len(prompts) if isinstance(attention_word, str) else list(attention_word))
+            if len(words) != len(prompts):
+                raise ValueError(f"{len(words)} attention words for {len(prompts)} prompts")
+            positions = [backbone.token_positions(p, words[(start + j) // len(seeds)])
+                         for j, (p, _) in enumerate(chunk)]
+            missing = next((j for j, pos in enumerate(positions) if not pos), None)
+            if missing is not None:
+                word, prompt = words[(start + missing) // len(seeds)], chunk[missing][0]
+                raise BadInputError(f"{word!r} does not occur in the prompt {prompt!r}")
             acc = AttentionAccumulator(positions, shape[1:])
         for i, t in enumerate(ts.tolist()):
             progress.check()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import re
 import socket
 
 import pytest
@@ -39,7 +40,8 @@ def _worker(rank: int, world: int, port: int, tokenizer_dir: str, out_dir: str) 
         log: list[str] = []
         res = mace(bb, _concepts(), _settings(), prior, progress=Progress(log=log.append),
                    work_dir=f"{out_dir}/work")
-        trained = [m.split("'")[1] for m in log if m.startswith("stage 3/4")]
+        # concept names of every LoRA-stage message (one message names a whole concept batch)
+        trained = [w for m in log if m.startswith("stage 3/4") for w in re.findall(r"'([^']*)'", m)]
         torch.save({"deltas": {n: d.matrix() for n, d in res.weights.deltas.items()},
                     "cfr": {n: d.matrix() for n, d in res.cfr.deltas.items()},
                     "losses": [lr.losses for lr in res.loras], "trained": trained,

@@ -24,8 +24,9 @@ class Killed(Exception):
 
 
 def _settings(**kw):
+    # one concept at a time, so that a run can die between two concepts (batches: the last test)
     return MaceSettings(images_per_concept=2, sample_steps=3, guidance=3.0, lora_steps=3, lora_lr=1e-2,
-                        lora_batch=2).override(**kw)
+                        lora_batch=2, concept_batch=1).override(**kw)
 
 
 def _concepts():
@@ -118,3 +119,23 @@ def test_a_low_rank_and_a_dense_entry_round_trip(tmp_path):
         torch.testing.assert_close(got.deltas[n].matrix(), w.deltas[n].matrix())
     with pytest.raises(BadInputError, match="belongs to another run"):
         WorkDir.open(tmp_path / "w", {"concepts": [{"text": "y"}]})
+
+
+def test_a_run_killed_in_a_concept_batch_resumes_with_another_batch(tiny_backbone, tmp_path):
+    """Concepts trained two at a time: a run dying in the second batch keeps the first batch's two concepts; the
+    resumed run may use another concept batch (it changes the result by float rounding only)."""
+    bb = tiny_backbone
+    prior = gram(bb, prior_prompts(100), tmp_path)
+    ref = mace(bb, _concepts(), _settings(concept_batch=None), prior)
+    wd = tmp_path / "work"
+    log: list[str] = []
+    with pytest.raises(Killed):
+        mace(bb, _concepts(), _settings(concept_batch=2), prior, progress=_killer(1, log), work_dir=wd)
+    assert "stage 3/4: attention-loss LoRA for 'circle', 'square' (1-2/3)" in log
+    assert sorted(p.name for p in wd.iterdir()) == ["concept-00000.safetensors", "concept-00001.safetensors",
+                                                    "manifest.json"]
+    log2: list[str] = []
+    res = mace(bb, _concepts(), _settings(concept_batch=None), prior, progress=Progress(log=log2.append),
+               work_dir=wd)
+    assert [m for m in log2 if m.startswith("stage 3/4")] == ["stage 3/4: attention-loss LoRA for 'star'"]
+    _assert_same(res.weights, ref.weights, atol=1e-5)

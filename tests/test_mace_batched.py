@@ -1,0 +1,115 @@
+"""Issue 20, item 1: several concepts' MACE LoRAs trained in one UNet forward (per-sample LoRAs) equal each concept
+trained alone with the same seeds, and several concepts' images generated in one batch equal each alone."""
+
+import pytest
+import torch
+
+from erasure.deltas import BatchedLoRA, TrainableLoRA
+from erasure.errors import BadInputError
+from erasure.mace import (
+    MaceSettings,
+    batch_from_memory,
+    generate_data,
+    generate_data_batch,
+    mace,
+    refine,
+    resolve_concept_batch,
+    train_lora,
+    train_loras,
+)
+from erasure.prompts import Concept
+
+LAB_TEMPLATES = ("a {c}", "a photo of a {c}", "a red {c}", "a picture of a blue {c}")
+
+
+def _settings(**kw):
+    return MaceSettings(images_per_concept=2, sample_steps=3, guidance=3.0, lora_steps=12, lora_lr=1e-2,
+                        lora_batch=2).override(**kw)
+
+
+def _concepts():
+    return [Concept("circle", "shape", templates=LAB_TEMPLATES, data_prompt="a photo of a {c}"),
+            Concept("square", "shape", templates=LAB_TEMPLATES, data_prompt="a photo of a {c}"),
+            Concept("striped", "plain", kind="style", templates=LAB_TEMPLATES)]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> bool:
+    return float((a - b).abs().max()) <= tol * max(float(b.abs().max()), 1e-12)
+
+
+def test_batched_lora_starts_as_separate_loras_and_routes_each_sample(tiny_backbone):
+    mods = tiny_backbone.cross_attention_kv()
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    with BatchedLoRA(mods, 2, gens) as batched:
+        for k, seed in enumerate((3, 4)):
+            with TrainableLoRA(mods, rank=2, generator=torch.Generator().manual_seed(seed)) as alone:
+                assert all(torch.equal(a.downs[i][k], b) for i, b in enumerate(alone.downs) for a in [batched])
+                alone.enabled = False
+        # a nonzero slot 1 changes only the samples routed to it
+        name = batched.names[0]
+        with torch.no_grad():
+            batched.ups[0][1].fill_(0.5)
+        x = torch.randn(3, 5, mods[name].weight.shape[1])
+        batched.slots = torch.tensor([0, 1, 0])
+        out = mods[name](x)
+        with batched.disabled():
+            plain = mods[name](x)
+        assert torch.equal(out[0], plain[0]) and torch.equal(out[2], plain[2]) and not torch.equal(out[1], plain[1])
+        batched.slots = torch.tensor([0, 1])
+        with pytest.raises(RuntimeError, match="one slot per sample"):
+            mods[name](x)
+
+
+def test_concepts_trained_together_equal_each_alone(tiny_backbone):
+    """The issue's equality test: same seeds, each concept's LoRA, loss curve and probe as when trained alone."""
+    s = _settings()
+    concepts = _concepts()
+    datas = [generate_data(tiny_backbone, c, s) for c in concepts]
+    cfr = refine(tiny_backbone, concepts, None, s.lam, s.preserve)
+    together = train_loras(tiny_backbone, datas, cfr, s)
+    for d, t in zip(datas, together, strict=True):
+        alone = train_lora(tiny_backbone, d, cfr, s)
+        assert len(t.losses) == len(alone.losses) == s.lora_steps
+        assert _close(torch.tensor(t.losses), torch.tensor(alone.losses))
+        assert t.probe is not None and alone.probe is not None
+        assert _close(torch.tensor(t.probe), torch.tensor(alone.probe))
+        assert t.probe[1] < t.probe[0]  # it trained
+        for name, delta in alone.weights.deltas.items():
+            other = t.weights.deltas[name]
+            assert _close(other.up, delta.up) and _close(other.down, delta.down), name
+        assert t.weights.metadata == alone.weights.metadata
+
+
+def test_images_generated_together_equal_each_alone(tiny_backbone):
+    s = _settings()
+    concepts = _concepts()
+    together = generate_data_batch(tiny_backbone, concepts, s)
+    for c, t in zip(concepts, together, strict=True):
+        alone = generate_data(tiny_backbone, c, s)
+        assert t.prompt == alone.prompt
+        assert _close(t.latents, alone.latents, 1e-3)  # alone, a style is sampled without attention capture
+        assert torch.equal(t.masks, alone.masks)
+
+
+def test_mace_with_a_concept_batch_equals_one_by_one(tiny_backbone):
+    concepts = _concepts()
+    one = mace(tiny_backbone, concepts, _settings(concept_batch=1), None)
+    three = mace(tiny_backbone, concepts, _settings(concept_batch=3), None)
+    assert one.concept_batch == 1 and three.concept_batch == 3
+    assert one.unet_evaluations == three.unet_evaluations  # the same samples through the UNet
+    assert three.unet_calls < one.unet_calls  # in fewer calls
+    for name, delta in one.weights.deltas.items():
+        assert _close(three.weights.deltas[name].matrix(), delta.matrix(), 1e-3), name
+
+
+def test_automatic_concept_batch(tiny_backbone):
+    concepts = _concepts()
+    assert resolve_concept_batch(tiny_backbone, concepts, _settings()) == 3  # CPU: CPU_CONCEPT_BATCH, at most n
+    assert resolve_concept_batch(tiny_backbone, concepts[:1], _settings()) == 1
+    assert resolve_concept_batch(tiny_backbone, concepts, _settings(concept_batch=2)) == 2
+    gib = 1 << 30
+    assert batch_from_memory(80 * gib, 3 * gib, 100) == 16  # 60% of 80 GiB at 3 GiB a concept
+    assert batch_from_memory(80 * gib, 100 * gib, 100) == 1
+    assert batch_from_memory(80 * gib, 1, 5) == 5
+    with pytest.raises(BadInputError, match="concept_batch"):
+        _settings(concept_batch=0).validate()
