@@ -318,6 +318,8 @@ MACE_HELP = {
                "--no-augment: the generation prompt only",
     "importance_sampling": "LoRA timesteps from MACE's p(t), median ~300 (the reference; default); "
                            "--no-importance-sampling: uniform",
+    "concept_batch": "concepts trained (and their images generated) together in one UNet batch; the same result as "
+                     "one at a time (default: automatic, 4 on the CPU, from free memory on a GPU)",
     "seed": "(default {default})",
 }
 
@@ -372,7 +374,8 @@ def _mace(args: argparse.Namespace) -> int:
     curve = _write_loss_png(res.weights, args.out, "MACE attention loss per LoRA step")
     print(f"MACE erased {', '.join(repr(c) for c in concepts)} (anchors: "
           f"{', '.join(repr(c.anchor) for c in items)}) in {elapsed:.1f} s; "
-          f"{res.unet_evaluations} UNet evaluations; {_peak_memory()}")
+          f"{res.unet_evaluations} UNet evaluations in {res.unet_calls} UNet calls ({res.concept_batch} "
+          f"concept(s) per batch); {_peak_memory()}")
     for c, lr in zip(concepts, res.loras, strict=True):
         where = "concept tokens, end token and padding" if lr.suppress_end else "concept tokens only"
         print(f"  {c!r}: attention loss ({where}) {_loss_span(lr)}")

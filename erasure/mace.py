@@ -484,7 +484,7 @@ def probe_losses(backbone: Backbone, items: list[tuple[ConceptData, TextConditio
             rows.append((k, data.latents[img[sl]], ts[sl], noise[sl], cond[pidx[sl]], positions[pidx[sl]],
                          data.masks[img[sl]]))
     sums = [0.0] * len(items)
-    per_forward = max(1, len(items) // 2)  # chunks per UNet call: no more samples than about 2 per slot
+    per_forward = len(items)  # chunks per UNet call: one per concept (no gradients: far less memory than training)
     for start in range(0, len(rows), per_forward):
         part = rows[start:start + per_forward]
         sizes = [len(r[2]) for r in part]
@@ -776,7 +776,7 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
             results = [train_lora(backbone, data[group[0]], cfr, s.override(suppress_end=ends[0]), progress)]
         else:
             results = train_loras(backbone, [data[i] for i in group], cfr, s, progress, ends=ends)
-        calls += s.lora_steps * 2 + 2 * -(-PROBE_SAMPLES * len(group) // (PROBE_CHUNK * max(1, len(group) // 2)))
+        calls += s.lora_steps * 2 + 2 * -(-PROBE_SAMPLES // PROBE_CHUNK)  # forward and backward; the probe twice
         for i, lr in zip(group, results, strict=True):
             c = concepts[i]
             loras[i] = lr

@@ -89,7 +89,9 @@ def test_image_concepts_pick_the_concept_and_a_latent_noise_mask_is_used(comfy, 
         latents = nodes.SetLatentNoiseMask().set_mask(_images(vae, 2), mask)[0]
     _run(node, model, clip, "cat\ndog", latents=latents, image_concepts="2, 2")
     assert seen["sampled"] == [["a photo of the cat"]], "only the concept without images is generated"
-    cat, dog = seen["masks"][0], seen["masks"][-1]  # LoRAs are trained in concept order
+    # both concepts' latents are 8x8, so their LoRAs train together (automatic concept batch), cat's sample first
+    assert seen["masks"][0].shape == (2, 8, 8)
+    cat, dog = seen["masks"][0][:1], seen["masks"][0][1:]
     expected = torch.zeros(1, 8, 8)
     expected[:, 4:, :] = 1.0
     assert torch.equal(dog, expected)
@@ -154,3 +156,26 @@ def test_lora_lr_from_the_settings_node_and_the_preset_otherwise(comfy, loaded, 
     assert json.loads(preset.metadata["erasure.settings"])["lora_lr"] == 1e-4  # the person preset's (reference)
     assert json.loads(raised.metadata["erasure.settings"])["lora_lr"] == 1e-3
     assert any(not torch.equal(preset[k], raised[k]) for k in preset), "the learning rate changed nothing"
+
+
+def test_concepts_trained_together_in_comfyui_equal_one_at_a_time(comfy, loaded, mace_env):
+    """Issue 20, item 6: the node trains several concepts in one UNet batch (ComfyUI's own attention layers, each
+    sample through its concept's LoRA) with the result of one at a time."""
+    node, seen = mace_env
+    model, clip, _ = loaded
+
+    def settings(batch: int) -> dict:
+        return {"settings": {"lora_steps": 3, "concept_batch": batch}, "resolution": 64}
+
+    _, alone = _run(node, model, clip, "cat\ndog", settings=settings(1))
+    assert [m.shape[0] for m in seen["masks"]] == [1] * 6 and seen["sampled"] == [["a photo of the cat"],
+                                                                                  ["a photo of the dog"]]
+    seen["masks"].clear()
+    seen["sampled"].clear()
+    _, together = _run(node, model, clip, "cat\ndog", settings=settings(2))
+    assert [m.shape[0] for m in seen["masks"]] == [2] * 3, "the two concepts did not share the LoRA steps"
+    assert seen["sampled"] == [["a photo of the cat", "a photo of the dog"]], "their images were not made together"
+    assert alone.keys() == together.keys()
+    for k in alone:
+        scale = float(alone[k].abs().max())
+        assert float((alone[k] - together[k]).abs().max()) <= 1e-3 * scale + 1e-7, k
