@@ -139,3 +139,52 @@ def test_a_run_killed_in_a_concept_batch_resumes_with_another_batch(tiny_backbon
                work_dir=wd)
     assert [m for m in log2 if m.startswith("stage 3/4")] == ["stage 3/4: attention-loss LoRA for 'star'"]
     _assert_same(res.weights, ref.weights, atol=1e-5)
+
+
+_CHILD = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(1)
+from tiny_models import tiny_lab_layout
+from test_workdir import _concepts, _settings
+from erasure.mace import mace
+from erasure.prior import gram
+from erasure.prompts import prior_prompts
+bb = tiny_lab_layout(sys.argv[2])
+mace(bb, _concepts(), _settings(lora_steps=40), gram(bb, prior_prompts(100)), work_dir=sys.argv[3])
+"""
+
+
+def test_a_process_killed_by_the_system_resumes_with_the_same_result(tiny_backbone, lab_tokenizer_dir, tmp_path):
+    """Item 3 with a real process: SIGKILL (no exception handler, no cleanup) right after its first concept is
+    written; a rerun on the directory trains only the others and gives the uninterrupted run's result."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    wd = tmp_path / "work"
+    tests_dir = str(Path(__file__).parent)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(tests_dir).parent),
+                                                                              os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, tests_dir, str(lab_tokenizer_dir), str(wd)], env=env,
+                             stderr=subprocess.PIPE)
+    first = wd / "concept-00000.safetensors"
+    deadline = time.time() + 300
+    while not first.exists() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    _, err = child.communicate()
+    assert first.exists(), f"the child died before its first concept: {err.decode()[-2000:]}"
+    assert child.returncode == -signal.SIGKILL
+    assert not (wd / "concept-00002.safetensors").exists(), "the child finished before it was killed"
+    s = _settings(lora_steps=40)
+    prior = gram(tiny_backbone, prior_prompts(100))
+    log: list[str] = []
+    resumed = mace(tiny_backbone, _concepts(), s, prior, progress=Progress(log=log.append), work_dir=wd)
+    trained = [m for m in log if m.startswith("stage 3/4")]
+    assert "'circle'" not in " ".join(trained) and len(trained) in (1, 2)
+    _assert_same(resumed.weights, mace(tiny_backbone, _concepts(), s, prior).weights, atol=1e-7)
