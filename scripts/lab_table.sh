@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One lab table of every method (issue 19, item 6; docs/lab.md#every-method): each method erases one concept at one
+# training seed, then `lab eval` (efficacy, generality, specificity, fidelity, kept) and `audit` (concept inversion:
+# attack success rate). Resumable: a row whose two reports exist is skipped. About an hour at one thread.
+#
+#   bash scripts/lab_table.sh                  # circle, seed 0 -> reports/lab-table/, table in reports/lab-table/table.md
+#   CONCEPT=square SEED=1 bash scripts/lab_table.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+PY="${PY:-python}"
+C="${CONCEPT:-circle}"
+SEED="${SEED:-0}"
+OUT="out/lab-table/$C-s$SEED"
+REP="reports/lab-table/$C-s$SEED"
+mkdir -p "$OUT" "$REP"
+
+row() {  # name, training command...
+  local name=$1; shift
+  if [ -f "$REP/$name.eval.json" ] && [ -f "$REP/$name.audit.json" ]; then echo "= $name: done"; return; fi
+  echo "+ $name: $*"
+  local t0; t0=$(date +%s)
+  "$@" > "$REP/$name.train.txt" 2>&1
+  echo "training wall s: $(( $(date +%s) - t0 )); command: $*" >> "$REP/$name.train.txt"
+  "$PY" -m erasure lab eval --lora "$OUT/$name.safetensors" --json "$REP/$name.eval.json" --grid "$OUT/$name.png" \
+    > "$REP/$name.eval.txt" 2>&1
+  "$PY" -m erasure audit --model lab --lora "$OUT/$name.safetensors" --concept "$C" --json "$REP/$name.audit.json" \
+    --out-dir "$OUT/$name-audit" > "$REP/$name.audit.txt" 2>&1
+}
+
+# ESD-x as published: cross-attention layers, lr 1e-5, 1000 iterations; beside the lab-tuned ESD (lr 1e-3, 150)
+row esd-published "$PY" -m erasure lab baseline --concept "$C" --scope xattn --lr 1e-5 --steps 1000 --seed "$SEED" \
+  --out "$OUT/esd-published.safetensors"
+row esd-tuned "$PY" -m erasure lab baseline --concept "$C" --seed "$SEED" --out "$OUT/esd-tuned.safetensors"
+row ant-default "$PY" -m erasure ant --model lab --concept "$C" --seed "$SEED" --no-report \
+  --out "$OUT/ant-default.safetensors"
+row ant-paper "$PY" -m erasure ant --model lab --concept "$C" --preset paper --seed "$SEED" --no-report \
+  --out "$OUT/ant-paper.safetensors"
+row mace-default "$PY" -m erasure mace --model lab --concepts "$C" --seed "$SEED" --no-report \
+  --out "$OUT/mace-default.safetensors"
+row ant-adversarial "$PY" -m erasure ant --model lab --concept "$C" --adversarial 1 --seed "$SEED" --no-report \
+  --out "$OUT/ant-adversarial.safetensors"
+"$PY" scripts/lab_table.py "$REP" | tee "$REP/table.md"
