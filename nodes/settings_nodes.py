@@ -215,10 +215,10 @@ class MaceSettingsNode(_SettingsNode):
                 io.Float.Input("grad_clip", default=d.grad_clip, min=0.01, max=100.0, step=0.1,
                                tooltip="Gradient-norm clip per LoRA step."),
                 io.Combo.Input("concept_batch", options=CONCEPT_BATCHES, default=AUTO,
-                               tooltip="Concepts trained together in one UNet batch (each with its own LoRA; the "
-                                       "same result as one at a time, faster on a GPU). auto: as many as fit in "
-                                       "60% of the free GPU memory, 4 on the CPU. Lower it if you run out of "
-                                       "memory."),
+                               tooltip="Concepts trained together in one UNet batch, each with its own LoRA: the "
+                                       "same result as one at a time, in fewer and larger UNet calls. auto: as many "
+                                       "as fit in 60% of the free GPU memory, 4 on the CPU. Lower it if you run out "
+                                       "of memory."),
                 resolution_input("Generation and training resolution: the model's native one, or pixels."),
                 report_input(),
             ],
