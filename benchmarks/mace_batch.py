@@ -65,14 +65,15 @@ def measure(bb, concepts: list[Concept], s: MaceSettings, batch: int, device: to
 
 def table(rows: list[dict]) -> str:
     base = rows[0]["wall_s"] if rows and rows[0]["concept_batch"] == 1 else None
-    out = ["| B | stage 1 s (calls) | stage 3 s (calls) | total s | concepts/hour | speed-up vs B=1 | "
+    out = ["| B | stage 1 s (calls) | stage 3 s (calls) | total s | total CPU s | concepts/hour | speed-up vs B=1 | "
            "UNet rows fwd / bwd | peak GiB stage 1 / 3 |",
-           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         g, ll = r["generate"], r["lora"]
         speed = f"{base / r['wall_s']:.2f}x" if base else "-"
         out.append(f"| {r['concept_batch']} | {g['wall_s']} ({g['unet_calls']}) | {ll['wall_s']} "
-                   f"({ll['unet_calls']}) | {r['wall_s']} | {r['concepts_per_hour']:,} | {speed} | "
+                   f"({ll['unet_calls']}) | {r['wall_s']} | {g['cpu_s'] + ll['cpu_s']:.1f} | "
+                   f"{r['concepts_per_hour']:,} | {speed} | "
                    f"{g['unet_forward_rows'] + ll['unet_forward_rows']:,} / {ll['unet_backward_rows']:,} | "
                    f"{g['peak_gib']} / {ll['peak_gib']} |")
     return "\n".join(out)
