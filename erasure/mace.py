@@ -82,11 +82,23 @@ class MaceSettings(Settings):
         validation.check_mace_settings(self)
 
 
+#: the reference's configurations per kind (Shilin-LU/MACE ``configs/``; which file each value comes from and every
+#: difference: docs/mace.md#presets). Prior weights are the reference's ``train_preserve_scale`` /
+#: ``fuse_preserve_scale`` times the 616,767 COCO 2014 captions its cache sums, since our prior is normalised per
+#: prompt; its lam 0 is 1e-3 here, as ``refine`` and the validation take lam > 0 only.
 PRESETS: dict[str, MaceSettings] = {
-    "object": MaceSettings(kind="object", anchor="background", lora_steps=50, lora_lr=1e-5),
-    "person": MaceSettings(kind="person", anchor="a person", lora_steps=50, lora_lr=1e-4),
-    "style": MaceSettings(kind="style", anchor="art", use_masks=False, lora_steps=50, lora_lr=1e-4),
-    "nudity": MaceSettings(kind="nudity", anchor="a person wearing clothes", lora_steps=120, lora_lr=1e-5),
+    # configs/object/erase_ship.yaml (the README's config): lamb 1e3, mapping 'ground', no prior (scales 0)
+    "object": MaceSettings(kind="object", anchor="ground", lam=1e3, preserve=0.0, fuse_preserve=0.0,
+                           lora_steps=50, lora_lr=1e-5),
+    # configs/celebrity/erase_cele_{5,10,100}.yaml: lamb 0, mapping 'a person', scales 1e-4
+    "person": MaceSettings(kind="person", anchor="a person", lam=1e-3, preserve=1e-4 * 616_767,
+                           fuse_preserve=1e-4 * 616_767, lora_steps=50, lora_lr=1e-4),
+    # configs/art/erase_art_100.yaml: lamb 0, mapping 'art', scales 1e-4, no masks (style)
+    "style": MaceSettings(kind="style", anchor="art", use_masks=False, lam=1e-3, preserve=1e-4 * 616_767,
+                          fuse_preserve=1e-4 * 616_767, lora_steps=50, lora_lr=1e-4),
+    # configs/explicit_content/erase_explicit_content.yaml: lamb 0, scales 7e-7, importance_sampling false
+    "nudity": MaceSettings(kind="nudity", anchor="a person wearing clothes", lam=1e-3, preserve=7e-7 * 616_767,
+                           fuse_preserve=7e-7 * 616_767, lora_steps=120, lora_lr=1e-5, importance_sampling=False),
 }
 
 
@@ -373,12 +385,14 @@ def resolve_suppress_end(backbone: Backbone, concept: Concept, s: MaceSettings) 
 
 @dataclass
 class AttentionLoss:
-    """Sum over layers of the squared attention of ``positions`` at masked pixels, per masked pixel and head.
+    """The reference's attention loss: summed over cross-attention layers, the Frobenius norm (not squared) of the
+    attention probabilities of ``positions`` at masked pixels, all heads (``AttnController.loss`` in Shilin-LU/MACE
+    ``src/cfr_utils.py``: ``sum(torch.norm(item) for item in self.attn_probs)``). Computed in float32.
 
     ``positions``: token positions shared by the batch, or a ``[B, L]`` 0/1 tensor (one row per sample: the batch's
     prompts may differ). ``groups`` (``[B]`` long, with ``n_groups``): the batch holds several independent losses
-    (one per concept, ``train_loras``); each is normalised over its own samples as if computed alone, and
-    ``total`` is then a ``[n_groups]`` vector.
+    (one per concept, ``train_loras``); each layer's norm is taken over that group's own samples, as if computed
+    alone, and ``total`` is then a ``[n_groups]`` vector.
     """
 
     positions: list[int] | torch.Tensor
@@ -389,21 +403,27 @@ class AttentionLoss:
     n_groups: int = 1
 
     def __call__(self, name: str, probs: torch.Tensor, hw: tuple[int, int]) -> None:
-        m = torch.nn.functional.interpolate(self.masks[:, None].to(probs.device, probs.dtype), size=hw,
+        m = torch.nn.functional.interpolate(self.masks[:, None].to(probs.device, torch.float32), size=hw,
                                             mode="nearest").flatten(1)  # [B, HW]
         if isinstance(self.positions, torch.Tensor):
             sq = (probs.pow(2) * self.positions.to(probs.device, probs.dtype)[:, None, None, :]).sum(-1)
         else:
             sq = probs[..., self.positions].pow(2).sum(-1)  # [B, heads, HW]
+        per_sample = (sq.float() * m[:, None]).sum((1, 2))  # [B]: squares summed over heads and masked pixels
         if self.groups is None:
-            val = (sq * m[:, None]).sum() / (m.sum().clamp_min(1) * probs.shape[1])
+            val = self._norm_of(per_sample.sum())
         else:
             g = self.groups.to(probs.device)
-            zero = sq.new_zeros(self.n_groups)
-            num = zero.index_add(0, g, (sq * m[:, None]).sum((1, 2)))
-            val = num / (zero.index_add(0, g, m.sum(1)).clamp_min(1) * probs.shape[1])
+            val = self._norm_of(per_sample.new_zeros(self.n_groups).index_add(0, g, per_sample))
         self.total = val if self.total is None else self.total + val
         self.layers += 1
+
+    @staticmethod
+    def _norm_of(sum_sq: torch.Tensor) -> torch.Tensor:
+        """``sqrt(sum_sq)`` with a zero gradient where ``sum_sq`` is 0 (a mask or position set that selects
+        nothing), where a plain ``sqrt`` would give an infinite one."""
+        nonzero = sum_sq > 0
+        return torch.where(nonzero, sum_sq.clamp_min(torch.finfo(sum_sq.dtype).tiny).sqrt(), sum_sq.new_zeros(()))
 
 
 def lora_prompts(data: ConceptData, augment: bool = True) -> list[str]:

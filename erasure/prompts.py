@@ -49,7 +49,8 @@ PRIOR_TEMPLATES = (
     "{p} standing next to a {o} {s}",
 )
 
-#: MACE-style templates for a concept's own prompts, per kind of concept
+#: templates for a concept's own prompts, per kind of concept: ANT's and the audit's (MACE has its
+#: own, ``MACE_TEMPLATES``)
 CONCEPT_TEMPLATES: dict[str, tuple[str, ...]] = {
     "object": ("a photo of the {c}", "a photo of a {c}", "a picture of a {c}", "an image of a {c}", "{c}",
                "a close-up photo of a {c}", "a {c} in a park", "a {c} on a table", "a drawing of a {c}",
@@ -61,6 +62,39 @@ CONCEPT_TEMPLATES: dict[str, tuple[str, ...]] = {
               "an image in the style of {c}", "a drawing by {c}"),
     "nudity": ("{c}", "a photo of a {c} person", "a {c} woman", "a {c} man", "a {c} body", "a painting of a {c} "
                "figure", "a {c} person on a beach", "{c} people", "a {c} model", "a picture of {c}"),
+}
+
+
+#: MACE's templates for a concept's own prompts, as the reference's ``prompt_augmentation`` (Shilin-LU/MACE,
+#: ``src/cfr_utils.py``) lists them: its first 30 per kind (its configs' ``prompt_len: 30`` samples indices 0-29 of
+#: 31, so the 31st is never used). The reference defines two lists, ``object`` and ``style``; its configs train
+#: celebrities and nudity as ``object`` (``configs/celebrity/*.yaml``, ``configs/explicit_content/*.yaml``), so
+#: person and nudity use the object list. No template puts an article before the concept, so a concept with or
+#: without one ("nudity", "a person wearing clothes") reads as a sentence either way.
+_MACE_OBJECT: tuple[str, ...] = (
+    "{c} in a photo", "{c} in a snapshot", "A snapshot of {c}", "A photograph showcasing {c}",
+    "An illustration of {c}", "A digital rendering of {c}", "A visual representation of {c}", "A graphic of {c}",
+    "A shot of {c}", "A photo of {c}", "A black and white image of {c}", "A depiction in portrait form of {c}",
+    "A scene depicting {c} during a public gathering", "{c} captured in an image",
+    "A depiction created with oil paints capturing {c}", "An image of {c}", "A drawing capturing the essence of {c}",
+    "An official photograph featuring {c}", "A detailed sketch of {c}", "{c} during sunset/sunrise",
+    "{c} in a detailed portrait", "An official photo of {c}", "Historic photo of {c}", "Detailed portrait of {c}",
+    "A painting of {c}", "HD picture of {c}", "Magazine cover capturing {c}", "Painting-like image of {c}",
+    "Hand-drawn art of {c}", "An oil portrait of {c}",
+)
+_MACE_STYLE: tuple[str, ...] = (
+    "An artwork by {c}", "Art piece by {c}", "A recent creation by {c}", "{c}'s renowned art",
+    "Latest masterpiece by {c}", "A stunning image by {c}", "An art in {c}'s style", "Exhibition artwork of {c}",
+    "Art display by {c}", "a beautiful painting by {c}", "An image inspired by {c}'s style", "A sketch by {c}",
+    "Art piece representing {c}", "A drawing by {c}", "Artistry showcasing {c}", "An illustration by {c}",
+    "A digital art by {c}", "A visual art by {c}", "A reproduction inspired by {c}'s colorful, expressive style",
+    "Famous painting of {c}", "A famous art by {c}", "Artistic style of {c}", "{c}'s famous piece",
+    "Abstract work of {c}", "{c}'s famous drawing", "Art from {c}'s early period", "A portrait by {c}",
+    "An imitation reflecting the style of {c}", "An painting from {c}'s collection",
+    "Vibrant reproduction of artwork by {c}",
+)
+MACE_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "object": _MACE_OBJECT, "person": _MACE_OBJECT, "style": _MACE_STYLE, "nudity": _MACE_OBJECT,
 }
 
 
@@ -92,7 +126,7 @@ class Concept:
     text: str
     anchor: str
     kind: str = "object"
-    #: prompts with ``{c}`` where the concept goes; default: the templates of ``kind``
+    #: prompts with ``{c}`` where the concept goes; default: MACE's templates of ``kind`` (``MACE_TEMPLATES``)
     templates: tuple[str, ...] = ()
     #: the prompt that generates the concept's training images; default: MACE's per-kind prompt
     data_prompt: str = ""
@@ -104,7 +138,12 @@ class Concept:
             raise BadInputError(f"the anchor of {self.text!r} is the concept itself: choose a different anchor")
 
     def template_list(self) -> list[str]:
-        return list(self.templates) or concept_prompts("{c}", self.kind)
+        """``templates``, else MACE's for the concept's kind (``MACE_TEMPLATES``; ANT passes its own)."""
+        if self.templates:
+            return list(self.templates)
+        if self.kind not in MACE_TEMPLATES:
+            raise BadInputError(f"unknown kind of concept {self.kind!r}; use one of {', '.join(MACE_TEMPLATES)}")
+        return list(MACE_TEMPLATES[self.kind])
 
     def prompts(self) -> list[str]:
         return [t.replace("{c}", self.text) for t in self.template_list()]

@@ -77,7 +77,7 @@ def test_cli_mace_reads_a_concepts_file_with_kinds_and_anchors(tiny_backbone, tm
         cli.main(["mace", "--model", "x.safetensors", "--concepts-file", str(f), "--work-dir", str(tmp_path / "w"),
                   "--out", str(tmp_path / "x.safetensors")])
     got = [(c.text, c.kind, c.anchor) for c in captured["items"]]
-    assert got == [("kettle", "object", "background"), ("van gogh", "style", "art"),
+    assert got == [("kettle", "object", "ground"), ("van gogh", "style", "art"),  # the object preset's anchor
                    ("mickey mouse", "object", "a cartoon")]
     assert captured["work_dir"] == str(tmp_path / "w")
     with pytest.raises(SystemExit, match="one of them"):

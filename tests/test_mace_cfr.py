@@ -3,7 +3,10 @@ import torch
 
 from erasure.mace import aligned_pairs, refine
 from erasure.prior import gram
-from erasure.prompts import Concept, prior_prompts
+from erasure.prompts import CONCEPT_TEMPLATES, Concept, prior_prompts
+
+#: short templates that fit the tiny model's 16-token context (MACE's own, the reference's 30, do not all fit)
+SHORT = CONCEPT_TEMPLATES["object"]
 
 
 def _lab_prior(bb, tmp_path, exclude=()):
@@ -23,7 +26,7 @@ def test_aligned_pairs_skip_the_concept_tokens(tiny_backbone):
 
 def test_cfr_maps_concept_onto_anchor_and_keeps_prior(tiny_backbone, tmp_path):
     bb = tiny_backbone
-    c = Concept("circle", "square")
+    c = Concept("circle", "square", templates=SHORT)
     prior = _lab_prior(bb, tmp_path, exclude=["circle"])
     w = refine(bb, [c], prior, lam=0.1, preserve=1.0)
     ef, eg = aligned_pairs(bb, c)
@@ -44,7 +47,7 @@ def test_cfr_solves_each_layers_least_squares_problem(tiny_backbone, tmp_path):
     from erasure.closed_form import least_squares_edit, normal_matrices
 
     bb = tiny_backbone
-    cs = [Concept("circle", "square"), Concept("red", "blue")]
+    cs = [Concept("circle", "square", templates=SHORT), Concept("red", "blue", templates=SHORT)]
     prior = _lab_prior(bb, tmp_path, exclude=["circle", "red"])
     w = refine(bb, cs, prior, lam=0.1, preserve=0.7)
     pairs = [aligned_pairs(bb, c) for c in cs]
