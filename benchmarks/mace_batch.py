@@ -100,20 +100,20 @@ def main(argv: list[str] | None = None) -> int:
     concepts = [Concept(c, "background") for c in concept_names(args.concepts)]
     s = MaceSettings(images_per_concept=args.images, sample_steps=args.sample_steps, lora_steps=args.lora_steps,
                      lora_lr=1e-5)
+    meta = {"arch": args.arch, "scale": args.scale, "device": str(device), "dtype": args.dtype,
+            "latent": args.latent, "pixels": 8 * args.latent, "images_per_concept": args.images,
+            "sample_steps": args.sample_steps, "lora_steps": args.lora_steps, "threads": torch.get_num_threads(),
+            "machine": platform.machine(), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else None, "command": " ".join(sys.argv)}
     rows = []
     for b in (int(x) for x in args.batches.split(",")):
         t0 = time.time()
         rows.append(measure(bb, concepts, s, b, device))
         print(f"B={b}: {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
+        if args.json:  # after every row: a run stopped by a time limit keeps the rows it finished
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"settings": meta, "rows": rows}, indent=1))
     print(table(rows))
-    if args.json:
-        meta = {"arch": args.arch, "scale": args.scale, "device": str(device), "dtype": args.dtype,
-                "latent": args.latent, "pixels": 8 * args.latent, "images_per_concept": args.images,
-                "sample_steps": args.sample_steps, "lora_steps": args.lora_steps, "threads": torch.get_num_threads(),
-                "machine": platform.machine(), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda"
-                else None, "command": " ".join(sys.argv)}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"settings": meta, "rows": rows}, indent=1))
     return 0
 
 

@@ -514,7 +514,8 @@ def probe_losses(backbone: Backbone, items: list[tuple[ConceptData, TextConditio
         groups = torch.repeat_interleave(torch.arange(len(part)), torch.tensor(sizes))
         loss_fn = AttentionLoss(torch.cat([r[5] for r in part]), torch.cat([r[6] for r in part]), groups=groups,
                                 n_groups=len(part))
-        lora.slots = torch.repeat_interleave(torch.tensor([r[0] for r in part]), torch.tensor(sizes))
+        lora.slots = torch.repeat_interleave(torch.tensor([r[0] for r in part]), torch.tensor(sizes)).to(
+            backbone.device)
         with backbone.capture_attention(loss_fn):
             backbone.predict_noise(x_t, t, TextConditioning.cat([r[4] for r in part]).to(backbone.device))
         if loss_fn.total is not None:
@@ -615,6 +616,7 @@ def train_loras(backbone: Backbone, datas: list[ConceptData], base: ErasureWeigh
         opt = torch.optim.AdamW(lora.parameters(), lr=s.lora_lr)
         before = probe_losses(backbone, items, pt, s.seed, lora) if probe else None
         groups = torch.arange(k_all).repeat_interleave(b)
+        slots = groups.to(backbone.device)  # on the device once, not copied by every hooked layer
         for _step in range(s.lora_steps):
             progress.check()
             x0s, ts, noises, cs, pos_rows, masks = [], [], [], [], [], []
@@ -633,7 +635,7 @@ def train_loras(backbone: Backbone, datas: list[ConceptData], base: ErasureWeigh
             t = torch.cat(ts).to(backbone.device)
             x_t = backbone.schedule.add_noise(x0, torch.cat(noises).to(x0), t)
             loss_fn = AttentionLoss(torch.cat(pos_rows), torch.cat(masks), groups=groups, n_groups=k_all)
-            lora.slots = groups
+            lora.slots = slots
             with backbone.capture_attention(loss_fn):
                 backbone.predict_noise(x_t, t, TextConditioning.cat(cs).to(backbone.device))
             loss = loss_fn.total
