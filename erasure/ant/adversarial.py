@@ -76,7 +76,7 @@ class AdversarialToken:
     vectors: list[torch.Tensor]  # one [n, D] per text encoder, trainable
     opt: torch.optim.Adam
     gen: torch.Generator
-    #: the attack's mean loss per round, and the token's distance from its start (in embedding-table std units)
+    #: per round: the attack's mean loss, and the token's RMS distance from its start (in embedding-table std units)
     history: list[dict[str, float]] = field(default_factory=list)
     start: list[torch.Tensor] = field(default_factory=list)
 
@@ -154,8 +154,8 @@ def attack_round(backbone: Backbone, tok: AdversarialToken, s: AntSettings, chec
             v.grad = gr
         tok.opt.step()
         total += float(loss.detach())
-    scales = tok.encoder.scales()
-    moved = max(float((v.detach() - v0).norm(dim=-1).max()) / sc
-                for v, v0, sc in zip(tok.vectors, tok.start, scales, strict=True))
+    # how far the token is from its start: the RMS over its entries, in units of the embedding table's std
+    moved = max(float((v.detach() - v0).pow(2).mean().sqrt()) / sc
+                for v, v0, sc in zip(tok.vectors, tok.start, tok.encoder.scales(), strict=True))
     tok.history.append({"attack_loss": round(total / max(1, s.adversarial_steps), 6), "token_moved": round(moved, 4)})
     return ATTACK_BATCH * s.adversarial_steps
