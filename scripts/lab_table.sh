@@ -5,6 +5,7 @@
 #
 #   bash scripts/lab_table.sh                  # circle, seed 0 -> reports/lab-table/, table in reports/lab-table/table.md
 #   CONCEPT=square SEED=1 bash scripts/lab_table.sh
+#   ONLY="ant-paper mace-default" bash scripts/lab_table.sh   # some rows (e.g. two processes on two cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
@@ -17,6 +18,7 @@ mkdir -p "$OUT" "$REP"
 
 row() {  # name, training command...
   local name=$1; shift
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   if [ -f "$REP/$name.eval.json" ] && [ -f "$REP/$name.audit.json" ]; then echo "= $name: done"; return; fi
   echo "+ $name: $*"
   local t0; t0=$(date +%s)
