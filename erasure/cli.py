@@ -63,7 +63,7 @@ from .mace import PRESETS, MaceSettings, mace
 from .prior import gram
 from .progress import Progress
 from .prompts import CONCEPT_TEMPLATES, Concept, prior_prompts, read_concepts_file, split_list
-from .report import ReportSettings, add_to_metadata, erasure_report, report_line, report_steps
+from .report import ReportSettings, add_to_metadata, erasure_report, report_concept, report_line, report_steps
 from .single_file import load_single_file
 from .user_images import find_user_images, load_user_data
 from .validation import (
@@ -129,7 +129,7 @@ def _report(args: argparse.Namespace, backbone, weights, concepts: list, kind: s
         unrelated = world.prior_prompts(exclude=names)
         s = ReportSettings(batch_size=64)
     else:
-        items = [c if isinstance(c, Concept) else Concept(c, "", kind) for c in concepts]
+        items = [c if isinstance(c, Concept) else report_concept(c, kind) for c in concepts]
         unrelated = prior_prompts(n=100, exclude=names)
         s = ReportSettings(guidance=7.5, batch_size=4, resolution=resolution)
     n_prompts = sum(min(len(dict.fromkeys(c.prompts())), s.concept_prompts) for c in items)

@@ -32,7 +32,7 @@ import torch
 from .backbone import Backbone, TextConditioning
 from .errors import BadInputError
 from .progress import Progress, as_progress
-from .prompts import Concept, prior_prompts
+from .prompts import CONCEPT_TEMPLATES, Concept, prior_prompts
 from .sampling import sample
 from .weights import META_PREFIX, ErasureWeights
 
@@ -87,10 +87,16 @@ def _spread(items: list[str], n: int) -> list[str]:
     return [items[round(i * (len(items) - 1) / max(n - 1, 1))] for i in range(n)]
 
 
+def report_concept(text: str, kind: str = "object") -> Concept:
+    """A concept given by name, with the prompt templates the report was validated with (``CONCEPT_TEMPLATES``, the
+    same for every method; MACE's own concepts bring theirs)."""
+    return Concept(text, "", kind, templates=tuple(CONCEPT_TEMPLATES[kind]))
+
+
 def _concept_prompts(concepts: list[str | Concept], n: int) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for c in concepts:
-        item = c if isinstance(c, Concept) else Concept(str(c), "")
+        item = c if isinstance(c, Concept) else report_concept(str(c))
         out[item.text] = _spread(list(dict.fromkeys(item.prompts())), n)
     return out
 

@@ -33,6 +33,7 @@ from ..erasure.report import (
     ReportSettings,
     add_to_metadata,
     erasure_report,
+    report_concept,
     report_from_metadata,
     report_line,
     report_text,
@@ -139,7 +140,7 @@ def run_ant(model, clip, concept: str, synonyms: str, s: AntSettings, cache_resu
     s.validate()
     bb = ComfyBackbone(model, clip, s.resolution)
     s_report = ReportSettings(guidance=7.5, batch_size=4, resolution=s.resolution)  # a real model's guidance
-    report_concepts = [Concept(concept, "", s.kind)]  # the kind's templates
+    report_concepts = [report_concept(concept, s.kind)]  # the kind's templates
     progress = node_progress(s.steps + (report_steps(s_report, report_concepts) if report else 0))
     bb.load()
     key = result_cache.result_key("ant", bb, {"concept": concept, "synonyms": _split(synonyms),
@@ -314,7 +315,7 @@ class MassEraseMACE(io.ComfyNode):
                                        "masks)."),
                 io.String.Input("anchors", default="",
                                 tooltip="What each concept maps to: one anchor for all, or one per concept "
-                                        "(';'-separated). Empty: the preset's ('background', 'a person', 'art', "
+                                        "(';'-separated). Empty: the preset's ('ground', 'a person', 'art', "
                                         "'a person wearing clothes')."),
                 io.String.Input("preserve_prompts", default="", multiline=True,
                                 tooltip="Extra prompts whose outputs must not change, one per line."),

@@ -175,8 +175,9 @@ class MaceSettingsNode(_SettingsNode):
         return io.Schema(
             node_id="MACESettings", display_name="MACE Settings", category=CATEGORY,
             description="Advanced settings of Mass Erase (MACE). Connect to its settings input: the values you change "
-                        "here override the preset; values left at their defaults keep the preset's (the presets "
-                        "differ in the LoRA learning rate and steps and in the use of masks).",
+                        "here override the preset; values left at their defaults keep the preset's (the presets, "
+                        "the reference's configurations, differ in lam, the prior weights, the LoRA learning rate "
+                        "and steps, masks and timestep sampling: docs/mace.md, Presets).",
             inputs=[
                 io.Int.Input("lora_steps", default=d.lora_steps, min=1, max=5000,
                              tooltip="LoRA training steps per concept (presets: 50; nudity 120)."),

@@ -36,12 +36,14 @@ def load_tiny(comfy, builder: str, filename: str) -> Iterator[tuple]:
 
 
 def cheap_text(comfy, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Four prior/preservation prompts instead of 64-1,200, and two concept templates instead of ten."""
+    """Four prior/preservation prompts instead of 64-1,200, and two concept templates instead of ten (ANT's) or
+    thirty (MACE's)."""
     mod = sys.modules[comfy["nodes"].NODE_CLASS_MAPPINGS["MassEraseMACEv2"].__module__]
     prompts = sys.modules[mod.prior_prompts.__module__]
     monkeypatch.setattr(mod, "prior_prompts", lambda exclude=(), **kw: list(PROMPTS))
     monkeypatch.setattr(prompts, "prior_prompts", lambda n=4, exclude=(), **kw: list(PROMPTS))
     monkeypatch.setitem(prompts.CONCEPT_TEMPLATES, "object", ("a photo of a {c}", "a {c} in a park"))
+    monkeypatch.setitem(prompts.MACE_TEMPLATES, "object", ("a photo of a {c}", "a {c} in a park"))
 
 
 def variant(comfy, model, prediction: str):
