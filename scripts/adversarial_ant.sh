@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Adversarial ANT on the concept lab (docs/audit.md#adversarial-erasure): train ANT with and without the attack in
+# the loop, then `lab eval` (efficacy, generality, specificity, kept) and `audit` (attack success rate) of each.
+# Usage: bash scripts/adversarial_ant.sh [CONCEPT [SEED [MODE ...]]]   MODE: default | adversarial (both if none)
+#        (adversarial-w0.5: the learned-token term at half weight)
+#        bash scripts/adversarial_ant.sh audit-seed S NAME...   the audit again at audit seed S (NAME: MODE-CONCEPT-sSEED)
+#        bash scripts/adversarial_ant.sh table      the markdown table of every run in reports/adversarial/
+# Writes the LoRAs and audit grids to out/adversarial/, the JSON reports to reports/adversarial/. One thread, as
+# measured; each mode takes about 7-10 minutes on a CPU core.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+PY="${PY:-.venv/bin/python}"
+OUT=out/adversarial
+REP=reports/adversarial
+mkdir -p "$OUT" "$REP"
+
+if [ "${1:-}" = table ]; then
+    "$PY" - "$REP" <<'PYEOF'
+import json, sys
+from pathlib import Path
+rep = Path(sys.argv[1])
+print("| run | plain | learned token | prefix | recoverability | efficacy | generality | specificity | kept |")
+print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+for f in sorted(rep.glob("audit-*.json")):
+    name = f.stem[len("audit-"):]
+    a, e = json.loads(f.read_text()), json.loads((rep / f"eval-{name}.json").read_text())
+    r = a["recoverability"]
+    print(f"| {name} | {a['plain_success_rate']:.0%} | {a['attack_success_rate']:.0%} | "
+          f"{a['prefix_attack_success_rate']:.0%} | {'-' if r is None else f'{r:.2f}'} | {e['efficacy']:.3f} | "
+          f"{e['generality']:.3f} | {e['specificity']:.3f} | {e['kept']:.3f} |")
+for f in sorted(rep.glob("audit-seed*/*.json")):
+    a = json.loads(f.read_text())
+    print(f"audit {f.parent.name}, {f.stem}: plain {a['plain_success_rate']:.0%}, learned token "
+          f"{a['attack_success_rate']:.0%}, prefix {a['prefix_attack_success_rate']:.0%}")
+PYEOF
+    exit 0
+fi
+
+# another audit seed (other generated images, starting draws, timesteps and noise) of LoRAs made before:
+#   bash scripts/adversarial_ant.sh audit-seed 1 default-circle-s0 adversarial-circle-s0
+if [ "${1:-}" = audit-seed ]; then
+    AUDIT_SEED="$2"
+    shift 2
+    mkdir -p "$REP/audit-seed$AUDIT_SEED"
+    for NAME in "$@"; do
+        C="$(echo "$NAME" | awk -F- '{print $(NF-1)}')"  # NAME is MODE-CONCEPT-sSEED
+        "$PY" -m erasure audit --model lab --lora "$OUT/$NAME.safetensors" --concept "$C" --seed "$AUDIT_SEED" \
+            --json "$REP/audit-seed$AUDIT_SEED/$NAME.json" --out-dir "$OUT/audit-seed$AUDIT_SEED-$NAME"
+    done
+    exit 0
+fi
+
+CONCEPT="${1:-circle}"
+SEED="${2:-0}"
+shift $(( $# < 2 ? $# : 2 ))
+if [ $# -gt 0 ]; then MODES=("$@"); else MODES=(default adversarial); fi
+
+# `python -m erasure ant` with the adversarial settings as flags (--adversarial N, --adversarial-every N,
+# --adversarial-steps N, --adversarial-lr X, --adversarial-weight X): erasure/cli.py makes a flag for each ANT
+# setting named in its ANT_HELP, which does not name these yet, so they are added here before the parser is built
+ant() {
+    "$PY" - "$@" <<'PYEOF'
+import sys
+from erasure import cli
+cli.ANT_HELP.update({
+    "adversarial": "adversarial erasure: learned tokens of an attack run inside training (0 = off; default {default})",
+    "adversarial_every": "erasure steps between attack rounds (default {default})",
+    "adversarial_steps": "attack steps per round (default {default})",
+    "adversarial_lr": "the attack's step in embedding-table std units (default {default})",
+    "adversarial_weight": "weight of the learned-token erase term (default {default})",
+})
+raise SystemExit(cli.main(sys.argv[1:]))
+PYEOF
+}
+
+for MODE in "${MODES[@]}"; do
+    NAME="$MODE-$CONCEPT-s$SEED"
+    case "$MODE" in
+        default) FLAGS=() ;;
+        adversarial) FLAGS=(--adversarial 1) ;;
+        adversarial-w0.5) FLAGS=(--adversarial 1 --adversarial-weight 0.5) ;;
+        *) echo "unknown mode $MODE (default | adversarial | adversarial-w0.5)" >&2; exit 2 ;;
+    esac
+    ant ant --model lab --concept "$CONCEPT" --seed "$SEED" "${FLAGS[@]}" --out "$OUT/$NAME.safetensors" \
+        | tee "$REP/train-$NAME.txt"
+    "$PY" -m erasure lab eval --lora "$OUT/$NAME.safetensors" --json "$REP/eval-$NAME.json"
+    "$PY" -m erasure audit --model lab --lora "$OUT/$NAME.safetensors" --concept "$CONCEPT" \
+        --json "$REP/audit-$NAME.json" --out-dir "$OUT/audit-$NAME"
+done
