@@ -445,6 +445,12 @@ ANT_HELP = {
     "gradient_checkpointing": "recompute the UNet's activations in backward instead of keeping them (less memory, "
                               "about one extra forward per step; auto: on for SDXL-sized UNets or above 512 px; "
                               "default {default})",
+    "adversarial": "adversarial erasure: learned tokens of a concept-inversion attack run inside training (0 = off; "
+                   "default {default}; docs/audit.md#adversarial-erasure)",
+    "adversarial_every": "erasure steps between attack rounds (default {default})",
+    "adversarial_steps": "attack steps per round (default {default})",
+    "adversarial_lr": "the attack's step in embedding-table std units (default {default})",
+    "adversarial_weight": "weight of the learned-token erase term (default {default})",
     "seed": "(default {default})",
 }
 ANT_CHOICES = {"kind": tuple(sorted(CONCEPT_TEMPLATES)), "prediction": PREDICTIONS, "sampling": SAMPLINGS,

@@ -56,22 +56,10 @@ SEED="${2:-0}"
 shift $(( $# < 2 ? $# : 2 ))
 if [ $# -gt 0 ]; then MODES=("$@"); else MODES=(default adversarial); fi
 
-# `python -m erasure ant` with the adversarial settings as flags (--adversarial N, --adversarial-every N,
-# --adversarial-steps N, --adversarial-lr X, --adversarial-weight X): erasure/cli.py makes a flag for each ANT
-# setting named in its ANT_HELP, which does not name these yet, so they are added here before the parser is built
+# `python -m erasure ant` (the adversarial settings are its flags: --adversarial N, --adversarial-every N,
+# --adversarial-steps N, --adversarial-lr X, --adversarial-weight X)
 ant() {
-    "$PY" - "$@" <<'PYEOF'
-import sys
-from erasure import cli
-cli.ANT_HELP.update({
-    "adversarial": "adversarial erasure: learned tokens of an attack run inside training (0 = off; default {default})",
-    "adversarial_every": "erasure steps between attack rounds (default {default})",
-    "adversarial_steps": "attack steps per round (default {default})",
-    "adversarial_lr": "the attack's step in embedding-table std units (default {default})",
-    "adversarial_weight": "weight of the learned-token erase term (default {default})",
-})
-raise SystemExit(cli.main(sys.argv[1:]))
-PYEOF
+    "$PY" -m erasure "$@"
 }
 
 for MODE in "${MODES[@]}"; do
