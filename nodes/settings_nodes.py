@@ -215,13 +215,14 @@ class MaceSettingsNode(_SettingsNode):
                                        "carries the concept into them; on; off."),
                 io.Float.Input("grad_clip", default=d.grad_clip, min=0.01, max=100.0, step=0.1,
                                tooltip="Gradient-norm clip per LoRA step."),
-                io.Combo.Input("concept_batch", options=CONCEPT_BATCHES, default=AUTO,
+                resolution_input("Generation and training resolution: the model's native one, or pixels."),
+                report_input(),
+                # last and optional: workflows saved before it existed keep their widget values in place
+                io.Combo.Input("concept_batch", options=CONCEPT_BATCHES, default=AUTO, optional=True,
                                tooltip="Concepts trained together in one UNet batch, each with its own LoRA: the "
                                        "same result as one at a time, in fewer and larger UNet calls. auto: as many "
                                        "as fit in 60% of the free GPU memory, 4 on the CPU. Lower it if you run out "
                                        "of memory."),
-                resolution_input("Generation and training resolution: the model's native one, or pixels."),
-                report_input(),
             ],
             outputs=[MaceSettingsType.Output(display_name="SETTINGS",
                                              tooltip="Connect to Mass Erase (MACE)'s settings input.")],
