@@ -19,6 +19,7 @@ suppressed only where the text encoder carries the concept into them (``end_resi
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -166,9 +167,9 @@ def generate_data_batch(backbone: Backbone, concepts: list[Concept], s: MaceSett
         return [generate_data(backbone, concepts[0], s, progress=progress)]
     seeds = [s.seed * 1000 + i for i in range(s.images_per_concept)]
     want = [s.use_masks and c.kind != "style" for c in concepts]
-    chunks = -(-len(concepts) * len(seeds) // 128)  # ``sample``'s batch_size: its steps are counted per chunk
+    chunks = -(-len(concepts) * len(seeds) // SAMPLE_BATCH)  # ``sample`` counts its steps per chunk
     res = sample(backbone, [c.generation_prompt() for c in concepts], seeds, s.sample_steps, s.guidance,
-                 progress=_scaled(progress, len(concepts) / chunks),
+                 batch_size=SAMPLE_BATCH, progress=_scaled(progress, len(concepts) / chunks),
                  attention_word=[c.text for c in concepts] if any(want) else None,
                  decode=not getattr(backbone, "latent_only", False))
     out, n = [], len(seeds)
@@ -181,6 +182,8 @@ def generate_data_batch(backbone: Backbone, concepts: list[Concept], s: MaceSett
     return out
 
 
+#: images per sampling call when several concepts' images are generated together (``sample``'s default)
+SAMPLE_BATCH = 128
 #: concepts per batch when ``concept_batch`` is automatic on the CPU (docs/mace.md#concept-batch)
 CPU_CONCEPT_BATCH = 4
 #: automatic on a GPU: the share of free memory the batch's LoRA training may fill, and the largest batch
@@ -511,11 +514,11 @@ def probe_losses(backbone: Backbone, items: list[tuple[ConceptData, TextConditio
         x0 = torch.cat([r[1] for r in part]).to(backbone.device, backbone.dtype)
         t = torch.cat([r[2] for r in part]).to(backbone.device)
         x_t = backbone.schedule.add_noise(x0, torch.cat([r[3] for r in part]).to(x0), t)
-        groups = torch.repeat_interleave(torch.arange(len(part)), torch.tensor(sizes))
-        loss_fn = AttentionLoss(torch.cat([r[5] for r in part]), torch.cat([r[6] for r in part]), groups=groups,
-                                n_groups=len(part))
-        lora.slots = torch.repeat_interleave(torch.tensor([r[0] for r in part]), torch.tensor(sizes)).to(
-            backbone.device)
+        dev = backbone.device
+        groups = torch.repeat_interleave(torch.arange(len(part)), torch.tensor(sizes)).to(dev)
+        loss_fn = AttentionLoss(torch.cat([r[5] for r in part]).to(dev), torch.cat([r[6] for r in part]).to(dev),
+                                groups=groups, n_groups=len(part))
+        lora.slots = torch.repeat_interleave(torch.tensor([r[0] for r in part]), torch.tensor(sizes)).to(dev)
         with backbone.capture_attention(loss_fn):
             backbone.predict_noise(x_t, t, TextConditioning.cat([r[4] for r in part]).to(backbone.device))
         if loss_fn.total is not None:
@@ -524,24 +527,43 @@ def probe_losses(backbone: Backbone, items: list[tuple[ConceptData, TextConditio
     return [v / PROBE_SAMPLES for v in sums]
 
 
+def _timestep_distribution(backbone: Backbone, s: MaceSettings) -> torch.Tensor:
+    """The LoRA stage's ``p(t)``: MACE's (``importance_sampling``) or uniform."""
+    pt = timestep_weights(backbone.schedule.num_timesteps)
+    return pt if s.importance_sampling else torch.full_like(pt, 1.0 / len(pt))
+
+
+def _lora_inputs(backbone: Backbone, data: ConceptData, s: MaceSettings, end: bool
+                 ) -> tuple[list[str], TextConditioning, torch.Tensor]:
+    """A concept's LoRA prompts, their encoding and the ``[n, L]`` 0/1 rows of the positions its loss suppresses."""
+    prompts = lora_prompts(data, s.augment)
+    with torch.no_grad():
+        cond = backbone.encode_text(prompts)
+    positions = torch.zeros(len(prompts), cond.embeds.shape[1])
+    for i, p in enumerate(prompts):
+        positions[i, suppressed_positions(backbone, p, data.concept.text, end)] = 1.0
+    return prompts, cond, positions
+
+
+def _fusion_embeds(data: ConceptData, prompts: list[str], cond: TextConditioning) -> torch.Tensor | None:
+    """The LoRA prompts' embeddings ``[n * L, D]`` for the fusion, when they are the concept's prompts."""
+    if prompts != data.concept.prompts():
+        return None
+    embeds = cond.embeds.double().cpu()
+    return embeds.reshape(-1, embeds.shape[-1])
+
+
 def train_lora(backbone: Backbone, data: ConceptData, base: ErasureWeights | None, s: MaceSettings,
                progress: Progress | None = None, probe: bool = True) -> LoraResult:
     """Stage 3 for one concept: a rank-``s.lora_rank`` K/V LoRA on top of ``base`` (the CFR edit)."""
     progress = as_progress(progress)
     gen = torch.Generator().manual_seed(s.seed)
-    prompts = lora_prompts(data, s.augment)
     end = resolve_suppress_end(backbone, data.concept, s)
-    pt = timestep_weights(backbone.schedule.num_timesteps)
-    if not s.importance_sampling:
-        pt = torch.full_like(pt, 1.0 / len(pt))
+    pt = _timestep_distribution(backbone, s)
     unet = backbone.unet()
     losses: list[float] = []
     base = base or ErasureWeights()
-    with torch.no_grad():
-        cond_all = backbone.encode_text(prompts)
-    positions = torch.zeros(len(prompts), cond_all.embeds.shape[1])
-    for i, p in enumerate(prompts):
-        positions[i, suppressed_positions(backbone, p, data.concept.text, end)] = 1.0
+    prompts, cond_all, positions = _lora_inputs(backbone, data, s, end)
     with base.applied(unet), TrainableLoRA(backbone.cross_attention_kv(), rank=s.lora_rank, generator=gen) as lora:
         opt = torch.optim.AdamW(lora.parameters(), lr=s.lora_lr)
         n = data.latents.shape[0]
@@ -573,11 +595,7 @@ def train_lora(backbone: Backbone, data: ConceptData, base: ErasureWeights | Non
         measured = (probe_before, probe_loss(backbone, data, cond_all, positions, pt, s.seed)) if probe else None
         w = lora.result(method="mace-lora", concepts=[data.concept.text], anchors=[data.concept.anchor],
                         settings={**asdict(s), "suppress_end": end})
-    embeds = None
-    if prompts == data.concept.prompts():
-        embeds = cond_all.embeds.double().cpu()
-        embeds = embeds.reshape(-1, embeds.shape[-1])
-    return LoraResult(w, losses, end, measured, embeds)
+    return LoraResult(w, losses, end, measured, _fusion_embeds(data, prompts, cond_all))
 
 
 def train_loras(backbone: Backbone, datas: list[ConceptData], base: ErasureWeights | None, s: MaceSettings,
@@ -591,21 +609,11 @@ def train_loras(backbone: Backbone, datas: list[ConceptData], base: ErasureWeigh
     progress = as_progress(progress)
     if len({tuple(d.latents.shape[1:]) for d in datas}) != 1:
         raise ValueError("train_loras: the concepts' latents differ in shape; train them in separate batches")
-    pt = timestep_weights(backbone.schedule.num_timesteps)
-    if not s.importance_sampling:
-        pt = torch.full_like(pt, 1.0 / len(pt))
+    pt = _timestep_distribution(backbone, s)
     gens = [torch.Generator().manual_seed(s.seed) for _ in datas]
     ends = ends if ends is not None else [resolve_suppress_end(backbone, d.concept, s) for d in datas]
-    prompts = [lora_prompts(d, s.augment) for d in datas]
-    conds, positions = [], []
-    with torch.no_grad():
-        for d, ps, end in zip(datas, prompts, ends, strict=True):
-            cond = backbone.encode_text(ps)
-            pos = torch.zeros(len(ps), cond.embeds.shape[1])
-            for i, p in enumerate(ps):
-                pos[i, suppressed_positions(backbone, p, d.concept.text, end)] = 1.0
-            conds.append(cond)
-            positions.append(pos)
+    prompts, conds, positions = zip(*(_lora_inputs(backbone, d, s, end) for d, end in zip(datas, ends, strict=True)),
+                                    strict=True)
     k_all = len(datas)
     b = s.lora_batch
     losses: list[list[float]] = [[] for _ in datas]
@@ -615,8 +623,8 @@ def train_loras(backbone: Backbone, datas: list[ConceptData], base: ErasureWeigh
     with base.applied(unet), BatchedLoRA(backbone.cross_attention_kv(), s.lora_rank, gens) as lora:
         opt = torch.optim.AdamW(lora.parameters(), lr=s.lora_lr)
         before = probe_losses(backbone, items, pt, s.seed, lora) if probe else None
-        groups = torch.arange(k_all).repeat_interleave(b)
-        slots = groups.to(backbone.device)  # on the device once, not copied by every hooked layer
+        # each sample's concept: the LoRA slot and the loss group, on the device once (every hooked layer reads them)
+        slots = torch.arange(k_all).repeat_interleave(b).to(backbone.device)
         for _step in range(s.lora_steps):
             progress.check()
             x0s, ts, noises, cs, pos_rows, masks = [], [], [], [], [], []
@@ -634,21 +642,23 @@ def train_loras(backbone: Backbone, datas: list[ConceptData], base: ErasureWeigh
             x0 = torch.cat(x0s).to(backbone.device, backbone.dtype)
             t = torch.cat(ts).to(backbone.device)
             x_t = backbone.schedule.add_noise(x0, torch.cat(noises).to(x0), t)
-            loss_fn = AttentionLoss(torch.cat(pos_rows), torch.cat(masks), groups=groups, n_groups=k_all)
+            loss_fn = AttentionLoss(torch.cat(pos_rows).to(backbone.device), torch.cat(masks).to(backbone.device),
+                                    groups=slots, n_groups=k_all)
             lora.slots = slots
             with backbone.capture_attention(loss_fn):
                 backbone.predict_noise(x_t, t, TextConditioning.cat(cs).to(backbone.device))
             loss = loss_fn.total
-            if loss is None or not bool(torch.isfinite(loss).all()):
-                bad = [datas[k].concept.text for k in range(k_all) if loss is None or not torch.isfinite(loss[k])]
+            values = [float("nan")] * k_all if loss is None else loss.detach().cpu().tolist()  # one sync a step
+            if not all(math.isfinite(v) for v in values):
+                bad = [datas[k].concept.text for k, v in enumerate(values) if not math.isfinite(v)]
                 raise TrainingDivergedError(f"MACE attention loss is not finite for {', '.join(map(repr, bad))}: "
                                             "lower lora_lr")
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()  # each slot's gradient is its own concept's loss's
             lora.clip_grad_norm_per_slot(s.grad_clip)
             opt.step()
-            for k in range(k_all):
-                losses[k].append(float(loss[k].detach()))
+            for k, v in enumerate(values):
+                losses[k].append(v)
             progress.step(k_all)
         for k, d in enumerate(datas):
             if not lora.slot_finite(k):
@@ -658,12 +668,8 @@ def train_loras(backbone: Backbone, datas: list[ConceptData], base: ErasureWeigh
         for k, d in enumerate(datas):
             w = lora.result(k, method="mace-lora", concepts=[d.concept.text], anchors=[d.concept.anchor],
                             settings={**asdict(s), "suppress_end": ends[k]})
-            embeds = None
-            if prompts[k] == d.concept.prompts():
-                embeds = conds[k].embeds.double().cpu()
-                embeds = embeds.reshape(-1, embeds.shape[-1])
             measured = (before[k], after[k]) if before is not None and after is not None else None
-            results.append(LoraResult(w, losses[k], ends[k], measured, embeds))
+            results.append(LoraResult(w, losses[k], ends[k], measured, _fusion_embeds(d, prompts[k], conds[k])))
     return results
 
 
@@ -770,7 +776,7 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
                             strict=True):
                 data[i] = d
             evals += 2 * s.images_per_concept * s.sample_steps * len(group)
-            calls += s.sample_steps * -(-len(group) * s.images_per_concept // 128)
+            calls += s.sample_steps * -(-len(group) * s.images_per_concept // SAMPLE_BATCH)
         done += len(group)
     progress.say("stage 2/4: closed-form refinement of the cross-attention K/V")
     residues: dict[str, float] = {}
