@@ -8,7 +8,7 @@ import socket
 
 import pytest
 import torch
-from tiny_models import tiny_lab_layout
+from tiny_models import LAB_TEMPLATES, tiny_lab_layout
 
 from erasure import distributed
 from erasure.mace import MaceSettings, mace
@@ -16,7 +16,6 @@ from erasure.prior import gram
 from erasure.progress import Progress
 from erasure.prompts import Concept, prior_prompts
 
-LAB_TEMPLATES = ("a {c}", "a photo of a {c}", "a red {c}", "a picture of a blue {c}")
 WORDS = ("circle", "square", "star")  # 3 concepts on 2 ranks: rank 0 owns two, rank 1 one
 
 

@@ -3,6 +3,7 @@ trained alone with the same seeds, and several concepts' images generated in one
 
 import pytest
 import torch
+from tiny_models import LAB_TEMPLATES
 
 from erasure.deltas import BatchedLoRA, TrainableLoRA
 from erasure.errors import BadInputError
@@ -18,8 +19,6 @@ from erasure.mace import (
     train_loras,
 )
 from erasure.prompts import Concept
-
-LAB_TEMPLATES = ("a {c}", "a photo of a {c}", "a red {c}", "a picture of a blue {c}")
 
 
 def _settings(**kw):

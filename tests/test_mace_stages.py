@@ -1,4 +1,5 @@
 import torch
+from tiny_models import LAB_TEMPLATES
 
 from erasure.fusion import concept_token_embeddings, fuse
 from erasure.mace import (
@@ -12,8 +13,6 @@ from erasure.mace import (
 )
 from erasure.prior import gram
 from erasure.prompts import Concept, prior_prompts
-
-LAB_TEMPLATES = ("a {c}", "a photo of a {c}", "a red {c}", "a picture of a blue {c}")
 
 
 def _settings(**kw):

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import LAB_TEMPLATES
 
 from erasure.errors import BadInputError
 from erasure.mace import MaceSettings, mace
@@ -15,7 +16,6 @@ from erasure.progress import Progress
 from erasure.prompts import Concept, prior_prompts
 from erasure.workdir import WorkDir
 
-LAB_TEMPLATES = ("a {c}", "a photo of a {c}", "a red {c}", "a picture of a blue {c}")
 WORDS = ("circle", "square", "star")
 
 

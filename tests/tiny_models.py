@@ -9,6 +9,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from erasure.diffusers_backbone import DiffusersBackbone
 
+#: short concept templates in the lab's words that fit the tiny models' 16-token context (MACE's tests)
+LAB_TEMPLATES = ("a {c}", "a photo of a {c}", "a red {c}", "a picture of a blue {c}")
+
 
 def tiny_lab_layout(tokenizer_dir) -> DiffusersBackbone:
     """A randomly initialised pixel-space model with the lab's layout but tiny widths (seeded: the same weights on
