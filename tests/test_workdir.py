@@ -145,7 +145,7 @@ _CHILD = """
 import sys
 sys.path.insert(0, sys.argv[1])
 import torch
-torch.set_num_threads(1)
+torch.set_num_threads(int(sys.argv[4]))
 from tiny_models import tiny_lab_layout
 from test_workdir import _concepts, _settings
 from erasure.mace import mace
@@ -168,10 +168,13 @@ def test_a_process_killed_by_the_system_resumes_with_the_same_result(tiny_backbo
 
     wd = tmp_path / "work"
     tests_dir = str(Path(__file__).parent)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(tests_dir).parent),
+    # the parent's thread count: the result moves with it (float sums in another order), and the resumed result
+    # must equal one made in this process
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONPATH": os.pathsep.join([str(Path(tests_dir).parent),
                                                                               os.environ.get("PYTHONPATH", "")])}
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, tests_dir, str(lab_tokenizer_dir), str(wd)], env=env,
-                             stderr=subprocess.PIPE)
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, tests_dir, str(lab_tokenizer_dir), str(wd), threads],
+                             env=env, stderr=subprocess.PIPE)
     first = wd / "concept-00000.safetensors"
     deadline = time.time() + 300
     while not first.exists() and child.poll() is None and time.time() < deadline:
