@@ -76,7 +76,9 @@ class Size:
         return s
 
     def mace_settings(self) -> MaceSettings:
-        return MaceSettings().override(**self.mace)
+        # one round of lora_steps, as the reference trains (lora_target's extra rounds depend on the weights: on
+        # random weights they measure nothing a user's model would do)
+        return MaceSettings(lora_target=0.0).override(**self.mace)
 
 
 def _cells(archs: dict[str, dict[str, tuple[int, ...]]]) -> tuple[tuple[str, str, int], ...]:

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     bb = build_backbone(args.arch, args.scale, args.latent, getattr(torch, args.dtype), args.device)
     concepts = [Concept(c, "background") for c in concept_names(args.concepts)]
     s = MaceSettings(images_per_concept=args.images, sample_steps=args.sample_steps, lora_steps=args.lora_steps,
-                     lora_lr=1e-5)
+                     lora_lr=1e-5, lora_target=0.0)  # one round each (rounds on random weights mean nothing)
     meta = {"arch": args.arch, "scale": args.scale, "device": str(device), "dtype": args.dtype,
             "latent": args.latent, "pixels": 8 * args.latent, "images_per_concept": args.images,
             "sample_steps": args.sample_steps, "lora_steps": args.lora_steps, "threads": torch.get_num_threads(),

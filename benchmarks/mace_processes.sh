@@ -18,7 +18,7 @@ run() {  # label, extra flags (quoted), launcher...
   rm -rf "$out/work-$label"
   local t0; t0=$(date +%s.%N)
   # shellcheck disable=SC2086
-  OMP_NUM_THREADS=1 "$@" -m erasure mace --model lab --concepts-file "$out/concepts.txt" --no-report $extra \
+  OMP_NUM_THREADS=1 "$@" -m erasure mace --model lab --concepts-file "$out/concepts.txt" --no-report --target 0 $extra \
     --work-dir "$out/work-$label" --out "$out/$label.safetensors" > "$out/$label.log" 2>&1
   local t1; t1=$(date +%s.%N)
   local evals calls peak diff

@@ -368,7 +368,8 @@ def measure_peak(arch: str, method: str) -> dict:
                     preserve_prompts=prior_list)
             else:
                 mace(bb, [Concept("concept000", "background")],
-                     MaceSettings(images_per_concept=1, sample_steps=2, lora_steps=2), gram(bb, prior_list))
+                     MaceSettings(images_per_concept=1, sample_steps=2, lora_steps=2, lora_target=0.0),
+                     gram(bb, prior_list))
         return {"arch": arch, "method": method, "pixels": 8 * lat, "peak_mem_bytes": meter.peak_mem_bytes}
     except torch.cuda.OutOfMemoryError as e:
         return {"arch": arch, "method": method, "pixels": 8 * lat, "error": f"out of memory: {str(e)[:200]}"}

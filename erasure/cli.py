@@ -59,7 +59,7 @@ from .lab.model import CLASSIFIER_FILE
 from .lab.train import train_lab_model
 from .lora_files import load_lora, resolve_names, save_lora
 from .loss_curve import curve_from_metadata
-from .mace import PRESETS, MaceSettings, mace
+from .mace import PRESETS, MaceSettings, mace, schedule_text
 from .prior import gram
 from .progress import Progress
 from .prompts import CONCEPT_TEMPLATES, Concept, prior_prompts, read_concepts_file, split_list
@@ -154,7 +154,12 @@ def _bar(total: int | None, desc: str) -> tqdm:
 
 
 def _progress(bar: tqdm) -> Progress:
-    return Progress(update=bar.update, log=bar.write)
+    def grow(n: int) -> None:
+        if bar.total is not None:
+            bar.total += n
+            bar.refresh()
+
+    return Progress(update=bar.update, log=bar.write, grow=grow)
 
 
 def settings_flags(p: argparse.ArgumentParser, defaults: object, helps: dict[str, str],
@@ -296,7 +301,7 @@ def add_demo_command(sub) -> None:
 
 # -- mace --------------------------------------------------------------------------------------------------------
 MACE_FLAGS = {"images_per_concept": "images", "lora_steps": "steps", "lora_lr": "lr", "lora_rank": "rank",
-              "use_masks": "masks"}
+              "use_masks": "masks", "lora_target": "target", "lora_max_rounds": "max-rounds"}
 MACE_HELP = {
     "images_per_concept": "generated images per concept (default {default})",
     "sample_steps": "DDIM steps when generating them (default {default})",
@@ -308,7 +313,11 @@ MACE_HELP = {
     "preserve": "prior-preservation weight of the refinement (default: the preset's)",
     "fuse_preserve": "prior-preservation weight of the fusion (default: the preset's)",
     "lora_steps": "LoRA training steps per concept (default: the preset's)",
-    "lora_lr": "LoRA learning rate (default: the preset's)",
+    "lora_lr": "LoRA learning rate to start from (default: the preset's)",
+    "lora_target": "train each LoRA in rounds of --steps until its attention loss on a fixed probe is at most this "
+                   "fraction of its start, raising the learning rate after a round that stalled (default "
+                   "{default}); 0: --steps only, as the reference",
+    "lora_max_rounds": "at most this many rounds of --steps per concept (default {default})",
     "lora_rank": "LoRA rank per concept (MACE: {default})",
     "lora_batch": "images per LoRA step (default {default})",
     "grad_clip": "LoRA gradient-norm clip (default {default})",
@@ -378,7 +387,7 @@ def _mace(args: argparse.Namespace) -> int:
           f"concept(s) per batch); {_peak_memory()}")
     for c, lr in zip(concepts, res.loras, strict=True):
         where = "concept tokens, end token and padding" if lr.suppress_end else "concept tokens only"
-        print(f"  {c!r}: attention loss ({where}) {_loss_span(lr)}")
+        print(f"  {c!r}: attention loss ({where}) {_loss_span(lr)}; {schedule_text(lr.schedule, s)}")
     if distributed.world_size() > 1 or args.work_dir:
         print(f"  {distributed.world_size()} process(es); work directory {args.work_dir or '(none)'}")
     print(_report_summary(report))

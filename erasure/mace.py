@@ -39,6 +39,7 @@ from .progress import Progress, as_progress
 from .prompts import Concept
 from .sampling import sample
 from .settings import Settings
+from .slot_adam import SlotAdamW
 from .weights import ErasureWeights
 from .workdir import WorkDir, tensor_hash
 
@@ -59,6 +60,12 @@ class MaceSettings(Settings):
     fuse_preserve: float = 1.0  # prior-preservation weight in fusion
     lora_steps: int = 50
     lora_lr: float = 1e-5
+    #: train each LoRA in rounds of ``lora_steps`` until its attention loss on the fixed probe is at most this
+    #: fraction of its start, raising the learning rate after a round that stalled; 0: one round (the reference's
+    #: fixed budget). The first round is the reference's training exactly (docs/mace.md#lora-target)
+    lora_target: float = 0.1
+    #: at most this many rounds of ``lora_steps`` per concept
+    lora_max_rounds: int = 10
     lora_rank: int = 1
     lora_batch: int = 1
     grad_clip: float = 1.0
@@ -155,7 +162,7 @@ def _scaled(progress: Progress, factor: float) -> Progress:
         carry[0] -= whole
         progress.step(whole)
 
-    return Progress(update, progress.interrupt, progress.log)
+    return Progress(update, progress.interrupt, progress.log, progress.grow)
 
 
 def generate_data_batch(backbone: Backbone, concepts: list[Concept], s: MaceSettings,
@@ -445,6 +452,61 @@ STALLED_LOSS = 0.9
 #: compare (docs/mace.md#probe_samples)
 PROBE_SAMPLES = 8
 PROBE_CHUNK = 4  # samples per UNet call of the probe
+#: a round that leaves more than this fraction of the probe loss it started from has stalled: the next round's
+#: learning rate is ``LORA_LR_RAISE`` times higher, up to ``LORA_LR_MAX`` times ``lora_lr`` (docs/mace.md#lora-target)
+LORA_STALL = 0.9
+LORA_LR_RAISE = 10 ** 0.5
+LORA_LR_MAX = 100.0
+
+
+@dataclass
+class LoraRounds:
+    """One concept's LoRA schedule (``lora_target``): rounds of ``lora_steps``; after each, the probe decides
+    whether the concept is done (at most ``lora_target`` of its start, or ``lora_max_rounds`` rounds) and whether
+    the next round's learning rate rises (the round stalled). A concept that reaches the target in the first round
+    is trained exactly as with ``lora_target`` 0."""
+
+    settings: MaceSettings
+    start: float | None  # the probe before training; None (not measured): one round
+    lr: float = 0.0
+    steps: int = 0
+    rounds: int = 0
+    last: float | None = None
+
+    def __post_init__(self) -> None:
+        self.lr = self.settings.lora_lr
+        self.last = self.start
+
+    def fraction(self) -> float | None:
+        if self.start is None or self.last is None:
+            return None
+        return self.last / self.start if self.start > 0 else 0.0
+
+    def finished(self, probe: float | None) -> bool:
+        """Called after each round of ``lora_steps`` with the probe loss then: whether training stops (else the
+        next round's learning rate is set)."""
+        s = self.settings
+        self.steps += s.lora_steps
+        self.rounds += 1
+        before, self.last = self.last, probe
+        frac = self.fraction()
+        if not s.lora_target or frac is None or frac <= s.lora_target or self.rounds >= s.lora_max_rounds:
+            return True
+        if before is not None and before > 0 and probe is not None and probe / before > LORA_STALL:
+            self.lr = min(self.lr * LORA_LR_RAISE, s.lora_lr * LORA_LR_MAX)
+        return False
+
+    def note(self, name: str) -> str:
+        """What the next round does, for the log."""
+        return (f"{name!r}: attention loss at {self.fraction():.1%} of its start after {self.steps} steps (target "
+                f"{self.settings.lora_target:.0%}); {self.settings.lora_steps} more at learning rate {self.lr:.3g}")
+
+    def info(self) -> dict:
+        """What the schedule did, for the summary, the console and the metadata."""
+        frac = self.fraction()
+        return {"steps": self.steps, "lr": self.lr, "fraction": None if frac is None else round(frac, 4),
+                "target_reached": None if frac is None or not self.settings.lora_target
+                else frac <= self.settings.lora_target}
 
 
 @dataclass
@@ -457,6 +519,8 @@ class LoraResult:
     #: the LoRA prompts' token embeddings ``[n * L, D]`` (float64, CPU) when they are the concept's prompts: the
     #: fusion's ``E_i``, so that ``mace`` need not encode them again (it drops them once they are added)
     prompt_embeds: torch.Tensor | None = field(default=None, repr=False)
+    #: what ``LoraRounds`` did: steps, final learning rate, probe fraction, whether the target was reached
+    schedule: dict = field(default_factory=dict)
 
     def stalled(self) -> bool:
         return self.probe is not None and self.probe[0] > 0 and self.probe[1] / self.probe[0] > STALLED_LOSS
@@ -496,10 +560,13 @@ def probe_loss(backbone: Backbone, data: ConceptData, cond: TextConditioning, po
 
 @torch.no_grad()
 def probe_losses(backbone: Backbone, items: list[tuple[ConceptData, TextConditioning, torch.Tensor]],
-                 pt: torch.Tensor, seed: int, lora: BatchedLoRA, chunk: int = PROBE_CHUNK) -> list[float]:
-    """``probe_loss`` for several concepts at once, concept ``k`` through ``lora``'s slot ``k``: the same samples,
-    each chunk of ``chunk`` samples normalised on its own as ``probe_loss`` does, several chunks per forward."""
-    rows = []  # one per chunk: (slot, x0, t, noise, cond, positions, masks)
+                 pt: torch.Tensor, seed: int, lora: BatchedLoRA, chunk: int = PROBE_CHUNK,
+                 slots: list[int] | None = None) -> list[float]:
+    """``probe_loss`` for several concepts at once, concept ``k`` through ``lora``'s slot ``slots[k]`` (default
+    ``k``): the same samples, each chunk of ``chunk`` samples normalised on its own as ``probe_loss`` does, several
+    chunks per forward."""
+    slots = list(range(len(items))) if slots is None else slots
+    rows = []  # one per chunk: (item, x0, t, noise, cond, positions, masks)
     for k, (data, cond, positions) in enumerate(items):
         ts, img, pidx, noise = _probe_draws(data, cond, pt, seed)
         for i in range(0, len(ts), chunk):
@@ -518,7 +585,7 @@ def probe_losses(backbone: Backbone, items: list[tuple[ConceptData, TextConditio
         groups = torch.repeat_interleave(torch.arange(len(part)), torch.tensor(sizes)).to(dev)
         loss_fn = AttentionLoss(torch.cat([r[5] for r in part]).to(dev), torch.cat([r[6] for r in part]).to(dev),
                                 groups=groups, n_groups=len(part))
-        lora.slots = torch.repeat_interleave(torch.tensor([r[0] for r in part]), torch.tensor(sizes)).to(dev)
+        lora.slots = torch.repeat_interleave(torch.tensor([slots[r[0]] for r in part]), torch.tensor(sizes)).to(dev)
         with backbone.capture_attention(loss_fn):
             backbone.predict_noise(x_t, t, TextConditioning.cat([r[4] for r in part]).to(backbone.device))
         if loss_fn.total is not None:
@@ -569,33 +636,43 @@ def train_lora(backbone: Backbone, data: ConceptData, base: ErasureWeights | Non
         n = data.latents.shape[0]
         # the LoRA starts at zero: the probe measures the base model
         probe_before = probe_loss(backbone, data, cond_all, positions, pt, s.seed) if probe else None
-        for _step in range(s.lora_steps):
-            progress.check()
-            idx = torch.randint(0, n, (s.lora_batch,), generator=gen)
-            x0 = data.latents[idx].to(backbone.device, backbone.dtype)
-            t = torch.multinomial(pt, s.lora_batch, replacement=True, generator=gen).to(backbone.device)
-            noise = torch.randn(x0.shape, generator=gen).to(x0)
-            x_t = backbone.schedule.add_noise(x0, noise, t)
-            pidx = (torch.randint(0, len(prompts), (s.lora_batch,), generator=gen) if len(prompts) > 1
-                    else torch.zeros(s.lora_batch, dtype=torch.long))
-            loss_fn = AttentionLoss(positions[pidx], data.masks[idx])
-            with backbone.capture_attention(loss_fn):
-                backbone.predict_noise(x_t, t, cond_all[pidx].to(backbone.device))
-            loss = loss_fn.total
-            if loss is None or not torch.isfinite(loss):
-                raise TrainingDivergedError(f"MACE attention loss is {loss} for {data.concept.text!r}: lower lora_lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(lora.parameters(), s.grad_clip)
-            opt.step()
-            losses.append(float(loss.detach()))
-            progress.step()
+        rounds = LoraRounds(s, probe_before)
+        while True:
+            for _step in range(s.lora_steps):
+                progress.check()
+                idx = torch.randint(0, n, (s.lora_batch,), generator=gen)
+                x0 = data.latents[idx].to(backbone.device, backbone.dtype)
+                t = torch.multinomial(pt, s.lora_batch, replacement=True, generator=gen).to(backbone.device)
+                noise = torch.randn(x0.shape, generator=gen).to(x0)
+                x_t = backbone.schedule.add_noise(x0, noise, t)
+                pidx = (torch.randint(0, len(prompts), (s.lora_batch,), generator=gen) if len(prompts) > 1
+                        else torch.zeros(s.lora_batch, dtype=torch.long))
+                loss_fn = AttentionLoss(positions[pidx], data.masks[idx])
+                with backbone.capture_attention(loss_fn):
+                    backbone.predict_noise(x_t, t, cond_all[pidx].to(backbone.device))
+                loss = loss_fn.total
+                if loss is None or not torch.isfinite(loss):
+                    raise TrainingDivergedError(f"MACE attention loss is {loss} for {data.concept.text!r}: "
+                                                "lower lora_lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(lora.parameters(), s.grad_clip)
+                opt.step()
+                losses.append(float(loss.detach()))
+                progress.step()
+            now = probe_loss(backbone, data, cond_all, positions, pt, s.seed) if probe else None
+            if rounds.finished(now):
+                break
+            progress.say(rounds.note(data.concept.text))
+            progress.extend(s.lora_steps)
+            for group in opt.param_groups:
+                group["lr"] = rounds.lr
         if not lora.all_finite():
             raise TrainingDivergedError(f"MACE LoRA for {data.concept.text!r} became non-finite: lower lora_lr")
-        measured = (probe_before, probe_loss(backbone, data, cond_all, positions, pt, s.seed)) if probe else None
+        measured = (probe_before, now) if probe else None
         w = lora.result(method="mace-lora", concepts=[data.concept.text], anchors=[data.concept.anchor],
-                        settings={**asdict(s), "suppress_end": end})
-    return LoraResult(w, losses, end, measured, _fusion_embeds(data, prompts, cond_all))
+                        settings={**asdict(s), "suppress_end": end}, schedule=rounds.info())
+    return LoraResult(w, losses, end, measured, _fusion_embeds(data, prompts, cond_all), rounds.info())
 
 
 def train_loras(backbone: Backbone, datas: list[ConceptData], base: ErasureWeights | None, s: MaceSettings,
@@ -621,55 +698,74 @@ def train_loras(backbone: Backbone, datas: list[ConceptData], base: ErasureWeigh
     base = base or ErasureWeights()
     items = list(zip(datas, conds, positions, strict=True))
     with base.applied(unet), BatchedLoRA(backbone.cross_attention_kv(), s.lora_rank, gens) as lora:
-        opt = torch.optim.AdamW(lora.parameters(), lr=s.lora_lr)
+        opt = SlotAdamW(list(lora.parameters()), [s.lora_lr] * k_all)
         before = probe_losses(backbone, items, pt, s.seed, lora) if probe else None
-        # each sample's concept: the LoRA slot and the loss group, on the device once (every hooked layer reads them)
-        slots = torch.arange(k_all).repeat_interleave(b).to(backbone.device)
-        for _step in range(s.lora_steps):
-            progress.check()
-            x0s, ts, noises, cs, pos_rows, masks = [], [], [], [], [], []
-            for k, (d, cond, pos) in enumerate(items):  # each concept's draws, in train_lora's order
-                g = gens[k]
-                idx = torch.randint(0, d.latents.shape[0], (b,), generator=g)
-                x0s.append(d.latents[idx])
-                ts.append(torch.multinomial(pt, b, replacement=True, generator=g))
-                noises.append(torch.randn((b, *d.latents.shape[1:]), generator=g))
-                pidx = (torch.randint(0, len(cond), (b,), generator=g) if len(cond) > 1
-                        else torch.zeros(b, dtype=torch.long))
-                cs.append(cond[pidx])
-                pos_rows.append(pos[pidx])
-                masks.append(d.masks[idx])
-            x0 = torch.cat(x0s).to(backbone.device, backbone.dtype)
-            t = torch.cat(ts).to(backbone.device)
-            x_t = backbone.schedule.add_noise(x0, torch.cat(noises).to(x0), t)
-            loss_fn = AttentionLoss(torch.cat(pos_rows).to(backbone.device), torch.cat(masks).to(backbone.device),
-                                    groups=slots, n_groups=k_all)
-            lora.slots = slots
-            with backbone.capture_attention(loss_fn):
-                backbone.predict_noise(x_t, t, TextConditioning.cat(cs).to(backbone.device))
-            loss = loss_fn.total
-            values = [float("nan")] * k_all if loss is None else loss.detach().cpu().tolist()  # one sync a step
-            if not all(math.isfinite(v) for v in values):
-                bad = [datas[k].concept.text for k, v in enumerate(values) if not math.isfinite(v)]
-                raise TrainingDivergedError(f"MACE attention loss is not finite for {', '.join(map(repr, bad))}: "
-                                            "lower lora_lr")
-            opt.zero_grad(set_to_none=True)
-            loss.sum().backward()  # each slot's gradient is its own concept's loss's
-            lora.clip_grad_norm_per_slot(s.grad_clip)
-            opt.step()
-            for k, v in enumerate(values):
-                losses[k].append(v)
-            progress.step(k_all)
+        rounds = [LoraRounds(s, before[k] if before is not None else None) for k in range(k_all)]
+        after: list[float | None] = [None] * k_all
+        active = list(range(k_all))  # the concepts still training: a finished one leaves the batch
+        while active:
+            # each sample's concept: the LoRA slot and the loss group, on the device once (every hooked layer reads
+            # them)
+            slots = torch.tensor(active).repeat_interleave(b).to(backbone.device)
+            groups = torch.arange(len(active)).repeat_interleave(b).to(backbone.device)
+            for _step in range(s.lora_steps):
+                progress.check()
+                x0s, ts, noises, cs, pos_rows, masks = [], [], [], [], [], []
+                for k in active:  # each concept's draws, in train_lora's order
+                    d, cond, pos = items[k]
+                    g = gens[k]
+                    idx = torch.randint(0, d.latents.shape[0], (b,), generator=g)
+                    x0s.append(d.latents[idx])
+                    ts.append(torch.multinomial(pt, b, replacement=True, generator=g))
+                    noises.append(torch.randn((b, *d.latents.shape[1:]), generator=g))
+                    pidx = (torch.randint(0, len(cond), (b,), generator=g) if len(cond) > 1
+                            else torch.zeros(b, dtype=torch.long))
+                    cs.append(cond[pidx])
+                    pos_rows.append(pos[pidx])
+                    masks.append(d.masks[idx])
+                x0 = torch.cat(x0s).to(backbone.device, backbone.dtype)
+                t = torch.cat(ts).to(backbone.device)
+                x_t = backbone.schedule.add_noise(x0, torch.cat(noises).to(x0), t)
+                loss_fn = AttentionLoss(torch.cat(pos_rows).to(backbone.device),
+                                        torch.cat(masks).to(backbone.device), groups=groups, n_groups=len(active))
+                lora.slots = slots
+                with backbone.capture_attention(loss_fn):
+                    backbone.predict_noise(x_t, t, TextConditioning.cat(cs).to(backbone.device))
+                loss = loss_fn.total
+                values = [float("nan")] * len(active) if loss is None else loss.detach().cpu().tolist()  # one sync
+                if not all(math.isfinite(v) for v in values):
+                    bad = [datas[k].concept.text for k, v in zip(active, values, strict=True) if not math.isfinite(v)]
+                    raise TrainingDivergedError(f"MACE attention loss is not finite for {', '.join(map(repr, bad))}: "
+                                                "lower lora_lr")
+                opt.zero_grad()
+                loss.sum().backward()  # each slot's gradient is its own concept's loss's
+                lora.clip_grad_norm_per_slot(s.grad_clip)
+                opt.step(active)
+                for k, v in zip(active, values, strict=True):
+                    losses[k].append(v)
+                progress.step(len(active))
+            now = (probe_losses(backbone, [items[k] for k in active], pt, s.seed, lora, slots=active) if probe
+                   else [None] * len(active))
+            still = []
+            for k, v in zip(active, now, strict=True):
+                after[k] = v
+                if not rounds[k].finished(v):
+                    still.append(k)
+                    opt.lr[k] = rounds[k].lr
+                    progress.say(rounds[k].note(datas[k].concept.text))
+            progress.extend(s.lora_steps * len(still))
+            active = still
         for k, d in enumerate(datas):
             if not lora.slot_finite(k):
                 raise TrainingDivergedError(f"MACE LoRA for {d.concept.text!r} became non-finite: lower lora_lr")
-        after = probe_losses(backbone, items, pt, s.seed, lora) if probe else None
         results = []
         for k, d in enumerate(datas):
+            info = rounds[k].info()
             w = lora.result(k, method="mace-lora", concepts=[d.concept.text], anchors=[d.concept.anchor],
-                            settings={**asdict(s), "suppress_end": ends[k]})
-            measured = (before[k], after[k]) if before is not None and after is not None else None
-            results.append(LoraResult(w, losses[k], ends[k], measured, _fusion_embeds(d, prompts[k], conds[k])))
+                            settings={**asdict(s), "suppress_end": ends[k]}, schedule=info)
+            measured = (before[k], after[k]) if before is not None and after[k] is not None else None
+            results.append(LoraResult(w, losses[k], ends[k], measured, _fusion_embeds(d, prompts[k], conds[k]),
+                                      info))
     return results
 
 
@@ -684,6 +780,21 @@ class MaceResult:
     unet_evaluations: int = 0  # samples through the UNet (a backward counts as one more), whatever the batching
     unet_calls: int = 0  # UNet calls (a backward counts as one): what batching concepts reduces
     concept_batch: int = 1  # concepts per batch used (``concept_batch`` resolved)
+
+
+def schedule_text(info: dict, s: MaceSettings) -> str:
+    """One line on what a concept's LoRA schedule did (``LoraRounds.info``), for the console and the summary."""
+    if not info:
+        return "LoRA schedule not recorded"
+    frac = info.get("fraction")
+    text = f"LoRA {info['steps']} steps, learning rate {info['lr']:.3g}"
+    if frac is None:
+        return text + " (probe not measured)"
+    text += f", attention loss at {frac:.1%} of its start"
+    if info.get("target_reached") is None:
+        return text
+    return text + (f" (target {s.lora_target:.0%} reached)" if info["target_reached"]
+                   else f" (target {s.lora_target:.0%} not reached in {s.lora_max_rounds} rounds)")
 
 
 def _eta(started: float, done: int, total: int, size: int = 1) -> str:
@@ -788,7 +899,8 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
         if i in loaded:
             weights, embeds, info = loaded.pop(i)
             probe = tuple(info["probe"]) if info["probe"] is not None else None
-            loras[i] = LoraResult(weights, list(info["losses"]), bool(info["suppress_end"]), probe)
+            loras[i] = LoraResult(weights, list(info["losses"]), bool(info["suppress_end"]), probe,
+                                  schedule=info.get("schedule") or {})
             system.add(concepts[i], weights, embeddings=embeds)
     # concepts train together when their latents share a shape (users' images may have their own size)
     shapes: dict[tuple[int, ...], list[int]] = {}
@@ -804,36 +916,44 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
             results = [train_lora(backbone, data[group[0]], cfr, s.override(suppress_end=ends[0]), progress)]
         else:
             results = train_loras(backbone, [data[i] for i in group], cfr, s, progress, ends=ends)
-        calls += s.lora_steps * 2 + 2 * -(-PROBE_SAMPLES // PROBE_CHUNK)  # forward and backward; the probe twice
+        # forward and backward per step; the probe before training and after each round
+        n_rounds = max(lr.schedule.get("steps", s.lora_steps) for lr in results) // s.lora_steps
+        calls += s.lora_steps * n_rounds * 2 + (1 + n_rounds) * -(-PROBE_SAMPLES // PROBE_CHUNK)
         for i, lr in zip(group, results, strict=True):
             c = concepts[i]
             loras[i] = lr
             if wd is not None:
                 wd.save(i, lr.weights, lr.prompt_embeds, {"losses": lr.losses, "suppress_end": lr.suppress_end,
-                                                          "probe": list(lr.probe) if lr.probe is not None else None})
+                                                          "probe": list(lr.probe) if lr.probe is not None else None,
+                                                          "schedule": lr.schedule})
             system.add(c, lr.weights, embeddings=lr.prompt_embeds)
             lr.prompt_embeds = None
-            evals += s.lora_steps * s.lora_batch * 2 + 2 * PROBE_SAMPLES  # forward and backward; the probe twice
+            steps = lr.schedule.get("steps", s.lora_steps)
+            evals += steps * s.lora_batch * 2 + (1 + steps // s.lora_steps) * PROBE_SAMPLES
+            progress.say(f"{c.text!r}: {schedule_text(lr.schedule, s)}")
             if lr.stalled():
                 a, b = lr.probe
                 progress.say(f"warning: the attention loss of {c.text!r} only went from {a:.3g} to {b:.3g} on "
-                             f"the fixed probe: its LoRA barely changed the attention (lr {s.lora_lr:g}, "
-                             f"{s.lora_steps} steps); raise the LoRA learning rate or its steps (CLI: --lr, --steps; "
-                             "ComfyUI: lora_lr, lora_steps on a MACE Settings node)")
+                             f"the fixed probe: its LoRA barely changed the attention (lr {lr.schedule['lr']:.3g}, "
+                             f"{steps} steps); raise the LoRA learning rate, its steps or its rounds (CLI: --lr, "
+                             "--steps, --max-rounds; ComfyUI: lora_lr, lora_steps, lora_max_rounds on a MACE "
+                             "Settings node)")
         done += len(group)
     progress.say("stage 4/4: closed-form fusion")
     system.all_reduce([[c] for c in concepts])  # several processes: every rank's sums; one: nothing to do
     fused = system.solve(cfr, prior, s.lam, s.fuse_preserve)  # = fuse(backbone, [(c, lr.weights), ...], cfr, ...)
     if several:  # the other ranks' LoRAs: their losses and probes (not their weights) for the summary
         for part in distributed.all_gather_object({i: LoraResult(ErasureWeights(), lr.losses, lr.suppress_end,
-                                                                  lr.probe) for i, lr in loras.items()}):
+                                                                  lr.probe, schedule=lr.schedule)
+                                                   for i, lr in loras.items()}):
             for i, lr in part.items():
                 loras.setdefault(i, lr)
         evals, calls = (int(v) for v in distributed.all_reduce_(torch.tensor([evals, calls], dtype=torch.float64)))
     ordered = [loras[i] for i in range(len(concepts))]
     used = {c.text: lr.suppress_end for c, lr in zip(concepts, ordered, strict=True)}  # suppress_end=None resolved
-    fused.metadata.update(ErasureWeights.dense({}, method="mace", settings={**asdict(s), "suppress_end_used": used}
-                                               ).metadata)
+    schedules = {c.text: lr.schedule for c, lr in zip(concepts, ordered, strict=True)}  # what each LoRA did
+    fused.metadata.update(ErasureWeights.dense({}, method="mace", settings={**asdict(s), "suppress_end_used": used},
+                                               lora_schedule=schedules).metadata)
     fused.metadata.update(joined_curve([(c.text, lr.losses) for c, lr in zip(concepts, ordered, strict=True)]))
     return MaceResult(fused, cfr, ordered, [data[i] for i in sorted(data)], round(time.time() - t0, 2), evals,
                       calls, batch)

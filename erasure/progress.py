@@ -18,6 +18,9 @@ class Progress:
     interrupt: Callable[[], None] | None = None
     #: one line of text for the user (console, tqdm.write)
     log: Callable[[str], None] | None = None
+    #: called with a number of units to add to the total (work found to be needed while running, e.g. MACE's
+    #: LoRA rounds past the preset's budget)
+    grow: Callable[[int], None] | None = None
 
     def step(self, n: int = 1) -> None:
         if self.update is not None:
@@ -30,6 +33,10 @@ class Progress:
     def say(self, message: str) -> None:
         if self.log is not None:
             self.log(message)
+
+    def extend(self, n: int) -> None:
+        if self.grow is not None and n > 0:
+            self.grow(n)
 
 
 #: reports nothing, never interrupted

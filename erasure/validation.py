@@ -167,9 +167,11 @@ def check_resolution(value: object) -> int | None:
 
 def check_mace_settings(s) -> None:
     """Every MACE setting (``erasure.mace.MaceSettings``), before stage 1 starts."""
-    for k in ("images_per_concept", "sample_steps", "lora_steps", "lora_rank", "lora_batch"):
+    for k in ("images_per_concept", "sample_steps", "lora_steps", "lora_rank", "lora_batch", "lora_max_rounds"):
         check_count(k, getattr(s, k))
     check_learning_rate(s.lora_lr)
+    # a fraction of the probe's start; 1 or more would stop after the first round anyway
+    check_number("lora_target (0 = the preset's steps only)", s.lora_target, 0.0, 0.99)
     check_number("lam", s.lam, 0.0, low_open=True)
     for k in ("guidance", "preserve", "fuse_preserve"):
         check_number(k, getattr(s, k))

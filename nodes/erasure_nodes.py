@@ -110,8 +110,13 @@ def check_message(check) -> bool | str:
 def node_progress(total: int) -> Progress:
     """ComfyUI's progress bar, its Cancel check and its console, as the library's progress object."""
     bar = comfy.utils.ProgressBar(total)
+
+    def grow(n: int) -> None:  # ProgressBar reads its total at every update
+        bar.total += n
+
     return Progress(update=lambda n=1: bar.update(n),
-                    interrupt=comfy.model_management.throw_exception_if_processing_interrupted, log=_console)
+                    interrupt=comfy.model_management.throw_exception_if_processing_interrupted, log=_console,
+                    grow=grow)
 
 
 def _export(weights: ErasureWeights, model, backbone: ComfyBackbone) -> ErasureLora:

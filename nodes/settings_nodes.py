@@ -182,9 +182,9 @@ class MaceSettingsNode(_SettingsNode):
                 io.Int.Input("lora_steps", default=d.lora_steps, min=1, max=5000,
                              tooltip="LoRA training steps per concept (presets: 50; nudity 120)."),
                 io.Float.Input("lora_lr", default=d.lora_lr, min=1e-8, max=0.1, step=1e-6, round=1e-8,
-                               tooltip="LoRA learning rate (presets: 1e-5 objects and nudity, 1e-4 people and "
-                                       "styles). Raise it (e.g. 1e-3) when the console warns that a concept's LoRA "
-                                       "barely changed the attention."),
+                               tooltip="LoRA learning rate to start from (presets: 1e-5 objects and nudity, 1e-4 "
+                                       "people and styles); raised by the LoRA stage after a round that stalled "
+                                       "(lora_target)."),
                 io.Int.Input("lora_rank", default=d.lora_rank, min=1, max=64, tooltip="Rank of each concept's LoRA."),
                 io.Int.Input("lora_batch", default=d.lora_batch, min=1, max=64, tooltip="Images per LoRA step."),
                 io.Int.Input("images_per_concept", default=d.images_per_concept, min=1, max=256,
@@ -223,6 +223,13 @@ class MaceSettingsNode(_SettingsNode):
                                        "same result as one at a time, in fewer and larger UNet calls. auto: as many "
                                        "as fit in 60% of the free GPU memory, 4 on the CPU. Lower it if you run out "
                                        "of memory."),
+                io.Float.Input("lora_target", default=d.lora_target, min=0.0, max=0.99, step=0.01, optional=True,
+                               tooltip="Train each concept's LoRA in rounds of lora_steps until the attention its "
+                                       "tokens receive in its region (on a fixed probe) is at most this fraction of "
+                                       "the start, raising the learning rate after a round that stalled. 0: "
+                                       "lora_steps only, as the reference."),
+                io.Int.Input("lora_max_rounds", default=d.lora_max_rounds, min=1, max=100, optional=True,
+                             tooltip="At most this many rounds of lora_steps per concept."),
             ],
             outputs=[MaceSettingsType.Output(display_name="SETTINGS",
                                              tooltip="Connect to Mass Erase (MACE)'s settings input.")],

@@ -145,7 +145,7 @@ def test_cli_masks_reach_the_attention_loss(tmp_path, monkeypatch, capsys):
     _png(data / "circle" / "one.mask.png", value=mask)
     out = tmp_path / "mace.safetensors"
     rc = main(["mace", "--model", "lab", "--concepts", "circle", "--image-dir", str(data), "--steps", "3",
-               "--out", str(out)])
+               "--target", "0", "--out", str(out)])
     assert rc == 0 and out.exists()
     assert "1 images from" in capsys.readouterr().out
     want = torch.from_numpy(mask >= 128).float()  # the lab model is 32 px, pixel space: the mask as drawn
