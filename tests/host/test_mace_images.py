@@ -10,7 +10,9 @@ import torch
 from .test_pack import _out, _unet_out
 
 #: the new node with a MACE Settings node's output (changed values, resolution) connected
-FAST_MACE = {"preset": "object", "seed": 0, "settings": {"settings": {"lora_steps": 3}, "resolution": 64}}
+#: (one round of LoRA steps: the tests below count them; the rounds rule has its own test at the end)
+FAST_MACE = {"preset": "object", "seed": 0, "settings": {"settings": {"lora_steps": 3, "lora_target": 0.0},
+                                                         "resolution": 64}}
 
 
 @pytest.fixture
@@ -165,7 +167,7 @@ def test_concepts_trained_together_in_comfyui_equal_one_at_a_time(comfy, loaded,
     model, clip, _ = loaded
 
     def settings(batch: int) -> dict:
-        return {"settings": {"lora_steps": 3, "concept_batch": batch}, "resolution": 64}
+        return {"settings": {"lora_steps": 3, "concept_batch": batch, "lora_target": 0.0}, "resolution": 64}
 
     _, alone = _run(node, model, clip, "cat\ndog", settings=settings(1))
     assert [m.shape[0] for m in seen["masks"]] == [1] * 6 and seen["sampled"] == [["a photo of the cat"],
@@ -179,3 +181,23 @@ def test_concepts_trained_together_in_comfyui_equal_one_at_a_time(comfy, loaded,
     for k in alone:
         scale = float(alone[k].abs().max())
         assert float((alone[k] - together[k]).abs().max()) <= 1e-3 * scale + 1e-7, k
+
+
+def test_the_lora_rounds_rule_runs_in_comfyui_and_its_schedule_reaches_the_lora(comfy, loaded, mace_env):
+    """Issue 18, item 2, through the node: MACE Settings' lora_target and lora_max_rounds reach the LoRA stage, a
+    stalled concept (a rate far too low to move anything) trains its rounds at raised rates, and what it did is in
+    the exported LoRA's metadata."""
+    node, seen = mace_env
+    model, clip, _ = loaded
+    settings = comfy["nodes"].NODE_CLASS_MAPPINGS["MACESettings"]
+    import json
+
+    from .test_pack import widget_defaults
+
+    values = widget_defaults(settings) | {"lora_steps": 2, "lora_lr": 1e-7, "lora_target": 0.1,
+                                          "lora_max_rounds": 3, "resolution": "64"}
+    _, lora = _run(node, model, clip, "cat", settings=_out(settings.execute(**values), 0))
+    schedule = json.loads(lora.metadata["erasure.lora_schedule"])["cat"]
+    assert schedule["steps"] == 6 and schedule["target_reached"] is False
+    assert schedule["lr"] == pytest.approx(1e-7 * 10 ** 0.5 * 10 ** 0.5)
+    assert len(seen["masks"]) == 6  # three rounds of two steps
