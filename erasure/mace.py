@@ -32,7 +32,7 @@ from .backbone import Backbone, TextConditioning
 from .closed_form import factor, solve_factored
 from .deltas import BatchedLoRA, TrainableLoRA
 from .errors import TrainingDivergedError
-from .fusion import FusionSystem, mean_prompt_count
+from .fusion import FusionSystem, concept_token_embeddings, mean_prompt_count
 from .guards import entry_point
 from .loss_curve import joined_curve
 from .progress import Progress, as_progress
@@ -56,6 +56,9 @@ class MaceSettings(Settings):
     mask_threshold: float = 0.5
     use_masks: bool = True
     lam: float = 0.1  # CFR / fusion regulariser towards the reference weights
+    #: read ``lam`` relative to this model's text-token energy, as on SD1.x with the reference's 30 prompts
+    #: (``lam_scale``; off: the same absolute number on every model, as the reference; docs/mace.md#lam)
+    lam_relative: bool = True
     preserve: float = 1.0  # prior-preservation weight in CFR (per prompt of the prior set)
     fuse_preserve: float = 1.0  # prior-preservation weight in fusion
     lora_steps: int = 50
@@ -96,8 +99,11 @@ class MaceSettings(Settings):
 #: prompt; its lam 0 is 1e-3 here, as ``refine`` and the validation take lam > 0 only.
 PRESETS: dict[str, MaceSettings] = {
     # configs/object/erase_ship.yaml (the README's config): lamb 1e3, mapping 'ground', no prior (scales 0)
-    "object": MaceSettings(kind="object", anchor="ground", lam=1e3, preserve=0.0, fuse_preserve=0.0,
-                           lora_steps=50, lora_lr=1e-5),
+    # configs/object/erase_bird.yaml (the reference's objects use lamb 10, 100 or 1000: 10 here) with the prior of
+    # the reference's person and style configs, which its object configs leave out (measured reasons for both:
+    # docs/mace.md#presets); mapping 'ground' as erase_ship.yaml
+    "object": MaceSettings(kind="object", anchor="ground", lam=10.0, preserve=1e-4 * 616_767,
+                           fuse_preserve=1e-4 * 616_767, lora_steps=50, lora_lr=1e-5),
     # configs/celebrity/erase_cele_{5,10,100}.yaml: lamb 0, mapping 'a person', scales 1e-4
     "person": MaceSettings(kind="person", anchor="a person", lam=1e-3, preserve=1e-4 * 616_767,
                            fuse_preserve=1e-4 * 616_767, lora_steps=50, lora_lr=1e-4),
@@ -333,6 +339,24 @@ def refine(backbone: Backbone, concepts: list[Concept], prior: torch.Tensor | No
     deltas = {name: (w0 @ p - w0).float() for name, w0 in w0s.items()}
     return ErasureWeights.dense(deltas, method="mace-cfr", concepts=[c.text for c in concepts],
                                 anchors=[c.anchor for c in concepts], settings={"lam": lam, "preserve": preserve})
+
+
+#: lam as the reference states it, for SD1.x: its fusion sums every token of a concept's 30 prompts (77 CLIP tokens,
+#: each of squared norm ~768: unit RMS after CLIP's final layer norm), so one concept's token Gram has a mean
+#: eigenvalue of about 30 x 77 = 2310 there (docs/mace.md#lam)
+LAM_REFERENCE_EIGENVALUE = 30 * 77
+LAM_SCALE_CONCEPTS = 4  # concepts whose prompts measure the scale (the first ones: the same on every rank)
+
+
+def lam_scale(backbone: Backbone, concepts: list[Concept]) -> float:
+    """The factor on ``lam`` (``lam_relative``) that makes it pull as hard against the concepts' own normal-equation
+    terms on this model as the reference's lam does on SD1.x: the mean eigenvalue of a concept's token Gram here
+    (``trace(E^T E) / D`` over its prompts' tokens), over ``LAM_REFERENCE_EIGENVALUE``."""
+    values = []
+    for c in concepts[:LAM_SCALE_CONCEPTS]:
+        e = concept_token_embeddings(backbone, c)
+        values.append(float(e.pow(2).sum()) / e.shape[1])
+    return sum(values) / len(values) / LAM_REFERENCE_EIGENVALUE
 
 
 # -- stage 3 ---------------------------------------------------------------------------------------------------
@@ -889,9 +913,12 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
             evals += 2 * s.images_per_concept * s.sample_steps * len(group)
             calls += s.sample_steps * -(-len(group) * s.images_per_concept // SAMPLE_BATCH)
         done += len(group)
-    progress.say("stage 2/4: closed-form refinement of the cross-attention K/V")
+    scale = lam_scale(backbone, concepts) if s.lam_relative else 1.0
+    lam = s.lam * scale
+    progress.say(f"stage 2/4: closed-form refinement of the cross-attention K/V (lam {s.lam:g}"
+                 + (f" x {scale:.3g} for this model's token energy = {lam:.3g})" if s.lam_relative else ")"))
     residues: dict[str, float] = {}
-    cfr = refine(backbone, concepts, prior, s.lam, s.preserve, end_residues=residues, mine=mine if several else None)
+    cfr = refine(backbone, concepts, prior, lam, s.preserve, end_residues=residues, mine=mine if several else None)
     # stage 4's system is built as the LoRAs finish: each enters with the prompt embeddings it trained on
     system = FusionSystem(backbone, mean_prompt_count([[c] for c in concepts]))
     loras: dict[int, LoraResult] = {}
@@ -941,7 +968,7 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
         done += len(group)
     progress.say("stage 4/4: closed-form fusion")
     system.all_reduce([[c] for c in concepts])  # several processes: every rank's sums; one: nothing to do
-    fused = system.solve(cfr, prior, s.lam, s.fuse_preserve)  # = fuse(backbone, [(c, lr.weights), ...], cfr, ...)
+    fused = system.solve(cfr, prior, lam, s.fuse_preserve)  # = fuse(backbone, [(c, lr.weights), ...], cfr, ...)
     if several:  # the other ranks' LoRAs: their losses and probes (not their weights) for the summary
         for part in distributed.all_gather_object({i: LoraResult(ErasureWeights(), lr.losses, lr.suppress_end,
                                                                   lr.probe, schedule=lr.schedule)
@@ -953,7 +980,7 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
     used = {c.text: lr.suppress_end for c, lr in zip(concepts, ordered, strict=True)}  # suppress_end=None resolved
     schedules = {c.text: lr.schedule for c, lr in zip(concepts, ordered, strict=True)}  # what each LoRA did
     fused.metadata.update(ErasureWeights.dense({}, method="mace", settings={**asdict(s), "suppress_end_used": used},
-                                               lora_schedule=schedules).metadata)
+                                               lora_schedule=schedules, lam_scale=scale).metadata)
     fused.metadata.update(joined_curve([(c.text, lr.losses) for c, lr in zip(concepts, ordered, strict=True)]))
     return MaceResult(fused, cfr, ordered, [data[i] for i in sorted(data)], round(time.time() - t0, 2), evals,
                       calls, batch)

@@ -199,7 +199,8 @@ class MaceSettingsNode(_SettingsNode):
                 io.Float.Input("mask_threshold", default=d.mask_threshold, min=0.0, max=1.0, step=0.05,
                                tooltip="Where a normalised attention map counts as the concept's region."),
                 io.Float.Input("lam", default=d.lam, min=1e-6, max=1e6, step=0.01,
-                               tooltip="Closed-form refinement and fusion: pull towards the original weights."),
+                               tooltip="Closed-form refinement and fusion: pull towards the original weights (the "
+                                       "object preset: 10; relative to the model's token energy, lam_relative)."),
                 io.Float.Input("preserve", default=d.preserve, min=0.0, max=1e6, step=0.1,
                                tooltip="Prior-preservation weight of the closed-form refinement."),
                 io.Float.Input("fuse_preserve", default=d.fuse_preserve, min=0.0, max=1e6, step=0.1,
@@ -230,6 +231,9 @@ class MaceSettingsNode(_SettingsNode):
                                        "lora_steps only, as the reference."),
                 io.Int.Input("lora_max_rounds", default=d.lora_max_rounds, min=1, max=100, optional=True,
                              tooltip="At most this many rounds of lora_steps per concept."),
+                io.Boolean.Input("lam_relative", default=d.lam_relative, optional=True,
+                                 tooltip="Read lam relative to this model's text-token energy, as the reference's "
+                                         "values read on SD1.x (on). Off: the same absolute number on every model."),
             ],
             outputs=[MaceSettingsType.Output(display_name="SETTINGS",
                                              tooltip="Connect to Mass Erase (MACE)'s settings input.")],

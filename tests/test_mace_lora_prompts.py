@@ -226,8 +226,9 @@ def test_mace_encodes_each_concepts_prompt_pairs_once(tiny_backbone, monkeypatch
     monkeypatch.setattr(tiny_backbone, "encode_text", counting)
     res = mace(tiny_backbone, [c], s, None)
     # the anchor prompts once (were twice); the concept's prompts once for CFR with the end check (were twice) and
-    # once for the LoRA, whose embeddings the fusion reuses (it encoded them again)
-    assert calls.count(dst) == 1 and calls.count(src) == 2
+    # once for the LoRA, whose embeddings the fusion reuses (it encoded them again); and once for lam_scale, which
+    # reads the first LAM_SCALE_CONCEPTS concepts only
+    assert calls.count(dst) == 1 and calls.count(src) == 3
     monkeypatch.setattr(tiny_backbone, "encode_text", real)
     assert res.loras[0].suppress_end == resolve_suppress_end(tiny_backbone, c, MaceSettings())
     assert res.loras[0].prompt_embeds is None  # dropped once added to the fusion

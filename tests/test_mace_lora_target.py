@@ -8,13 +8,17 @@ import pytest
 import torch
 from tiny_models import LAB_TEMPLATES
 
+from erasure.backbone import TextConditioning
 from erasure.errors import BadInputError
+from erasure.fusion import concept_token_embeddings
 from erasure.mace import (
+    LAM_REFERENCE_EIGENVALUE,
     LORA_LR_MAX,
     LORA_LR_RAISE,
     LoraRounds,
     MaceSettings,
     generate_data,
+    lam_scale,
     mace,
     train_lora,
     train_loras,
@@ -121,3 +125,25 @@ def test_the_schedule_reaches_the_summary_metadata_and_a_resumed_run(tiny_backbo
 def test_bad_schedule_settings_are_refused(field, value):
     with pytest.raises(BadInputError, match=field):
         _settings(**{field: value}).validate()
+
+
+def test_lam_is_read_relative_to_the_model_s_token_energy(tiny_backbone, monkeypatch):
+    """lam_relative: lam_scale is the mean eigenvalue of a concept's token Gram over SD1.x's (30 prompts x 77
+    tokens of unit RMS), so a text encoder whose outputs are k times larger gets k^2 times the lam; and MACE with a
+    relative lam equals MACE with the absolute lam it stands for."""
+    concepts = [_concept("circle"), _concept("square")]
+    scale = lam_scale(tiny_backbone, concepts)
+    e = concept_token_embeddings(tiny_backbone, concepts[0])
+    assert scale == pytest.approx((float(e.pow(2).sum()) / e.shape[1] + float(
+        concept_token_embeddings(tiny_backbone, concepts[1]).pow(2).sum()) / e.shape[1]) / 2 / LAM_REFERENCE_EIGENVALUE)
+    real = tiny_backbone.encode_text
+    monkeypatch.setattr(tiny_backbone, "encode_text",
+                        lambda prompts: TextConditioning(real(prompts).embeds * 3.0))
+    assert lam_scale(tiny_backbone, concepts) == pytest.approx(9 * scale, rel=1e-6)
+    monkeypatch.setattr(tiny_backbone, "encode_text", real)
+    s = _settings(lam=10.0, lora_target=0.0)
+    relative = mace(tiny_backbone, concepts, s, None)
+    absolute = mace(tiny_backbone, concepts, s.override(lam=10.0 * scale, lam_relative=False), None)
+    assert json.loads(relative.weights.metadata["erasure.lam_scale"]) == pytest.approx(scale)
+    for name, d in absolute.weights.deltas.items():
+        torch.testing.assert_close(relative.weights.deltas[name].matrix(), d.matrix(), rtol=1e-5, atol=1e-8)

@@ -68,8 +68,10 @@ def test_every_prompt_fits_clip_and_holds_the_concept_tokens():
 
 def test_presets_are_the_reference_configs():
     obj, person, style, nudity = (PRESETS[k] for k in ("object", "person", "style", "nudity"))
-    # configs/object/erase_ship.yaml: lamb 1e3, mapping 'ground', train/fuse_preserve_scale 0 (no prior)
-    assert (obj.kind, obj.anchor, obj.lam, obj.preserve, obj.fuse_preserve) == ("object", "ground", 1e3, 0.0, 0.0)
+    # configs/object/erase_bird.yaml's lamb 10 (ship's is 1e3, automobile's 1e2), erase_ship.yaml's mapping
+    # 'ground'; the prior of the person and style configs, which the object configs leave out (docs/mace.md#presets)
+    assert (obj.kind, obj.anchor, obj.lam, obj.lam_relative) == ("object", "ground", 10.0, True)
+    assert obj.preserve == obj.fuse_preserve == pytest.approx(1e-4 * COCO_CAPTIONS)
     assert (obj.lora_lr, obj.lora_steps, obj.importance_sampling, obj.use_masks) == (1e-5, 50, True, True)
     # configs/celebrity/erase_cele_{5,10,100}.yaml: mapping 'a person', scales 1e-4, lr 1e-4, 50 steps
     assert (person.anchor, person.lora_lr, person.lora_steps, person.importance_sampling) == ("a person", 1e-4, 50,

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Issue 18, item 3: MACE's default preset on the lab, no per-concept flags: one shape alone, three concepts of
+# three kinds at once, two held-out concepts at once, at training seeds 0-2; `lab eval` after each (efficacy,
+# generality, specificity, fidelity, kept). Resumable (a row whose evaluation exists is skipped); about 3-5 min a
+# row at one thread. Table: .venv/bin/python scripts/mace_lab_bars.py (docs/mace.md#lab-bars-issue-18-item-3).
+#
+#   bash scripts/mace_lab_bars.sh                 # every row -> reports/mace-bars/
+#   LANE=0/2 bash scripts/mace_lab_bars.sh &  LANE=1/2 bash scripts/mace_lab_bars.sh &   # two cores
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+PY="${PY:-python}"
+OUT=out/mace-bars
+REP=reports/mace-bars
+mkdir -p "$OUT" "$REP"
+lane=${LANE:-0/1}
+i=0
+for row in "circle" "circle; green; striped" "triangle; checkered"; do
+  for seed in 0 1 2; do
+    i=$((i + 1))
+    if [ $(( (i - 1) % ${lane#*/} )) -ne "${lane%/*}" ]; then continue; fi
+    name="$(echo "$row" | tr -d ' ' | tr ';' '+')-s$seed"
+    if [ -f "$REP/$name.eval.json" ]; then echo "= $name: done"; continue; fi
+    echo "+ $name"
+    "$PY" -m erasure mace --model lab --concepts "$row" --seed "$seed" --no-report --out "$OUT/$name.safetensors" \
+      2>&1 | grep -v "Loading weights" > "$REP/$name.train.txt"
+    "$PY" -m erasure lab eval --lora "$OUT/$name.safetensors" --json "$REP/$name.eval.json" --grid "$OUT/$name.png" \
+      2>&1 | grep -v "Loading weights" > "$REP/$name.eval.txt"
+  done
+done
