@@ -310,6 +310,8 @@ MACE_HELP = {
                  "--no-masks: the whole image",
     "mask_threshold": "threshold of the normalised attention map (default {default})",
     "lam": "closed-form regulariser (default: the preset's)",
+    "lam_relative": "read --lam relative to this model's text-token energy, as the reference's values read on SD1.x "
+                    "(default); --no-lam-relative: the same absolute number on every model",
     "preserve": "prior-preservation weight of the refinement (default: the preset's)",
     "fuse_preserve": "prior-preservation weight of the fusion (default: the preset's)",
     "lora_steps": "LoRA training steps per concept (default: the preset's)",

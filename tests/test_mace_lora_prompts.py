@@ -232,6 +232,7 @@ def test_mace_encodes_each_concepts_prompt_pairs_once(tiny_backbone, monkeypatch
     monkeypatch.setattr(tiny_backbone, "encode_text", real)
     assert res.loras[0].suppress_end == resolve_suppress_end(tiny_backbone, c, MaceSettings())
     assert res.loras[0].prompt_embeds is None  # dropped once added to the fusion
-    again = fuse(tiny_backbone, [(c, res.loras[0].weights)], res.cfr, None, s.lam, s.fuse_preserve)
+    lam = s.lam * float(res.weights.metadata["erasure.lam_scale"])  # lam_relative: the lam the run used
+    again = fuse(tiny_backbone, [(c, res.loras[0].weights)], res.cfr, None, lam, s.fuse_preserve)
     for name, d in again.deltas.items():
         assert torch.equal(d.matrix(), res.weights.deltas[name].matrix()), name
