@@ -476,8 +476,9 @@ STALLED_LOSS = 0.9
 #: compare (docs/mace.md#probe_samples)
 PROBE_SAMPLES = 8
 PROBE_CHUNK = 4  # samples per UNet call of the probe
-#: a round that leaves more than this fraction of the probe loss it started from has stalled: the next round's
-#: learning rate is ``LORA_LR_RAISE`` times higher, up to ``LORA_LR_MAX`` times ``lora_lr`` (docs/mace.md#lora-target)
+#: a round that leaves more than this fraction of the probe loss it started from has stalled, and so has one at whose
+#: pace the target would not be reached in the rounds left: the next round's learning rate is ``LORA_LR_RAISE``
+#: times higher, up to ``LORA_LR_MAX`` times ``lora_lr`` (docs/mace.md#lora_target)
 LORA_STALL = 0.9
 LORA_LR_RAISE = 10 ** 0.5
 LORA_LR_MAX = 100.0
@@ -487,7 +488,7 @@ LORA_LR_MAX = 100.0
 class LoraRounds:
     """One concept's LoRA schedule (``lora_target``): rounds of ``lora_steps``; after each, the probe decides
     whether the concept is done (at most ``lora_target`` of its start, or ``lora_max_rounds`` rounds) and whether
-    the next round's learning rate rises (the round stalled). A concept that reaches the target in the first round
+    the next round's learning rate rises (the round stalled, or its pace would miss the target). A concept that reaches the target in the first round
     is trained exactly as with ``lora_target`` 0."""
 
     settings: MaceSettings
@@ -516,9 +517,18 @@ class LoraRounds:
         frac = self.fraction()
         if not s.lora_target or frac is None or frac <= s.lora_target or self.rounds >= s.lora_max_rounds:
             return True
-        if before is not None and before > 0 and probe is not None and probe / before > LORA_STALL:
+        if before is not None and before > 0 and probe is not None and self._too_slow(probe / before, frac):
             self.lr = min(self.lr * LORA_LR_RAISE, s.lora_lr * LORA_LR_MAX)
         return False
+
+    def _too_slow(self, ratio: float, frac: float) -> bool:
+        """The round just finished stalled (kept more than ``LORA_STALL`` of the loss it started from), or at its
+        pace the target would not be reached in the rounds left."""
+        if ratio > LORA_STALL:
+            return True
+        s = self.settings
+        needed = math.log(s.lora_target / frac) / math.log(ratio) if 0 < ratio < 1 and frac > 0 else math.inf
+        return needed > s.lora_max_rounds - self.rounds
 
     def note(self, name: str) -> str:
         """What the next round does, for the log."""

@@ -50,6 +50,11 @@ def test_rounds_rule_stops_at_the_target_and_raises_the_rate_only_after_a_stall(
     assert r.finished(0.2)  # 10% of the start
     assert r.info() == {"steps": 12, "lr": pytest.approx(s.lora_lr * LORA_LR_RAISE), "fraction": 0.1,
                         "target_reached": True}
+    slow = LoraRounds(s, 1.0)
+    assert not slow.finished(0.8)  # 20% a round: no stall, but 10% would take 9 more rounds, and 4 are left
+    assert slow.lr == pytest.approx(s.lora_lr * LORA_LR_RAISE)
+    assert not slow.finished(0.4)  # halved: 2 more rounds at this pace, 3 left
+    assert slow.lr == pytest.approx(s.lora_lr * LORA_LR_RAISE)
     capped = LoraRounds(s.override(lora_max_rounds=20), 1.0)
     while not capped.finished(1.0):
         pass
@@ -93,10 +98,10 @@ def test_a_stalled_concept_gets_more_rounds_at_a_raised_rate_and_the_progress_to
 def test_batched_concepts_follow_their_own_schedules_as_alone(tiny_backbone):
     """Each concept's rate rises on its own, one stops earlier and leaves the batch, and its LoRA stays as it was
     (SlotAdamW leaves it alone) while the other trains on."""
-    s = _settings(lora_lr=1e-2, lora_target=0.3, lora_max_rounds=6)
+    s = _settings(lora_lr=3e-3, lora_target=0.5, lora_max_rounds=8)
     datas = [_data(tiny_backbone, w) for w in ("circle", "square")]
     together = train_loras(tiny_backbone, datas, None, s)
-    # circle stops after 4 rounds, square after 6 (both at raised rates): circle's slot sits still for 2 rounds
+    # circle stops after 4 rounds, square after 5 (both at raised rates): circle's slot sits still for a round
     assert len({t.schedule["steps"] for t in together}) == 2
     assert all(t.schedule["lr"] > s.lora_lr for t in together)
     for d, t in zip(datas, together, strict=True):
