@@ -488,8 +488,8 @@ LORA_LR_MAX = 100.0
 class LoraRounds:
     """One concept's LoRA schedule (``lora_target``): rounds of ``lora_steps``; after each, the probe decides
     whether the concept is done (at most ``lora_target`` of its start, or ``lora_max_rounds`` rounds) and whether
-    the next round's learning rate rises (the round stalled, or its pace would miss the target). A concept that reaches the target in the first round
-    is trained exactly as with ``lora_target`` 0."""
+    the next round's learning rate rises (the round stalled, or its pace would miss the target). A concept that
+    reaches the target in the first round is trained exactly as with ``lora_target`` 0."""
 
     settings: MaceSettings
     start: float | None  # the probe before training; None (not measured): one round
