@@ -348,6 +348,12 @@ LAM_REFERENCE_EIGENVALUE = 30 * 77
 LAM_SCALE_CONCEPTS = 4  # concepts whose prompts measure the scale (the first ones: the same on every rank)
 
 
+def resolved_lam(backbone: Backbone, concepts: list[Concept], s: MaceSettings) -> tuple[float, float]:
+    """``(lam, scale)``: the lam the closed forms use, ``s.lam`` times ``lam_scale`` where ``lam_relative``."""
+    scale = lam_scale(backbone, concepts) if s.lam_relative else 1.0
+    return s.lam * scale, scale
+
+
 def lam_scale(backbone: Backbone, concepts: list[Concept]) -> float:
     """The factor on ``lam`` (``lam_relative``) that makes it pull as hard against the concepts' own normal-equation
     terms on this model as the reference's lam does on SD1.x: the mean eigenvalue of a concept's token Gram here
@@ -923,8 +929,7 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
             evals += 2 * s.images_per_concept * s.sample_steps * len(group)
             calls += s.sample_steps * -(-len(group) * s.images_per_concept // SAMPLE_BATCH)
         done += len(group)
-    scale = lam_scale(backbone, concepts) if s.lam_relative else 1.0
-    lam = s.lam * scale
+    lam, scale = resolved_lam(backbone, concepts, s)
     progress.say(f"stage 2/4: closed-form refinement of the cross-attention K/V (lam {s.lam:g}"
                  + (f" x {scale:.3g} for this model's token energy = {lam:.3g})" if s.lam_relative else ")"))
     residues: dict[str, float] = {}

@@ -3,12 +3,11 @@ trained alone with the same seeds, and several concepts' images generated in one
 
 import pytest
 import torch
-from tiny_models import LAB_TEMPLATES
+from tiny_models import LAB_TEMPLATES, tiny_mace_settings
 
 from erasure.deltas import BatchedLoRA, TrainableLoRA
 from erasure.errors import BadInputError
 from erasure.mace import (
-    MaceSettings,
     batch_from_memory,
     generate_data,
     generate_data_batch,
@@ -22,8 +21,7 @@ from erasure.prompts import Concept
 
 
 def _settings(**kw):
-    return MaceSettings(images_per_concept=2, sample_steps=3, guidance=3.0, lora_steps=12, lora_lr=1e-2,
-                        lora_batch=2).override(**kw)
+    return tiny_mace_settings(12, **kw)
 
 
 def _concepts():

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import LAB_TEMPLATES
+from tiny_models import LAB_TEMPLATES, tiny_mace_settings
 
 from erasure.backbone import TextConditioning
 from erasure.errors import BadInputError
@@ -16,7 +16,6 @@ from erasure.mace import (
     LORA_LR_MAX,
     LORA_LR_RAISE,
     LoraRounds,
-    MaceSettings,
     generate_data,
     lam_scale,
     mace,
@@ -28,8 +27,7 @@ from erasure.prompts import Concept
 
 
 def _settings(**kw):
-    return MaceSettings(images_per_concept=2, sample_steps=3, guidance=3.0, lora_steps=4, lora_lr=1e-2,
-                        lora_batch=2).override(**kw)
+    return tiny_mace_settings(4, **kw)
 
 
 def _concept(word="circle"):

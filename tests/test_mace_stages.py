@@ -1,9 +1,8 @@
 import torch
-from tiny_models import LAB_TEMPLATES
+from tiny_models import LAB_TEMPLATES, tiny_mace_settings
 
 from erasure.fusion import concept_token_embeddings, fuse
 from erasure.mace import (
-    MaceSettings,
     generate_data,
     mace,
     masks_from_attention,
@@ -16,8 +15,7 @@ from erasure.prompts import Concept, prior_prompts
 
 
 def _settings(**kw):
-    return MaceSettings(images_per_concept=2, sample_steps=3, guidance=3.0, lora_steps=25, lora_lr=1e-2,
-                        lora_batch=2).override(**kw)
+    return tiny_mace_settings(25, **kw)
 
 
 def test_masks_threshold_and_fall_back_to_whole_image():

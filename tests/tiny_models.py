@@ -13,6 +13,15 @@ from erasure.diffusers_backbone import DiffusersBackbone
 LAB_TEMPLATES = ("a {c}", "a photo of a {c}", "a red {c}", "a picture of a blue {c}")
 
 
+def tiny_mace_settings(default_steps: int, **kw):
+    """MACE settings small enough for the tiny models: 2 images of 3 steps, ``default_steps`` LoRA steps (``kw``
+    may change them too) at lr 1e-2 with 2 images each."""
+    from erasure.mace import MaceSettings
+
+    return MaceSettings(images_per_concept=2, sample_steps=3, guidance=3.0, lora_steps=default_steps, lora_lr=1e-2,
+                        lora_batch=2).override(**kw)
+
+
 def tiny_lab_layout(tokenizer_dir) -> DiffusersBackbone:
     """A randomly initialised pixel-space model with the lab's layout but tiny widths (seeded: the same weights on
     every call, also in another process)."""

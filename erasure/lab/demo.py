@@ -13,7 +13,7 @@ from ..backbone import Backbone
 from ..errors import BadInputError
 from ..esd import esd
 from ..files import cache_dir
-from ..mace import PRESETS, MaceSettings, lam_scale, mace, refine
+from ..mace import PRESETS, MaceSettings, mace, refine, resolved_lam
 from ..prior import gram
 from ..progress import Progress
 from ..prompts import Concept
@@ -70,8 +70,7 @@ def erase(backbone: Backbone, concepts: str | list[str], method: str = "ant", st
     items = [lab_concept(c) for c in names]
     prior = lab_prior(backbone, names)
     if method == "cfr":
-        return refine(backbone, items, prior, lam=s.lam * (lam_scale(backbone, items) if s.lam_relative else 1.0),
-                      preserve=s.preserve)
+        return refine(backbone, items, prior, lam=resolved_lam(backbone, items, s)[0], preserve=s.preserve)
     if method == "mace":
         return mace(backbone, items, s.override(seed=seed), prior, progress=progress).weights
     raise BadInputError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
