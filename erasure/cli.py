@@ -55,7 +55,7 @@ from .lab import world
 from .lab.classifier import load_classifier, train_classifier
 from .lab.demo import erase, lab_concept, lab_prior
 from .lab.evaluate import EvalSettings, evaluate, format_table
-from .lab.model import CLASSIFIER_FILE
+from .lab.model import CLASSIFIER_FILE, is_lab_model
 from .lab.train import train_lab_model
 from .lora_files import load_lora, resolve_names, save_lora
 from .loss_curve import curve_from_metadata
@@ -122,7 +122,7 @@ def _report(args: argparse.Namespace, backbone, weights, concepts: list, kind: s
     :class:`Concept` items; on the lab, the lab's templates and preservation captions."""
     if getattr(args, "no_report", False):
         return None
-    lab = getattr(args, "model", "lab") == "lab"
+    lab = is_lab_model(getattr(args, "model", "lab"))
     names = [c.text if isinstance(c, Concept) else c for c in concepts]
     if lab:
         items = [lab_concept(n) for n in names]
@@ -186,8 +186,8 @@ def _given(args: argparse.Namespace, defaults: object) -> dict[str, object]:
     return {f.name: getattr(args, f.name) for f in fields(defaults) if hasattr(args, f.name)}  # type: ignore[arg-type]
 
 
-MODEL_HELP = ("'lab' (the concept lab's model), a diffusers folder, or a single-file SD1.x/SD2.x/SDXL checkpoint "
-              "(.safetensors, original ldm keys, as ComfyUI/A1111 use)")
+MODEL_HELP = ("'lab' or 'lab-clip' (the concept lab's models, docs/lab.md), a diffusers folder, or a single-file "
+              "SD1.x/SD2.x/SDXL checkpoint (.safetensors, original ldm keys, as ComfyUI/A1111 use)")
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -216,7 +216,7 @@ def _load_model(args: argparse.Namespace, need_vae: bool = False):
     refused unopened). Single files print what was detected and assumed (``args.model_note`` keeps it for the run's
     closing summary); their VAE is loaded only if ``need_vae``."""
     path = Path(args.model).expanduser()
-    if args.model == "lab" or path.is_dir():
+    if is_lab_model(args.model) or path.is_dir():
         for flag in ("tokenizer", "model_prediction"):
             if getattr(args, flag, None):
                 raise SystemExit(f"error: --{flag.replace('_', '-')} applies to single-file checkpoints; a diffusers "
@@ -230,10 +230,10 @@ def _load_model(args: argparse.Namespace, need_vae: bool = False):
 
 
 def _load_lab(model: str):
-    if model != "lab":
-        raise SystemExit("error: `lab` commands evaluate the lab model only (--model lab); the lab classifier "
-                         "cannot judge other models")
-    return load_diffusers("lab"), load_classifier(CLASSIFIER_FILE)
+    if not is_lab_model(model):
+        raise SystemExit("error: `lab` commands evaluate the lab's models only (--model lab or lab-clip); the lab "
+                         "classifier cannot judge other models")
+    return load_diffusers(model), load_classifier(CLASSIFIER_FILE)
 
 
 def _print_model_note(args: argparse.Namespace) -> None:
@@ -353,7 +353,7 @@ def _mace(args: argparse.Namespace) -> int:
     distributed.init_from_env(args.device)  # under torchrun: before the model, so "cuda" is this rank's GPU
     main = distributed.is_main()
     backbone = _load_model(args, need_vae=bool(args.image_dir))
-    lab = args.model == "lab"
+    lab = is_lab_model(args.model)
     items = []
     for i, c in enumerate(concepts):
         anchor = anchors[min(i, len(anchors) - 1)] if anchors else None
@@ -490,7 +490,7 @@ def _ant(args: argparse.Namespace) -> int:
     if args.concepts:
         check_fuse_strength(args.fuse_strength)
     backbone = _load_model(args)
-    lab = args.model == "lab"
+    lab = is_lab_model(args.model)
     templates = {c: world.concept_templates(c, with_other_concepts=False) for c in concepts
                  if lab and c in world.SYNONYMS}
     if torch.cuda.is_available():
@@ -603,7 +603,16 @@ def _lab_baseline(args: argparse.Namespace) -> int:
 def _lab_train(args: argparse.Namespace) -> int:
     train_lab_model(Path(args.out), steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                     save_every=args.save_every, resume=Path(args.resume) if args.resume else None,
+                    text_encoder=Path(args.text_encoder) if args.text_encoder else None,
                     log=lambda m: print(m, flush=True))
+    return 0
+
+
+def _lab_train_text_encoder(args: argparse.Namespace) -> int:
+    from .lab.clip_train import train_text_encoder
+
+    train_text_encoder(Path(args.out), steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                       log=lambda m: print(m, flush=True))
     return 0
 
 
@@ -617,7 +626,8 @@ def add_lab_command(sub) -> None:
     labsub = lab.add_subparsers(dest="lab_command", required=True)
 
     ev = labsub.add_parser("eval", help="evaluate the lab model, optionally with an erasure LoRA")
-    ev.add_argument("--model", default="lab")
+    ev.add_argument("--model", default="lab", help="'lab' or 'lab-clip' (the lab model with a CLIP-like text "
+                    "encoder; docs/lab.md#the-second-lab-model-lab-clip)")
     ev.add_argument("--lora", help="erasure LoRA (.safetensors) to apply")
     ev.add_argument("--erased", help="erased concepts, ';'-separated (default: those in the LoRA's metadata)")
     ev.add_argument("--json", help="write the report here")
@@ -645,7 +655,18 @@ def add_lab_command(sub) -> None:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--save-every", type=int, default=250)
     tr.add_argument("--resume", help="continue training from a saved lab model folder")
+    tr.add_argument("--text-encoder", help="a folder from 'lab train-text-encoder': its text encoder is used frozen "
+                    "(SD's UNet trained on a frozen CLIP); with --resume only the UNet comes from that folder")
     tr.set_defaults(func=_lab_train)
+
+    tt = labsub.add_parser("train-text-encoder", help="train a CLIP-like lab text encoder contrastively (end token "
+                           "summarises the prompt); 1,500 steps take about 15 minutes on 2 CPU cores")
+    tt.add_argument("--out", default="runs/lab-text-encoder")
+    tt.add_argument("--steps", type=int, default=1500)
+    tt.add_argument("--batch-size", type=int, default=256)
+    tt.add_argument("--lr", type=float, default=1e-3)
+    tt.add_argument("--seed", type=int, default=0)
+    tt.set_defaults(func=_lab_train_text_encoder)
 
     tc = labsub.add_parser("train-classifier", help="train the lab classifier (about 10 minutes on a CPU)")
     tc.add_argument("--out", default=str(CLASSIFIER_FILE))
@@ -693,7 +714,7 @@ def _lab_audit_inputs(concept: str) -> tuple:
 
 def _audit(args: argparse.Namespace) -> int:
     concept = check_concept(args.concept)
-    lab = args.model == "lab"
+    lab = is_lab_model(args.model)
     base = AuditSettings().override(**LAB_PRESET) if lab else AuditSettings()
     s = base.override(**_given(args, AuditSettings()))
     s.validate()

@@ -1,7 +1,7 @@
 """The backbone interface for diffusers models: SD1.x, SD2.x (eps and v-prediction), SDXL, and the lab model.
 
-Loads a diffusers folder offline (``local_files_only``); ``"lab"`` names the concept lab's model shipped in this
-package. The lab model is pixel-space (no VAE), so ``decode`` is the identity there.
+Loads a diffusers folder offline (``local_files_only``); ``"lab"`` and ``"lab-clip"`` name the concept lab's models
+shipped in this package. The lab model is pixel-space (no VAE), so ``decode`` is the identity there.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import nn
 from .attention import capture_cross_attention
 from .backbone import NoiseSchedule, TextConditioning
 from .errors import UnsupportedModelError
-from .lab.model import MODEL_DIR
+from .lab.model import LAB_MODELS, MODEL_DIR
 from .validation import check_model_folder
 
 
@@ -191,9 +191,9 @@ class DiffusersBackbone:
         return h.hexdigest()[:16]
 
 
-def lab_model_dir() -> Path:
-    """The concept lab's model folder (``--model lab``), shipped in the package."""
-    return MODEL_DIR
+def lab_model_dir(name: str = "lab") -> Path:
+    """The folder of a concept lab model (``--model lab`` or ``lab-clip``), shipped in the package."""
+    return LAB_MODELS.get(name, MODEL_DIR)
 
 
 def load_diffusers(path: str | Path, device: str | torch.device = "cpu",
@@ -203,7 +203,7 @@ def load_diffusers(path: str | Path, device: str | torch.device = "cpu",
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     name = str(path)
-    folder = lab_model_dir() if name == "lab" else Path(path)
+    folder = lab_model_dir(name) if name in LAB_MODELS else Path(path)
     check_model_folder(folder)
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True, torch_dtype=dtype)
     encoders = [CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True, torch_dtype=dtype)]

@@ -5,6 +5,7 @@
 #
 #   bash scripts/lab_table.sh                  # circle, seed 0 -> reports/lab-table/, table in reports/lab-table/table.md
 #   CONCEPT=square SEED=1 bash scripts/lab_table.sh
+#   MODEL=lab-clip bash scripts/lab_table.sh      # the second lab model -> reports/lab-table/circle-s0-lab-clip/
 #   ONLY="ant-paper mace-default" bash scripts/lab_table.sh   # some rows (e.g. two processes on two cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,8 +13,10 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 PY="${PY:-python}"
 C="${CONCEPT:-circle}"
 SEED="${SEED:-0}"
-OUT="out/lab-table/$C-s$SEED"
-REP="reports/lab-table/$C-s$SEED"
+MODEL="${MODEL:-lab}"  # or lab-clip (docs/lab.md#the-second-lab-model-lab-clip)
+SUFFIX=""; [ "$MODEL" = lab ] || SUFFIX="-$MODEL"
+OUT="out/lab-table/$C-s$SEED$SUFFIX"
+REP="reports/lab-table/$C-s$SEED$SUFFIX"
 mkdir -p "$OUT" "$REP"
 
 row() {  # name, training command...
@@ -24,22 +27,22 @@ row() {  # name, training command...
   local t0; t0=$(date +%s)
   "$@" > "$REP/$name.train.txt" 2>&1
   echo "training wall s: $(( $(date +%s) - t0 )); command: $*" >> "$REP/$name.train.txt"
-  "$PY" -m erasure lab eval --lora "$OUT/$name.safetensors" --json "$REP/$name.eval.json" --grid "$OUT/$name.png" \
+  "$PY" -m erasure lab eval --model "$MODEL" --lora "$OUT/$name.safetensors" --json "$REP/$name.eval.json" --grid "$OUT/$name.png" \
     > "$REP/$name.eval.txt" 2>&1
-  "$PY" -m erasure audit --model lab --lora "$OUT/$name.safetensors" --concept "$C" --json "$REP/$name.audit.json" \
+  "$PY" -m erasure audit --model "$MODEL" --lora "$OUT/$name.safetensors" --concept "$C" --json "$REP/$name.audit.json" \
     --out-dir "$OUT/$name-audit" > "$REP/$name.audit.txt" 2>&1
 }
 
 # ESD-x as published: cross-attention layers, lr 1e-5, 1000 iterations; beside the lab-tuned ESD (lr 1e-3, 150)
-row esd-published "$PY" -m erasure lab baseline --concept "$C" --scope xattn --lr 1e-5 --steps 1000 --seed "$SEED" \
+row esd-published "$PY" -m erasure lab baseline --model "$MODEL" --concept "$C" --scope xattn --lr 1e-5 --steps 1000 --seed "$SEED" \
   --out "$OUT/esd-published.safetensors"
-row esd-tuned "$PY" -m erasure lab baseline --concept "$C" --seed "$SEED" --out "$OUT/esd-tuned.safetensors"
-row ant-default "$PY" -m erasure ant --model lab --concept "$C" --seed "$SEED" --no-report \
+row esd-tuned "$PY" -m erasure lab baseline --model "$MODEL" --concept "$C" --seed "$SEED" --out "$OUT/esd-tuned.safetensors"
+row ant-default "$PY" -m erasure ant --model "$MODEL" --concept "$C" --seed "$SEED" --no-report \
   --out "$OUT/ant-default.safetensors"
-row ant-paper "$PY" -m erasure ant --model lab --concept "$C" --preset paper --seed "$SEED" --no-report \
+row ant-paper "$PY" -m erasure ant --model "$MODEL" --concept "$C" --preset paper --seed "$SEED" --no-report \
   --out "$OUT/ant-paper.safetensors"
-row mace-default "$PY" -m erasure mace --model lab --concepts "$C" --seed "$SEED" --no-report \
+row mace-default "$PY" -m erasure mace --model "$MODEL" --concepts "$C" --seed "$SEED" --no-report \
   --out "$OUT/mace-default.safetensors"
-row ant-adversarial "$PY" -m erasure ant --model lab --concept "$C" --adversarial 1 --seed "$SEED" --no-report \
+row ant-adversarial "$PY" -m erasure ant --model "$MODEL" --concept "$C" --adversarial 1 --seed "$SEED" --no-report \
   --out "$OUT/ant-adversarial.safetensors"
 "$PY" scripts/lab_table.py "$REP" | tee "$REP/table.md"

@@ -5,13 +5,16 @@
 # row at one thread. Table: .venv/bin/python scripts/mace_lab_bars.py (docs/mace.md#lab-bars-issue-18-item-3).
 #
 #   bash scripts/mace_lab_bars.sh                 # every row -> reports/mace-bars/
+#   MODEL=lab-clip bash scripts/mace_lab_bars.sh   # the second lab model -> reports/mace-bars-lab-clip/
 #   LANE=0/2 bash scripts/mace_lab_bars.sh &  LANE=1/2 bash scripts/mace_lab_bars.sh &   # two cores
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 PY="${PY:-python}"
-OUT=out/mace-bars
-REP=reports/mace-bars
+MODEL="${MODEL:-lab}"  # or lab-clip (docs/lab.md#the-second-lab-model-lab-clip)
+SUFFIX=""; [ "$MODEL" = lab ] || SUFFIX="-$MODEL"
+OUT=out/mace-bars$SUFFIX
+REP=reports/mace-bars$SUFFIX
 mkdir -p "$OUT" "$REP"
 lane=${LANE:-0/1}
 i=0
@@ -22,9 +25,9 @@ for row in "circle" "circle; green; striped" "triangle; checkered"; do
     name="$(echo "$row" | tr -d ' ' | tr ';' '+')-s$seed"
     if [ -f "$REP/$name.eval.json" ]; then echo "= $name: done"; continue; fi
     echo "+ $name"
-    "$PY" -m erasure mace --model lab --concepts "$row" --seed "$seed" --no-report --out "$OUT/$name.safetensors" \
+    "$PY" -m erasure mace --model "$MODEL" --concepts "$row" --seed "$seed" --no-report --out "$OUT/$name.safetensors" \
       2>&1 | grep -v "Loading weights" > "$REP/$name.train.txt"
-    "$PY" -m erasure lab eval --lora "$OUT/$name.safetensors" --json "$REP/$name.eval.json" --grid "$OUT/$name.png" \
+    "$PY" -m erasure lab eval --model "$MODEL" --lora "$OUT/$name.safetensors" --json "$REP/$name.eval.json" --grid "$OUT/$name.png" \
       2>&1 | grep -v "Loading weights" > "$REP/$name.eval.txt"
   done
 done

@@ -21,6 +21,11 @@ from .tokenizer import write_tokenizer
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MODEL_DIR = ASSETS / "model"
+#: the second lab model (issue 18, item 4): a CLIP-like text encoder trained contrastively first, frozen while its
+#: UNet trained, so that the end token and the padding summarise the prompt as in SD (``--model lab-clip``)
+CLIP_MODEL_DIR = ASSETS / "model-clip"
+#: ``--model`` names of the lab's models, and their folders
+LAB_MODELS = {"lab": MODEL_DIR, "lab-clip": CLIP_MODEL_DIR}
 CLASSIFIER_FILE = ASSETS / "classifier.safetensors"
 
 CONTEXT_LENGTH = 16
@@ -50,6 +55,11 @@ SCHEDULER_CONFIG = dict(
     prediction_type="epsilon",
     clip_sample=False,
 )
+
+
+def is_lab_model(name: object) -> bool:
+    """True for the ``--model`` names of the lab's own models (judged by the lab classifier)."""
+    return str(name) in LAB_MODELS
 
 
 def text_config(vocab_size: int, bos: int, eos: int) -> CLIPTextConfig:

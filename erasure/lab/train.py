@@ -38,14 +38,19 @@ def train_lab_model(
     seed: int = 0,
     save_every: int = 250,
     resume: Path | None = None,
+    text_encoder: Path | None = None,
     log=print,
 ) -> None:
     """Train from scratch, or continue from a saved lab model folder (``resume``: its EMA weights start both the
-    trained and the EMA copy; the optimizer starts afresh with a new warm-up and cosine schedule)."""
+    trained and the EMA copy; the optimizer starts afresh with a new warm-up and cosine schedule).
+
+    ``text_encoder``: a folder from ``lab train-text-encoder`` whose text encoder is used frozen, as SD's UNet was
+    trained on a frozen CLIP; with ``resume`` only the UNet comes from the resumed folder."""
     recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k not in ("out", "log")}
     recipe["command"] = (
         f"python -m erasure lab train --out {out} --steps {steps} --batch-size {batch_size} --lr {lr} --seed {seed}"
         + (f" --resume {resume}" if resume else "")
+        + (f" --text-encoder {text_encoder}" if text_encoder else "")
     )
     unet, te, tok, sched = new_model(out, seed)
     if resume is not None:
@@ -56,10 +61,17 @@ def train_lab_model(
         te = CLIPTextModel.from_pretrained(resume / "text_encoder", torch_dtype=torch.float32)
         previous = json.loads((resume / "recipe.json").read_text()) if (resume / "recipe.json").exists() else {}
         recipe["resumed_from"] = previous
+    if text_encoder is not None:
+        from transformers import CLIPTextModel
+
+        te = CLIPTextModel.from_pretrained(text_encoder / "text_encoder", torch_dtype=torch.float32).eval()
+        te.requires_grad_(False)
+        te_recipe = text_encoder / "text-encoder-recipe.json"
+        recipe["text_encoder_recipe"] = json.loads(te_recipe.read_text()) if te_recipe.exists() else {}
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
     for p in list(ema_unet.parameters()) + list(ema_te.parameters()):
         p.requires_grad_(False)
-    params = list(unet.parameters()) + list(te.parameters())
+    params = list(unet.parameters()) + ([] if text_encoder is not None else list(te.parameters()))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
 
     def lr_at(step: int) -> float:
@@ -79,7 +91,11 @@ def train_lab_model(
         noise = torch.randn(images.shape, generator=g)
         a = abar[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * images + (1 - a).sqrt() * noise
-        cond = te(ids).last_hidden_state
+        if text_encoder is not None:
+            with torch.no_grad():
+                cond = te(ids).last_hidden_state
+        else:
+            cond = te(ids).last_hidden_state
         pred = unet(x_t, t, cond).sample
         loss = torch.nn.functional.mse_loss(pred, noise)
         for group in opt.param_groups:
@@ -90,7 +106,8 @@ def train_lab_model(
         opt.step()
         decay = min(ema_decay, (1 + step) / (10 + step))
         _ema_update(ema_unet, unet, decay)
-        _ema_update(ema_te, te, decay)
+        if text_encoder is None:
+            _ema_update(ema_te, te, decay)
         running += loss.item()
         if (step + 1) % 50 == 0:
             log(f"step {step + 1}/{steps} loss {running / 50:.4f} lr {lr_at(step):.2e} {time.time() - t0:.0f}s")
