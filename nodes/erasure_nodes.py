@@ -8,6 +8,7 @@ nodes use and other nodes ignore.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import asdict
@@ -43,6 +44,7 @@ from ..erasure.sampling import sample
 from ..erasure.weights import META_PREFIX, ErasureWeights, metadata
 from . import result_cache
 from .comfy_backbone import ComfyBackbone, from_lora, patched_model, to_lora_dict, trainable
+from .comfy_text import ComfySlotEncoder, clip_trainable
 from .settings_nodes import AntSettingsType, MaceSettingsType, resolution_input, resolution_value
 from .user_images import user_training_data
 
@@ -155,8 +157,10 @@ def run_ant(model, clip, concept: str, synonyms: str, s: AntSettings, cache_resu
     if cached:
         progress.step(s.steps)  # cached: the bar completes at once
     else:
-        with trainable(bb):
-            weights = ant(bb, concept, s, synonyms=tuple(_split(synonyms)), progress=progress).weights
+        # adversarial erasure learns a token through ComfyUI's text encoder: it must pass gradients too
+        with trainable(bb), (clip_trainable(clip) if s.adversarial else contextlib.nullcontext()):
+            weights = ant(bb, concept, s, synonyms=tuple(_split(synonyms)), progress=progress,
+                          slot_encoder=ComfySlotEncoder(bb) if s.adversarial else None).weights
     text = _report(bb, weights, report_concepts, s_report, progress) if report else ""  # before the cache write
     if key and not cached:
         result_cache.save(key, weights)

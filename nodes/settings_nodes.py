@@ -152,6 +152,12 @@ class AntSettingsNode(_SettingsNode):
                                        "more time. auto: on for large UNets or latents."),
                 resolution_input("Training resolution: the model's native one, or a size in pixels."),
                 report_input(),
+                io.Int.Input("adversarial", default=d.adversarial, min=0, max=8, optional=True,
+                             tooltip="Adversarial erasure (one concept): this many learned tokens of a concept-"
+                                     "inversion attack are trained inside the erasure and erased too, so the concept "
+                                     "is harder to bring back with a learned token (Audit Erasure). 0 = off. Costs "
+                                     f"{d.adversarial_steps} attack steps every {d.adversarial_every} erasure steps "
+                                     "(docs/audit.md#adversarial-erasure)."),
             ],
             outputs=[AntSettingsType.Output(display_name="SETTINGS",
                                             tooltip="Connect to Erase Concept (ANT)'s settings input.")],

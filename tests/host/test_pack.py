@@ -279,3 +279,26 @@ def test_ant_reuse_and_checkpointing_widgets_reach_the_settings(comfy, loaded):
     assert (d["reuse"], d["gradient_checkpointing"]) == (AntSettings().reuse, "auto")
     assert (s["reuse"], s["gradient_checkpointing"]) == (1, "on")
     assert any(not torch.equal(default[k], set_[k]) for k in default), "reuse 1 trained the same as the default"
+
+
+def test_ant_node_with_adversarial_erasure_learns_a_token_through_comfys_clip(comfy, loaded):
+    """The ANT Settings node's adversarial widget: the attack's token is learned through ComfyUI's (inference-mode)
+    text encoder inside training; the result differs from the plain erasure, records the attack's rounds, and the
+    input MODEL and CLIP are left as they were."""
+    import json
+
+    model, clip, _ = loaded
+
+    def text() -> torch.Tensor:
+        with torch.inference_mode():
+            return clip.encode_from_tokens(clip.tokenize("a photo of a cat")).clone()
+
+    before, before_text = _unet_out(model), text()
+    _, plain = _ant(comfy, model, clip)
+    _, adv = _ant(comfy, model, clip, adversarial=1)
+    assert json.loads(adv.metadata["erasure.settings"])["adversarial"] == 1
+    record = json.loads(adv.metadata["erasure.adversarial"])
+    assert record["rounds"] >= 1 and record["history"][0]["token_moved"] > 0, record  # gradients reached the token
+    assert any(not torch.equal(plain[k], adv[k]) for k in plain), "adversarial trained the same as plain"
+    assert torch.equal(_unet_out(model), before), "the input MODEL changed"
+    assert torch.equal(text(), before_text), "the CLIP changed"
