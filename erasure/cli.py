@@ -604,7 +604,7 @@ def _lab_train(args: argparse.Namespace) -> int:
     train_lab_model(Path(args.out), steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                     save_every=args.save_every, resume=Path(args.resume) if args.resume else None,
                     text_encoder=Path(args.text_encoder) if args.text_encoder else None,
-                    log=lambda m: print(m, flush=True))
+                    stop_after=args.stop_after, log=lambda m: print(m, flush=True))
     return 0
 
 
@@ -657,6 +657,8 @@ def add_lab_command(sub) -> None:
     tr.add_argument("--resume", help="continue training from a saved lab model folder")
     tr.add_argument("--text-encoder", help="a folder from 'lab train-text-encoder': its text encoder is used frozen "
                     "(SD's UNet trained on a frozen CLIP); with --resume only the UNet comes from that folder")
+    tr.add_argument("--stop-after", type=int, help="save and stop after this many steps, the learning-rate schedule "
+                    "still spanning --steps (what the committed lab-clip model did)")
     tr.set_defaults(func=_lab_train)
 
     tt = labsub.add_parser("train-text-encoder", help="train a CLIP-like lab text encoder contrastively (end token "

@@ -10,7 +10,12 @@ closed-form refinement edits). For each lab model:
   by the anchor prompt's ("a photo of a shape"), so only the word's token says the concept; ``after only``: the
   word's token replaced by the anchor's, so only the tokens after it (end token, padding) can say it.
 
+- with ``--cfr``: MACE's closed-form refinement alone (stage 2 of 4, the object preset's settings; the stage that
+  edits every token of the concept's prompts, end token and padding included) on each of ``--cfr-concepts``, judged
+  by ``lab eval``'s full evaluation: efficacy, generality, specificity.
+
     python scripts/lab_text_diagnostics.py                 # both lab models, shapes and styles, 32 seeds each
+    python scripts/lab_text_diagnostics.py --cfr           # and CFR alone on circle, triangle, green
 """
 
 from __future__ import annotations
@@ -96,10 +101,26 @@ def diagnose(name: str, seeds: int) -> list[dict]:
     return rows
 
 
+def cfr_rows(name: str, concepts: list[str]) -> list[dict]:
+    from erasure.lab.demo import erase
+    from erasure.lab.evaluate import EvalSettings, evaluate
+
+    bb = load_diffusers(name)
+    clf = load_classifier(CLASSIFIER_FILE)
+    rows = []
+    for c in concepts:
+        r = evaluate(bb, clf, [c], erase(bb, c, "cfr"), EvalSettings())
+        rows.append({"model": name, "concept": c, **{k: r[k] for k in ("efficacy", "generality", "specificity")}})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(LAB_MODELS))
     ap.add_argument("--seeds", type=int, default=32)
+    ap.add_argument("--cfr", action="store_true")
+    ap.add_argument("--cfr-concepts", default="circle,triangle,green")
     args = ap.parse_args()
     rows = [r for name in args.models.split(",") for r in diagnose(name, args.seeds)]
     print("\n| model | concept | end cos | attn word | attn after | acc | word only | after only |")
@@ -107,6 +128,13 @@ def main() -> None:
     for r in rows:
         print(f"| {r['model']} | {r['concept']} | {r['end_token_cosine']:.3f} | {r['attn_word']:.3f} | "
               f"{r['attn_after']:.3f} | {r['acc']:.2f} | {r['word_only']:.2f} | {r['after_only']:.2f} |")
+    if args.cfr:
+        cfr = [r for name in args.models.split(",") for r in cfr_rows(name, args.cfr_concepts.split(","))]
+        print("\n| model | CFR alone on | efficacy | generality | specificity |")
+        print("| --- | --- | ---: | ---: | ---: |")
+        for r in cfr:
+            print(f"| {r['model']} | {r['concept']} | {r['efficacy']:.3f} | {r['generality']:.3f} | "
+                  f"{r['specificity']:.3f} |")
 
 
 if __name__ == "__main__":

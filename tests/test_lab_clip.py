@@ -3,6 +3,7 @@ trained on it frozen."""
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -40,14 +41,39 @@ def test_text_encoder_training_then_a_unet_on_it_frozen(tmp_path):
     assert recipe["command"].startswith("python -m erasure lab train-text-encoder") and recipe["steps"] == 3
 
     out = tmp_path / "model"
-    train_lab_model(out, steps=2, batch_size=4, save_every=10, text_encoder=te_dir, log=lambda m: None)
+    train_lab_model(out, steps=3, batch_size=4, save_every=10, text_encoder=te_dir, stop_after=2, log=lambda m: None)
     saved = load_file(str(out / "text_encoder" / "model.safetensors"))
     trained = load_file(str(te_dir / "text_encoder" / "model.safetensors"))
     # the text encoder is frozen: saved as it was trained (in the lab's fp16 weights), only the UNet moved
     assert saved.keys() == trained.keys()
     assert all(torch.equal(saved[k], trained[k].half()) for k in saved)
-    assert "--text-encoder" in json.loads((out / "recipe.json").read_text())["command"]
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert "--text-encoder" in recipe["command"] and "--stop-after 2" in recipe["command"]
+    assert recipe["steps_done"] == 2 and recipe["steps"] == 3  # stopped at 2 of a 3-step schedule
 
 
 def test_both_lab_models_are_lab_models():
     assert is_lab_model("lab") and is_lab_model("lab-clip") and not is_lab_model("runs/lab")
+
+
+@pytest.mark.slow
+def test_the_second_lab_model_draws_every_concept_and_its_end_token_says_which(tmp_path, monkeypatch):
+    """The committed lab-clip model: every concept at the lab's bar on a reduced evaluation (as test_lab's check of
+    the first model), and the end token tells prompts apart there (first model: cosine 0.996)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from erasure.diffusers_backbone import load_diffusers
+    from erasure.lab.classifier import load_classifier
+    from erasure.lab.clip_train import text_report
+    from erasure.lab.evaluate import EvalSettings, evaluate
+    from erasure.lab.model import CLASSIFIER_FILE, CLIP_MODEL_DIR, MODEL_DIR
+
+    monkeypatch.setenv("ERASURE_CACHE", str(tmp_path))
+    report = evaluate(load_diffusers("lab-clip"), load_classifier(CLASSIFIER_FILE),
+                      settings=EvalSettings(seeds_own=4, seeds_syn=2))
+    for c, v in report["concepts"].items():
+        assert v["accuracy"] >= 0.875 and v["synonym_accuracy"] >= 0.75, (c, v)
+    tok = CLIPTokenizer.from_pretrained(MODEL_DIR / "tokenizer")
+    cos = {d: text_report(CLIPTextModel.from_pretrained(d / "text_encoder").float().eval(), tok)["end_token_cosine"]
+           for d in (MODEL_DIR, CLIP_MODEL_DIR)}
+    assert cos[CLIP_MODEL_DIR] < 0.5 < 0.99 < cos[MODEL_DIR], cos

@@ -39,18 +39,22 @@ def train_lab_model(
     save_every: int = 250,
     resume: Path | None = None,
     text_encoder: Path | None = None,
+    stop_after: int | None = None,
     log=print,
 ) -> None:
     """Train from scratch, or continue from a saved lab model folder (``resume``: its EMA weights start both the
     trained and the EMA copy; the optimizer starts afresh with a new warm-up and cosine schedule).
 
     ``text_encoder``: a folder from ``lab train-text-encoder`` whose text encoder is used frozen, as SD's UNet was
-    trained on a frozen CLIP; with ``resume`` only the UNet comes from the resumed folder."""
+    trained on a frozen CLIP; with ``resume`` only the UNet comes from the resumed folder. ``stop_after``: save and
+    stop after this many steps, the learning-rate schedule still spanning ``steps`` (what a run stopped at a
+    checkpoint did)."""
     recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k not in ("out", "log")}
     recipe["command"] = (
         f"python -m erasure lab train --out {out} --steps {steps} --batch-size {batch_size} --lr {lr} --seed {seed}"
         + (f" --resume {resume}" if resume else "")
         + (f" --text-encoder {text_encoder}" if text_encoder else "")
+        + (f" --stop-after {stop_after}" if stop_after else "")
     )
     unet, te, tok, sched = new_model(out, seed)
     if resume is not None:
@@ -83,7 +87,7 @@ def train_lab_model(
     g = torch.Generator().manual_seed(seed)
     abar = sched.alphas_cumprod.float()
     t0, running = time.time(), 0.0
-    for step in range(steps):
+    for step in range(steps if stop_after is None else min(steps, stop_after)):
         images, caps, _ = world.sample_batch(batch_size, g, p_empty=p_empty)
         ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids
@@ -112,7 +116,7 @@ def train_lab_model(
         if (step + 1) % 50 == 0:
             log(f"step {step + 1}/{steps} loss {running / 50:.4f} lr {lr_at(step):.2e} {time.time() - t0:.0f}s")
             running = 0.0
-        if (step + 1) % save_every == 0 or step + 1 == steps:
+        if (step + 1) % save_every == 0 or step + 1 in (steps, stop_after):
             recipe["steps_done"] = step + 1
             recipe["seconds"] = round(time.time() - t0, 1)
             save_model(out, ema_unet, ema_te, sched, recipe)
