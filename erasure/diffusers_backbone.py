@@ -18,7 +18,7 @@ from torch import nn
 from .attention import capture_cross_attention
 from .backbone import NoiseSchedule, TextConditioning
 from .errors import UnsupportedModelError
-from .lab.model import LAB_MODELS, MODEL_DIR
+from .lab.model import LAB_MODELS
 from .validation import check_model_folder
 
 
@@ -193,7 +193,7 @@ class DiffusersBackbone:
 
 def lab_model_dir(name: str = "lab") -> Path:
     """The folder of a concept lab model (``--model lab`` or ``lab-clip``), shipped in the package."""
-    return LAB_MODELS.get(name, MODEL_DIR)
+    return LAB_MODELS[name]
 
 
 def load_diffusers(path: str | Path, device: str | torch.device = "cpu",

@@ -27,6 +27,7 @@ from torch import nn
 from . import world
 from .classifier import LabClassifier, _augment
 from .model import new_model
+from .train import optimizer_step
 
 EMBED_DIM = 64
 
@@ -149,12 +150,7 @@ def train_text_encoder(out: Path, steps: int = 2000, batch_size: int = 256, lr: 
         logits = logit_scale.exp().clamp(max=100) * t @ v.T
         loss = 0.5 * (-(pos / pos.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
                       - (pos.T / pos.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean())
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, params, loss, lr_at(step))
         running += loss.item()
         if (step + 1) % 50 == 0:
             log(f"step {step + 1}/{steps} loss {running / 50:.4f} lr {lr_at(step):.2e} {time.time() - t0:.0f}s")

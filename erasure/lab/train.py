@@ -27,6 +27,16 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             pe.lerp_(pm, 1 - decay)
 
 
+def optimizer_step(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor, lr: float) -> None:
+    """One step of the lab's training recipes: the scheduled learning rate, backward, clip at norm 1, update."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def train_lab_model(
     out: Path,
     steps: int = 4000,
@@ -95,19 +105,11 @@ def train_lab_model(
         noise = torch.randn(images.shape, generator=g)
         a = abar[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * images + (1 - a).sqrt() * noise
-        if text_encoder is not None:
-            with torch.no_grad():
-                cond = te(ids).last_hidden_state
-        else:
+        with torch.set_grad_enabled(text_encoder is None):  # a frozen text encoder needs no graph
             cond = te(ids).last_hidden_state
         pred = unet(x_t, t, cond).sample
         loss = torch.nn.functional.mse_loss(pred, noise)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, params, loss, lr_at(step))
         decay = min(ema_decay, (1 + step) / (10 + step))
         _ema_update(ema_unet, unet, decay)
         if text_encoder is None:
