@@ -325,6 +325,8 @@ MACE_HELP = {
     "grad_clip": "LoRA gradient-norm clip (default {default})",
     "suppress_end": "the attention loss also suppresses the end token and padding (the reference's positions); "
                     "default: only where they carry the concept (measured per concept)",
+    "suppress_following": "the attention loss also suppresses the words between the concept and the end token "
+                          "(\"a green *shape*\": a causal text encoder carries the concept into them); default off",
     "augment": "each LoRA step uses one of the concept's prompt templates (the reference; default); "
                "--no-augment: the generation prompt only",
     "importance_sampling": "LoRA timesteps from MACE's p(t), median ~300 (the reference; default); "
@@ -388,7 +390,8 @@ def _mace(args: argparse.Namespace) -> int:
           f"{res.unet_evaluations} UNet evaluations in {res.unet_calls} UNet calls ({res.concept_batch} "
           f"concept(s) per batch); {_peak_memory()}")
     for c, lr in zip(concepts, res.loras, strict=True):
-        where = "concept tokens, end token and padding" if lr.suppress_end else "concept tokens only"
+        where = ("concept tokens, end token and padding" if lr.suppress_end else "concept tokens only")
+        where += ", following words" if s.suppress_following else ""
         print(f"  {c!r}: attention loss ({where}) {_loss_span(lr)}; {schedule_text(lr.schedule, s)}")
     if distributed.world_size() > 1 or args.work_dir:
         print(f"  {distributed.world_size()} process(es); work directory {args.work_dir or '(none)'}")

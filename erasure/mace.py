@@ -81,6 +81,10 @@ class MaceSettings(Settings):
     #: also suppress the end token and padding after the concept (the reference's positions). ``None`` (default):
     #: only where they carry the concept, as ``end_residue`` measures it (docs/mace.md#suppress_end)
     suppress_end: bool | None = None
+    #: also suppress the words between the concept and the end token ("a green *shape*"): a causal text encoder
+    #: carries the concept into them, which the reference's positions leave out; nothing changes where the concept
+    #: ends its prompt (docs/mace.md#suppress_following)
+    suppress_following: bool = False
     #: concepts whose LoRAs train together in one UNet forward (each sample carries its own concept's LoRA) and
     #: whose images are generated in one batch; the result equals training them one by one (to float rounding).
     #: ``None``: automatic, from free memory on a GPU, ``CPU_CONCEPT_BATCH`` on the CPU (docs/mace.md#concept-batch)
@@ -373,13 +377,19 @@ def timestep_weights(num_timesteps: int = 1000) -> torch.Tensor:
     return p / p.sum()
 
 
-def suppressed_positions(backbone: Backbone, prompt: str, word: str, end: bool = True) -> list[int]:
-    """The concept's token positions plus (``end``) the end token and the padding after it (they carry its residue)."""
+def suppressed_positions(backbone: Backbone, prompt: str, word: str, end: bool = True,
+                         following: bool = False) -> list[int]:
+    """The concept's token positions plus (``end``) the end token and the padding after it (they carry its residue)
+    and (``following``) the tokens between the concept and the end token."""
     pos = backbone.token_positions(prompt, word)
-    if end:
+    if end or following:
         ids = backbone.tokenize(prompt)
         first_eos = _end_position(backbone, ids)
-        pos = sorted(set(pos) | set(range(len(ids) if first_eos is None else first_eos, len(ids))))
+        stop = len(ids) if first_eos is None else first_eos
+        extra = set(range(stop, len(ids))) if end else set()
+        if following and pos:
+            extra |= set(range(max(pos) + 1, stop))
+        pos = sorted(set(pos) | extra)
     return pos
 
 
@@ -648,7 +658,7 @@ def _lora_inputs(backbone: Backbone, data: ConceptData, s: MaceSettings, end: bo
         cond = backbone.encode_text(prompts)
     positions = torch.zeros(len(prompts), cond.embeds.shape[1])
     for i, p in enumerate(prompts):
-        positions[i, suppressed_positions(backbone, p, data.concept.text, end)] = 1.0
+        positions[i, suppressed_positions(backbone, p, data.concept.text, end, s.suppress_following)] = 1.0
     return prompts, cond, positions
 
 

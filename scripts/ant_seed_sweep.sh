@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ANT (or the ESD baseline) on the lab model over several training seeds, each run then evaluated with `lab eval`:
 # the multi-seed tables in docs/ant.md. THREADS=1 (default): one thread per run, two runs at a time; THREADS=2: two
-# threads per run, one at a time (float reductions differ with the thread count: a second draw of each seed).
+# threads per run, one at a time (float reductions differ with the thread count: a second draw of each seed). JOBS=N
+# runs N at a time instead (for example JOBS=1 beside another job).
 #
 #   scripts/ant_seed_sweep.sh OUTDIR TAG "SEEDS" [ANT FLAGS...]      e.g.
 #   scripts/ant_seed_sweep.sh out/sweep kv8 "0 1 2 3 4 5 6 7" --scope kv --reuse 8
@@ -32,4 +33,4 @@ one() {
 }
 export -f one
 export out tag
-printf '%s\n' $seeds | xargs -P $(( 2 / threads > 0 ? 2 / threads : 1 )) -I{} bash -c 'one "$@"' _ {} "$@"
+printf '%s\n' $seeds | xargs -P "${JOBS:-$(( 2 / threads > 0 ? 2 / threads : 1 ))}" -I{} bash -c 'one "$@"' _ {} "$@"

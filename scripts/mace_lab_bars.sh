@@ -7,25 +7,30 @@
 #   bash scripts/mace_lab_bars.sh                 # every row -> reports/mace-bars/
 #   MODEL=lab-clip bash scripts/mace_lab_bars.sh   # the second lab model -> reports/mace-bars-lab-clip/
 #   LANE=0/2 bash scripts/mace_lab_bars.sh &  LANE=1/2 bash scripts/mace_lab_bars.sh &   # two cores
+#   MODEL=lab-clip FLAGS=--suppress-following TAG=following bash scripts/mace_lab_bars.sh  # -> ...-lab-clip-following/
+#   ROWS="green|circle; green; striped" ...   # other rows ("|" between rows)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 PY="${PY:-python}"
 MODEL="${MODEL:-lab}"  # or lab-clip (docs/lab.md#the-second-lab-model-lab-clip)
 SUFFIX=""; [ "$MODEL" = lab ] || SUFFIX="-$MODEL"
+[ -z "${TAG:-}" ] || SUFFIX="$SUFFIX-$TAG"
+read -r -a flags <<< "${FLAGS:-}"  # extra `erasure mace` flags, the same for every row
+IFS='|' read -r -a rows <<< "${ROWS:-circle|circle; green; striped|triangle; checkered}"
 OUT=out/mace-bars$SUFFIX
 REP=reports/mace-bars$SUFFIX
 mkdir -p "$OUT" "$REP"
 lane=${LANE:-0/1}
 i=0
-for row in "circle" "circle; green; striped" "triangle; checkered"; do
+for row in "${rows[@]}"; do
   for seed in 0 1 2; do
     i=$((i + 1))
     if [ $(( (i - 1) % ${lane#*/} )) -ne "${lane%/*}" ]; then continue; fi
     name="$(echo "$row" | tr -d ' ' | tr ';' '+')-s$seed"
     if [ -f "$REP/$name.eval.json" ]; then echo "= $name: done"; continue; fi
     echo "+ $name"
-    "$PY" -m erasure mace --model "$MODEL" --concepts "$row" --seed "$seed" --no-report --out "$OUT/$name.safetensors" \
+    "$PY" -m erasure mace --model "$MODEL" --concepts "$row" --seed "$seed" ${flags[@]+"${flags[@]}"} --no-report --out "$OUT/$name.safetensors" \
       2>&1 | grep -v "Loading weights" > "$REP/$name.train.txt"
     "$PY" -m erasure lab eval --model "$MODEL" --lora "$OUT/$name.safetensors" --json "$REP/$name.eval.json" --grid "$OUT/$name.png" \
       2>&1 | grep -v "Loading weights" > "$REP/$name.eval.txt"

@@ -40,6 +40,14 @@ def test_suppressed_positions_include_end_and_padding(tiny_backbone):
     assert suppressed_positions(tiny_backbone, "a photo of a circle", "circle", end=False) == [5]
 
 
+def test_suppressed_positions_following_cover_the_words_between_concept_and_end(tiny_backbone):
+    # "a green shape": [start, a, green, shape, end, padding...]; the concept ends the prompt -> nothing added
+    assert suppressed_positions(tiny_backbone, "a green shape", "green", end=False, following=True) == [2, 3]
+    assert suppressed_positions(tiny_backbone, "a green shape", "green", following=True) == [2] + list(range(3, 16))
+    assert (suppressed_positions(tiny_backbone, "a photo of a circle", "circle", following=True)
+            == suppressed_positions(tiny_backbone, "a photo of a circle", "circle"))
+
+
 def test_generate_data_shapes_and_masks(tiny_backbone):
     c = Concept("circle", "shape", templates=LAB_TEMPLATES, data_prompt="a photo of a {c}")
     d = generate_data(tiny_backbone, c, _settings())
