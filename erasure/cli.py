@@ -25,6 +25,7 @@ from .ant import (
     FUSE_PRESERVE,
     FUSE_STRENGTH,
     PREDICTIONS,
+    PRESERVE_LATENTS,
     SAMPLINGS,
     SCOPES,
     AntSettings,
@@ -446,6 +447,8 @@ ANT_HELP = {
     "preserve": "weight of the preservation of prompts without the concept (the project's addition; 0 = the "
                 "paper's loss; default {default})",
     "prediction": "regressed prediction (default {default})",
+    "preserve_latents": "where the preservation prompts are evaluated: at the concept's latents (concept) or at "
+                        "their own images from the frozen model (own) (default {default})",
     "sampling": "where training latents come from: on-policy (the edited model's trajectories) or cached (frozen "
                 "once) (default {default})",
     "trajectories": "trajectory seeds x augmentations (default {default})",
@@ -468,6 +471,7 @@ ANT_HELP = {
     "seed": "(default {default})",
 }
 ANT_CHOICES = {"kind": tuple(sorted(CONCEPT_TEMPLATES)), "prediction": PREDICTIONS, "sampling": SAMPLINGS,
+               "preserve_latents": PRESERVE_LATENTS,
                "scope": SCOPES, "gradient_checkpointing": CHECKPOINTING}
 
 

@@ -429,3 +429,32 @@ def test_ant_multi_folds_each_edit_into_the_fusion_and_frees_it(tiny_backbone, t
                                    rtol=0, atol=1e-6)
         torch.testing.assert_close(lean.weights.deltas[name].matrix(), ref.deltas[name].matrix(), rtol=1e-5,
                                    atol=1e-6)
+
+
+def test_preservation_at_the_prompts_own_latents(tiny_backbone):
+    """preserve_latents="own": the preservation prompts are evaluated at their own frozen-model images, noised to the
+    batch's timesteps (not at the concept's latents); at the unedited weights the term is zero; the default keeps the
+    concept's latents and the run's draws."""
+    from erasure.ant.objective import add_preservation
+    from erasure.ant.sources import prompt_latents
+
+    bb = tiny_backbone
+    s = FAST.override(scope="kv", preserve_latents="own")
+    prompts = ["a square", "a blue triangle"]
+    own, ev = prompt_latents(bb, prompts, s)
+    assert own.shape == (2, *bb.latent_shape()) and ev == 2 * 2 * s.trajectory_steps
+    b = _batch(bb)
+    pres = bb.encode_text(prompts)
+    assert add_preservation(bb, None, b, pres, [1, 0], own, torch.Generator().manual_seed(0)) == 4
+    assert b.pres_x_early is not None and not torch.allclose(b.pres_x_early, b.x_early)
+    with torch.no_grad():
+        _, parts = ant_loss(bb, b, bb.encode_text([""]), s)
+    assert parts["preserve"] == pytest.approx(0.0, abs=1e-10)
+    plain = ant(bb, "circle", FAST.override(scope="kv", preserve=1.0, preserve_prompts=2), templates=TEMPLATES,
+                preserve_prompts=prompts)
+    mine = ant(bb, "circle", s.override(preserve=1.0, preserve_prompts=2), templates=TEMPLATES,
+               preserve_prompts=prompts)
+    assert mine.unet_forwards == plain.unet_forwards + 2 * 2 * s.trajectory_steps
+    assert not torch.equal(*(next(iter(r.weights.deltas.values())).matrix() for r in (plain, mine)))
+    with pytest.raises(ValueError, match="preserve_latents"):
+        AntSettings(preserve_latents="theirs").validate()

@@ -16,6 +16,7 @@ from .settings import (
     FUSE_PRESERVE,
     FUSE_STRENGTH,
     PREDICTIONS,
+    PRESERVE_LATENTS,
     PRESETS,
     SAMPLINGS,
     SCOPES,
@@ -26,7 +27,8 @@ from .train import AntMultiResult, AntResult, ant, ant_multi
 
 __all__ = [
     "AUTO_CHECKPOINT_CELLS", "AUTO_CHECKPOINT_PARAMS", "CHECKPOINTING", "FUSE_LAM", "FUSE_PRESERVE", "FUSE_STRENGTH",
-    "PREDICTIONS", "PRESETS", "SAMPLINGS", "SCOPES", "AntMultiResult", "AntResult", "AntSettings", "Batch",
+    "PREDICTIONS", "PRESERVE_LATENTS", "PRESETS", "SAMPLINGS", "SCOPES", "AntMultiResult", "AntResult",
+    "AntSettings", "Batch",
     "Trajectories", "ant", "ant_loss", "ant_multi", "build_trajectories", "draw", "run_trajectory", "saliency_masks",
     "scope_modules", "stage_targets", "top_fraction_mask", "trajectory_plan", "use_checkpointing",
 ]

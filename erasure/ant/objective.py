@@ -55,6 +55,9 @@ class Batch:
     pres_cond: TextConditioning | None = None
     pres_early: torch.Tensor | None = None
     pres_late: torch.Tensor | None = None
+    #: the preservation samples' own latents (``preserve_latents="own"``); None: the batch's latents
+    pres_x_early: torch.Tensor | None = None
+    pres_x_late: torch.Tensor | None = None
     #: optional learned-token prompts (adversarial erasure), one per sample: regressed at the late latents onto the
     #: concept prompt's reversed target (docs/ant.md#adversarial)
     adv_cond: TextConditioning | None = None
@@ -62,11 +65,17 @@ class Batch:
 
 @torch.no_grad()
 def add_preservation(backbone: Backbone, deltas: HookedDeltas | None, b: Batch, prompts: TextConditioning,
-                     which: list[int]) -> int:
-    """Attach preservation targets to ``b``: prompts ``which`` (rows of ``prompts``) at the batch's latents, with the
-    frozen model's predictions. Returns the UNet evaluations spent."""
+                     which: list[int], own: torch.Tensor | None = None, gen: torch.Generator | None = None) -> int:
+    """Attach preservation targets to ``b``: prompts ``which`` (rows of ``prompts``) at the batch's latents, or
+    (``own``: one clean latent per prompt) at those prompts' own latents noised with ``gen`` to the batch's
+    timesteps, with the frozen model's predictions. Returns the UNet evaluations spent."""
     cond = prompts[which]
-    x = torch.cat([b.x_early, b.x_late])
+    if own is not None:
+        x0 = own[which].to(b.x_early)
+        noise = torch.randn((2, *x0.shape), generator=gen).to(x0)
+        b.pres_x_early = backbone.schedule.add_noise(x0, noise[0], b.t_early)
+        b.pres_x_late = backbone.schedule.add_noise(x0, noise[1], b.t_late)
+    x = torch.cat([b.x_early, b.x_late]) if own is None else torch.cat([b.pres_x_early, b.pres_x_late])
     t = torch.cat([b.t_early, b.t_late])
     ctx = deltas.disabled() if deltas is not None else contextlib.nullcontext()
     with ctx:
@@ -84,7 +93,9 @@ def ant_loss(backbone: Backbone, b: Batch, uncond: TextConditioning, s: AntSetti
     ts = [b.t_early, b.t_late, b.t_early, b.t_late]
     conds = [b.cond, b.cond, uncond.repeat(n), uncond.repeat(n)]
     if b.pres_cond is not None:
-        xs, ts, conds = xs + [b.x_early, b.x_late], ts + [b.t_early, b.t_late], conds + [b.pres_cond, b.pres_cond]
+        px_e = b.x_early if b.pres_x_early is None else b.pres_x_early
+        px_l = b.x_late if b.pres_x_late is None else b.pres_x_late
+        xs, ts, conds = xs + [px_e, px_l], ts + [b.t_early, b.t_late], conds + [b.pres_cond, b.pres_cond]
     if b.adv_cond is not None:  # appended last: without it the forward is the same rows as before
         xs, ts, conds = xs + [b.x_late], ts + [b.t_late], conds + [b.adv_cond]
     eps = backbone.predict_noise(torch.cat(xs), torch.cat(ts), TextConditioning.cat(conds)).float()

@@ -14,6 +14,9 @@ from ..settings import Settings
 SCOPES = ("saliency", "xattn", "non-xattn", "kv", "lora")
 PREDICTIONS = ("cond", "guided")
 SAMPLINGS = ("on-policy", "cached")
+#: where the preservation prompts are evaluated: at the concept's training latents ("concept"), or at noised images
+#: of their own, drawn once from the frozen model ("own": the prompts' own distribution; docs/ant.md#preserve_latents)
+PRESERVE_LATENTS = ("concept", "own")
 CHECKPOINTING = ("auto", "on", "off")
 #: ``gradient_checkpointing="auto"`` turns checkpointing on for UNets of at least this many parameters (SDXL's
 #: 2.57 G, not SD1.5's 860 M) or latents of more than this many cells (docs/ant.md#auto-checkpointing)
@@ -85,6 +88,9 @@ class AntSettings(Settings):
     adversarial_steps: int = 20  # inversion steps per round (4 images each, as the audit's)
     adversarial_lr: float = 0.3  # the attack's Adam step, in units of the token-embedding table's std (the audit's)
     adversarial_weight: float = 1.0  # weight of the learned-token prompt's erase term against the concept prompt's
+    #: where the preservation term's prompts are evaluated: "concept" (at the concept's training latents), "own" (at
+    #: their own images from the frozen model, noised to the step's timesteps; docs/ant.md#preserve_latents)
+    preserve_latents: str = "concept"
 
     def validate(self) -> None:
         """Reject bad settings before any expensive work, naming the fix."""
@@ -100,6 +106,7 @@ class AntSettings(Settings):
                                 f"{self.trajectory_steps}): lower early_steps or raise trajectory_steps")
         validation.check_number("saliency_fraction", self.saliency_fraction, 0.0, 1.0, low_open=True)
         validation.check_choice("sampling", self.sampling, SAMPLINGS)
+        validation.check_choice("preserve_latents", self.preserve_latents, PRESERVE_LATENTS)
         validation.check_choice("prediction", self.prediction, PREDICTIONS)
         validation.check_choice("scope", self.scope, SCOPES)
         validation.check_choice("gradient_checkpointing", self.gradient_checkpointing, CHECKPOINTING)

@@ -21,7 +21,7 @@ import torch
 from ..backbone import Backbone, TextConditioning
 from ..deltas import HookedDeltas
 from ..progress import Progress, as_progress
-from ..sampling import ddim_step, ddim_timesteps, guided_eps, initial_noise
+from ..sampling import ddim_step, ddim_timesteps, guided_eps, initial_noise, sample
 from .objective import Batch
 from .settings import AntSettings
 
@@ -271,3 +271,18 @@ def make_source(backbone: Backbone, deltas: HookedDeltas, s: AntSettings, concep
         assert tr is not None
         return Cached(c, tr, concept_prompts)
     return Reused(c) if s.reuse > 1 else OnPolicy(c)
+
+
+#: seed of the preservation prompts' own images (``preserve_latents="own"``), apart from every trajectory seed
+PRESERVE_IMAGE_SEED = 7_000_000
+
+
+def prompt_latents(backbone: Backbone, prompts: list[str], s: AntSettings, progress: Progress | None = None
+                   ) -> tuple[torch.Tensor, int]:
+    """One clean latent per prompt from the model as it is (call before any edit): ``s.trajectory_steps`` DDIM steps
+    at ``s.guidance``. Returns them and the UNet evaluations spent."""
+    progress = as_progress(progress)
+    res = sample(backbone, prompts, [PRESERVE_IMAGE_SEED + 1000 * s.seed], s.trajectory_steps, s.guidance,
+                 resolution=s.resolution, batch_size=max(s.trajectories, 1), decode=False,
+                 progress=Progress(interrupt=progress.interrupt, log=progress.log))  # the bar counts training steps
+    return res.latents.cpu(), 2 * len(prompts) * s.trajectory_steps

@@ -25,7 +25,7 @@ from .adversarial import attack_round, concept_images, slot_encoder_for, slot_te
 from .objective import add_preservation, ant_loss, use_checkpointing
 from .saliency import saliency_masks, scope_modules
 from .settings import FUSE_LAM, FUSE_PRESERVE, FUSE_STRENGTH, AntSettings
-from .sources import build_trajectories, draw, make_source
+from .sources import build_trajectories, draw, make_source, prompt_latents
 
 
 @dataclass
@@ -131,6 +131,12 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
             raise BadInputError("no preservation prompts: give some, or set preserve to 0")
         pres = backbone.encode_text(pres_list)
     fwd = bwd = 0
+    pres_own, pres_gen = None, None
+    if pres is not None and s.preserve_latents == "own":
+        # one image per preservation prompt from the frozen model; its own stream keeps ANT's draws as without it
+        pres_own, ev = prompt_latents(backbone, pres_list, s, progress)
+        pres_gen = torch.Generator().manual_seed(1_000_003 * 7 + s.seed)
+        fwd += ev
     tr = None
     if cache or s.scope == "saliency":
         progress.say(f"ant: {s.trajectories} trajectories x {s.trajectory_steps} steps with the frozen model")
@@ -173,7 +179,7 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
                 b, ev = source.batch(step, idx, ke, kl)
                 fwd += ev
                 if pres is not None:
-                    fwd += add_preservation(backbone, deltas, b, pres, which)
+                    fwd += add_preservation(backbone, deltas, b, pres, which, pres_own, pres_gen)
                 if adv_table is not None:
                     b.adv_cond = adv_table[[plan[i] for i in idx]]
                 # the training forward only; "off" leaves the model's own setting alone
