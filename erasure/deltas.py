@@ -95,6 +95,13 @@ class TrainableDeltas(HookedDeltas):
     def layer_parameters(self, i: int) -> list[nn.Parameter]:
         return [self.deltas[i]]
 
+    @torch.no_grad()
+    def project_inputs(self, p: torch.Tensor) -> None:
+        """Each Linear delta ``dW <- dW P`` (``P``: ``[in, in]``): what the edit does to inputs in ``P``'s null space
+        is removed."""
+        for d in self.deltas:
+            d.copy_(d @ p.to(d))
+
     def result(self, **metadata: object) -> ErasureWeights:
         return ErasureWeights.dense({n: p.detach() for n, p in zip(self.names, self.deltas, strict=True)}, **metadata)
 

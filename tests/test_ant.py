@@ -458,3 +458,26 @@ def test_preservation_at_the_prompts_own_latents(tiny_backbone):
     assert not torch.equal(*(next(iter(r.weights.deltas.values())).matrix() for r in (plain, mine)))
     with pytest.raises(ValueError, match="preserve_latents"):
         AntSettings(preserve_latents="theirs").validate()
+
+
+def test_protect_keeps_the_edit_off_the_unrelated_prompts_directions(tiny_backbone):
+    """protect: the trained K/V edit has no component along the kept directions (the top eigenvectors of the
+    unrelated prompts' token Gram), so those prompts' keys and values stay; scope other than kv is refused."""
+    from erasure.ant.train import protected_complement
+
+    bb = tiny_backbone
+    keep = ["a square", "a blue triangle", "a photo of a cross", "a striped square"]
+    proj, k = protected_complement(bb, keep, 0.9)
+    assert 0 < k < proj.shape[0]
+    assert torch.allclose(proj @ proj, proj, atol=1e-5)  # a projection
+    s = FAST.override(scope="kv", protect=0.9, preserve=0.0)
+    r = ant(bb, "circle", s, templates=TEMPLATES, preserve_prompts=keep)
+    plain = ant(bb, "circle", s.override(protect=0.0), templates=TEMPLATES, preserve_prompts=keep)
+    emb = bb.encode_text(keep).embeds.float().reshape(-1, proj.shape[0])
+    for name, d in r.weights.deltas.items():
+        m = d.matrix()
+        assert float(m.norm()) > 0
+        assert float((emb @ m.T).norm()) < 0.5 * float((emb @ plain.weights.deltas[name].matrix().T).norm())
+        assert torch.allclose(m @ proj, m, atol=1e-6)
+    with pytest.raises(ValueError, match="scope"):
+        AntSettings(scope="xattn", protect=0.9).validate()

@@ -91,6 +91,10 @@ class AntSettings(Settings):
     #: where the preservation term's prompts are evaluated: "concept" (at the concept's training latents), "own" (at
     #: their own images from the frozen model, noised to the step's timesteps; docs/ant.md#preserve_latents)
     preserve_latents: str = "concept"
+    #: keep the edit off what unrelated prompts feed the cross-attention: after every step the K/V edit is projected
+    #: off the text-embedding directions that hold this fraction of the preservation prompts' token energy, so their
+    #: keys and values barely move (0 = off; scope "kv" only; docs/ant.md#protect)
+    protect: float = 0.0
 
     def validate(self) -> None:
         """Reject bad settings before any expensive work, naming the fix."""
@@ -107,6 +111,10 @@ class AntSettings(Settings):
         validation.check_number("saliency_fraction", self.saliency_fraction, 0.0, 1.0, low_open=True)
         validation.check_choice("sampling", self.sampling, SAMPLINGS)
         validation.check_choice("preserve_latents", self.preserve_latents, PRESERVE_LATENTS)
+        validation.check_number("protect", self.protect, 0.0, 0.99999)  # 1 would leave no direction to edit
+        if self.protect > 0 and self.scope != "kv":
+            raise BadInputError(f"protect works on the dense K/V edit only (scope 'kv', got {self.scope!r}): set "
+                                "scope to kv or protect to 0")
         validation.check_choice("prediction", self.prediction, PREDICTIONS)
         validation.check_choice("scope", self.scope, SCOPES)
         validation.check_choice("gradient_checkpointing", self.gradient_checkpointing, CHECKPOINTING)

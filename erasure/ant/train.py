@@ -15,9 +15,11 @@ from ..audit_text import SlotEncoder
 from ..backbone import Backbone, gradient_checkpointing
 from ..deltas import HookedDeltas, SparseDeltas, TrainableDeltas, TrainableLoRA
 from ..errors import BadInputError, TrainingDivergedError
+from ..files import cache_dir
 from ..fusion import FusionSystem, mean_prompt_count
 from ..guards import entry_point
 from ..loss_curve import curve_metadata, joined_curve
+from ..prior import gram
 from ..progress import Progress, as_progress
 from ..prompts import CONCEPT_TEMPLATES, Concept, augmented_prompts
 from ..weights import ErasureWeights, metadata
@@ -55,6 +57,17 @@ def trainable(mods: dict[str, nn.Module], s: AntSettings, masks: dict[str, torch
     if s.scope == "lora":
         return TrainableLoRA(mods, rank=s.lora_rank, generator=gen)
     return TrainableDeltas(mods)
+
+
+def protected_complement(backbone: Backbone, prompts: list[str], energy: float) -> tuple[torch.Tensor, int]:
+    """``(I - V V^T, k)``: ``V`` the top-``k`` eigenvectors of the prompts' token Gram, the fewest holding ``energy``
+    of its trace. A K/V edit multiplied by it on the right leaves those directions' keys and values as they were."""
+    g = gram(backbone, prompts, cache_dir())
+    ev, vec = torch.linalg.eigh(g)
+    ev, vec = ev.flip(0).clamp_min(0), vec.flip(1)
+    k = min(int((ev.cumsum(0) / ev.sum() < energy).sum()) + 1, g.shape[0])
+    v = vec[:, :k]
+    return (torch.eye(g.shape[0], dtype=g.dtype) - v @ v.T).float(), k
 
 
 def optimizer(deltas: HookedDeltas, modules: dict[str, nn.Module], s: AntSettings) -> torch.optim.Adam:
@@ -131,6 +144,13 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
             raise BadInputError("no preservation prompts: give some, or set preserve to 0")
         pres = backbone.encode_text(pres_list)
     fwd = bwd = 0
+    keep = None
+    if s.protect > 0:
+        keep_prompts = (preserve_prompts if preserve_prompts is not None
+                        else prompt_sets.prior_prompts(exclude=[concept, *synonyms]))
+        keep, k = protected_complement(backbone, [p for p in keep_prompts if p.strip()], s.protect)
+        progress.say(f"ant: the K/V edit kept off {k} of {keep.shape[0]} text-embedding directions "
+                     f"({s.protect:.2%} of {len(keep_prompts)} unrelated prompts' token energy)")
     pres_own, pres_gen = None, None
     if pres is not None and s.preserve_latents == "own":
         # one image per preservation prompt from the frozen model; its own stream keeps ANT's draws as without it
@@ -195,6 +215,8 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
                 if s.grad_clip > 0:
                     nn.utils.clip_grad_norm_(deltas.parameters(), s.grad_clip)
                 opt.step()
+                if keep is not None:
+                    deltas.project_inputs(keep)
                 losses.append(float(loss.detach()))
                 progress.step()
                 if (step + 1) % 50 == 0:
