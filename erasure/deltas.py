@@ -96,11 +96,12 @@ class TrainableDeltas(HookedDeltas):
         return [self.deltas[i]]
 
     @torch.no_grad()
-    def project_inputs(self, p: torch.Tensor) -> None:
-        """Each Linear delta ``dW <- dW P`` (``P``: ``[in, in]``): what the edit does to inputs in ``P``'s null space
-        is removed."""
-        for d in self.deltas:
-            d.copy_(d @ p.to(d))
+    def project_inputs(self, p: torch.Tensor, names: set[str] | None = None) -> None:
+        """Each Linear delta (of ``names``; default all) ``dW <- dW P`` (``P``: ``[in, in]``): what the edit does to
+        inputs in ``P``'s null space is removed."""
+        for n, d in zip(self.names, self.deltas, strict=True):
+            if names is None or n in names:
+                d.copy_(d @ p.to(d))
 
     def result(self, **metadata: object) -> ErasureWeights:
         return ErasureWeights.dense({n: p.detach() for n, p in zip(self.names, self.deltas, strict=True)}, **metadata)
@@ -134,6 +135,13 @@ class TrainableLoRA(HookedDeltas):
 
     def layer_parameters(self, i: int) -> list[nn.Parameter]:
         return [self.downs[i], self.ups[i]]
+
+    @torch.no_grad()
+    def project_inputs(self, p: torch.Tensor, names: set[str] | None = None) -> None:
+        """``dW P`` for each LoRA (of ``names``; default all), through its down factor: ``down <- down P``."""
+        for n, d in zip(self.names, self.downs, strict=True):
+            if names is None or n in names:
+                d.copy_(d @ p.to(d))
 
     def result(self, **values: object) -> ErasureWeights:
         deltas = {n: Delta(up=u.detach().float().cpu().clone(), down=d.detach().float().cpu().clone(),

@@ -479,5 +479,13 @@ def test_protect_keeps_the_edit_off_the_unrelated_prompts_directions(tiny_backbo
         assert float(m.norm()) > 0
         assert float((emb @ m.T).norm()) < 0.5 * float((emb @ plain.weights.deltas[name].matrix().T).norm())
         assert torch.allclose(m @ proj, m, atol=1e-6)
-    with pytest.raises(ValueError, match="scope"):
-        AntSettings(scope="xattn", protect=0.9).validate()
+    for scope in ("lora", "xattn"):  # the K/V part of these edits is projected the same way
+        kv = set(bb.cross_attention_kv())
+        w = ant(bb, "circle", s.override(scope=scope), templates=TEMPLATES, preserve_prompts=keep).weights
+        assert kv <= set(w.deltas)
+        for name in kv:
+            m = w.deltas[name].matrix()
+            assert float(m.norm()) > 0 and torch.allclose(m @ proj, m, atol=1e-6)
+    for scope in ("saliency", "non-xattn"):
+        with pytest.raises(ValueError, match="protect"):
+            AntSettings(scope=scope, protect=0.9).validate()

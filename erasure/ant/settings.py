@@ -17,6 +17,8 @@ SAMPLINGS = ("on-policy", "cached")
 #: where the preservation prompts are evaluated: at the concept's training latents ("concept"), or at noised images
 #: of their own, drawn once from the frozen model ("own": the prompts' own distribution; docs/ant.md#preserve_latents)
 PRESERVE_LATENTS = ("concept", "own")
+#: the scopes ``protect`` applies to: their cross-attention K/V edits are projected (docs/ant.md#protect)
+PROTECTABLE_SCOPES = ("kv", "lora", "xattn")
 CHECKPOINTING = ("auto", "on", "off")
 #: ``gradient_checkpointing="auto"`` turns checkpointing on for UNets of at least this many parameters (SDXL's
 #: 2.57 G, not SD1.5's 860 M) or latents of more than this many cells (docs/ant.md#auto-checkpointing)
@@ -93,7 +95,7 @@ class AntSettings(Settings):
     preserve_latents: str = "concept"
     #: keep the edit off what unrelated prompts feed the cross-attention: after every step the K/V edit is projected
     #: off the text-embedding directions that hold this fraction of the preservation prompts' token energy, so their
-    #: keys and values barely move (0 = off; scope "kv" only; docs/ant.md#protect)
+    #: keys and values barely move (0 = off; scopes kv, lora, xattn; docs/ant.md#protect)
     protect: float = 0.0
 
     def validate(self) -> None:
@@ -112,9 +114,10 @@ class AntSettings(Settings):
         validation.check_choice("sampling", self.sampling, SAMPLINGS)
         validation.check_choice("preserve_latents", self.preserve_latents, PRESERVE_LATENTS)
         validation.check_number("protect", self.protect, 0.0, 0.99999)  # 1 would leave no direction to edit
-        if self.protect > 0 and self.scope != "kv":
-            raise BadInputError(f"protect works on the dense K/V edit only (scope 'kv', got {self.scope!r}): set "
-                                "scope to kv or protect to 0")
+        if self.protect > 0 and self.scope not in PROTECTABLE_SCOPES:
+            # a sparse (saliency) edit would lose its sparsity; non-xattn has no K/V to protect
+            raise BadInputError(f"protect keeps a K/V edit off unrelated prompts' directions (scope kv, lora or "
+                                f"xattn; got {self.scope!r}): set protect to 0 for this scope")
         validation.check_choice("prediction", self.prediction, PREDICTIONS)
         validation.check_choice("scope", self.scope, SCOPES)
         validation.check_choice("gradient_checkpointing", self.gradient_checkpointing, CHECKPOINTING)
@@ -138,5 +141,5 @@ PRESETS: dict[str, AntSettings] = {
     "default": AntSettings(),
     "paper": AntSettings(scope="saliency", lr=5e-4, lr_relative=False, prediction="cond", trajectory_steps=50,
                          early_steps=4, preserve=0.0, reuse=1, grad_clip=0.0, sampling="on-policy", steps=250,
-                         batch_size=1, eta=1.0),
+                         batch_size=1, eta=1.0, protect=0.0),
 }

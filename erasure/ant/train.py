@@ -144,11 +144,12 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
             raise BadInputError("no preservation prompts: give some, or set preserve to 0")
         pres = backbone.encode_text(pres_list)
     fwd = bwd = 0
-    keep = None
+    keep, kv_names = None, None
     if s.protect > 0:
         keep_prompts = (preserve_prompts if preserve_prompts is not None
                         else prompt_sets.prior_prompts(exclude=[concept, *synonyms]))
         keep, k = protected_complement(backbone, [p for p in keep_prompts if p.strip()], s.protect)
+        kv_names = set(backbone.cross_attention_kv())  # scope xattn: its queries and outputs are not projected
         progress.say(f"ant: the K/V edit kept off {k} of {keep.shape[0]} text-embedding directions "
                      f"({s.protect:.2%} of {len(keep_prompts)} unrelated prompts' token energy)")
     pres_own, pres_gen = None, None
@@ -216,7 +217,7 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
                     nn.utils.clip_grad_norm_(deltas.parameters(), s.grad_clip)
                 opt.step()
                 if keep is not None:
-                    deltas.project_inputs(keep)
+                    deltas.project_inputs(keep, kv_names)
                 losses.append(float(loss.detach()))
                 progress.step()
                 if (step + 1) % 50 == 0:
