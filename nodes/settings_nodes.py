@@ -158,6 +158,12 @@ class AntSettingsNode(_SettingsNode):
                                      "is harder to bring back with a learned token (Audit Erasure). 0 = off. Costs "
                                      f"{d.adversarial_steps} attack steps every {d.adversarial_every} erasure steps "
                                      "(docs/audit.md#adversarial-erasure)."),
+                io.Float.Input("protect", default=d.protect, min=0.0, max=0.9999, step=0.0001, round=0.0001,
+                               optional=True,
+                               tooltip="Keep the K/V edit off what unrelated prompts feed the cross-attention: after "
+                                       "every step the edit is projected off the text-embedding directions holding "
+                                       "this fraction of unrelated prompts' token energy, so their images change "
+                                       "less. 0 = off. Scopes kv, lora, xattn (docs/ant.md#protect)."),
             ],
             outputs=[AntSettingsType.Output(display_name="SETTINGS",
                                             tooltip="Connect to Erase Concept (ANT)'s settings input.")],

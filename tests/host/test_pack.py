@@ -281,6 +281,20 @@ def test_ant_reuse_and_checkpointing_widgets_reach_the_settings(comfy, loaded):
     assert any(not torch.equal(default[k], set_[k]) for k in default), "reuse 1 trained the same as the default"
 
 
+def test_ant_node_protect_projects_the_edit_through_comfys_clip(comfy, loaded):
+    """The ANT Settings node's protect widget: the unrelated prompts' token Gram comes from ComfyUI's CLIP, the edit
+    differs from the unprotected one and the file records the setting; the input MODEL is left as it was."""
+    import json
+
+    model, clip, _ = loaded
+    before = _unet_out(model)
+    _, plain = _ant(comfy, model, clip, scope="kv", protect=0.0)
+    _, kept = _ant(comfy, model, clip, scope="kv", protect=0.99)
+    assert json.loads(kept.metadata["erasure.settings"])["protect"] == pytest.approx(0.99)
+    assert any(not torch.equal(plain[k], kept[k]) for k in plain), "protect trained the same as without it"
+    assert torch.equal(_unet_out(model), before), "the input MODEL changed"
+
+
 def test_ant_node_with_adversarial_erasure_learns_a_token_through_comfys_clip(comfy, loaded):
     """The ANT Settings node's adversarial widget: the attack's token is learned through ComfyUI's (inference-mode)
     text encoder inside training; the result differs from the plain erasure, records the attack's rounds, and the
