@@ -13,7 +13,8 @@ ROWS = [("esd-published", "ESD-x as published (lr 1e-5, 1000 iterations)"),
         ("ant-default", "ANT, default"),
         ("ant-paper", "ANT, `--preset paper`"),
         ("mace-default", "MACE, default (object preset)"),
-        ("ant-adversarial", "ANT, default + `--adversarial 1` (robust option)")]
+        ("ant-adversarial", "ANT, default + `--adversarial 1` (robust option)"),
+        ("ant-protect", "ANT, default + `--protect 0.999`")]
 
 
 def _pct(v: float | None) -> str:

@@ -486,6 +486,10 @@ def test_protect_keeps_the_edit_off_the_unrelated_prompts_directions(tiny_backbo
         for name in kv:
             m = w.deltas[name].matrix()
             assert float(m.norm()) > 0 and torch.allclose(m @ proj, m, atol=1e-6)
-    for scope in ("saliency", "non-xattn"):
-        with pytest.raises(ValueError, match="protect"):
-            AntSettings(scope=scope, protect=0.9).validate()
+    assert r.weights.metadata["erasure.protect_used"] == "true"
+    # saliency trains without it (its sparsity would break): the same edit as protect 0, and the file says so
+    sal = FAST.override(preserve=0.0)
+    a = ant(bb, "circle", sal.override(protect=0.9), templates=TEMPLATES, preserve_prompts=keep).weights
+    b = ant(bb, "circle", sal.override(protect=0.0), templates=TEMPLATES, preserve_prompts=keep).weights
+    assert all(torch.equal(a.deltas[n].matrix(), b.deltas[n].matrix()) for n in a.deltas)
+    assert a.metadata["erasure.protect_used"] == "false"

@@ -17,7 +17,8 @@ SAMPLINGS = ("on-policy", "cached")
 #: where the preservation prompts are evaluated: at the concept's training latents ("concept"), or at noised images
 #: of their own, drawn once from the frozen model ("own": the prompts' own distribution; docs/ant.md#preserve_latents)
 PRESERVE_LATENTS = ("concept", "own")
-#: the scopes ``protect`` applies to: their cross-attention K/V edits are projected (docs/ant.md#protect)
+#: the scopes ``protect`` applies to: their cross-attention K/V edits are projected; the others train without it (a
+#: sparse saliency edit would lose its sparsity, non-xattn has no K/V; docs/ant.md#protect)
 PROTECTABLE_SCOPES = ("kv", "lora", "xattn")
 CHECKPOINTING = ("auto", "on", "off")
 #: ``gradient_checkpointing="auto"`` turns checkpointing on for UNets of at least this many parameters (SDXL's
@@ -95,8 +96,8 @@ class AntSettings(Settings):
     preserve_latents: str = "concept"
     #: keep the edit off what unrelated prompts feed the cross-attention: after every step the K/V edit is projected
     #: off the text-embedding directions that hold this fraction of the preservation prompts' token energy, so their
-    #: keys and values barely move (0 = off; scopes kv, lora, xattn; docs/ant.md#protect)
-    protect: float = 0.0
+    #: keys and values barely move (0 = off, the paper's; used by scopes kv, lora, xattn; docs/ant.md#protect)
+    protect: float = 0.999
 
     def validate(self) -> None:
         """Reject bad settings before any expensive work, naming the fix."""
@@ -114,10 +115,6 @@ class AntSettings(Settings):
         validation.check_choice("sampling", self.sampling, SAMPLINGS)
         validation.check_choice("preserve_latents", self.preserve_latents, PRESERVE_LATENTS)
         validation.check_number("protect", self.protect, 0.0, 0.99999)  # 1 would leave no direction to edit
-        if self.protect > 0 and self.scope not in PROTECTABLE_SCOPES:
-            # a sparse (saliency) edit would lose its sparsity; non-xattn has no K/V to protect
-            raise BadInputError(f"protect keeps a K/V edit off unrelated prompts' directions (scope kv, lora or "
-                                f"xattn; got {self.scope!r}): set protect to 0 for this scope")
         validation.check_choice("prediction", self.prediction, PREDICTIONS)
         validation.check_choice("scope", self.scope, SCOPES)
         validation.check_choice("gradient_checkpointing", self.gradient_checkpointing, CHECKPOINTING)

@@ -26,7 +26,7 @@ from ..weights import ErasureWeights, metadata
 from .adversarial import attack_round, concept_images, slot_encoder_for, slot_templates, start_token
 from .objective import add_preservation, ant_loss, use_checkpointing
 from .saliency import saliency_masks, scope_modules
-from .settings import FUSE_LAM, FUSE_PRESERVE, FUSE_STRENGTH, AntSettings
+from .settings import FUSE_LAM, FUSE_PRESERVE, FUSE_STRENGTH, PROTECTABLE_SCOPES, AntSettings
 from .sources import build_trajectories, draw, make_source, prompt_latents
 
 
@@ -145,7 +145,10 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
         pres = backbone.encode_text(pres_list)
     fwd = bwd = 0
     keep, kv_names = None, None
-    if s.protect > 0:
+    if s.protect > 0 and s.scope not in PROTECTABLE_SCOPES:
+        progress.say(f"ant: protect is for K/V edits (scopes {', '.join(PROTECTABLE_SCOPES)}); scope {s.scope} trains "
+                     "without it")
+    elif s.protect > 0:
         keep_prompts = (preserve_prompts if preserve_prompts is not None
                         else prompt_sets.prior_prompts(exclude=[concept, *synonyms]))
         keep, k = protected_complement(backbone, [p for p in keep_prompts if p.strip()], s.protect)
@@ -230,7 +233,7 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
             weights = deltas.result(method="ant", concepts=[concept.strip()], synonyms=list(synonyms),
                                     settings=s.as_dict(), selected_fraction=fraction)
             change = relative_change(weights, mods)
-            weights.metadata.update(metadata({"relative_change": change}))
+            weights.metadata.update(metadata({"relative_change": change, "protect_used": keep is not None}))
             weights.metadata.update(curve_metadata(losses))
             adv = tok.report() if tok is not None else {}
             if adv:
