@@ -284,8 +284,9 @@ def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | N
     validation.check_ant_concepts_fit(backbone, names, s.kind, templates)
     progress = as_progress(progress)
     t0 = time.time()
-    if preserve_prompts is None and s.preserve > 0:
-        preserve_prompts = prompt_sets.prior_prompts(n=s.preserve_prompts, exclude=names)
+    if preserve_prompts is None and (s.preserve > 0 or s.protect > 0):
+        # the whole set: protect's Gram uses it all, the preservation term its first preserve_prompts
+        preserve_prompts = prompt_sets.prior_prompts(exclude=names)
     concepts_ = [Concept(c, "", s.kind, templates=tuple((templates or {}).get(c) or CONCEPT_TEMPLATES[s.kind]))
                  for c in names]
     system = FusionSystem(backbone, mean_prompt_count([[c] for c in concepts_]))
