@@ -10,11 +10,11 @@ from pathlib import Path
 
 ROWS = [("esd-published", "ESD-x as published (lr 1e-5, 1000 iterations)"),
         ("esd-tuned", "ESD-x tuned on the lab (lr 1e-3, 150 iterations)"),
-        ("ant-default", "ANT, default"),
+        ("ant-default", "ANT, default (protect 0.999)"),
         ("ant-paper", "ANT, `--preset paper`"),
         ("mace-default", "MACE, default (object preset)"),
         ("ant-adversarial", "ANT, default + `--adversarial 1` (robust option)"),
-        ("ant-protect", "ANT, default + `--protect 0.999`")]
+        ("ant-protect0", "ANT, `--protect 0` (the default before protect)")]
 
 
 def _pct(v: float | None) -> str:

@@ -45,6 +45,6 @@ row mace-default "$PY" -m erasure mace --model "$MODEL" --concepts "$C" --seed "
   --out "$OUT/mace-default.safetensors"
 row ant-adversarial "$PY" -m erasure ant --model "$MODEL" --concept "$C" --adversarial 1 --seed "$SEED" --no-report \
   --out "$OUT/ant-adversarial.safetensors"
-row ant-protect "$PY" -m erasure ant --model "$MODEL" --concept "$C" --protect 0.999 --seed "$SEED" --no-report \
-  --out "$OUT/ant-protect.safetensors"
+row ant-protect0 "$PY" -m erasure ant --model "$MODEL" --concept "$C" --protect 0 --seed "$SEED" --no-report \
+  --out "$OUT/ant-protect0.safetensors"
 "$PY" scripts/lab_table.py "$REP" | tee "$REP/table.md"
