@@ -448,7 +448,7 @@ ANT_HELP = {
                 "paper's loss; default {default})",
     "prediction": "regressed prediction (default {default})",
     "protect": "keep the K/V edit off the text-embedding directions holding this fraction of unrelated prompts' "
-               "token energy, e.g. 0.99 (0 = off; scope kv; default {default})",
+               "token energy (0 = off; scopes kv, lora, xattn; docs/ant.md#protect; default {default})",
     "preserve_latents": "where the preservation prompts are evaluated: at the concept's latents (concept) or at "
                         "their own images from the frozen model (own) (default {default})",
     "sampling": "where training latents come from: on-policy (the edited model's trajectories) or cached (frozen "
