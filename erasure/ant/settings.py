@@ -15,7 +15,8 @@ SCOPES = ("saliency", "xattn", "non-xattn", "kv", "lora")
 PREDICTIONS = ("cond", "guided")
 SAMPLINGS = ("on-policy", "cached")
 #: where the preservation prompts are evaluated: at the concept's training latents ("concept"), or at noised images
-#: of their own, drawn once from the frozen model ("own": the prompts' own distribution; docs/ant.md#preserve_latents)
+#: of their own, drawn once from the frozen model ("own": the prompts' own distribution;
+#: docs/ant.md#the-defaults-on-the-lab)
 PRESERVE_LATENTS = ("concept", "own")
 #: the scopes ``protect`` applies to: their cross-attention K/V edits are projected; the others train without it (a
 #: sparse saliency edit would lose its sparsity, non-xattn has no K/V; docs/ant.md#protect)
@@ -92,7 +93,7 @@ class AntSettings(Settings):
     adversarial_lr: float = 0.3  # the attack's Adam step, in units of the token-embedding table's std (the audit's)
     adversarial_weight: float = 1.0  # weight of the learned-token prompt's erase term against the concept prompt's
     #: where the preservation term's prompts are evaluated: "concept" (at the concept's training latents), "own" (at
-    #: their own images from the frozen model, noised to the step's timesteps; docs/ant.md#preserve_latents)
+    #: their own images from the frozen model, noised to the step's timesteps; docs/ant.md#the-defaults-on-the-lab)
     preserve_latents: str = "concept"
     #: keep the edit off what unrelated prompts feed the cross-attention: after every step the K/V edit is projected
     #: off the text-embedding directions that hold this fraction of the preservation prompts' token energy, so their

@@ -152,6 +152,7 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
         keep_prompts = (preserve_prompts if preserve_prompts is not None
                         else prompt_sets.prior_prompts(exclude=[concept, *synonyms]))
         keep, k = protected_complement(backbone, [p for p in keep_prompts if p.strip()], s.protect)
+        keep = keep.to(backbone.device)  # once: the step loop projects with it every step
         kv_names = set(backbone.cross_attention_kv())  # scope xattn: its queries and outputs are not projected
         progress.say(f"ant: the K/V edit kept off {k} of {keep.shape[0]} text-embedding directions "
                      f"({s.protect:.2%} of {len(keep_prompts)} unrelated prompts' token energy)")
