@@ -43,3 +43,16 @@ def test_concept_prompts_cover_every_concept():
         own, syn = world.concept_prompts(c), world.concept_prompts(c, synonyms=True)
         assert own and syn and all(c in p for p in own)
         assert not any(f" {c} " in f" {p} " for p in syn)
+
+
+def test_lab_phrases_take_their_last_words_kind_and_unknown_words_are_refused():
+    import pytest
+
+    from erasure.lab.demo import lab_concept
+
+    c = lab_concept("crimson striped disk")  # synonyms and a style before a shape: a shape's templates and anchor
+    assert (c.kind, c.anchor, c.templates) == ("object", "shape", lab_concept("circle").templates)
+    assert lab_concept("red striped").anchor == "plain"
+    assert lab_concept("green").anchor == ""  # single concepts as before
+    with pytest.raises(KeyError, match="lab concepts are circle"):
+        lab_concept("red dog")

@@ -37,11 +37,25 @@ def lab_concept(concept: str, anchor: str | None = None, with_other_concepts: bo
     By default the templates name no other lab concept (as ANT's): in MACE's fusion every token of a concept's
     prompts is pulled towards that concept's LoRA, so "a green {c}" among the circle's prompts pulls "green" towards
     the circle's edit and away from green's own (measured: docs/lab.md#templates-that-name-other-concepts)."""
-    kind = world.concept_kind(concept)
-    return Concept(concept, lab_anchor(concept) if anchor is None else anchor,
+    head = compound_head(concept)
+    kind = world.concept_kind(head)
+    return Concept(concept, lab_anchor(head) if anchor is None else anchor,
                    "style" if kind == "style" else "object",
-                   templates=tuple(world.concept_templates(concept, with_other_concepts)),
-                   data_prompt=world.concept_prompts(concept)[1].replace(concept, "{c}"))
+                   templates=tuple(world.concept_templates(head, with_other_concepts)),
+                   data_prompt=world.concept_prompts(head)[1].replace(head, "{c}"))
+
+
+def compound_head(concept: str) -> str:
+    """The lab concept that decides a concept's kind, templates and anchor: the concept itself, or for a phrase of
+    lab words and synonyms ("red striped circle", "crimson disk": many distinct concepts for the scale benchmarks)
+    the canonical concept of its last word. Anything else is refused, naming the lab's concepts."""
+    if concept in world.ALL_CONCEPTS:
+        return concept
+    canonical = {w: c for c, ws in world.SYNONYMS.items() for w in ws} | {c: c for c in world.ALL_CONCEPTS}
+    words = concept.split()
+    if not words or any(w not in canonical for w in words):
+        world.concept_kind(concept)  # raises, naming the lab's concepts
+    return canonical[words[-1]]
 
 
 def lab_prior(backbone: Backbone, concepts: list[str]):
