@@ -6,7 +6,7 @@
 # Usage: bash benchmarks/mace_processes.sh [OUT_DIR [ROWS]]   ROWS: any of sequential,batch4,batch8,two-processes
 # (default: all; about 8 minutes for 10 concepts on 2 free cores). CONCEPTS=FILE: another concepts file (for example
 # benchmarks/lab-concepts-100.txt: lab words, synonyms and their phrases) instead of the 10 lab concepts; MODEL=lab-clip:
-# the second lab model.
+# the second lab model; FLAGS="...": more `mace` flags for every row.
 set -euo pipefail
 out=${1:-out/mace-processes}
 rows=${2:-sequential,batch4,batch8,two-processes}
@@ -24,7 +24,7 @@ run() {  # label, extra flags (quoted), launcher...
   rm -rf "$out/work-$label"
   local t0; t0=$(date +%s.%N)
   # shellcheck disable=SC2086
-  OMP_NUM_THREADS=1 "$@" -m erasure mace --model "${MODEL:-lab}" --concepts-file "$out/concepts.txt" --no-report --target 0 $extra \
+  OMP_NUM_THREADS=1 "$@" -m erasure mace --model "${MODEL:-lab}" --concepts-file "$out/concepts.txt" --no-report --target 0 ${FLAGS:-} $extra \
     --work-dir "$out/work-$label" --out "$out/$label.safetensors" > "$out/$label.log" 2>&1
   local t1; t1=$(date +%s.%N)
   local evals calls peak diff

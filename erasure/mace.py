@@ -35,6 +35,7 @@ from .errors import TrainingDivergedError
 from .fusion import FusionSystem, concept_token_embeddings, mean_prompt_count
 from .guards import entry_point
 from .loss_curve import joined_curve
+from .prior import protected_complement
 from .progress import Progress, as_progress
 from .prompts import Concept
 from .sampling import sample
@@ -85,6 +86,10 @@ class MaceSettings(Settings):
     #: carries the concept into them, which the reference's positions leave out; nothing changes where the concept
     #: ends its prompt (docs/mace.md#suppress_following)
     suppress_following: bool = False
+    #: keep the result's K/V change off the text-embedding directions holding this fraction of the prior prompts'
+    #: token energy (``prior.protected_complement``, applied to the fused change): unrelated prompts' keys and
+    #: values stay as they were. Not in the reference (0 = off, its result); docs/mace.md#protect
+    protect: float = 0.999
     #: concepts whose LoRAs train together in one UNet forward (each sample carries its own concept's LoRA) and
     #: whose images are generated in one batch; the result equals training them one by one (to float rounding).
     #: ``None``: automatic, from free memory on a GPU, ``CPU_CONCEPT_BATCH`` on the CPU (docs/mace.md#concept-batch)
@@ -994,6 +999,14 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
     progress.say("stage 4/4: closed-form fusion")
     system.all_reduce([[c] for c in concepts])  # several processes: every rank's sums; one: nothing to do
     fused = system.solve(cfr, prior, lam, s.fuse_preserve)  # = fuse(backbone, [(c, lr.weights), ...], cfr, ...)
+    protected = None
+    if s.protect > 0 and prior is not None:
+        keep, protected = protected_complement(prior, s.protect)
+        fused = fused.projected(keep, backbone.cross_attention_kv())
+        progress.say(f"the K/V change kept off {protected} of {keep.shape[0]} text-embedding directions "
+                     f"({s.protect:.2%} of the prior prompts' token energy)")
+    elif s.protect > 0:
+        progress.say("protect: no prior prompts were given, so the K/V change is not projected")
     if several:  # the other ranks' LoRAs: their losses and probes (not their weights) for the summary
         for part in distributed.all_gather_object({i: LoraResult(ErasureWeights(), lr.losses, lr.suppress_end,
                                                                   lr.probe, schedule=lr.schedule)
@@ -1005,7 +1018,8 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
     used = {c.text: lr.suppress_end for c, lr in zip(concepts, ordered, strict=True)}  # suppress_end=None resolved
     schedules = {c.text: lr.schedule for c, lr in zip(concepts, ordered, strict=True)}  # what each LoRA did
     fused.metadata.update(ErasureWeights.dense({}, method="mace", settings={**asdict(s), "suppress_end_used": used},
-                                               lora_schedule=schedules, lam_scale=scale).metadata)
+                                               lora_schedule=schedules, lam_scale=scale,
+                                               protect_used=protected is not None).metadata)
     fused.metadata.update(joined_curve([(c.text, lr.losses) for c, lr in zip(concepts, ordered, strict=True)]))
     return MaceResult(fused, cfr, ordered, [data[i] for i in sorted(data)], round(time.time() - t0, 2), evals,
                       calls, batch)

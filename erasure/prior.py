@@ -57,3 +57,14 @@ def gram(backbone: Backbone, prompts: list[str], cache_dir: Path | None = None) 
     if path is not None:
         save_cache({"gram": c}, path, {"prompts": str(len(prompts))})
     return c
+
+
+def protected_complement(g: torch.Tensor, energy: float) -> tuple[torch.Tensor, int]:
+    """``(I - V V^T, k)`` for a token Gram ``g``: ``V`` its top-``k`` eigenvectors, the fewest holding ``energy`` of
+    its trace. A K/V change multiplied by it on the right leaves the keys and values of those directions (what the
+    prompts behind ``g`` are made of) as they were (``protect`` of ANT and MACE: docs/ant.md#protect)."""
+    ev, vec = torch.linalg.eigh(g.double())
+    ev, vec = ev.flip(0).clamp_min(0), vec.flip(1)
+    k = min(int((ev.cumsum(0) / ev.sum() < energy).sum()) + 1, g.shape[0])
+    v = vec[:, :k]
+    return (torch.eye(g.shape[0], dtype=torch.float64) - v @ v.T).float(), k

@@ -177,6 +177,7 @@ def check_mace_settings(s) -> None:
         check_number(k, getattr(s, k))
     check_number("grad_clip", s.grad_clip, 0.0, low_open=True)  # clipping to 0 would zero every gradient
     check_number("mask_threshold", s.mask_threshold, 0.0, 1.0)
+    check_number("protect", s.protect, 0.0, 0.99999)  # 1 would leave no direction to change
     check_choice("kind", s.kind, tuple(CONCEPT_TEMPLATES))
     if s.concept_batch is not None:
         check_count("concept_batch", s.concept_batch)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -54,6 +54,14 @@ class Delta:
     def rank(self) -> int | None:
         return None if self.up is None else int(self.up.shape[1])
 
+    def right_multiplied(self, p: torch.Tensor) -> Delta:
+        """``delta @ p`` for a Linear's delta (``p``: [in, in]); a LoRA keeps its rank (its down factor is
+        multiplied)."""
+        if self.dense is not None:
+            return Delta(dense=self.dense.float() @ p.to(self.dense.device, torch.float32))
+        assert self.down is not None and self.down.dim() == 2, "a Linear's delta"
+        return replace(self, down=(self.down.float() @ p.to(self.down.device, torch.float32)).to(self.down.dtype))
+
 
 @dataclass
 class ErasureWeights:
@@ -95,6 +103,13 @@ class ErasureWeights:
         if factor == 1.0:
             return self
         return ErasureWeights({n: d.scaled(factor) for n, d in self.deltas.items()}, dict(self.metadata))
+
+    def projected(self, p: torch.Tensor, names: Iterable[str]) -> ErasureWeights:
+        """The layers ``names`` (K/V of the cross-attention) multiplied by ``p`` on the right; the others as they
+        are."""
+        names = set(names)
+        return ErasureWeights({n: d.right_multiplied(p) if n in names else d for n, d in self.deltas.items()},
+                              dict(self.metadata))
 
     def renamed(self, names: dict[str, str]) -> ErasureWeights:
         """The same deltas with layers renamed through ``names`` (others keep theirs)."""

@@ -246,6 +246,12 @@ class MaceSettingsNode(_SettingsNode):
                 io.Boolean.Input("lam_relative", default=d.lam_relative, optional=True,
                                  tooltip="Read lam relative to this model's text-token energy, as the reference's "
                                          "values read on SD1.x (on). Off: the same absolute number on every model."),
+                io.Float.Input("protect", default=d.protect, min=0.0, max=0.9999, step=0.0001, round=0.0001,
+                               optional=True,
+                               tooltip="Keep the erasure's K/V change off what unrelated prompts feed the cross-"
+                                       "attention: the result is projected off the text-embedding directions holding "
+                                       "this fraction of the prior prompts' token energy, so their images change "
+                                       "less. 0 = off, the reference's result (docs/mace.md#protect)."),
             ],
             outputs=[MaceSettingsType.Output(display_name="SETTINGS",
                                              tooltip="Connect to Mass Erase (MACE)'s settings input.")],

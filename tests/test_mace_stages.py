@@ -261,3 +261,21 @@ def test_fusion_of_an_item_with_low_rank_and_dense_layers(tiny_backbone, tmp_pat
                            for e, w, f in zip(es, (mixed, other), (1.5, 1.0), strict=True)])
             want = least_squares_edit(w0, torch.cat(es), v, 0.05, prior, 0.5, w_prior=w0)
             torch.testing.assert_close(w0 + fused.deltas[name].matrix().double(), want, rtol=0, atol=1e-5)
+
+
+def test_protect_keeps_the_fused_change_off_the_prior_prompts_directions(tiny_backbone, tmp_path):
+    from erasure.prior import protected_complement
+
+    bb = tiny_backbone
+    concepts = [Concept("circle", "shape", templates=LAB_TEMPLATES, data_prompt="a photo of a {c}")]
+    prior = gram(bb, prior_prompts(100), tmp_path)
+    free = mace(bb, concepts, _settings(lora_steps=3, protect=0.0), prior).weights
+    kept = mace(bb, concepts, _settings(lora_steps=3, protect=0.9), prior).weights
+    keep, k = protected_complement(prior, 0.9)
+    v = torch.linalg.eigh(prior)[1].flip(1)[:, :k].float()
+    assert 0 < k < prior.shape[0]
+    assert kept.metadata["erasure.protect_used"] == "true" and free.metadata["erasure.protect_used"] == "false"
+    for name in bb.cross_attention_kv():
+        d, d0 = kept.deltas[name].matrix(), free.deltas[name].matrix()
+        assert (d @ v).abs().max() <= 1e-5 * d0.abs().max()  # nothing left on the kept directions
+        torch.testing.assert_close(d, d0 @ keep, atol=1e-6, rtol=1e-5)  # and the rest of the change as it was

@@ -20,6 +20,7 @@ from ..fusion import FusionSystem, mean_prompt_count
 from ..guards import entry_point
 from ..loss_curve import curve_metadata, joined_curve
 from ..prior import gram
+from ..prior import protected_complement as prior_complement
 from ..progress import Progress, as_progress
 from ..prompts import CONCEPT_TEMPLATES, Concept, augmented_prompts
 from ..weights import ErasureWeights, metadata
@@ -60,14 +61,9 @@ def trainable(mods: dict[str, nn.Module], s: AntSettings, masks: dict[str, torch
 
 
 def protected_complement(backbone: Backbone, prompts: list[str], energy: float) -> tuple[torch.Tensor, int]:
-    """``(I - V V^T, k)``: ``V`` the top-``k`` eigenvectors of the prompts' token Gram, the fewest holding ``energy``
-    of its trace. A K/V edit multiplied by it on the right leaves those directions' keys and values as they were."""
-    g = gram(backbone, prompts, cache_dir())
-    ev, vec = torch.linalg.eigh(g)
-    ev, vec = ev.flip(0).clamp_min(0), vec.flip(1)
-    k = min(int((ev.cumsum(0) / ev.sum() < energy).sum()) + 1, g.shape[0])
-    v = vec[:, :k]
-    return (torch.eye(g.shape[0], dtype=g.dtype) - v @ v.T).float(), k
+    """``(I - V V^T, k)`` for the prompts' token Gram (``prior.protected_complement``): a K/V edit multiplied by it
+    on the right leaves the keys and values of what those prompts are made of as they were."""
+    return prior_complement(gram(backbone, prompts, cache_dir()), energy)
 
 
 def optimizer(deltas: HookedDeltas, modules: dict[str, nn.Module], s: AntSettings) -> torch.optim.Adam:
