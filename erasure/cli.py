@@ -449,6 +449,8 @@ ANT_HELP = {
     "preserve": "weight of the preservation of prompts without the concept (the project's addition; 0 = the "
                 "paper's loss; default {default})",
     "prediction": "regressed prediction (default {default})",
+    "concept_batch": "--concepts with --scope lora: this many concepts' LoRAs trained together, one training forward "
+                     "per step; the same result as one at a time (default {default})",
     "protect": "keep the K/V edit off the text-embedding directions holding this fraction of unrelated prompts' "
                "token energy (0 = off; scopes kv, lora, xattn; docs/ant.md#protect; default {default})",
     "preserve_latents": "where the preservation prompts are evaluated: at the concept's latents (concept) or at "

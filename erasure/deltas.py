@@ -61,6 +61,19 @@ class HookedDeltas(nn.Module):
         """The trainable parameters of layer ``self.names[i]`` (for per-layer learning rates)."""
         raise NotImplementedError
 
+    def input_factors(self) -> list[torch.Tensor]:
+        """Per layer, the tensor whose last dimension meets the layer's input: the dense delta, or a LoRA's down
+        factor (every slot's, stacked)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def project_inputs(self, p: torch.Tensor, names: set[str] | None = None) -> None:
+        """Each Linear delta (of ``names``; default all) ``dW <- dW P`` (``P``: ``[in, in]``), through
+        ``input_factors``: what the edit does to inputs in ``P``'s null space is removed (``protect``)."""
+        for n, d in zip(self.names, self.input_factors(), strict=True):
+            if names is None or n in names:
+                d.copy_(d @ p.to(d))
+
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -95,13 +108,8 @@ class TrainableDeltas(HookedDeltas):
     def layer_parameters(self, i: int) -> list[nn.Parameter]:
         return [self.deltas[i]]
 
-    @torch.no_grad()
-    def project_inputs(self, p: torch.Tensor, names: set[str] | None = None) -> None:
-        """Each Linear delta (of ``names``; default all) ``dW <- dW P`` (``P``: ``[in, in]``): what the edit does to
-        inputs in ``P``'s null space is removed."""
-        for n, d in zip(self.names, self.deltas, strict=True):
-            if names is None or n in names:
-                d.copy_(d @ p.to(d))
+    def input_factors(self) -> list[torch.Tensor]:
+        return list(self.deltas)
 
     def result(self, **metadata: object) -> ErasureWeights:
         return ErasureWeights.dense({n: p.detach() for n, p in zip(self.names, self.deltas, strict=True)}, **metadata)
@@ -136,12 +144,8 @@ class TrainableLoRA(HookedDeltas):
     def layer_parameters(self, i: int) -> list[nn.Parameter]:
         return [self.downs[i], self.ups[i]]
 
-    @torch.no_grad()
-    def project_inputs(self, p: torch.Tensor, names: set[str] | None = None) -> None:
-        """``dW P`` for each LoRA (of ``names``; default all), through its down factor: ``down <- down P``."""
-        for n, d in zip(self.names, self.downs, strict=True):
-            if names is None or n in names:
-                d.copy_(d @ p.to(d))
+    def input_factors(self) -> list[torch.Tensor]:
+        return list(self.downs)
 
     def result(self, **values: object) -> ErasureWeights:
         deltas = {n: Delta(up=u.detach().float().cpu().clone(), down=d.detach().float().cpu().clone(),
@@ -226,8 +230,9 @@ class BatchedLoRA(HookedDeltas):
             ups.append(nn.Parameter(torch.zeros(len(generators), w.shape[0], rank, device=w.device)))
         self.downs = nn.ParameterList(downs)
         self.ups = nn.ParameterList(ups)
-        #: the slot of each sample of the next forward ([B], long); set before every forward
-        self.slots: torch.Tensor | None = None
+        #: the slot of each sample of the next forward ([B], long), or one slot for every sample (an int); set before
+        #: every forward
+        self.slots: torch.Tensor | int | None = None
         self._attach(modules)
 
     @property
@@ -235,6 +240,9 @@ class BatchedLoRA(HookedDeltas):
         return self.downs[0].shape[0]
 
     def _delta_output(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.slots, int):  # every sample through one slot's LoRA (sampling with one concept's edit)
+            down, up = self.downs[i][self.slots], self.ups[i][self.slots]
+            return nn.functional.linear(nn.functional.linear(x.to(down.dtype), down), up) * self.scale
         if self.slots is None or x.shape[0] != len(self.slots):
             raise RuntimeError(f"BatchedLoRA: set .slots to one slot per sample of the batch (batch {x.shape[0]}, "
                                f"slots {None if self.slots is None else len(self.slots)})")
@@ -246,6 +254,9 @@ class BatchedLoRA(HookedDeltas):
 
     def layer_parameters(self, i: int) -> list[nn.Parameter]:
         return [self.downs[i], self.ups[i]]
+
+    def input_factors(self) -> list[torch.Tensor]:
+        return list(self.downs)
 
     def clip_grad_norm_per_slot(self, max_norm: float) -> torch.Tensor:
         """``torch.nn.utils.clip_grad_norm_`` applied to each slot's gradients separately (a slot alone would be

@@ -18,6 +18,7 @@ plus the project's optional preservation term on prompts without the concept (do
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -84,10 +85,10 @@ def add_preservation(backbone: Backbone, deltas: HookedDeltas | None, b: Batch, 
     return 2 * len(which)
 
 
-def ant_loss(backbone: Backbone, b: Batch, uncond: TextConditioning, s: AntSettings
-             ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The ANT loss of the backbone as it is now (the edited model), in one batched forward of 4B rows (6B with
-    preservation samples, B more with learned-token prompts)."""
+def _predictions(backbone: Backbone, b: Batch, uncond: TextConditioning, s: AntSettings
+                 ) -> tuple[torch.Tensor, int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """One batched forward of the edited model over the batch's rows: the UNet output and, per loss term, the
+    (prediction, target) pair it regresses."""
     n = b.x_early.shape[0]
     xs = [b.x_early, b.x_late, b.x_early, b.x_late]
     ts = [b.t_early, b.t_late, b.t_early, b.t_late]
@@ -107,22 +108,73 @@ def ant_loss(backbone: Backbone, b: Batch, uncond: TextConditioning, s: AntSetti
     scale = s.guidance if s.prediction == "guided" else 1.0
     enh, erase = stage_targets(b.eu_early.float(), b.ec_early.float(), b.eu_late.float(), b.ec_late.float(), s.eta,
                                scale)
-    mse = nn.functional.mse_loss
-    parts = {"erase": mse(p_l, erase), "u_late": mse(pu_l, b.eu_late.float()), "enh": mse(p_e, enh),
-             "u_early": mse(pu_e, b.eu_early.float())}
-    loss = parts["erase"] + s.a1 * parts["u_late"] + s.a2 * (parts["enh"] + s.a1 * parts["u_early"])
+    pairs = {"erase": (p_l, erase), "u_late": (pu_l, b.eu_late.float()), "enh": (p_e, enh),
+             "u_early": (pu_e, b.eu_early.float())}
     if b.pres_cond is not None:
         pp_e, pp_l = eps.split(n)[4:6]
-        parts["preserve"] = 0.5 * (mse(pp_e, b.pres_early.float()) + mse(pp_l, b.pres_late.float()))
-        loss = loss + s.preserve * parts["preserve"]
+        pairs["pres_early"], pairs["pres_late"] = (pp_e, b.pres_early.float()), (pp_l, b.pres_late.float())
     if b.adv_cond is not None:
         # the learned token's prediction, guided with the same unconditional one, onto the concept's reversed
         # target: whatever brings the concept back is pushed where the concept word is
         pa_l = eps.split(n)[-1]
-        p_a = pu_l + s.guidance * (pa_l - pu_l) if s.prediction == "guided" else pa_l
-        parts["adversarial"] = mse(p_a, erase)
+        pairs["adversarial"] = (pu_l + s.guidance * (pa_l - pu_l) if s.prediction == "guided" else pa_l, erase)
+    return eps, n, pairs
+
+
+def _combine(parts: dict[str, torch.Tensor], s: AntSettings) -> torch.Tensor:
+    """The loss from its terms (scalars, or one value per group of rows)."""
+    loss = parts["erase"] + s.a1 * parts["u_late"] + s.a2 * (parts["enh"] + s.a1 * parts["u_early"])
+    if "preserve" in parts:
+        loss = loss + s.preserve * parts["preserve"]
+    if "adversarial" in parts:
         loss = loss + s.adversarial_weight * parts["adversarial"]
-    return loss, {k: float(v.detach()) for k, v in parts.items()}
+    return loss
+
+
+def ant_loss(backbone: Backbone, b: Batch, uncond: TextConditioning, s: AntSettings
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The ANT loss of the backbone as it is now (the edited model), in one batched forward of 4B rows (6B with
+    preservation samples, B more with learned-token prompts)."""
+    _, _, pairs = _predictions(backbone, b, uncond, s)
+    mse = nn.functional.mse_loss
+    parts = {k: mse(*pairs[k]) for k in ("erase", "u_late", "enh", "u_early")}
+    if "pres_early" in pairs:
+        parts["preserve"] = 0.5 * (mse(*pairs["pres_early"]) + mse(*pairs["pres_late"]))
+    if "adversarial" in pairs:
+        parts["adversarial"] = mse(*pairs["adversarial"])
+    return _combine(parts, s), {k: float(v.detach()) for k, v in parts.items()}
+
+
+def ant_losses(backbone: Backbone, b: Batch, uncond: TextConditioning, s: AntSettings, groups: int
+               ) -> torch.Tensor:
+    """The ANT loss of each of ``groups`` equal runs of the batch's samples (``cat_batches`` of several concepts'
+    batches, each trained by its own LoRA slot), from one forward: ``[groups]``, entry ``k`` what ``ant_loss`` gives
+    for concept ``k``'s batch alone (to float rounding)."""
+    _, _, pairs = _predictions(backbone, b, uncond, s)
+
+    def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # per group: its rows' elements
+        return (pred - target).pow(2).reshape(groups, -1).mean(1)
+
+    parts = {k: mse(*pairs[k]) for k in ("erase", "u_late", "enh", "u_early")}
+    if "pres_early" in pairs:
+        parts["preserve"] = 0.5 * (mse(*pairs["pres_early"]) + mse(*pairs["pres_late"]))
+    if "adversarial" in pairs:
+        raise ValueError("adversarial erasure trains one concept at a time")
+    return _combine(parts, s)
+
+
+def cat_batches(batches: list[Batch]) -> Batch:
+    """Several batches as one, field by field (the same optional fields set in all)."""
+    out = {}
+    for f in dataclasses.fields(Batch):
+        vals = [getattr(b, f.name) for b in batches]
+        if vals[0] is None:
+            out[f.name] = None
+        elif isinstance(vals[0], TextConditioning):
+            out[f.name] = TextConditioning.cat(vals)
+        else:
+            out[f.name] = torch.cat(vals)
+    return Batch(**out)
 
 
 def use_checkpointing(backbone: Backbone, s: AntSettings) -> bool:

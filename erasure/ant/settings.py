@@ -99,11 +99,15 @@ class AntSettings(Settings):
     #: off the text-embedding directions that hold this fraction of the preservation prompts' token energy, so their
     #: keys and values barely move (0 = off, the paper's; used by scopes kv, lora, xattn; docs/ant.md#protect)
     protect: float = 0.999
+    #: the many-concept path with scope lora: this many concepts' LoRAs trained together, one training forward per
+    #: step with each sample through its own concept's LoRA; the same result as one at a time
+    #: (docs/ant.md#concept-batch)
+    concept_batch: int = 1
 
     def validate(self) -> None:
         """Reject bad settings before any expensive work, naming the fix."""
         for k in ("steps", "multi_steps", "batch_size", "trajectories", "reuse", "multi_reuse", "lora_rank",
-                  "saliency_maps", "preserve_prompts"):
+                  "saliency_maps", "preserve_prompts", "concept_batch"):
             validation.check_count(k, getattr(self, k))
         validation.check_count("refresh_every", self.refresh_every, low=0)
         validation.check_learning_rate(self.lr)

@@ -12,8 +12,8 @@ from torch import nn
 from .. import prompts as prompt_sets
 from .. import validation
 from ..audit_text import SlotEncoder
-from ..backbone import Backbone, gradient_checkpointing
-from ..deltas import HookedDeltas, SparseDeltas, TrainableDeltas, TrainableLoRA
+from ..backbone import Backbone, TextConditioning, gradient_checkpointing
+from ..deltas import BatchedLoRA, HookedDeltas, SparseDeltas, TrainableDeltas, TrainableLoRA
 from ..errors import BadInputError, TrainingDivergedError
 from ..files import cache_dir
 from ..fusion import FusionSystem, mean_prompt_count
@@ -25,10 +25,10 @@ from ..progress import Progress, as_progress
 from ..prompts import CONCEPT_TEMPLATES, Concept, augmented_prompts
 from ..weights import ErasureWeights, metadata
 from .adversarial import attack_round, concept_images, slot_encoder_for, slot_templates, start_token
-from .objective import add_preservation, ant_loss, use_checkpointing
+from .objective import add_preservation, ant_loss, ant_losses, cat_batches, use_checkpointing
 from .saliency import saliency_masks, scope_modules
 from .settings import FUSE_LAM, FUSE_PRESERVE, FUSE_STRENGTH, PROTECTABLE_SCOPES, AntSettings
-from .sources import build_trajectories, draw, make_source, prompt_latents
+from .sources import Trajectories, build_trajectories, draw, make_source, prompt_latents
 
 
 @dataclass
@@ -98,6 +98,69 @@ def relative_change(weights: ErasureWeights, modules: dict[str, nn.Module]) -> d
     return {g: round((num[g] / den[g]) ** 0.5, 6) if den[g] > 0 else 0.0 for g in sorted(num)}
 
 
+@dataclass
+class _Run:
+    """One concept's inputs to the training loop (``_prepare``), and what it has spent so far."""
+
+    concept: str
+    prompts: list[str]  # the augmented prompts: trajectories and saliency maps
+    enc: dict[str, TextConditioning]
+    gen: torch.Generator  # the LoRA's start, then every step's draws
+    cache: bool
+    pres: TextConditioning | None = None
+    pres_own: torch.Tensor | None = None
+    pres_gen: torch.Generator | None = None
+    tr: Trajectories | None = None
+    keep: torch.Tensor | None = None  # protect's projector, on the model's device
+    fwd: int = 0
+    bwd: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def _prepare(backbone: Backbone, concept: str, s: AntSettings, synonyms: tuple[str, ...],
+             templates: list[str] | tuple[str, ...] | None, cache: bool, preserve_prompts: list[str] | None,
+             progress: Progress) -> _Run:
+    """Everything one concept's training needs before its first step: its prompts and their encodings, the
+    preservation prompts, protect's projector, and (cached sampling) the frozen model's trajectories."""
+    prompts = augmented_prompts(concept.strip(), synonyms, s.kind, templates)
+    run = _Run(concept.strip(), prompts, {}, torch.Generator().manual_seed(s.seed), cache)
+    run.enc = {p: backbone.encode_text([p]) for p in dict.fromkeys(prompts)}
+    pres_list: list[str] = []
+    if s.preserve > 0:
+        if preserve_prompts is None:
+            preserve_prompts = prompt_sets.prior_prompts(n=s.preserve_prompts, exclude=[concept, *synonyms])
+        pres_list = [p for p in preserve_prompts if p.strip()][: s.preserve_prompts]
+        if not pres_list:
+            raise BadInputError("no preservation prompts: give some, or set preserve to 0")
+        run.pres = backbone.encode_text(pres_list)
+    if s.protect > 0 and s.scope not in PROTECTABLE_SCOPES:
+        progress.say(f"ant: protect is for K/V edits (scopes {', '.join(PROTECTABLE_SCOPES)}); scope {s.scope} trains "
+                     "without it")
+    elif s.protect > 0:
+        keep_prompts = (preserve_prompts if preserve_prompts is not None
+                        else prompt_sets.prior_prompts(exclude=[concept, *synonyms]))
+        keep, k = protected_complement(backbone, [p for p in keep_prompts if p.strip()], s.protect)
+        run.keep = keep.to(backbone.device)  # once: the step loop projects with it every step
+        progress.say(f"ant: the K/V edit kept off {k} of {keep.shape[0]} text-embedding directions "
+                     f"({s.protect:.2%} of {len(keep_prompts)} unrelated prompts' token energy)")
+    if run.pres is not None and s.preserve_latents == "own":
+        # one image per preservation prompt from the frozen model; its own stream keeps ANT's draws as without it
+        run.pres_own, ev = prompt_latents(backbone, pres_list, s, progress)
+        run.pres_gen = torch.Generator().manual_seed(1_000_003 * 7 + s.seed)
+        run.fwd += ev
+    if cache or s.scope == "saliency":
+        progress.say(f"ant: {s.trajectories} trajectories x {s.trajectory_steps} steps with the frozen model")
+        run.tr, ev = build_trajectories(backbone, prompts, s, progress=progress)
+        run.fwd += ev
+    return run
+
+
+def _check_words(backbone: Backbone, concept: str, s: AntSettings, synonyms: tuple[str, ...],
+                 templates: list[str] | tuple[str, ...] | None) -> None:
+    for word in (concept, *synonyms):  # each word must fit whole in the prompts made from it
+        validation.check_fits_context(backbone, word, augmented_prompts(word, (), s.kind, templates))
+
+
 @entry_point("ANT", "the resolution, batch_size, trajectories or trajectory_steps, or use scope 'lora'")
 def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, synonyms: tuple[str, ...] = (),
         templates: list[str] | tuple[str, ...] | None = None, cache: bool | None = None,
@@ -115,10 +178,9 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
     if cache is None:
         cache = s.sampling == "cached"
     t0 = time.time()
-    prompts = augmented_prompts(concept.strip(), synonyms, s.kind, templates)
-    for word in (concept, *synonyms):  # each word must fit whole in the prompts made from it
-        validation.check_fits_context(backbone, word, augmented_prompts(word, (), s.kind, templates))
+    _check_words(backbone, concept, s, synonyms, templates)
     validation.check_model_finite(backbone.unet())
+    prompts = augmented_prompts(concept.strip(), synonyms, s.kind, templates)
     adv_templates: list[int] = []  # adversarial: the ANT template of each augmented prompt
     encoder, slots = None, []
     if s.adversarial:
@@ -127,42 +189,12 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
         slots = slot_templates(temps)
         # augmented_prompts is template-major: prompt j is template j // (number of words)
         adv_templates = [j * len(temps) // len(prompts) for j in range(len(prompts))]
-    gen = torch.Generator().manual_seed(s.seed)
     torch_state = torch.random.get_rng_state()
     uncond = backbone.encode_text([""])
-    enc = {p: backbone.encode_text([p]) for p in dict.fromkeys(prompts)}
-    pres = None
-    if s.preserve > 0:
-        if preserve_prompts is None:
-            preserve_prompts = prompt_sets.prior_prompts(n=s.preserve_prompts, exclude=[concept, *synonyms])
-        pres_list = [p for p in preserve_prompts if p.strip()][: s.preserve_prompts]
-        if not pres_list:
-            raise BadInputError("no preservation prompts: give some, or set preserve to 0")
-        pres = backbone.encode_text(pres_list)
-    fwd = bwd = 0
-    keep, kv_names = None, None
-    if s.protect > 0 and s.scope not in PROTECTABLE_SCOPES:
-        progress.say(f"ant: protect is for K/V edits (scopes {', '.join(PROTECTABLE_SCOPES)}); scope {s.scope} trains "
-                     "without it")
-    elif s.protect > 0:
-        keep_prompts = (preserve_prompts if preserve_prompts is not None
-                        else prompt_sets.prior_prompts(exclude=[concept, *synonyms]))
-        keep, k = protected_complement(backbone, [p for p in keep_prompts if p.strip()], s.protect)
-        keep = keep.to(backbone.device)  # once: the step loop projects with it every step
-        kv_names = set(backbone.cross_attention_kv())  # scope xattn: its queries and outputs are not projected
-        progress.say(f"ant: the K/V edit kept off {k} of {keep.shape[0]} text-embedding directions "
-                     f"({s.protect:.2%} of {len(keep_prompts)} unrelated prompts' token energy)")
-    pres_own, pres_gen = None, None
-    if pres is not None and s.preserve_latents == "own":
-        # one image per preservation prompt from the frozen model; its own stream keeps ANT's draws as without it
-        pres_own, ev = prompt_latents(backbone, pres_list, s, progress)
-        pres_gen = torch.Generator().manual_seed(1_000_003 * 7 + s.seed)
-        fwd += ev
-    tr = None
-    if cache or s.scope == "saliency":
-        progress.say(f"ant: {s.trajectories} trajectories x {s.trajectory_steps} steps with the frozen model")
-        tr, ev = build_trajectories(backbone, prompts, s, progress=progress)
-        fwd += ev
+    run = _prepare(backbone, concept, s, synonyms, templates, cache, preserve_prompts, progress)
+    gen, enc, pres, tr, keep = run.gen, run.enc, run.pres, run.tr, run.keep
+    fwd, bwd = run.fwd, 0
+    kv_names = set(backbone.cross_attention_kv()) if keep is not None else None  # xattn: only its K/V projected
     masks, fraction = None, None
     if s.scope == "saliency":
         assert tr is not None
@@ -200,7 +232,7 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
                 b, ev = source.batch(step, idx, ke, kl)
                 fwd += ev
                 if pres is not None:
-                    fwd += add_preservation(backbone, deltas, b, pres, which, pres_own, pres_gen)
+                    fwd += add_preservation(backbone, deltas, b, pres, which, run.pres_own, run.pres_gen)
                 if adv_table is not None:
                     b.adv_cond = adv_table[[plan[i] for i in idx]]
                 # the training forward only; "off" leaves the model's own setting alone
@@ -229,9 +261,7 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
             trained = deltas.num_trainable()
             weights = deltas.result(method="ant", concepts=[concept.strip()], synonyms=list(synonyms),
                                     settings=s.as_dict(), selected_fraction=fraction)
-            change = relative_change(weights, mods)
-            weights.metadata.update(metadata({"relative_change": change, "protect_used": keep is not None}))
-            weights.metadata.update(curve_metadata(losses))
+            change = _annotate(weights, mods, keep is not None, losses)
             adv = tok.report() if tok is not None else {}
             if adv:
                 weights.metadata.update(metadata({"adversarial": {"rounds": adv["rounds"],
@@ -240,6 +270,85 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
         torch.random.set_rng_state(torch_state)
     return AntResult(weights, trained, total, fraction, fwd, bwd, round(time.time() - t0, 2), losses, opt_bytes,
                      change, adv)
+
+
+def _annotate(weights: ErasureWeights, mods: dict[str, nn.Module], protected: bool, losses: list[float]
+              ) -> dict[str, float]:
+    """A finished edit's metadata: its relative change per layer group (returned), protect, the loss curve."""
+    change = relative_change(weights, mods)
+    weights.metadata.update(metadata({"relative_change": change, "protect_used": protected}))
+    weights.metadata.update(curve_metadata(losses))
+    return change
+
+
+def _train_together(backbone: Backbone, runs: list[_Run], s: AntSettings, uncond: TextConditioning,
+                    progress: Progress) -> list[AntResult]:
+    """Several concepts' K/V LoRAs (scope lora) with one training forward per step: concept ``k``'s samples go
+    through LoRA slot ``k`` (``BatchedLoRA``), each with its own draws, trajectories (regenerated with its own slot),
+    preservation samples, loss, gradient clip and Adam state, so each LoRA trains as it would alone (to float
+    rounding: ``tests/test_ant.py``). docs/ant.md#concept-batch"""
+    t0, n = time.time(), len(runs)
+    mods = scope_modules(backbone, "lora")
+    total = sum(m.weight.numel() for m in mods.values())
+    ckpt = use_checkpointing(backbone, s)
+    keep = runs[0].keep  # the same unrelated prompts for every concept of the run
+    kv_names = set(backbone.cross_attention_kv()) if keep is not None else None
+    torch_state = torch.random.get_rng_state()
+    try:
+        with BatchedLoRA(mods, s.lora_rank, [r.gen for r in runs]) as deltas:
+            sources = [make_source(backbone, deltas, s, r.prompts, r.enc, uncond, r.cache, r.tr, progress)
+                       for r in runs]
+            opt = optimizer(deltas, mods, s)  # element-wise: each slot's entries step as its own Adam would
+            groups = 6 if runs[0].pres is not None else 4  # the training forward's row groups (ant_loss)
+            rows = torch.arange(n).repeat_interleave(s.batch_size).repeat(groups)
+            for step in range(s.steps):
+                progress.check()
+                batches = []
+                for k, (r, source) in enumerate(zip(runs, sources, strict=True)):
+                    idx, ke, kl = draw(r.gen, s.trajectories, s)
+                    which = (torch.randint(0, len(r.pres), (s.batch_size,), generator=r.gen).tolist() if r.pres
+                             else [])
+                    deltas.slots = k  # its trajectories follow its own edit
+                    b, ev = source.batch(step, idx, ke, kl)
+                    r.fwd += ev
+                    if r.pres is not None:
+                        r.fwd += add_preservation(backbone, deltas, b, r.pres, which, r.pres_own, r.pres_gen)
+                    batches.append(b)
+                deltas.slots = rows
+                with gradient_checkpointing(backbone, True) if ckpt else contextlib.nullcontext():
+                    losses = ant_losses(backbone, cat_batches(batches), uncond, s, n)
+                if not bool(torch.isfinite(losses).all()):
+                    raise TrainingDivergedError(f"the ANT loss became {losses.tolist()} at step {step}: lower the "
+                                                f"learning rate (now {s.lr})")
+                opt.zero_grad(set_to_none=True)
+                losses.sum().backward()  # slot k's gradient comes from its own loss only
+                if s.grad_clip > 0:
+                    deltas.clip_grad_norm_per_slot(s.grad_clip)
+                opt.step()
+                if keep is not None:
+                    deltas.project_inputs(keep, kv_names)
+                for r, value in zip(runs, losses.detach().tolist(), strict=True):
+                    r.losses.append(value)
+                    r.fwd, r.bwd = r.fwd + groups * s.batch_size, r.bwd + 1
+                progress.step(n)
+                if (step + 1) % 50 == 0:
+                    progress.say(f"ant step {step + 1}/{s.steps} losses "
+                                 + " ".join(f"{v:.4f}" for v in losses.tolist()))
+            opt_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                            if torch.is_tensor(t)) // n
+            out = []
+            for k, r in enumerate(runs):
+                if not deltas.slot_finite(k):
+                    raise TrainingDivergedError(f"the ANT weights of {r.concept!r} became non-finite: lower the "
+                                                "learning rate")
+                weights = deltas.result(k, method="ant", concepts=[r.concept], synonyms=[], settings=s.as_dict(),
+                                        selected_fraction=None)
+                change = _annotate(weights, mods, keep is not None, r.losses)
+                out.append(AntResult(weights, deltas.num_trainable() // n, total, None, r.fwd, r.bwd,
+                                     round(time.time() - t0, 2), r.losses, opt_bytes, change))
+    finally:
+        torch.random.set_rng_state(torch_state)
+    return out
 
 
 @dataclass
@@ -287,20 +396,34 @@ def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | N
     concepts_ = [Concept(c, "", s.kind, templates=tuple((templates or {}).get(c) or CONCEPT_TEMPLATES[s.kind]))
                  for c in names]
     system = FusionSystem(backbone, mean_prompt_count([[c] for c in concepts_]))
-    results = []
-    for c, concept in zip(names, concepts_, strict=True):
-        progress.say(f"ant: concept {len(results) + 1}/{len(names)}: {c!r}")
-        temps = (templates or {}).get(c)
-        pres = None if preserve_prompts is None else [p for p in preserve_prompts
-                                                      if not set(p.lower().split()) & set(low)]
-        r = ant(backbone, c, s, templates=temps, preserve_prompts=pres, progress=progress)
-        validation.check_fuse_inputs(backbone, [(concept, r.weights)], lam, preserve,
-                                     labels=[f"the ANT edit of concept {len(results) + 1} ({c!r})"])
-        # a LoRA (scope lora) is small: its factors stay until the solve (the result stays low rank); a dense K/V
-        # edit is folded in now and freed
-        system.add(concept, r.weights, keep=s.scope == "lora", factor=strength)
-        results.append(r if keep_edits or s.scope == "lora" else replace(r, weights=ErasureWeights()))
-        del r  # the edit must not outlive its concept (it is as large as the K/V weights)
+    results: list[AntResult] = []
+    pres = None if preserve_prompts is None else [p for p in preserve_prompts
+                                                  if not set(p.lower().split()) & set(low)]
+    batch = s.concept_batch if s.scope == "lora" else 1  # dense edits one at a time (each as large as the K/V)
+    if batch > 1:
+        validation.check_model_finite(backbone.unet())
+        uncond = backbone.encode_text([""])
+    for start in range(0, len(names), batch):
+        chunk = list(range(start, min(start + batch, len(names))))
+        progress.say(f"ant: concept{'s' if len(chunk) > 1 else ''} {', '.join(str(i + 1) for i in chunk)}"
+                     f"/{len(names)}: {', '.join(repr(names[i]) for i in chunk)}")
+        if batch == 1:
+            done = [ant(backbone, names[start], s, templates=(templates or {}).get(names[start]),
+                        preserve_prompts=pres, progress=progress)]
+        else:
+            for i in chunk:
+                _check_words(backbone, names[i], s, (), (templates or {}).get(names[i]))
+            runs = [_prepare(backbone, names[i], s, (), (templates or {}).get(names[i]), s.sampling == "cached",
+                             pres, progress) for i in chunk]
+            done = _train_together(backbone, runs, s, uncond, progress)
+        for i, r in zip(chunk, done, strict=True):
+            validation.check_fuse_inputs(backbone, [(concepts_[i], r.weights)], lam, preserve,
+                                         labels=[f"the ANT edit of concept {i + 1} ({names[i]!r})"])
+            # a LoRA (scope lora) is small: its factors stay until the solve (the result stays low rank); a dense
+            # K/V edit is folded in now and freed
+            system.add(concepts_[i], r.weights, keep=s.scope == "lora", factor=strength)
+            results.append(r if keep_edits or s.scope == "lora" else replace(r, weights=ErasureWeights()))
+        del done, r  # a dense edit must not outlive its concept (it is as large as the K/V weights)
     fused = system.solve(None, prior, lam, preserve, method="ant-fused")
     fused.metadata.update(joined_curve([(c, r.losses) for c, r in zip(names, results, strict=True)]))
     change = relative_change(fused, dict(backbone.unet().named_modules()))
