@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 
 from ..backbone import Backbone, TextConditioning
-from ..deltas import HookedDeltas
+from ..deltas import BatchedLoRA, HookedDeltas
 from ..progress import Progress, as_progress
 from ..sampling import ddim_step, ddim_timesteps, guided_eps, initial_noise, sample
 from .objective import Batch
@@ -143,6 +143,41 @@ def uncached_batch(backbone: Backbone, deltas: HookedDeltas, prompts: list[str],
         _, eu_e, ec_e = guided_eps(backbone, x_e, t_e, cond, uncond.repeat(len(idx)), 1.0)
         _, eu_l, ec_l = guided_eps(backbone, x_l, t_l, cond, uncond.repeat(len(idx)), 1.0)
     return Batch(x_e, t_e, x_l, t_l, cond, eu_e, ec_e, eu_l, ec_l), evals + 4 * len(idx)
+
+
+@torch.no_grad()
+def uncached_batches(backbone: Backbone, deltas: BatchedLoRA, contexts: list[_Context],
+                     draws: list[tuple[list[int], list[int], list[int]]]) -> list[tuple[Batch, int]]:
+    """``uncached_batch`` for several concepts at once, concept ``k`` sampling through LoRA slot ``k``: every drawn
+    trajectory is regenerated in one batch up to the latest late step drawn (each row as it would alone, to float
+    rounding), then the frozen model is queried at all rows' latents together. Returns each concept's batch and the
+    UNet evaluations its rows spent (its rows run to the common last step, so more than alone)."""
+    c0 = contexts[0]
+    s, uncond = c0.s, c0.uncond
+    ts = ddim_timesteps(s.trajectory_steps, backbone.schedule.num_timesteps)
+    slots, seeds, conds, ke, kl = [], [], [], [], []
+    for k, (c, (idx, e, lt)) in enumerate(zip(contexts, draws, strict=True)):
+        slots += [k] * len(idx)
+        seeds += [c.seeds[i] for i in idx]
+        conds += [c.enc[c.prompts[i]] for i in idx]
+        ke, kl = ke + e, kl + lt
+    cond, rows, upto = TextConditioning.cat(conds), len(seeds), max(kl)
+    deltas.slots = torch.tensor(slots).repeat(2)  # guided_eps runs [uncond; cond]
+    xs, _, _ = run_trajectory(backbone, cond, uncond, seeds, ts, s.guidance, upto, s.resolution, c0.progress)
+    r = torch.arange(rows)
+    x_e = torch.stack(xs)[torch.tensor(ke), r]
+    x_l = torch.stack(xs)[torch.tensor(kl), r]
+    t_e, t_l = ts[ke].to(backbone.device), ts[kl].to(backbone.device)
+    with deltas.disabled():
+        _, eu_e, ec_e = guided_eps(backbone, x_e, t_e, cond, uncond.repeat(rows), 1.0)
+        _, eu_l, ec_l = guided_eps(backbone, x_l, t_l, cond, uncond.repeat(rows), 1.0)
+    out, start = [], 0
+    for idx, _, _ in draws:
+        sl = slice(start, start + len(idx))
+        out.append((Batch(x_e[sl], t_e[sl], x_l[sl], t_l[sl], cond[sl], eu_e[sl], ec_e[sl],
+                          eu_l[sl], ec_l[sl]), 2 * upto * len(idx) + 4 * len(idx)))
+        start += len(idx)
+    return out
 
 
 @dataclass

@@ -28,7 +28,15 @@ from .adversarial import attack_round, concept_images, slot_encoder_for, slot_te
 from .objective import add_preservation, ant_loss, ant_losses, cat_batches, use_checkpointing
 from .saliency import saliency_masks, scope_modules
 from .settings import FUSE_LAM, FUSE_PRESERVE, FUSE_STRENGTH, PROTECTABLE_SCOPES, AntSettings
-from .sources import Trajectories, build_trajectories, draw, make_source, prompt_latents
+from .sources import (
+    OnPolicy,
+    Trajectories,
+    build_trajectories,
+    draw,
+    make_source,
+    prompt_latents,
+    uncached_batches,
+)
 
 
 @dataclass
@@ -284,9 +292,9 @@ def _annotate(weights: ErasureWeights, mods: dict[str, nn.Module], protected: bo
 def _train_together(backbone: Backbone, runs: list[_Run], s: AntSettings, uncond: TextConditioning,
                     progress: Progress) -> list[AntResult]:
     """Several concepts' K/V LoRAs (scope lora) with one training forward per step: concept ``k``'s samples go
-    through LoRA slot ``k`` (``BatchedLoRA``), each with its own draws, trajectories (regenerated with its own slot),
-    preservation samples, loss, gradient clip and Adam state, so each LoRA trains as it would alone (to float
-    rounding: ``tests/test_ant.py``). docs/ant.md#concept-batch"""
+    through LoRA slot ``k`` (``BatchedLoRA``), each with its own draws, trajectories (on-policy: regenerated in one
+    batch, each row through its concept's slot), preservation samples, loss, gradient clip and Adam state, so each
+    LoRA trains as it would alone (to float rounding: ``tests/test_ant.py``). docs/ant.md#concept-batch"""
     t0, n = time.time(), len(runs)
     mods = scope_modules(backbone, "lora")
     total = sum(m.weight.numel() for m in mods.values())
@@ -299,17 +307,25 @@ def _train_together(backbone: Backbone, runs: list[_Run], s: AntSettings, uncond
             sources = [make_source(backbone, deltas, s, r.prompts, r.enc, uncond, r.cache, r.tr, progress)
                        for r in runs]
             opt = optimizer(deltas, mods, s)  # element-wise: each slot's entries step as its own Adam would
+            together = all(isinstance(src, OnPolicy) for src in sources)
             groups = 6 if runs[0].pres is not None else 4  # the training forward's row groups (ant_loss)
             rows = torch.arange(n).repeat_interleave(s.batch_size).repeat(groups)
             for step in range(s.steps):
                 progress.check()
+                draws, whiches = [], []
+                for r in runs:
+                    draws.append(draw(r.gen, s.trajectories, s))
+                    whiches.append(torch.randint(0, len(r.pres), (s.batch_size,), generator=r.gen).tolist()
+                                   if r.pres else [])
+                if together:  # every concept's trajectories regenerated in one batch, each through its own slot
+                    made = uncached_batches(backbone, deltas, [src.c for src in sources], draws)
+                else:
+                    made = []
+                    for k, (source, (idx, ke, kl)) in enumerate(zip(sources, draws, strict=True)):
+                        deltas.slots = k  # its trajectories follow its own edit
+                        made.append(source.batch(step, idx, ke, kl))
                 batches = []
-                for k, (r, source) in enumerate(zip(runs, sources, strict=True)):
-                    idx, ke, kl = draw(r.gen, s.trajectories, s)
-                    which = (torch.randint(0, len(r.pres), (s.batch_size,), generator=r.gen).tolist() if r.pres
-                             else [])
-                    deltas.slots = k  # its trajectories follow its own edit
-                    b, ev = source.batch(step, idx, ke, kl)
+                for r, (b, ev), which in zip(runs, made, whiches, strict=True):
                     r.fwd += ev
                     if r.pres is not None:
                         r.fwd += add_preservation(backbone, deltas, b, r.pres, which, r.pres_own, r.pres_gen)
