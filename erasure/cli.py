@@ -329,7 +329,7 @@ MACE_HELP = {
     "suppress_following": "the attention loss also suppresses the words between the concept and the end token "
                           "(\"a green *shape*\": a causal text encoder carries the concept into them); default off",
     "protect": "keep the result's K/V change off the text-embedding directions holding this fraction of the prior "
-               "prompts' token energy (0 = off, the reference; docs/mace.md#protect; default {default})",
+               "prompts' token energy, e.g. 0.999 (0 = off, the reference; docs/mace.md#protect; default {default})",
     "augment": "each LoRA step uses one of the concept's prompt templates (the reference; default); "
                "--no-augment: the generation prompt only",
     "importance_sampling": "LoRA timesteps from MACE's p(t), median ~300 (the reference; default); "

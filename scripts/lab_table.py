@@ -12,10 +12,10 @@ ROWS = [("esd-published", "ESD-x as published (lr 1e-5, 1000 iterations)"),
         ("esd-tuned", "ESD-x tuned on the lab (lr 1e-3, 150 iterations)"),
         ("ant-default", "ANT, default (protect 0.999)"),
         ("ant-paper", "ANT, `--preset paper`"),
-        ("mace-default", "MACE, default (object preset, protect 0.999)"),
+        ("mace-default", "MACE, default (object preset)"),
         ("ant-adversarial", "ANT, default + `--adversarial 1` (robust option)"),
         ("ant-protect0", "ANT, `--protect 0` (the default before protect)"),
-        ("mace-protect0", "MACE, `--protect 0` (the reference's result; the default before protect)")]
+        ("mace-protect", "MACE, default + `--protect 0.999`")]
 
 
 def _pct(v: float | None) -> str:
