@@ -21,7 +21,6 @@ for b in 1 "$n"; do
   peak=$(grep -o "peak RSS [0-9]* MB" "$out/batch$b.log" | head -1 | cut -d' ' -f3)
   diff=$("$py" - "$out/batch1.safetensors" "$out/batch$b.safetensors" <<'PY'
 import sys
-import torch
 from erasure.lora_files import load_lora
 a, b = load_lora(sys.argv[1]), load_lora(sys.argv[2])
 print(f"{max(float((a.deltas[k].matrix() - b.deltas[k].matrix()).abs().max()) for k in a.deltas):.1e} "

@@ -164,9 +164,8 @@ def uncached_batches(backbone: Backbone, deltas: BatchedLoRA, contexts: list[_Co
     cond, rows, upto = TextConditioning.cat(conds), len(seeds), max(kl)
     deltas.slots = torch.tensor(slots).repeat(2)  # guided_eps runs [uncond; cond]
     xs, _, _ = run_trajectory(backbone, cond, uncond, seeds, ts, s.guidance, upto, s.resolution, c0.progress)
-    r = torch.arange(rows)
-    x_e = torch.stack(xs)[torch.tensor(ke), r]
-    x_l = torch.stack(xs)[torch.tensor(kl), r]
+    r, steps = torch.arange(rows), torch.stack(xs)  # [upto + 1, rows, ...]
+    x_e, x_l = steps[torch.tensor(ke), r], steps[torch.tensor(kl), r]
     t_e, t_l = ts[ke].to(backbone.device), ts[kl].to(backbone.device)
     with deltas.disabled():
         _, eu_e, ec_e = guided_eps(backbone, x_e, t_e, cond, uncond.repeat(rows), 1.0)
