@@ -53,6 +53,12 @@ def _worker(rank: int, world: int, port: int, tokenizer_dir: str, out_dir: str) 
         torch.distributed.destroy_process_group()
 
 
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    # float rounding (sums in another order), relative to the layer's largest entry: an absolute 1e-6 was met by
+    # 1.08e-6 on an entry of 0.06 in one run (a relative 1.8e-5)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()) + 1e-7)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -75,16 +81,24 @@ def test_two_processes_give_the_single_process_result(tiny_backbone, lab_tokeniz
                                 join=True)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert r0["trained"] == ["circle", "star"] and r1["trained"] == ["square"]  # sharded, each concept once
-    bb = tiny_backbone
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks' thread count: what differs is then only the all-reduce's order
+    try:
+        _check_against_one_process(tiny_backbone, r0, r1, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_against_one_process(bb, r0: dict, r1: dict, tmp_path) -> None:
     prior = gram(bb, prior_prompts(100))
     ref = mace(bb, _concepts(), _settings(), prior)
     for r in (r0, r1):  # every rank holds the same, single-process result
         assert set(r["deltas"]) == set(ref.weights.deltas)
         for n, m in r["deltas"].items():
-            torch.testing.assert_close(m, ref.weights.deltas[n].matrix(), rtol=0, atol=1e-6)
+            _close(m, ref.weights.deltas[n].matrix())
         for n, m in r["cfr"].items():
-            torch.testing.assert_close(m, ref.cfr.deltas[n].matrix(), rtol=0, atol=1e-6)
-        # float32 training in processes with another thread count: equal to rounding
+            _close(m, ref.cfr.deltas[n].matrix())
+        # float32 training, the concepts batched otherwise on the ranks: equal to rounding
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor([lr.losses for lr in ref.loras]),
                                    rtol=1e-4, atol=1e-6)
         assert r["concepts"] == ref.weights.metadata["erasure.concepts"] and r["evals"] == ref.unet_evaluations
@@ -93,4 +107,4 @@ def test_two_processes_give_the_single_process_result(tiny_backbone, lab_tokeniz
     again = mace(bb, _concepts(), _settings(), prior, progress=Progress(log=log.append), work_dir=tmp_path / "work")
     assert not any(m.startswith("stage 3/4") for m in log)
     for n, d in again.weights.deltas.items():
-        torch.testing.assert_close(d.matrix(), ref.weights.deltas[n].matrix(), rtol=0, atol=1e-6)
+        _close(d.matrix(), ref.weights.deltas[n].matrix())
