@@ -475,6 +475,9 @@ ANT_HELP = {
     "adversarial_lr": "the attack's step in embedding-table std units (default {default})",
     "adversarial_weight": "weight of the learned-token erase term (default {default})",
     "seed": "(default {default})",
+    "calibrate": "after training, raise the edit's strength (at most 2x) until the concept's guidance left is at "
+                 "most 0 at the mid and late steps, measured by the erasure report (one concept; off by default; "
+                 "docs/ant.md#calibrate)",
 }
 ANT_CHOICES = {"kind": tuple(sorted(CONCEPT_TEMPLATES)), "prediction": PREDICTIONS, "sampling": SAMPLINGS,
                "preserve_latents": PRESERVE_LATENTS,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -226,6 +226,52 @@ def erasure_report(backbone: Backbone, weights: ErasureWeights | None, concepts:
         "settings": asdict(s),
         "prompts": {"concepts": per_concept, "unrelated": unrelated},
     }
+
+
+def calibrated_strength(backbone: Backbone, weights: ErasureWeights, concepts: list[str | Concept] | str,
+                        target: float = 0.0, max_strength: float = 2.0, evaluations: int = 4,
+                        settings: ReportSettings | None = None, progress: Progress | None = None) -> dict:
+    """The smallest strength (at least 1, at most ``max_strength``) at which the edit's guidance left on the
+    concept's prompts is at most ``target`` at the mid and at the late steps alike (the report's two stages; 0 = the
+    concept no longer steers towards itself anywhere after the layout), found with at most ``evaluations`` reports
+    of the concept's prompts only (the unrelated prompts are not sampled). An edit already there keeps strength 1.
+
+    Returns ``{"strength", "reached", "target", "history": [[strength, mid, late], ...], "unet_evaluations"}``;
+    ``reached`` False: even ``max_strength`` (the strength returned) leaves more than ``target``.
+    docs/ant.md#calibrate"""
+    s = replace(settings or ReportSettings(), unrelated_prompts=0)
+    history: list[list[float]] = []
+    evals = 0
+
+    def worst(strength: float) -> float:
+        nonlocal evals
+        r = erasure_report(backbone, weights.scaled(strength), concepts, [], s, progress)
+        evals += r["unet_evaluations"]
+        g = r["guidance_left_by_stage"]
+        history.append([round(strength, 4), g["mid"], g["late"]])
+        return max(v for v in (g["mid"], g["late"]) if v is not None)
+
+    below, f_below = 1.0, worst(1.0)  # the strongest edit measured that is still above the target
+    above: tuple[float, float] | None = None  # the weakest one that reaches it
+    if f_below > target:
+        # guidance left is 1 without the edit: the first guess is on the line through (0, 1) and (1, f)
+        guess = (1.0 - target) / (1.0 - f_below) if f_below < 1.0 else max_strength
+        last = (1.0, f_below)
+        for _ in range(evaluations - 1):
+            guess = min(max(guess, below), above[0] if above else max_strength)
+            f = worst(guess)
+            if f <= target:
+                above = (guess, f)
+            else:
+                below, f_below = guess, f
+            if (above and f >= target - 0.02) or (not above and guess >= max_strength):
+                break  # close enough below the target, or the cap reached without it
+            # the secant through the last two measurements (between the bracket's ends once there is one)
+            (s0, f0), last = last, (guess, f)
+            guess = guess + (target - f) * (guess - s0) / (f - f0) if f != f0 else guess * 1.25
+    strength = 1.0 if f_below <= target else (above[0] if above else below)
+    return {"strength": round(strength, 4), "reached": f_below <= target or above is not None, "target": target,
+            "history": history, "unet_evaluations": evals}
 
 
 def report_steps(n_concept_prompts: int, n_unrelated: int, s: ReportSettings | None = None) -> int:

@@ -545,3 +545,26 @@ def _close_to_scale(got, want, tol: float = 1e-3) -> None:
     for name, d in want.deltas.items():
         m = d.matrix()
         assert float((got.deltas[name].matrix() - m).abs().max()) <= tol * float(m.abs().max()) + 1e-7, name
+
+
+def test_calibrate_scales_the_trained_edit_to_the_strength_it_measured(tiny_backbone):
+    """calibrate: the same training, then the edit times the strength the report chose (at least 1), recorded in
+    the file's metadata with the evaluations it cost; refused on the many-concept path."""
+    import json
+
+    from erasure.ant import ant_multi
+    from erasure.errors import BadInputError
+
+    s = FAST.override(scope="kv", protect=0.0)
+    plain = ant(tiny_backbone, "circle", s, templates=TEMPLATES)
+    cal = ant(tiny_backbone, "circle", s.override(calibrate=True), templates=TEMPLATES)
+    info = json.loads(cal.weights.metadata["erasure.calibration"])
+    # three steps leave most of the guidance (0.69): the cap, 2x, so the scaling is exercised
+    assert info["strength"] == 2.0 and info["history"][0][0] == 1.0 and info["unet_evaluations"] > 0
+    assert cal.unet_forwards == plain.unet_forwards + info["unet_evaluations"]
+    for name, d in plain.weights.deltas.items():
+        want = d.matrix() * info["strength"]
+        torch.testing.assert_close(cal.weights.deltas[name].matrix(), want, rtol=0,
+                                   atol=1e-5 * float(want.abs().max()))
+    with pytest.raises(BadInputError, match="calibrate is for one concept"):
+        ant_multi(tiny_backbone, ["circle", "square"], s.override(calibrate=True), None)

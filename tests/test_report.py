@@ -4,6 +4,7 @@ file, and the command line's summary."""
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import pytest
 
@@ -11,6 +12,7 @@ from erasure.report import (
     METADATA_KEY,
     ReportSettings,
     add_to_metadata,
+    calibrated_strength,
     erasure_report,
     report_from_metadata,
     report_text,
@@ -47,6 +49,28 @@ def test_edits_move_the_numbers_as_expected(tiny_backbone):
     assert 0 < half["unrelated_drift"] < gone["unrelated_drift"]
     assert half["unet_evaluations"] == report_units(2, 2, SMALL)
     assert set(half["guidance_left_by_stage"]) == {"mid", "late"}
+
+
+def _worst(r: dict) -> float:
+    return max(v for v in r["guidance_left_by_stage"].values() if v is not None)
+
+
+def test_calibrated_strength_finds_the_weakest_strength_that_reaches_the_target(tiny_backbone):
+    """calibrated_strength (ANT's ``calibrate``): strength 1 when the edit is already there; otherwise a strength
+    whose measured guidance left (worst of mid and late) is at the target, near where it crosses it; the cap said."""
+    bb, edit = tiny_backbone, _values_off(tiny_backbone, 0.4)  # values x (1 - 0.4 strength): less text each step
+    only = replace(SMALL, unrelated_prompts=0)
+    at = {st: _worst(erasure_report(bb, edit.scaled(st), ["circle"], [], only)) for st in (1.0, 1.5, 2.0)}
+    assert 1.0 > at[1.0] > at[1.5] > at[2.0]
+    there = calibrated_strength(bb, edit, ["circle"], target=at[1.0] + 0.01, settings=SMALL)
+    assert there["strength"] == 1.0 and there["reached"] and len(there["history"]) == 1
+    cal = calibrated_strength(bb, edit, ["circle"], target=at[1.5], settings=SMALL, evaluations=6)
+    measured = {st: max(mid, late) for st, mid, late in cal["history"]}
+    assert cal["reached"] and measured[cal["strength"]] <= at[1.5] + 1e-4
+    assert 1.4 < cal["strength"] < 1.6  # guidance left falls with strength: the crossing is near 1.5
+    assert cal["unet_evaluations"] == len(cal["history"]) * report_units(2, 0, SMALL)
+    capped = calibrated_strength(bb, edit, ["circle"], target=at[2.0] - 0.1, max_strength=2.0, settings=SMALL)
+    assert not capped["reached"] and 1.0 < capped["strength"] <= 2.0
 
 
 def test_report_text_and_metadata_round_trip(tiny_backbone, tmp_path):

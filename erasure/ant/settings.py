@@ -29,6 +29,8 @@ AUTO_CHECKPOINT_PARAMS, AUTO_CHECKPOINT_CELLS = 1_500_000_000, 64 * 64
 #: (docs/ant.md#fusion-settings)
 FUSE_LAM, FUSE_PRESERVE = 0.01, 0.1
 FUSE_STRENGTH = 1.25
+#: ``calibrate``: the largest strength it may choose, and the reports it may spend finding it
+CALIBRATE_MAX, CALIBRATE_EVALUATIONS = 2.0, 4
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,11 @@ class AntSettings(Settings):
     #: step with each sample through its own concept's LoRA; the same result as one at a time
     #: (docs/ant.md#concept-batch)
     concept_batch: int = 1
+    #: after training, raise the edit's strength (never lower it; at most CALIBRATE_MAX) until the erasure report's
+    #: guidance left on the concept's prompts is at most 0 at the mid and at the late steps: the concept reversed
+    #: everywhere after the layout, as ANT's targets ask, measured on the user's model (one concept;
+    #: docs/ant.md#calibrate)
+    calibrate: bool = False
 
     def validate(self) -> None:
         """Reject bad settings before any expensive work, naming the fix."""

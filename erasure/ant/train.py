@@ -23,11 +23,20 @@ from ..prior import gram
 from ..prior import protected_complement as prior_complement
 from ..progress import Progress, as_progress
 from ..prompts import CONCEPT_TEMPLATES, Concept, augmented_prompts
+from ..report import ReportSettings, calibrated_strength
 from ..weights import ErasureWeights, metadata
 from .adversarial import attack_round, concept_images, slot_encoder_for, slot_templates, start_token
 from .objective import add_preservation, ant_loss, ant_losses, cat_batches, use_checkpointing
 from .saliency import saliency_masks, scope_modules
-from .settings import FUSE_LAM, FUSE_PRESERVE, FUSE_STRENGTH, PROTECTABLE_SCOPES, AntSettings
+from .settings import (
+    CALIBRATE_EVALUATIONS,
+    CALIBRATE_MAX,
+    FUSE_LAM,
+    FUSE_PRESERVE,
+    FUSE_STRENGTH,
+    PROTECTABLE_SCOPES,
+    AntSettings,
+)
 from .sources import (
     OnPolicy,
     Trajectories,
@@ -269,6 +278,10 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
             trained = deltas.num_trainable()
             weights = deltas.result(method="ant", concepts=[concept.strip()], synonyms=list(synonyms),
                                     settings=s.as_dict(), selected_fraction=fraction)
+            if s.calibrate:
+                with deltas.disabled():  # the report compares the unedited model with the edit it applies
+                    weights, ev = _calibrate(backbone, weights, concept.strip(), s, templates, progress)
+                fwd += ev
             change = _annotate(weights, mods, keep is not None, losses)
             adv = tok.report() if tok is not None else {}
             if adv:
@@ -278,6 +291,22 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
         torch.random.set_rng_state(torch_state)
     return AntResult(weights, trained, total, fraction, fwd, bwd, round(time.time() - t0, 2), losses, opt_bytes,
                      change, adv)
+
+
+def _calibrate(backbone: Backbone, weights: ErasureWeights, concept: str, s: AntSettings,
+               templates: list[str] | tuple[str, ...] | None, progress: Progress) -> tuple[ErasureWeights, int]:
+    """``calibrate``: the edit at the strength where the concept's guidance left reaches 0 at the mid and late steps
+    (``report.calibrated_strength``, on the concept's own templates), and the UNet evaluations it cost."""
+    item = Concept(concept, "", s.kind, templates=tuple(templates or CONCEPT_TEMPLATES[s.kind]))
+    cal = calibrated_strength(backbone, weights, [item], target=0.0, max_strength=CALIBRATE_MAX,
+                              evaluations=CALIBRATE_EVALUATIONS,
+                              settings=ReportSettings(batch_size=8, resolution=s.resolution), progress=progress)
+    tried = ", ".join(f"x{st:g}: mid {m:+.2f} late {lt:+.2f}" for st, m, lt in cal["history"])
+    progress.say(f"ant: calibrate: strength {cal['strength']:g} ({tried}"
+                 f"{'' if cal['reached'] else '; the target is not reached at the cap'})")
+    out = weights.scaled(cal["strength"])
+    out.metadata.update(metadata({"calibration": cal}))
+    return out, cal["unet_evaluations"]
 
 
 def _annotate(weights: ErasureWeights, mods: dict[str, nn.Module], protected: bool, losses: list[float]
@@ -403,6 +432,10 @@ def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | N
         # one attack per concept inside the fused path is not built (nor measured)
         raise BadInputError("adversarial erasure is for one concept: set adversarial to 0 for several concepts, or "
                             "erase each concept on its own (ant) and join the LoRAs with Fuse Erasure LoRAs")
+    if s.calibrate:
+        # the fusion sets the edits' strength (fuse strength); a calibration per concept before it is not measured
+        raise BadInputError("calibrate is for one concept: turn it off for several concepts (their fused strength "
+                            "is the fuse strength), or erase each concept on its own (ant)")
     validation.check_ant_concepts_fit(backbone, names, s.kind, templates)
     progress = as_progress(progress)
     t0 = time.time()
