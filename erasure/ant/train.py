@@ -136,9 +136,10 @@ class _Run:
 
 def _prepare(backbone: Backbone, concept: str, s: AntSettings, synonyms: tuple[str, ...],
              templates: list[str] | tuple[str, ...] | None, cache: bool, preserve_prompts: list[str] | None,
-             progress: Progress) -> _Run:
+             progress: Progress, keep: torch.Tensor | None = None) -> _Run:
     """Everything one concept's training needs before its first step: its prompts and their encodings, the
-    preservation prompts, protect's projector, and (cached sampling) the frozen model's trajectories."""
+    preservation prompts, protect's projector (``keep``: one already made from the same preservation prompts),
+    and (cached sampling) the frozen model's trajectories."""
     prompts = augmented_prompts(concept.strip(), synonyms, s.kind, templates)
     run = _Run(concept.strip(), prompts, {}, torch.Generator().manual_seed(s.seed), cache)
     run.enc = {p: backbone.encode_text([p]) for p in dict.fromkeys(prompts)}
@@ -153,6 +154,8 @@ def _prepare(backbone: Backbone, concept: str, s: AntSettings, synonyms: tuple[s
     if s.protect > 0 and s.scope not in PROTECTABLE_SCOPES:
         progress.say(f"ant: protect is for K/V edits (scopes {', '.join(PROTECTABLE_SCOPES)}); scope {s.scope} trains "
                      "without it")
+    elif s.protect > 0 and keep is not None:
+        run.keep = keep
     elif s.protect > 0:
         keep_prompts = (preserve_prompts if preserve_prompts is not None
                         else prompt_sets.prior_prompts(exclude=[concept, *synonyms]))
@@ -449,6 +452,7 @@ def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | N
     pres = None if preserve_prompts is None else [p for p in preserve_prompts
                                                   if not set(p.lower().split()) & set(low)]
     batch = s.concept_batch if s.scope == "lora" else 1  # dense edits one at a time (each as large as the K/V)
+    shared_keep: torch.Tensor | None = None
     if batch > 1:
         validation.check_model_finite(backbone.unet())
         uncond = backbone.encode_text([""])
@@ -462,8 +466,11 @@ def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | N
         else:
             for i in chunk:
                 _check_words(backbone, names[i], s, (), (templates or {}).get(names[i]))
-            runs = [_prepare(backbone, names[i], s, (), (templates or {}).get(names[i]), s.sampling == "cached",
-                             pres, progress) for i in chunk]
+            runs = []
+            for i in chunk:  # protect's projector made once: every concept has the same preservation prompts
+                runs.append(_prepare(backbone, names[i], s, (), (templates or {}).get(names[i]),
+                                     s.sampling == "cached", pres, progress, keep=shared_keep))
+                shared_keep = runs[-1].keep
             done = _train_together(backbone, runs, s, uncond, progress)
         for i, r in zip(chunk, done, strict=True):
             validation.check_fuse_inputs(backbone, [(concepts_[i], r.weights)], lam, preserve,
