@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from ..files import atomic_save
 from . import world
 
 HEADS = {"shape": world.SHAPES, "colour": world.COLOURS, "style": world.STYLES}
@@ -96,9 +97,7 @@ def train_classifier(out: Path, steps: int = 1500, batch_size: int = 128, lr: fl
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"heads": json.dumps(HEADS), "heldout_accuracy": json.dumps(acc),
             "recipe": json.dumps({"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed})}
-    tmp = out.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(tmp), metadata=meta)
-    tmp.replace(out)
+    atomic_save({k: v.contiguous() for k, v in clf.state_dict().items()}, out, metadata=meta)
     return acc
 
 

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ..backbone import Backbone
-from ..files import cache_dir, load_cache, save_cache
+from ..files import atomic_write_png, cache_dir, load_cache, save_cache
 from ..progress import Progress
 from ..sampling import sample
 from ..weights import ErasureWeights
@@ -190,10 +190,7 @@ def write_grid(path: Path, s: EvalSettings, orig: torch.Tensor, edited: torch.Te
             arr = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
             tile = Image.fromarray(arr).resize((cell, cell), Image.NEAREST)
             canvas.paste(tile, (label_w + j * cell, r * cell))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    canvas.save(tmp, format="PNG")
-    tmp.replace(path)
+    atomic_write_png(path, canvas)  # a temporary name of its own: two evaluations may write the same grid
 
 
 def format_table(report: dict, before: dict | None = None) -> str:
