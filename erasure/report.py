@@ -237,15 +237,19 @@ def calibrated_strength(backbone: Backbone, weights: ErasureWeights, concepts: l
     of the concept's prompts only (the unrelated prompts are not sampled). An edit already there keeps strength 1.
 
     Returns ``{"strength", "reached", "target", "history": [[strength, mid, late], ...], "unet_evaluations"}``;
-    ``reached`` False: even ``max_strength`` (the strength returned) leaves more than ``target``.
-    docs/ant.md#calibrate"""
+    ``reached`` False: no strength measured (up to ``max_strength``) got there, and the strongest measured is
+    returned. docs/ant.md#calibrate"""
     s = replace(settings or ReportSettings(), unrelated_prompts=0)
+    progress = as_progress(progress)
+    items = [concepts] if isinstance(concepts, str) else list(concepts)
+    units = report_steps(sum(len(p) for p in _concept_prompts(items, s.concept_prompts).values()), 0, s)
     history: list[list[float]] = []
     evals = 0
 
     def worst(strength: float) -> float:
         nonlocal evals
-        r = erasure_report(backbone, weights.scaled(strength), concepts, [], s, progress)
+        progress.extend(units)  # each report's steps added to the caller's bar
+        r = erasure_report(backbone, weights.scaled(strength), items, [], s, progress)
         evals += r["unet_evaluations"]
         g = r["guidance_left_by_stage"]
         history.append([round(strength, 4), g["mid"], g["late"]])
@@ -258,7 +262,7 @@ def calibrated_strength(backbone: Backbone, weights: ErasureWeights, concepts: l
         guess = (1.0 - target) / (1.0 - f_below) if f_below < 1.0 else max_strength
         last = (1.0, f_below)
         for _ in range(evaluations - 1):
-            guess = min(max(guess, below), above[0] if above else max_strength)
+            guess = round(min(max(guess, below), above[0] if above else max_strength), 4)  # as recorded
             f = worst(guess)
             if f <= target:
                 above = (guess, f)
@@ -270,7 +274,7 @@ def calibrated_strength(backbone: Backbone, weights: ErasureWeights, concepts: l
             (s0, f0), last = last, (guess, f)
             guess = guess + (target - f) * (guess - s0) / (f - f0) if f != f0 else guess * 1.25
     strength = 1.0 if f_below <= target else (above[0] if above else below)
-    return {"strength": round(strength, 4), "reached": f_below <= target or above is not None, "target": target,
+    return {"strength": strength, "reached": f_below <= target or above is not None, "target": target,
             "history": history, "unet_evaluations": evals}
 
 

@@ -306,7 +306,7 @@ def _calibrate(backbone: Backbone, weights: ErasureWeights, concept: str, s: Ant
                               settings=ReportSettings(batch_size=8, resolution=s.resolution), progress=progress)
     tried = ", ".join(f"x{st:g}: mid {m:+.2f} late {lt:+.2f}" for st, m, lt in cal["history"])
     progress.say(f"ant: calibrate: strength {cal['strength']:g} ({tried}"
-                 f"{'' if cal['reached'] else '; the target is not reached at the cap'})")
+                 f"{'' if cal['reached'] else '; not reached: the strongest measured'})")
     out = weights.scaled(cal["strength"])
     out.metadata.update(metadata({"calibration": cal}))
     return out, cal["unet_evaluations"]
