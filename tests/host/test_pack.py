@@ -295,6 +295,24 @@ def test_ant_node_protect_projects_the_edit_through_comfys_clip(comfy, loaded):
     assert torch.equal(_unet_out(model), before), "the input MODEL changed"
 
 
+def test_ant_node_calibrate_scales_the_edit_through_comfys_clip(comfy, loaded):
+    """The ANT Settings node's calibrate widget: the erasure report runs through ComfyUI's model and CLIP after
+    training, the LoRA is the plain one times the strength it chose (recorded in the file); the input MODEL is left
+    as it was."""
+    import json
+
+    model, clip, _ = loaded
+    before = _unet_out(model)
+    _, plain = _ant(comfy, model, clip, scope="kv")
+    _, cal = _ant(comfy, model, clip, scope="kv", calibrate=True)
+    assert json.loads(cal.metadata["erasure.settings"])["calibrate"] is True
+    info = json.loads(cal.metadata["erasure.calibration"])
+    assert info["history"][0][0] == 1.0 and 1.0 <= info["strength"] <= 2.0 and info["unet_evaluations"] > 0, info
+    if info["strength"] > 1.0:
+        assert any(not torch.equal(plain[k], cal[k]) for k in plain), "calibrate left the edit as it was"
+    assert torch.equal(_unet_out(model), before), "the input MODEL changed"
+
+
 def test_ant_node_with_adversarial_erasure_learns_a_token_through_comfys_clip(comfy, loaded):
     """The ANT Settings node's adversarial widget: the attack's token is learned through ComfyUI's (inference-mode)
     text encoder inside training; the result differs from the plain erasure, records the attack's rounds, and the
