@@ -113,10 +113,14 @@ def _predict(backbone: Backbone, x: torch.Tensor, t: int, cond: TextConditioning
 @torch.no_grad()
 def erasure_report(backbone: Backbone, weights: ErasureWeights | None, concepts: list[str | Concept] | str,
                    unrelated_prompts: list[str] | None = None, settings: ReportSettings | None = None,
-                   progress: Progress | None = None) -> dict:
+                   progress: Progress | None = None, originals: dict | None = None) -> dict:
     """The report of an erasure (see the module's docstring). ``concepts``: the erased concepts (words, or
     :class:`Concept` with their own templates); ``unrelated_prompts``: prompts the erasure should leave alone
     (default: the general preservation set without the concepts); ``weights`` None or empty: the model unchanged.
+
+    ``originals``: a dict that keeps the original model's trajectories between reports of several edits of the same
+    model (frozen model, fixed seeds: they are the same every time); filled on first use, read after, and only the
+    edited predictions are counted in ``unet_evaluations`` then.
 
     Returns ``{"guidance_left", "guidance_left_by_stage": {"mid", "late"}, "guidance_left_by_concept",
     "unrelated_drift", "unrelated_drift_by_stage": {"early", "mid", "late"}, "unet_evaluations", "seconds",
@@ -141,9 +145,14 @@ def erasure_report(backbone: Backbone, weights: ErasureWeights | None, concepts:
 
     def trajectories(prompts: list[str]):
         nonlocal evals
+        key = (tuple(prompts), tuple(seeds), s.steps, s.guidance, s.resolution)
+        if originals is not None and key in originals:
+            return originals[key]
         res = sample(backbone, prompts, seeds, s.steps, s.guidance, resolution=s.resolution, batch_size=s.batch_size,
                      record=True, progress=progress, decode=False)
         evals += 2 * s.steps * len(prompts) * len(seeds)
+        if originals is not None:
+            originals[key] = res
         return res
 
     enc = backbone.encode_text(list(dict.fromkeys(c_prompts + unrelated + [""])))
@@ -234,7 +243,8 @@ def calibrated_strength(backbone: Backbone, weights: ErasureWeights, concepts: l
     """The smallest strength (at least 1, at most ``max_strength``) at which the edit's guidance left on the
     concept's prompts is at most ``target`` at the mid and at the late steps alike (the report's two stages; 0 = the
     concept no longer steers towards itself anywhere after the layout), found with at most ``evaluations`` reports
-    of the concept's prompts only (the unrelated prompts are not sampled). An edit already there keeps strength 1.
+    of the concept's prompts only (the unrelated prompts are not sampled; the original model's trajectories are
+    sampled once and every strength is measured on them). An edit already there keeps strength 1.
 
     Returns ``{"strength", "reached", "target", "history": [[strength, mid, late], ...], "unet_evaluations"}``;
     ``reached`` False: no strength measured (up to ``max_strength``) got there, and the strongest measured is
@@ -245,11 +255,12 @@ def calibrated_strength(backbone: Backbone, weights: ErasureWeights, concepts: l
     units = report_steps(sum(len(p) for p in _concept_prompts(items, s.concept_prompts).values()), 0, s)
     history: list[list[float]] = []
     evals = 0
+    originals: dict = {}  # the concept's original trajectories, sampled by the first report and reused
 
     def worst(strength: float) -> float:
         nonlocal evals
-        progress.extend(units)  # each report's steps added to the caller's bar
-        r = erasure_report(backbone, weights.scaled(strength), items, [], s, progress)
+        progress.extend(units if not originals else len(_late_steps(s)))  # each report's steps, on the caller's bar
+        r = erasure_report(backbone, weights.scaled(strength), items, [], s, progress, originals)
         evals += r["unet_evaluations"]
         g = r["guidance_left_by_stage"]
         history.append([round(strength, 4), g["mid"], g["late"]])

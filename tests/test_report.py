@@ -68,7 +68,14 @@ def test_calibrated_strength_finds_the_weakest_strength_that_reaches_the_target(
     measured = {st: max(mid, late) for st, mid, late in cal["history"]}
     assert cal["reached"] and measured[cal["strength"]] <= at[1.5] + 1e-4
     assert 1.4 < cal["strength"] < 1.6  # guidance left falls with strength: the crossing is near 1.5
-    assert cal["unet_evaluations"] == len(cal["history"]) * report_units(2, 0, SMALL)
+    # the original trajectories are sampled by the first report only; every strength is measured on them, and gives
+    # what a report of its own gives
+    sampling = 2 * SMALL.steps * 2 * SMALL.seeds
+    n = len(cal["history"])
+    assert cal["unet_evaluations"] == n * report_units(2, 0, SMALL) - (n - 1) * sampling
+    for st, mid, late in cal["history"][1:]:
+        alone = erasure_report(bb, edit.scaled(st), ["circle"], [], only)["guidance_left_by_stage"]
+        assert (alone["mid"], alone["late"]) == (mid, late)
     capped = calibrated_strength(bb, edit, ["circle"], target=at[2.0] - 0.1, max_strength=2.0, settings=SMALL)
     assert not capped["reached"] and 1.0 < capped["strength"] <= 2.0
 
