@@ -42,7 +42,7 @@ from .sampling import sample
 from .settings import Settings
 from .slot_adam import SlotAdamW
 from .weights import ErasureWeights
-from .workdir import WorkDir, tensor_hash
+from .workdir import WorkDir, matrix_sketch, tensor_hash
 
 
 @dataclass(frozen=True)
@@ -884,7 +884,7 @@ def work_manifest(backbone: Backbone, concepts: list[Concept], settings: MaceSet
     # the concept batch changes the result by float rounding only: a resumed run may use another one
     kept = {k: v for k, v in asdict(settings).items() if k != "concept_batch"}
     return {"method": "mace", "settings": kept, "base_model": fingerprint,
-            "prior": tensor_hash(prior), "concepts": items}
+            "prior": matrix_sketch(prior), "concepts": items}
 
 
 @entry_point("MACE", "the resolution, images_per_concept or lora_batch")

@@ -2,7 +2,7 @@
 
 Layout::
 
-    DIR/manifest.json              what the run is: method, settings, base model fingerprint, concepts, prior hash
+    DIR/manifest.json              what the run is: method, settings, base model fingerprint, concepts, prior sketch
     DIR/concept-00017.safetensors  one finished concept: its weights (the LoRA), the prompt embeddings the fusion
                                    adds for it, and small facts (losses, probe) as metadata; with a content hash
 
@@ -39,17 +39,55 @@ def tensor_hash(t: torch.Tensor | None) -> str | None:
     return None if t is None else content_hash({"t": t})[:16]
 
 
+#: how far two sketches of a matrix may differ (relative to their largest entry) and still be the same matrix: float
+#: sums in another order (another thread count, another machine) move a Gram's sketch by about 1e-6
+SKETCH_TOLERANCE = 1e-4
+
+
+def matrix_sketch(t: torch.Tensor | None) -> dict[str, Any] | None:
+    """What a manifest keeps of a large float matrix (MACE's prior Gram) so that the same matrix computed again with
+    float sums in another order is recognised: its content hash and ``v^T M v`` for 8 fixed random directions
+    (``same_matrix`` compares them within ``SKETCH_TOLERANCE``)."""
+    if t is None:
+        return None
+    m = t.detach().double().cpu().reshape(t.shape[0], -1)
+    v = torch.randn(m.shape[1], 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    v = v / v.norm(dim=0)
+    quad = (v * (m @ v)).sum(0) if m.shape[0] == m.shape[1] else (m @ v).norm(dim=0)
+    return {"hash": tensor_hash(t), "sketch": [float(x) for x in quad]}
+
+
+def same_matrix(old: Any, new: Any) -> bool:
+    """Whether two ``matrix_sketch`` entries describe the same matrix (a manifest written before sketches holds the
+    bare hash: then the hashes must agree)."""
+    if old == new:
+        return True
+    new_hash = new.get("hash") if isinstance(new, dict) else new
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return (old.get("hash") if isinstance(old, dict) else old) == new_hash
+    a, b = old.get("sketch") or [], new.get("sketch") or []
+    scale = max([abs(x) for x in a + b] or [0.0])
+    return len(a) == len(b) > 0 and all(abs(x - y) <= SKETCH_TOLERANCE * scale for x, y in zip(a, b, strict=True))
+
+
+def _same_manifest(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    others = (set(old) | set(new)) - {"prior"}
+    return all(old.get(k) == new.get(k) for k in others) and same_matrix(old.get("prior"), new.get("prior"))
+
+
 def _describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
     parts = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
-        if a == b:
+        if a == b or (key == "prior" and same_matrix(a, b)):
             continue
         if key == "settings" and isinstance(a, dict) and isinstance(b, dict):
             parts += [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         elif key == "concepts" and isinstance(a, list) and isinstance(b, list):
             first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
             parts.append(f"the concept list ({len(a)} -> {len(b)} concepts; first difference at concept {first + 1})")
+        elif key == "prior":
+            parts.append("the prior (another preservation prompt set, text encoder or prior file)")
         elif key == "base_model":
             parts.append(f"the base model (fingerprint {a} -> {b})")
         else:
@@ -81,7 +119,7 @@ class WorkDir:
             except (OSError, ValueError) as e:
                 raise BadInputError(f"work directory {path}: its {MANIFEST} cannot be read ({e}): delete the "
                                     "directory or give another one") from None
-            if old != manifest:
+            if not _same_manifest(old, manifest):
                 raise BadInputError(f"work directory {path} belongs to another run: {_describe_change(old, manifest)}."
                                     " Rerun with the settings, model, prior and concepts it was made with to resume "
                                     "it, or give a new --work-dir (or delete this one) to start afresh")

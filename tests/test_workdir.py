@@ -92,6 +92,12 @@ def test_another_run_is_refused_and_a_damaged_concept_is_redone(tiny_backbone, t
         mace(bb, _concepts(), _settings(), prior, work_dir=wd)
     with pytest.raises(BadInputError, match="prior"):
         mace(bb, _concepts()[:2], _settings(), prior * 2, work_dir=wd)
+    # the same prior summed in another order (another thread count or machine: about 1e-7 of it) resumes the run
+    moved = prior * (1 + 1e-7 * torch.randn(prior.shape, generator=torch.Generator().manual_seed(0)))
+    assert not torch.equal(moved, prior)
+    log0: list[str] = []
+    mace(bb, _concepts()[:2], _settings(), moved, progress=Progress(log=log0.append), work_dir=wd)
+    assert not any(m.startswith("stage 3/4") for m in log0)
     # a truncated concept file counts as unfinished: that concept is trained again, with the same result
     f = wd / "concept-00001.safetensors"
     f.write_bytes(f.read_bytes()[:-10])
@@ -192,3 +198,14 @@ def test_a_process_killed_by_the_system_resumes_with_the_same_result(tiny_backbo
     trained = [m for m in log if m.startswith("stage 3/4")]
     assert "'circle'" not in " ".join(trained) and len(trained) in (1, 2)
     _assert_same(resumed.weights, mace(tiny_backbone, _concepts(), s, prior).weights, atol=1e-7)
+
+
+def test_a_manifest_from_before_sketches_resumes_on_the_same_prior_only():
+    from erasure.workdir import matrix_sketch, same_matrix, tensor_hash
+
+    g = torch.randn(6, 6, generator=torch.Generator().manual_seed(1))
+    prior = g @ g.T
+    assert same_matrix(tensor_hash(prior), matrix_sketch(prior))  # a bare hash, as manifests held before
+    assert not same_matrix(tensor_hash(prior), matrix_sketch(prior * (1 + 1e-7)))
+    assert not same_matrix(matrix_sketch(prior), matrix_sketch(prior * 1.01))
+    assert not same_matrix(None, matrix_sketch(prior)) and same_matrix(None, None)
