@@ -67,4 +67,17 @@ def test_esd_baseline_reduces_the_erased_concept(lab, clf, tmp_path, monkeypatch
     weights = esd(lab, "red", iterations=60, seed=0)
     after = evaluate(lab, clf, ["red"], weights, settings=s)
     assert after["concepts"]["red"]["accuracy"] <= before["concepts"]["red"]["accuracy"] - 0.5
+    # the concept-free reference is the original model's (the edit does not touch it); seed 1005 of these six draws
+    # red from "a shape" (docs/ant.md#why-colours-resist), so it is not 1
+    assert after["word_removed"] == before["word_removed"]
+    assert 0.5 < after["word_removed"]["by_concept"]["red"]["efficacy"] < 1.0
     assert all(torch.isfinite(d.matrix()).all() for d in weights.deltas.values())
+
+
+def test_without_words_takes_the_concept_out_of_the_prompt():
+    from erasure.lab.evaluate import without_words
+
+    assert without_words("a photo of a green object", {"green"}) == "a photo of a object"
+    assert [without_words(p, set(world.SYNONYMS["green"])) for p in world.concept_prompts("green", synonyms=True)] == [
+        "a shape", "a photo of a object", "a shape", "a photo of a object"]
+    assert without_words("a greenish shape", {"green"}) == "a greenish shape"  # whole words only

@@ -91,6 +91,30 @@ def _hits(clf: LabClassifier, images: torch.Tensor, prompts: list[str], concepts
     return out
 
 
+def without_words(prompt: str, words: set[str] | tuple[str, ...]) -> str:
+    """The prompt with every occurrence of the given words taken out ("a green shape" -> "a shape")."""
+    return " ".join(w for w in prompt.split() if w not in words)
+
+
+def word_removed(backbone: Backbone, clf: LabClassifier, erased: list[str], s: EvalSettings) -> dict:
+    """The concept-free reference of an erasure: the original model on the erased concepts' evaluation prompts with
+    the concept's word (own prompts) or synonym (synonym prompts) taken out, at the same seeds, scored as efficacy and
+    generality are. It is what an erasure that makes the model read the prompt as if the word were not there gets:
+    where the model draws the concept from a starting noise with no word for it (a colour, a style), it keeps it
+    there (docs/lab.md#metrics)."""
+    by: dict[str, dict[str, float]] = {}
+    for c in erased:
+        kind, index = world.concept_kind(c), world.concept_index(c)
+        by[c] = {}
+        for part, syn, seeds in (("efficacy", False, s.own_seeds()), ("generality", True, s.syn_seeds())):
+            words = set(world.SYNONYMS[c]) if syn else {c}
+            prompts = [without_words(p, words) for p in world.concept_prompts(c, synonyms=syn)]
+            pred = clf.predict(sample(backbone, prompts, seeds, s.steps, s.guidance).images)[kind]
+            by[c][part] = 1.0 - float((pred == index).float().mean())
+    mean = {k: sum(v[k] for v in by.values()) / len(by) for k in ("efficacy", "generality")}
+    return {**mean, "by_concept": by}
+
+
 def evaluate(backbone: Backbone, clf: LabClassifier, erased: list[str] | None = None,
              weights: ErasureWeights | None = None, settings: EvalSettings | None = None,
              grid: Path | None = None, use_cache: bool = True) -> dict:
@@ -115,6 +139,7 @@ def evaluate(backbone: Backbone, clf: LabClassifier, erased: list[str] | None = 
         report.update(summarise(acc, syn_acc, erased, fidelity(edited["own"][keep], orig["own"][keep])))
         report["collateral"] = collateral(clf.predict(orig["own"]), clf.predict(edited["own"]), keep, erased)
         report["kept"] = report["collateral"]["unrelated"]["all"]
+        report["word_removed"] = word_removed(backbone, clf, erased, s)
         report["erased"] = erased
     report["seconds"] = round(time.time() - t0, 2)
     report["settings"] = asdict(s)
@@ -218,10 +243,14 @@ def format_table(report: dict, before: dict | None = None) -> str:
             c = report["collateral"][part]
             heads = " ".join(f"{h} {v:.3f}" for h, v in c.items() if h not in ("all", "images"))
             lines.append(f"{what} keeping {heads or '(no head left)'}: all {c['all']:.3f} of {c['images']}")
+        if "word_removed" in report:
+            r = report["word_removed"]
+            lines.append(f"reference, the original model with the erased words taken out of the prompts: efficacy "
+                         f"{r['efficacy']:.3f}  generality {r['generality']:.3f}")
     if erased:
         lines.append("(* erased)")
     return "\n".join(lines)
 
 
-__all__ = ["EvalSettings", "collateral", "evaluate", "format_table", "generate", "original_images", "write_grid",
-           "HEADS"]
+__all__ = ["EvalSettings", "HEADS", "collateral", "evaluate", "format_table", "generate", "original_images",
+           "without_words", "word_removed", "write_grid"]
