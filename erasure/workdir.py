@@ -45,16 +45,15 @@ SKETCH_TOLERANCE = 1e-4
 
 
 def matrix_sketch(t: torch.Tensor | None) -> dict[str, Any] | None:
-    """What a manifest keeps of a large float matrix (MACE's prior Gram) so that the same matrix computed again with
-    float sums in another order is recognised: its content hash and ``v^T M v`` for 8 fixed random directions
+    """What a manifest keeps of a large square float matrix (MACE's prior Gram) so that the same matrix computed
+    again with float sums in another order is recognised: its content hash and ``v^T M v`` for 8 fixed random directions
     (``same_matrix`` compares them within ``SKETCH_TOLERANCE``)."""
     if t is None:
         return None
-    m = t.detach().double().cpu().reshape(t.shape[0], -1)
+    m = t.detach().double().cpu()
     v = torch.randn(m.shape[1], 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     v = v / v.norm(dim=0)
-    quad = (v * (m @ v)).sum(0) if m.shape[0] == m.shape[1] else (m @ v).norm(dim=0)
-    return {"hash": tensor_hash(t), "sketch": [float(x) for x in quad]}
+    return {"hash": tensor_hash(t), "sketch": [float(x) for x in (v * (m @ v)).sum(0)]}
 
 
 def same_matrix(old: Any, new: Any) -> bool:

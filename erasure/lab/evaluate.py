@@ -13,6 +13,7 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -60,21 +61,28 @@ def generate(backbone: Backbone, s: EvalSettings, desc: str = "generating") -> d
     return {"own": a, "syn": b}
 
 
-def original_images(backbone: Backbone, s: EvalSettings, use_cache: bool = True) -> dict[str, torch.Tensor]:
-    """The unedited model's evaluation images, from the disk cache when valid (fingerprint, settings, shapes)."""
+def _cached_images(backbone: Backbone, s: EvalSettings, expect: dict[str, int], make, use_cache: bool,
+                   *what: str) -> dict[str, torch.Tensor]:
+    """The unedited model's images ``make()``, from the disk cache when valid (fingerprint, settings, ``what``,
+    shapes)."""
     fp = backbone.fingerprint() if hasattr(backbone, "fingerprint") else "unknown"
-    key = hashlib.sha256(json.dumps([fp, asdict(s), torch.__version__], sort_keys=True).encode()).hexdigest()[:20]
-    path = cache_dir() / "lab-eval" / f"{key}.safetensors"
-    own, syn = _prompt_sets(s)
-    expect = {"own": len(own) * s.seeds_own, "syn": len(syn) * s.seeds_syn}
+    key = hashlib.sha256(json.dumps([fp, asdict(s), torch.__version__, *what], sort_keys=True).encode()).hexdigest()
+    path = cache_dir() / "lab-eval" / f"{key[:20]}.safetensors"
     if use_cache:
         cached = load_cache(path, {k: (n, None, None, None) for k, n in expect.items()})
         if cached is not None:  # None: missing, corrupt (content hash) or stale (shapes); rebuilt below
             return cached
-    images = generate(backbone, s, desc="original model")
+    images = make()
     if use_cache:
         save_cache(images, path, {"fingerprint": fp})
     return images
+
+
+def original_images(backbone: Backbone, s: EvalSettings, use_cache: bool = True) -> dict[str, torch.Tensor]:
+    """The unedited model's evaluation images, from the disk cache when valid (fingerprint, settings, shapes)."""
+    own, syn = _prompt_sets(s)
+    expect = {"own": len(own) * s.seeds_own, "syn": len(syn) * s.seeds_syn}
+    return _cached_images(backbone, s, expect, lambda: generate(backbone, s, desc="original model"), use_cache)
 
 
 def _hits(clf: LabClassifier, images: torch.Tensor, prompts: list[str], concepts: tuple[str, ...], per_prompt: int,
@@ -96,21 +104,29 @@ def without_words(prompt: str, words: set[str] | tuple[str, ...]) -> str:
     return " ".join(w for w in prompt.split() if w not in words)
 
 
-def word_removed(backbone: Backbone, clf: LabClassifier, erased: list[str], s: EvalSettings) -> dict:
+def _sample_sets(backbone: Backbone, s: EvalSettings, prompts: dict[str, list[str]], seeds: dict[str, list[int]]
+                 ) -> dict[str, torch.Tensor]:
+    return {k: sample(backbone, prompts[k], seeds[k], s.steps, s.guidance).images for k in prompts}
+
+
+def word_removed(backbone: Backbone, clf: LabClassifier, erased: list[str], s: EvalSettings,
+                 use_cache: bool = True) -> dict:
     """The concept-free reference of an erasure: the original model on the erased concepts' evaluation prompts with
     the concept's word (own prompts) or synonym (synonym prompts) taken out, at the same seeds, scored as efficacy and
     generality are. It is what an erasure that makes the model read the prompt as if the word were not there gets:
     where the model draws the concept from a starting noise with no word for it (a colour, a style), it keeps it
-    there (docs/lab.md#metrics)."""
+    there (docs/lab.md#metrics). The original model's images of those prompts are cached on disk as its evaluation
+    images are."""
     by: dict[str, dict[str, float]] = {}
     for c in erased:
+        prompts = {"own": [without_words(p, {c}) for p in world.concept_prompts(c)],
+                   "syn": [without_words(p, set(world.SYNONYMS[c])) for p in world.concept_prompts(c, synonyms=True)]}
+        seeds = {"own": s.own_seeds(), "syn": s.syn_seeds()}
+        images = _cached_images(backbone, s, {k: len(prompts[k]) * len(seeds[k]) for k in prompts},
+                                partial(_sample_sets, backbone, s, prompts, seeds), use_cache, "word_removed", c)
         kind, index = world.concept_kind(c), world.concept_index(c)
-        by[c] = {}
-        for part, syn, seeds in (("efficacy", False, s.own_seeds()), ("generality", True, s.syn_seeds())):
-            words = set(world.SYNONYMS[c]) if syn else {c}
-            prompts = [without_words(p, words) for p in world.concept_prompts(c, synonyms=syn)]
-            pred = clf.predict(sample(backbone, prompts, seeds, s.steps, s.guidance).images)[kind]
-            by[c][part] = 1.0 - float((pred == index).float().mean())
+        by[c] = {part: 1.0 - float((clf.predict(images[k])[kind] == index).float().mean())
+                 for part, k in (("efficacy", "own"), ("generality", "syn"))}
     mean = {k: sum(v[k] for v in by.values()) / len(by) for k in ("efficacy", "generality")}
     return {**mean, "by_concept": by}
 
@@ -139,7 +155,7 @@ def evaluate(backbone: Backbone, clf: LabClassifier, erased: list[str] | None = 
         report.update(summarise(acc, syn_acc, erased, fidelity(edited["own"][keep], orig["own"][keep])))
         report["collateral"] = collateral(clf.predict(orig["own"]), clf.predict(edited["own"]), keep, erased)
         report["kept"] = report["collateral"]["unrelated"]["all"]
-        report["word_removed"] = word_removed(backbone, clf, erased, s)
+        report["word_removed"] = word_removed(backbone, clf, erased, s, use_cache)
         report["erased"] = erased
     report["seconds"] = round(time.time() - t0, 2)
     report["settings"] = asdict(s)
