@@ -2,8 +2,11 @@
 # Adversarial ANT on the concept lab (docs/audit.md#adversarial-erasure): train ANT with and without the attack in
 # the loop, then `lab eval` (efficacy, generality, specificity, kept) and `audit` (attack success rate) of each.
 # Usage: bash scripts/adversarial_ant.sh [CONCEPT [SEED [MODE ...]]]   MODE: default | adversarial (both if none)
-#        (adversarial-w0.5: the learned-token term at half weight)
+#        default and adversarial are ANT before `protect` (--protect 0), without and with the attack in training;
+#        adversarial-w0.5: the latter with the learned-token term at half weight; protect and protect-adversarial:
+#        today's default (protect 0.999) without and with it
 #        bash scripts/adversarial_ant.sh audit-seed S NAME...   the audit again at audit seed S (NAME: MODE-CONCEPT-sSEED)
+#        bash scripts/adversarial_ant.sh scaled NAME X   NAME's edit at strength X (NAME-xX): evaluation and audit
 #        bash scripts/adversarial_ant.sh table      the markdown table of every run in reports/adversarial/
 # Writes the LoRAs and audit grids to out/adversarial/, the JSON reports to reports/adversarial/. One thread, as
 # measured; each mode takes about 7-10 minutes on a CPU core.
@@ -51,6 +54,20 @@ if [ "${1:-}" = audit-seed ]; then
     exit 0
 fi
 
+# a LoRA made before at another strength (the control for a stronger edit's own effect on the attack):
+#   bash scripts/adversarial_ant.sh scaled default-circle-s0 1.5
+if [ "${1:-}" = scaled ]; then
+    NAME="$2"
+    X="$3"
+    C="$(echo "$NAME" | awk -F- '{print $(NF-1)}')"  # NAME is MODE-CONCEPT-sSEED
+    "$PY" scripts/kept_control.py "$OUT/$NAME.safetensors" "$OUT/$NAME-controls" --strength "$X"
+    cp "$OUT/$NAME-controls/scaled-$X.safetensors" "$OUT/$NAME-x$X.safetensors"
+    "$PY" -m erasure lab eval --lora "$OUT/$NAME-x$X.safetensors" --erased "$C" --json "$REP/eval-$NAME-x$X.json"
+    "$PY" -m erasure audit --model lab --lora "$OUT/$NAME-x$X.safetensors" --concept "$C" \
+        --json "$REP/audit-$NAME-x$X.json" --out-dir "$OUT/audit-$NAME-x$X"
+    exit 0
+fi
+
 CONCEPT="${1:-circle}"
 SEED="${2:-0}"
 shift $(( $# < 2 ? $# : 2 ))
@@ -65,10 +82,14 @@ ant() {
 for MODE in "${MODES[@]}"; do
     NAME="$MODE-$CONCEPT-s$SEED"
     case "$MODE" in
-        default) FLAGS=() ;;
-        adversarial) FLAGS=(--adversarial 1) ;;
-        adversarial-w0.5) FLAGS=(--adversarial 1 --adversarial-weight 0.5) ;;
-        *) echo "unknown mode $MODE (default | adversarial | adversarial-w0.5)" >&2; exit 2 ;;
+        default) FLAGS=(--protect 0) ;;
+        adversarial) FLAGS=(--protect 0 --adversarial 1) ;;
+        adversarial-w0.5) FLAGS=(--protect 0 --adversarial 1 --adversarial-weight 0.5) ;;
+        protect) FLAGS=() ;;
+        protect-adversarial) FLAGS=(--adversarial 1) ;;
+        protect-adversarial-w0.25) FLAGS=(--adversarial 1 --adversarial-weight 0.25) ;;
+        *) echo "unknown mode $MODE (default | adversarial | adversarial-w0.5 | protect | protect-adversarial)" >&2
+           exit 2 ;;
     esac
     ant ant --model lab --concept "$CONCEPT" --seed "$SEED" "${FLAGS[@]}" --out "$OUT/$NAME.safetensors" \
         | tee "$REP/train-$NAME.txt"
