@@ -469,7 +469,7 @@ ANT_HELP = {
                               "about one extra forward per step; auto: on for SDXL-sized UNets or above 512 px; "
                               "default {default})",
     "adversarial": "adversarial erasure: learned tokens of a concept-inversion attack run inside training (0 = off; "
-                   "default {default}; docs/audit.md#adversarial-erasure)",
+                   "needs --protect 0; default {default}; docs/audit.md#adversarial-erasure)",
     "adversarial_every": "erasure steps between attack rounds (default {default})",
     "adversarial_steps": "attack steps per round (default {default})",
     "adversarial_lr": "the attack's step in embedding-table std units (default {default})",

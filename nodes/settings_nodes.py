@@ -155,7 +155,8 @@ class AntSettingsNode(_SettingsNode):
                 io.Int.Input("adversarial", default=d.adversarial, min=0, max=8, optional=True,
                              tooltip="Adversarial erasure (one concept): this many learned tokens of a concept-"
                                      "inversion attack are trained inside the erasure and erased too, so the concept "
-                                     "is harder to bring back with a learned token (Audit Erasure). 0 = off. Costs "
+                                     "is harder to bring back with a learned token (Audit Erasure). 0 = off. Needs "
+                                     "protect 0 (scopes kv, lora, xattn). Costs "
                                      f"{d.adversarial_steps} attack steps every {d.adversarial_every} erasure steps "
                                      "(docs/audit.md#adversarial-erasure)."),
                 io.Float.Input("protect", default=d.protect, min=0.0, max=0.9999, step=0.0001, round=0.0001,

@@ -13,7 +13,7 @@ ROWS = [("esd-published", "ESD-x as published (lr 1e-5, 1000 iterations)"),
         ("ant-default", "ANT, default (protect 0.999)"),
         ("ant-paper", "ANT, `--preset paper`"),
         ("mace-default", "MACE, default (object preset)"),
-        ("ant-adversarial", "ANT, default + `--adversarial 1` (robust option)"),
+        ("ant-adversarial", "ANT, `--protect 0 --adversarial 1` (robust option)"),
         ("ant-protect0", "ANT, `--protect 0` (the default before protect)"),
         ("mace-protect", "MACE, default + `--protect 0.999`")]
 

@@ -43,8 +43,8 @@ row ant-paper "$PY" -m erasure ant --model "$MODEL" --concept "$C" --preset pape
   --out "$OUT/ant-paper.safetensors"
 row mace-default "$PY" -m erasure mace --model "$MODEL" --concepts "$C" --seed "$SEED" --no-report \
   --out "$OUT/mace-default.safetensors"
-row ant-adversarial "$PY" -m erasure ant --model "$MODEL" --concept "$C" --adversarial 1 --seed "$SEED" --no-report \
-  --out "$OUT/ant-adversarial.safetensors"
+row ant-adversarial "$PY" -m erasure ant --model "$MODEL" --concept "$C" --protect 0 --adversarial 1 --seed "$SEED" \
+  --no-report --out "$OUT/ant-adversarial.safetensors"
 row ant-protect0 "$PY" -m erasure ant --model "$MODEL" --concept "$C" --protect 0 --seed "$SEED" --no-report \
   --out "$OUT/ant-protect0.safetensors"
 row mace-protect "$PY" -m erasure mace --model "$MODEL" --concepts "$C" --protect 0.999 --seed "$SEED" --no-report \

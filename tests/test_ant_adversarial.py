@@ -13,7 +13,7 @@ from erasure.errors import BadInputError
 
 FAST = AntSettings(steps=4, trajectory_steps=6, early_steps=2, trajectories=3, batch_size=2, guidance=3.0,
                    preserve_prompts=4)
-ADV = FAST.override(adversarial=1, adversarial_every=2, adversarial_steps=3)
+ADV = FAST.override(adversarial=1, adversarial_every=2, adversarial_steps=3, protect=0.0)
 TEMPLATES = ["a {c}", "a red {c}"]
 
 
@@ -114,6 +114,18 @@ def test_the_learned_token_term_is_the_concepts_reversed_target(tiny_backbone, p
 def test_bad_settings_are_refused_naming_the_field(field, value, words):
     with pytest.raises(BadInputError, match=words.replace("(", r"\(").replace("]", r"\]")):
         AntSettings(**{field: value}).validate()
+
+
+def test_protect_is_refused_with_it_naming_the_fix():
+    """Under protect the attack still revives the concept and its term can undo the erasure (measured on the lab,
+    docs/audit.md#adversarial-with-protect): refused before work starts; a scope protect does not apply to is fine."""
+    with pytest.raises(BadInputError, match="Set protect to 0 for adversarial erasure"):
+        AntSettings(adversarial=1).validate()
+    with pytest.raises(BadInputError, match="protect 0.99"):
+        AntSettings(adversarial=1, protect=0.99, scope="kv").validate()
+    AntSettings(adversarial=1, protect=0.0).validate()
+    AntSettings(adversarial=1, scope="saliency").validate()
+    AntSettings(protect=0.999).validate()
 
 
 def test_refusals_name_the_fix(tiny_backbone):

@@ -140,6 +140,14 @@ class AntSettings(Settings):
         # in units of the token-embedding table's std (not a weight step): the audit's 0.3; 10 stds is far outside
         validation.check_number("adversarial_lr", self.adversarial_lr, 0.0, 10.0, low_open=True)
         validation.check_number("adversarial_weight", self.adversarial_weight, 0.0, low_open=True)
+        if self.adversarial and self.protect > 0 and self.scope in PROTECTABLE_SCOPES:
+            # measured on the lab: under protect the learned token still revives the concept in every image, and at
+            # the default weight the attack's term undoes the erasure itself (docs/audit.md#adversarial-with-protect)
+            raise BadInputError(f"adversarial erasure does not work with protect {self.protect:g}: on the lab a "
+                                "learned token still revived the concept in every image, and the attack's term "
+                                "undid the erasure itself. Set protect to 0 for "
+                                "adversarial erasure (more robust, more change to unrelated prompts), or "
+                                "adversarial to 0")
 
 
 #: named configurations: "default" (the library's defaults) and "paper" (the published method as specified, with the

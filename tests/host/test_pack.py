@@ -184,6 +184,8 @@ def test_unsupported_and_bad_inputs_get_clear_messages(comfy, loaded):
         _ant(comfy, model, clip, concept="   ")
     with pytest.raises(ValueError, match="CLIP"):
         _ant(comfy, model, None)
+    with pytest.raises(ValueError, match="Set protect to 0 for adversarial erasure"):  # the default protect is on
+        _ant(comfy, model, clip, scope="kv", adversarial=1)
     import copy
 
     fake = copy.copy(model)
