@@ -4,10 +4,13 @@
 # Usage: bash scripts/adversarial_ant.sh [CONCEPT [SEED [MODE ...]]]   MODE: default | adversarial (both if none)
 #        default and adversarial are ANT before `protect` (--protect 0), without and with the attack in training;
 #        adversarial-w0.5: the latter with the learned-token term at half weight; protect and protect-adversarial:
-#        today's default (protect 0.999) without and with it
+#        today's default (protect 0.999) without and with it; paper, paper-preserve5: the paper's configuration (a
+#        saliency-masked edit of the whole UNet) without and with the default's preservation term (weight 5). The
+#        protect-adversarial modes are refused since they were measured (docs/audit.md#adversarial-with-protect)
 #        bash scripts/adversarial_ant.sh audit-seed S NAME...   the audit again at audit seed S (NAME: MODE-CONCEPT-sSEED)
 #        bash scripts/adversarial_ant.sh scaled NAME X   NAME's edit at strength X (NAME-xX): evaluation and audit
 #        bash scripts/adversarial_ant.sh table      the markdown table of every run in reports/adversarial/
+#        (python scripts/adversarial_seeds.py NAME...: the learned token's success per audit seed 0-3)
 # Writes the LoRAs and audit grids to out/adversarial/, the JSON reports to reports/adversarial/. One thread, as
 # measured; each mode takes about 7-10 minutes on a CPU core.
 set -euo pipefail
@@ -47,7 +50,7 @@ if [ "${1:-}" = audit-seed ]; then
     shift 2
     mkdir -p "$REP/audit-seed$AUDIT_SEED"
     for NAME in "$@"; do
-        C="$(echo "$NAME" | awk -F- '{print $(NF-1)}')"  # NAME is MODE-CONCEPT-sSEED
+        C="$(echo "${NAME%-x*}" | awk -F- '{print $(NF-1)}')"  # NAME is MODE-CONCEPT-sSEED[-xSTRENGTH]
         "$PY" -m erasure audit --model lab --lora "$OUT/$NAME.safetensors" --concept "$C" --seed "$AUDIT_SEED" \
             --json "$REP/audit-seed$AUDIT_SEED/$NAME.json" --out-dir "$OUT/audit-seed$AUDIT_SEED-$NAME"
     done
@@ -88,7 +91,9 @@ for MODE in "${MODES[@]}"; do
         protect) FLAGS=() ;;
         protect-adversarial) FLAGS=(--adversarial 1) ;;
         protect-adversarial-w0.25) FLAGS=(--adversarial 1 --adversarial-weight 0.25) ;;
-        *) echo "unknown mode $MODE (default | adversarial | adversarial-w0.5 | protect | protect-adversarial)" >&2
+        paper) FLAGS=(--preset paper) ;;
+        paper-preserve5) FLAGS=(--preset paper --preserve 5) ;;
+        *) echo "unknown mode $MODE (see the usage at the top)" >&2
            exit 2 ;;
     esac
     ant ant --model lab --concept "$CONCEPT" --seed "$SEED" "${FLAGS[@]}" --out "$OUT/$NAME.safetensors" \
