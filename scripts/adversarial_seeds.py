@@ -25,10 +25,9 @@ def row(name: str) -> str:
             cells.append("-")
             continue
         a = json.loads(f.read_text())
-        n = IMAGES
-        k = round(a["attack_success_rate"] * n)
-        revived, audited = revived + k, audited + n
-        cells.append(f"{k}/{n}")
+        k = round(a["attack_success_rate"] * IMAGES)
+        revived, audited = revived + k, audited + IMAGES
+        cells.append(f"{k}/{IMAGES}")
     e = json.loads((REPORTS / f"eval-{name}.json").read_text())
     share = f"{revived}/{audited} ({revived / audited:.0%})" if audited else "-"
     return f"| {name} | {' | '.join(cells)} | {share} | {e['specificity']:.3f} | {e['kept']:.3f} |"
