@@ -3,7 +3,8 @@ erase node's optional ``settings`` socket, the values a user changed on them ove
 connected means the preset as it is (ComfyUI's convention for advanced options, which keeps the method nodes short).
 
 A settings node passes on only the values that differ from the library's defaults (its widgets' defaults), so that a
-preset keeps every value the user did not touch: "paper" stays the paper's configuration with one value changed."""
+preset keeps every value the user did not touch: "paper" stays the paper's configuration with one value changed. Its
+``force`` widget names the values to pass on even at their defaults (a preset's value set back to the library's)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,34 @@ def resolution_input(tooltip: str, optional: bool = False) -> io.Combo.Input:
     return io.Combo.Input("resolution", options=RESOLUTIONS, default=NATIVE, tooltip=tooltip, optional=optional)
 
 
+#: the ANT Settings widgets named otherwise than the settings they set
+ANT_WIDGET_NAMES = {"learning_rate": "lr", "relative_learning_rate": "lr_relative"}
+
+
+def force_input(example: str) -> io.String.Input:
+    return io.String.Input("force", default="", optional=True,
+                           tooltip="Widget names, comma-separated, whose values are passed on even where they equal "
+                                   f"the default shown here ({example}): a value left at its default otherwise "
+                                   "keeps the preset's.")
+
+
+def forced(defaults: object, text: str | None, values: dict[str, object], renamed: dict[str, str] | None = None
+           ) -> dict[str, object]:
+    """The settings named in a ``force`` widget (widget names, comma- or space-separated), with their values: passed
+    on whatever they are. An unknown name is refused, naming the valid ones."""
+    renamed = renamed or {}
+    known = {f.name for f in fields(defaults)} & set(values)  # type: ignore[arg-type]
+    out = {}
+    for name in (text or "").replace(",", " ").split():
+        field = renamed.get(name, name)
+        if field not in known:
+            shown = sorted(next((w for w, f in renamed.items() if f == k), k) for k in known)
+            raise BadInputError(f"force: no setting '{name}' on this node; write widget names separated by commas, "
+                                f"e.g. '{shown[0]}, {shown[1]}' (all: {', '.join(shown)})")
+        out[field] = values[field]
+    return out
+
+
 def changed(defaults: object, values: dict[str, object]) -> dict[str, object]:
     """The settings a user changed: the values that differ from the library's defaults (floats compared to 1e-9,
     since the editor stores widget floats rounded to their step)."""
@@ -93,7 +122,8 @@ class AntSettingsNode(_SettingsNode):
         return io.Schema(
             node_id="ANTSettings", display_name="ANT Settings", category=CATEGORY,
             description="Advanced settings of Erase Concept (ANT). Connect to its settings input: the values you "
-                        "change here override the preset; values left at their defaults keep the preset's.",
+                        "change here override the preset; values left at their defaults keep the preset's (name "
+                        "them in force to pass them on anyway).",
             inputs=[
                 io.Float.Input("learning_rate", default=d.lr, min=1e-6, max=1.0, step=0.001,
                                tooltip="Adam's step, relative to each layer's weight scale: 0.02 moves a weight by "
@@ -171,6 +201,7 @@ class AntSettingsNode(_SettingsNode):
                                          "steps; up to 4 extra reports of the concept's prompts. Off by default: on "
                                          "the lab it erased more of every colour but met every bar in only 3 runs "
                                          "of 7 (docs/ant.md#calibrate)."),
+                force_input("e.g. 'eta' with the paper preset trains at eta 0.3, not the paper's 1"),
             ],
             outputs=[AntSettingsType.Output(display_name="SETTINGS",
                                             tooltip="Connect to Erase Concept (ANT)'s settings input.")],
@@ -178,10 +209,10 @@ class AntSettingsNode(_SettingsNode):
 
 
     @classmethod
-    def execute(cls, learning_rate, relative_learning_rate, resolution, erasure_report=True, **values
+    def execute(cls, learning_rate, relative_learning_rate, resolution, erasure_report=True, force="", **values
                 ) -> io.NodeOutput:
         values.update(lr=learning_rate, lr_relative=relative_learning_rate)
-        changes = changed(AntSettings(), values)
+        changes = changed(AntSettings(), values) | forced(AntSettings(), force, values, ANT_WIDGET_NAMES)
         AntSettings().override(**changes).validate()  # a bad combination is named here, not in the erase node
         return io.NodeOutput({"settings": changes, "resolution": resolution_value(resolution),
                               "report": erasure_report})
@@ -194,7 +225,8 @@ class MaceSettingsNode(_SettingsNode):
         return io.Schema(
             node_id="MACESettings", display_name="MACE Settings", category=CATEGORY,
             description="Advanced settings of Mass Erase (MACE). Connect to its settings input: the values you change "
-                        "here override the preset; values left at their defaults keep the preset's (the presets, "
+                        "here override the preset; values left at their defaults keep the preset's unless named in "
+                        "force (the presets, "
                         "the reference's configurations, differ in lam, the prior weights, the LoRA learning rate "
                         "and steps, masks and timestep sampling: docs/mace.md, Presets).",
             inputs=[
@@ -261,6 +293,7 @@ class MaceSettingsNode(_SettingsNode):
                                        "less; 0.999 on the lab kept far more unrelated images whole but erased "
                                        "less on some concept sets. 0 = off, the reference's result "
                                        "(docs/mace.md#protect)."),
+                force_input("e.g. 'lam' with the object preset uses lam 0.1, not the preset's 10"),
             ],
             outputs=[MaceSettingsType.Output(display_name="SETTINGS",
                                              tooltip="Connect to Mass Erase (MACE)'s settings input.")],
@@ -268,10 +301,11 @@ class MaceSettingsNode(_SettingsNode):
 
 
     @classmethod
-    def execute(cls, resolution, suppress_end, erasure_report=True, concept_batch=AUTO, **values) -> io.NodeOutput:
+    def execute(cls, resolution, suppress_end, erasure_report=True, concept_batch=AUTO, force="", **values
+                ) -> io.NodeOutput:
         values["suppress_end"] = SUPPRESS_END[suppress_end]
         values["concept_batch"] = None if concept_batch == AUTO else int(concept_batch)
-        changes = changed(MaceSettings(), values)
+        changes = changed(MaceSettings(), values) | forced(MaceSettings(), force, values)
         MaceSettings().override(**changes).validate()
         return io.NodeOutput({"settings": changes, "resolution": resolution_value(resolution),
                               "report": erasure_report})

@@ -72,6 +72,21 @@ def test_settings_node_passes_on_only_what_was_changed(comfy):
         "suppress_end": True}
 
 
+def test_settings_node_force_passes_on_values_at_their_defaults(comfy):
+    from erasure.ant import AntSettings
+    from erasure.mace import MaceSettings
+
+    node = comfy["nodes"].NODE_CLASS_MAPPINGS["ANTSettings"]
+    out = _out(node.execute(**(widget_defaults(node) | {"force": "eta, learning_rate", "preserve": 2.0})))
+    assert out["settings"] == {"eta": AntSettings().eta, "lr": AntSettings().lr, "preserve": 2.0}
+    with pytest.raises(ValueError, match="force: no setting 'etta'.*learning_rate"):
+        node.execute(**(widget_defaults(node) | {"force": "etta"}))
+    mace = comfy["nodes"].NODE_CLASS_MAPPINGS["MACESettings"]
+    assert _out(mace.execute(**(widget_defaults(mace) | {"force": "lam"})))["settings"] == {"lam": MaceSettings().lam}
+    with pytest.raises(ValueError, match="force: no setting 'resolution'"):
+        mace.execute(**(widget_defaults(mace) | {"force": "resolution"}))
+
+
 def test_resolution_widgets_accept_the_first_layouts_zero(comfy):
     preview = comfy["nodes"].NODE_CLASS_MAPPINGS["PreviewErasure"]
     assert preview.validate_inputs(resolution=0) is True  # saved by the Int widget: the native size
@@ -115,6 +130,10 @@ def test_preset_keeps_what_the_settings_node_left_alone(comfy, loaded):
     lora, _ = _lora_and_loss(comfy, model, clip, preset="paper", settings=ant_settings(comfy, scope="xattn"))
     s = json.loads(lora.metadata["erasure.settings"])
     assert s["scope"] == "xattn" and s["lr"] == 1e-3 and s["prediction"] == "cond"
+    # force: the library's eta (the widget's default) replaces the paper's 1
+    lora, _ = _lora_and_loss(comfy, model, clip, preset="paper", settings=ant_settings(comfy, force="eta"))
+    s = json.loads(lora.metadata["erasure.settings"])
+    assert s["eta"] == 0.3 and s["scope"] == "saliency" and s["prediction"] == "cond"
 
 
 def test_loss_reaches_plot_loss_graph_also_from_the_result_cache(comfy, tiny_ckpt, monkeypatch, tmp_path):
