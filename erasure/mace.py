@@ -66,7 +66,7 @@ class MaceSettings(Settings):
     lora_lr: float = 1e-5
     #: train each LoRA in rounds of ``lora_steps`` until its attention loss on the fixed probe is at most this
     #: fraction of its start, raising the learning rate after a round that stalled; 0: one round (the reference's
-    #: fixed budget). The first round is the reference's training exactly (docs/mace.md#lora-target)
+    #: fixed budget). The first round is the reference's training exactly (docs/mace.md#lora_target)
     lora_target: float = 0.1
     #: at most this many rounds of ``lora_steps`` per concept
     lora_max_rounds: int = 10
