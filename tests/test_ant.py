@@ -233,11 +233,20 @@ def test_conv_deltas_round_trip_through_a_lora_file(tiny_backbone, tmp_path):
         assert torch.equal(back.deltas[n].matrix(), r.weights.deltas[n].matrix())
 
 
-@pytest.mark.parametrize("bad", [dict(steps=0), dict(lr=0.0), dict(lr=float("nan")), dict(saliency_fraction=1.5),
-                                 dict(saliency_fraction=0.0), dict(early_steps=0), dict(scope="everything"),
-                                 dict(prediction="x0")])
-def test_bad_settings_are_rejected_before_work(tiny_backbone, bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(("bad", "match"), [
+    (dict(steps=0), "steps must be a whole number >= 1"), (dict(lr=0.0), "learning rate must be a positive number"),
+    (dict(lr=float("nan")), "learning rate must be a positive number"),
+    (dict(saliency_fraction=1.5), r"saliency_fraction must be in \(0, 1\]"),
+    (dict(saliency_fraction=0.0), r"saliency_fraction must be in \(0, 1\]"),
+    (dict(early_steps=0), "early_steps must be between 1 and trajectory_steps - 1"),
+    (dict(scope="everything"), "scope must be one of"), (dict(prediction="x0"), "prediction must be one of")])
+def test_bad_settings_are_rejected_before_work(tiny_backbone, bad, match, monkeypatch):
+    """Each bad value is named in the message, before any UNet evaluation."""
+    def no_work(*a, **k):
+        raise AssertionError("the UNet ran before the settings were checked")
+
+    monkeypatch.setattr(tiny_backbone, "predict_noise", no_work)
+    with pytest.raises(ValueError, match=match):
         ant(tiny_backbone, "circle", AntSettings().override(**bad))
 
 

@@ -1,3 +1,5 @@
+import json
+
 import torch
 from tiny_models import LAB_TEMPLATES, tiny_mace_settings
 
@@ -147,9 +149,12 @@ def test_full_pipeline_runs_and_names_its_concepts(tiny_backbone, tmp_path):
     res = mace(bb, concepts, _settings(lora_steps=3), prior)
     assert res.weights.metadata["erasure.method"] == "mace"
     assert len(res.loras) == 2 and set(res.weights.deltas) == set(bb.cross_attention_kv())
-    from erasure.lora_files import save_lora
+    assert json.loads(res.weights.metadata["erasure.concepts"]) == ["circle", "square"]
+    from erasure.lora_files import load_lora, save_lora
 
     save_lora(res.weights, tmp_path / "m.safetensors")
+    back = load_lora(tmp_path / "m.safetensors")
+    assert json.loads(back.metadata["erasure.concepts"]) == ["circle", "square"]
 
 
 def test_fusion_of_loras_alone_is_an_exact_low_rank_lora(tiny_backbone, tmp_path):

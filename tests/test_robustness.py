@@ -301,6 +301,17 @@ def test_user_file_names_stay_inside_the_folder(tmp_path, name, expected):
     assert validation.path_inside(tmp_path, name).parent == tmp_path.resolve()
 
 
+def test_a_symlink_out_of_the_folder_is_refused(tmp_path):
+    """A name that is a symlink in the folder pointing elsewhere: refused, nothing written through it."""
+    folder, outside = tmp_path / "loras", tmp_path / "elsewhere"
+    folder.mkdir()
+    outside.mkdir()
+    (folder / "evil.safetensors").symlink_to(outside / "target.safetensors")
+    with pytest.raises(ValueError, match="points outside"):
+        validation.path_inside(folder, "evil")
+    assert not (outside / "target.safetensors").exists()
+
+
 @pytest.mark.parametrize("name", ["", "   ", "..", "/", ".safetensors", "../", "___"])
 def test_empty_file_names_are_refused(name):
     with pytest.raises(ValueError, match="the file name is empty"):

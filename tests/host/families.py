@@ -93,7 +93,8 @@ def check_erasure(comfy, model, clip, erased, lora, before: torch.Tensor, filena
     for dense edits over 256 MB) the output of the same LoRA through ComfyUI's LORA_MODEL socket loader."""
     nodes = comfy["nodes"]
     edited = _unet_out(erased)
-    assert not torch.allclose(edited, before), "the erasure did nothing"
+    # outside the band the loaders are compared in below: a loader that ignored the LoRA would fail them
+    assert not torch.allclose(edited, before, atol=1e-4, rtol=1e-3), "the erasure did nothing"
     assert torch.equal(_unet_out(model), before), "the input MODEL changed"
     nodes.NODE_CLASS_MAPPINGS["SaveErasureLoRA"].execute(lora=lora, filename=filename, overwrite=True)
     with torch.inference_mode():

@@ -166,7 +166,9 @@ def test_erasure_report_output_metadata_and_cache(comfy, loaded, monkeypatch, tm
     lora, text = _out(out, 1), _out(out, 3)
     assert text.startswith("erasure report: guidance left")
     report = json.loads(lora.metadata["erasure.report"])
-    assert report["unet_evaluations"] > 0 and -5 < report["guidance_left"] < 5 and report["unrelated_drift"] >= 0
+    # measured on the edited model (2 training steps: some change, not an erasure): the stored numbers are the text's
+    assert report["unet_evaluations"] > 0 and report["guidance_left"] != 1.0 and report["unrelated_drift"] > 0
+    assert f"guidance left {report['guidance_left']:.2f}" in text
     mod = sys.modules[node.__module__]
     monkeypatch.setattr(mod, "erasure_report", lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured")))
     with torch.inference_mode():  # from the result cache: the stored report, not measured again
