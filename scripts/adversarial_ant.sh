@@ -3,7 +3,8 @@
 # the loop, then `lab eval` (efficacy, generality, specificity, kept) and `audit` (attack success rate) of each.
 # Usage: bash scripts/adversarial_ant.sh [CONCEPT [SEED [MODE ...]]]   MODE: default | adversarial (both if none)
 #        default and adversarial are ANT before `protect` (--protect 0), without and with the attack in training;
-#        adversarial-w0.5: the latter with the learned-token term at half weight; protect and protect-adversarial:
+#        adversarial-w0.5: the latter with the learned-token term at half weight; adversarial-preserve10: with the
+#        preservation term at twice the default's weight (5); protect and protect-adversarial:
 #        today's default (protect 0.999) without and with it; paper, paper-preserve5: the paper's configuration (a
 #        saliency-masked edit of the whole UNet) without and with the default's preservation term (weight 5). The
 #        protect-adversarial modes are refused since they were measured (docs/audit.md#adversarial-with-protect)
@@ -88,6 +89,7 @@ for MODE in "${MODES[@]}"; do
         default) FLAGS=(--protect 0) ;;
         adversarial) FLAGS=(--protect 0 --adversarial 1) ;;
         adversarial-w0.5) FLAGS=(--protect 0 --adversarial 1 --adversarial-weight 0.5) ;;
+        adversarial-preserve10) FLAGS=(--protect 0 --adversarial 1 --preserve 10) ;;
         protect) FLAGS=() ;;
         protect-adversarial) FLAGS=(--adversarial 1) ;;
         protect-adversarial-w0.25) FLAGS=(--adversarial 1 --adversarial-weight 0.25) ;;
