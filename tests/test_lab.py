@@ -89,14 +89,13 @@ def test_ant_defaults_erase_the_concept_and_leave_another(lab, clf, tmp_path, mo
     theirs, and the erasure report sees the concept's guidance reversed. Measured at seed 0 on this reduced
     evaluation: circle accuracy 1.0 -> 0.0, square 1.0 -> 1.0, guidance left -0.16 (at 120 steps nothing was erased
     yet: guidance left +0.23). The full evaluation: docs/ant.md#the-defaults-on-the-lab."""
-    from erasure.ant import AntSettings, ant
+    from erasure.lab.demo import erase
     from erasure.report import erasure_report
 
     monkeypatch.setenv("ERASURE_CACHE", str(tmp_path))
     s = EvalSettings(seeds_own=6, seeds_syn=2, concepts=("circle", "square"))
     before = evaluate(lab, clf, ["circle"], settings=s)
-    weights = ant(lab, "circle", AntSettings(seed=0), templates=world.concept_templates("circle", False),
-                  preserve_prompts=world.prior_prompts(exclude=["circle"])).weights
+    weights = erase(lab, "circle", seed=0)  # the demo's erasure: ANT's defaults with the lab's templates
     after = evaluate(lab, clf, ["circle"], weights, settings=s)
     assert before["concepts"]["circle"]["accuracy"] == 1.0 and after["concepts"]["circle"]["accuracy"] <= 0.25
     assert after["concepts"]["square"]["accuracy"] >= before["concepts"]["square"]["accuracy"] - 0.2
