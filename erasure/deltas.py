@@ -74,6 +74,14 @@ class HookedDeltas(nn.Module):
             if names is None or n in names:
                 d.copy_(d @ p.to(d))
 
+    @torch.no_grad()
+    def project_input_grads(self, p: torch.Tensor, names: set[str] | None = None) -> None:
+        """The gradients of ``input_factors`` (of ``names``) projected as ``project_inputs`` projects the
+        deltas, so the optimizer sees only the part of the gradient the projection keeps."""
+        for n, d in zip(self.names, self.input_factors(), strict=True):
+            if (names is None or n in names) and d.grad is not None:
+                d.grad.copy_(d.grad @ p.to(d.grad))
+
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

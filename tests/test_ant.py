@@ -504,6 +504,42 @@ def test_protect_keeps_the_edit_off_the_unrelated_prompts_directions(tiny_backbo
     assert a.metadata["erasure.protect_used"] == "false"
 
 
+def test_protect_projects_the_gradient_before_the_optimizer(tiny_backbone, monkeypatch):
+    """protect is projected gradient descent: every step, Adam and the gradient clip see only the part of each K/V
+    edit's gradient that the projection keeps, so the protected directions do not take up Adam's normalisation
+    (measured on the lab: square and checkered erased further at equal collateral; docs/ant.md#protect)."""
+    import erasure.ant.train as train
+
+    bb = tiny_backbone
+    keep = ["a square", "a blue triangle", "a photo of a cross", "a striped square"]
+    proj, _ = train.protected_complement(bb, keep, 0.9)
+    seen: list[tuple[float, float]] = []
+    make = train.optimizer
+
+    def spy(deltas, modules, s):
+        opt = make(deltas, modules, s)
+        step = opt.step
+
+        def checked(*args, **kwargs):
+            for d in deltas.input_factors():
+                g = d.grad.detach().float()
+                seen.append((float((g - g @ proj.to(g)).norm()), float(g.norm())))
+            return step(*args, **kwargs)
+
+        opt.step = checked
+        return opt
+
+    monkeypatch.setattr(train, "optimizer", spy)
+    s = FAST.override(scope="kv", protect=0.9, preserve=0.0)
+    ant(bb, "circle", s, templates=TEMPLATES, preserve_prompts=keep)
+    assert len(seen) == s.steps * len(bb.cross_attention_kv())
+    assert all(off <= 1e-5 * max(norm, 1e-12) for off, norm in seen)
+    assert sum(norm for _, norm in seen) > 0
+    seen.clear()  # without protect the same gradients do reach into those directions (the check can fail)
+    ant(bb, "circle", s.override(protect=0.0), templates=TEMPLATES, preserve_prompts=keep)
+    assert any(off > 1e-3 * norm for off, norm in seen)
+
+
 @pytest.mark.parametrize("sampling", ["on-policy", "cached"])
 def test_concepts_trained_together_equal_one_at_a_time(tiny_backbone, tmp_path, sampling):
     """Issue 20, item 1 for ANT: with scope lora, concept_batch concepts share each training forward (each sample

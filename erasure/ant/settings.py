@@ -97,9 +97,10 @@ class AntSettings(Settings):
     #: where the preservation term's prompts are evaluated: "concept" (at the concept's training latents), "own" (at
     #: their own images from the frozen model, noised to the step's timesteps; docs/ant.md#the-defaults-on-the-lab)
     preserve_latents: str = "concept"
-    #: keep the edit off what unrelated prompts feed the cross-attention: after every step the K/V edit is projected
-    #: off the text-embedding directions that hold this fraction of the preservation prompts' token energy, so their
-    #: keys and values barely move (0 = off, the paper's; used by scopes kv, lora, xattn; docs/ant.md#protect)
+    #: keep the edit off what unrelated prompts feed the cross-attention: every step's gradient and the K/V edit after
+    #: it are projected off the text-embedding directions that hold this fraction of the preservation prompts' token
+    #: energy, so their keys and values barely move (0 = off, the paper's; used by scopes kv, lora, xattn;
+    #: docs/ant.md#protect)
     protect: float = 0.999
     #: the many-concept path with scope lora: this many concepts' LoRAs trained together, one training forward per
     #: step with each sample through its own concept's LoRA; the same result as one at a time

@@ -265,6 +265,8 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
                                                 f"learning rate (now {s.lr})")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if keep is not None:  # Adam and the clip see only what the projection keeps (docs/ant.md#protect)
+                    deltas.project_input_grads(keep, kv_names)
                 if s.grad_clip > 0:
                     nn.utils.clip_grad_norm_(deltas.parameters(), s.grad_clip)
                 opt.step()
@@ -370,6 +372,8 @@ def _train_together(backbone: Backbone, runs: list[_Run], s: AntSettings, uncond
                                                 f"learning rate (now {s.lr})")
                 opt.zero_grad(set_to_none=True)
                 losses.sum().backward()  # slot k's gradient comes from its own loss only
+                if keep is not None:
+                    deltas.project_input_grads(keep, kv_names)
                 if s.grad_clip > 0:
                     deltas.clip_grad_norm_per_slot(s.grad_clip)
                 opt.step()
