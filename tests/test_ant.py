@@ -507,7 +507,8 @@ def test_protect_keeps_the_edit_off_the_unrelated_prompts_directions(tiny_backbo
 def test_protect_projects_the_gradient_before_the_optimizer(tiny_backbone, monkeypatch):
     """protect is projected gradient descent: every step, Adam and the gradient clip see only the part of each K/V
     edit's gradient that the projection keeps, so the protected directions do not take up Adam's normalisation
-    (measured on the lab: square and checkered erased further at equal collateral; docs/ant.md#protect)."""
+    (measured on the lab: checkered and square erased further, unrelated images a little less kept;
+    docs/ant.md#gradient-projection)."""
     import erasure.ant.train as train
 
     bb = tiny_backbone
