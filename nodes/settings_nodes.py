@@ -191,10 +191,11 @@ class AntSettingsNode(_SettingsNode):
                                      "(docs/audit.md#adversarial-erasure)."),
                 io.Float.Input("protect", default=d.protect, min=0.0, max=0.9999, step=0.0001, round=0.0001,
                                optional=True,
-                               tooltip="Keep the K/V edit off what unrelated prompts feed the cross-attention: after "
-                                       "every step the edit is projected off the text-embedding directions holding "
-                                       "this fraction of unrelated prompts' token energy, so their images change "
-                                       "less. 0 = off. Scopes kv, lora, xattn (docs/ant.md#protect)."),
+                               tooltip="Keep the K/V edit off what unrelated prompts feed the cross-attention: "
+                                       "every step's gradient and the edit after it are projected off the "
+                                       "text-embedding directions holding this fraction of unrelated prompts' token "
+                                       "energy, so their images change less. 0 = off. Scopes kv, lora, xattn "
+                                       "(docs/ant.md#protect)."),
                 io.Boolean.Input("calibrate", default=d.calibrate, optional=True,
                                  tooltip="After training, raise the edit's strength (at most 2x) until the erasure "
                                          "report says the concept no longer steers its prompts at the mid and late "
