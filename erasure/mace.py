@@ -41,7 +41,7 @@ from .prompts import Concept
 from .sampling import sample
 from .settings import Settings
 from .slot_adam import SlotAdamW
-from .weights import ErasureWeights
+from .weights import ErasureWeights, change_text, relative_change
 from .workdir import WorkDir, matrix_sketch, tensor_hash
 
 
@@ -852,6 +852,8 @@ class MaceResult:
     unet_evaluations: int = 0  # samples through the UNet (a backward counts as one more), whatever the batching
     unet_calls: int = 0  # UNet calls (a backward counts as one): what batching concepts reduces
     concept_batch: int = 1  # concepts per batch used (``concept_batch`` resolved)
+    #: ``||dW|| / ||W||`` of the fused edit per layer group (``weights.relative_change``)
+    relative_change: dict[str, float] = field(default_factory=dict)
 
 
 def schedule_text(info: dict, s: MaceSettings) -> str:
@@ -1035,9 +1037,12 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
     ordered = [loras[i] for i in range(len(concepts))]
     used = {c.text: lr.suppress_end for c, lr in zip(concepts, ordered, strict=True)}  # suppress_end=None resolved
     schedules = {c.text: lr.schedule for c, lr in zip(concepts, ordered, strict=True)}  # what each LoRA did
+    change = relative_change(fused, dict(backbone.unet().named_modules()))
+    progress.say(f"the MACE edit: {change_text(change)}")
     fused.metadata.update(ErasureWeights.dense({}, method="mace", settings={**asdict(s), "suppress_end_used": used},
                                                lora_schedule=schedules, lam_scale=scale,
-                                               protect_used=protected is not None).metadata)
+                                               protect_used=protected is not None,
+                                               relative_change=change).metadata)
     fused.metadata.update(joined_curve([(c.text, lr.losses) for c, lr in zip(concepts, ordered, strict=True)]))
     return MaceResult(fused, cfr, ordered, [data[i] for i in sorted(data)], round(time.time() - t0, 2), evals,
-                      calls, batch)
+                      calls, batch, change)

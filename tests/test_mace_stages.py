@@ -305,3 +305,19 @@ def test_protect_trains_each_lora_in_the_directions_it_keeps(tiny_backbone, tmp_
             assert max(offs) <= 1e-5
         else:  # (the last layer's value LoRA gets no gradient: the loss reads attention probabilities only)
             assert max(offs) > 1e-3
+
+
+def test_the_fused_edit_reports_how_much_it_changed_the_weights(tiny_backbone):
+    """||dW|| / ||W|| of the fused edit per layer group: in the result, the file's metadata and the console, as
+    ANT's runs report it (a number that means the same on any model; docs/mace.md#the-value-lora)."""
+    from erasure.progress import Progress
+    from erasure.weights import relative_change
+
+    bb = tiny_backbone
+    said: list[str] = []
+    concepts = [Concept("circle", "shape", templates=LAB_TEMPLATES, data_prompt="a photo of a {c}")]
+    r = mace(bb, concepts, _settings(lora_steps=3), None, progress=Progress(log=said.append))
+    assert r.relative_change == relative_change(r.weights, dict(bb.unet().named_modules()))
+    assert r.relative_change["all"] > 0 and {"down.to_k", "up.to_v"} <= set(r.relative_change)
+    assert json.loads(r.weights.metadata["erasure.relative_change"]) == r.relative_change
+    assert any(line.startswith("the MACE edit: weights changed by ||dW|| / ||W|| = ") for line in said)
