@@ -86,10 +86,10 @@ class MaceSettings(Settings):
     #: carries the concept into them, which the reference's positions leave out; nothing changes where the concept
     #: ends its prompt (docs/mace.md#suppress_following)
     suppress_following: bool = False
-    #: keep the result's K/V change off the text-embedding directions holding this fraction of the prior prompts'
-    #: token energy (``prior.protected_complement``, applied to the fused change): unrelated prompts' keys and
-    #: values stay as they were. Not in the reference; 0 (off, its result) by default: on the lab 0.999 keeps far
-    #: more unrelated images whole but erases less on some rows (docs/mace.md#protect)
+    #: keep the K/V change off the text-embedding directions holding this fraction of the prior prompts' token
+    #: energy (``prior.protected_complement``): each LoRA is trained in the other directions (its gradient projected
+    #: every step) and the fused change is projected, so unrelated prompts' keys and values stay as they were. Not
+    #: in the reference (docs/mace.md#protect)
     protect: float = 0.0
     #: concepts whose LoRAs train together in one UNet forward (each sample carries its own concept's LoRA) and
     #: whose images are generated in one batch; the result equals training them one by one (to float rounding).
