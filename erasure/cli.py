@@ -328,8 +328,9 @@ MACE_HELP = {
                     "default: only where they carry the concept (measured per concept)",
     "suppress_following": "the attention loss also suppresses the words between the concept and the end token "
                           "(\"a green *shape*\": a causal text encoder carries the concept into them); default off",
-    "protect": "keep the result's K/V change off the text-embedding directions holding this fraction of the prior "
-               "prompts' token energy, e.g. 0.999 (0 = off, the reference; docs/mace.md#protect; default {default})",
+    "protect": "keep the K/V change off the text-embedding directions holding this fraction of the prior prompts' "
+               "token energy, e.g. 0.999: each LoRA trained in the other directions, the result projected "
+               "(0 = off, the reference; docs/mace.md#protect; default {default})",
     "augment": "each LoRA step uses one of the concept's prompt templates (the reference; default); "
                "--no-augment: the generation prompt only",
     "importance_sampling": "LoRA timesteps from MACE's p(t), median ~300 (the reference; default); "
@@ -452,7 +453,8 @@ ANT_HELP = {
     "concept_batch": "--concepts with --scope lora: this many concepts' LoRAs trained together, one training forward "
                      "per step; the same result as one at a time (default {default})",
     "protect": "keep the K/V edit off the text-embedding directions holding this fraction of unrelated prompts' "
-               "token energy (0 = off; scopes kv, lora, xattn; docs/ant.md#protect; default {default})",
+               "token energy: each step's gradient and the edit projected (0 = off; scopes kv, lora, xattn; "
+               "docs/ant.md#protect; default {default})",
     "preserve_latents": "where the preservation prompts are evaluated: at the concept's latents (concept) or at "
                         "their own images from the frozen model (own) (default {default})",
     "sampling": "where training latents come from: on-policy (the edited model's trajectories) or cached (frozen "

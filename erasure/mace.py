@@ -41,7 +41,7 @@ from .prompts import Concept
 from .sampling import sample
 from .settings import Settings
 from .slot_adam import SlotAdamW
-from .weights import ErasureWeights
+from .weights import ErasureWeights, change_text, relative_change
 from .workdir import WorkDir, matrix_sketch, tensor_hash
 
 
@@ -86,10 +86,10 @@ class MaceSettings(Settings):
     #: carries the concept into them, which the reference's positions leave out; nothing changes where the concept
     #: ends its prompt (docs/mace.md#suppress_following)
     suppress_following: bool = False
-    #: keep the result's K/V change off the text-embedding directions holding this fraction of the prior prompts'
-    #: token energy (``prior.protected_complement``, applied to the fused change): unrelated prompts' keys and
-    #: values stay as they were. Not in the reference; 0 (off, its result) by default: on the lab 0.999 keeps far
-    #: more unrelated images whole but erases less on some rows (docs/mace.md#protect)
+    #: keep the K/V change off the text-embedding directions holding this fraction of the prior prompts' token
+    #: energy (``prior.protected_complement``): each LoRA is trained in the other directions (its gradient projected
+    #: every step) and the fused change is projected, so unrelated prompts' keys and values stay as they were. Not
+    #: in the reference (docs/mace.md#protect)
     protect: float = 0.0
     #: concepts whose LoRAs train together in one UNet forward (each sample carries its own concept's LoRA) and
     #: whose images are generated in one batch; the result equals training them one by one (to float rounding).
@@ -677,8 +677,12 @@ def _fusion_embeds(data: ConceptData, prompts: list[str], cond: TextConditioning
 
 
 def train_lora(backbone: Backbone, data: ConceptData, base: ErasureWeights | None, s: MaceSettings,
-               progress: Progress | None = None, probe: bool = True) -> LoraResult:
-    """Stage 3 for one concept: a rank-``s.lora_rank`` K/V LoRA on top of ``base`` (the CFR edit)."""
+               progress: Progress | None = None, probe: bool = True, keep: torch.Tensor | None = None
+               ) -> LoraResult:
+    """Stage 3 for one concept: a rank-``s.lora_rank`` K/V LoRA on top of ``base`` (the CFR edit). ``keep``
+    (``protect``: ``I - V V^T`` of the prior): the LoRA's input side is kept in its range from the start, and each
+    step's gradient is projected before the clip and AdamW (projected gradient descent), so the LoRA learns with the
+    directions the fused result will keep instead of losing its protected part afterwards."""
     progress = as_progress(progress)
     gen = torch.Generator().manual_seed(s.seed)
     end = resolve_suppress_end(backbone, data.concept, s)
@@ -689,6 +693,8 @@ def train_lora(backbone: Backbone, data: ConceptData, base: ErasureWeights | Non
     prompts, cond_all, positions = _lora_inputs(backbone, data, s, end)
     with base.applied(unet), TrainableLoRA(backbone.cross_attention_kv(), rank=s.lora_rank, generator=gen) as lora:
         opt = torch.optim.AdamW(lora.parameters(), lr=s.lora_lr)
+        if keep is not None:
+            lora.project_inputs(keep)
         n = data.latents.shape[0]
         # the LoRA starts at zero: the probe measures the base model
         probe_before = probe_loss(backbone, data, cond_all, positions, pt, s.seed) if probe else None
@@ -712,8 +718,12 @@ def train_lora(backbone: Backbone, data: ConceptData, base: ErasureWeights | Non
                                                 "lower lora_lr")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if keep is not None:
+                    lora.project_input_grads(keep)
                 torch.nn.utils.clip_grad_norm_(lora.parameters(), s.grad_clip)
                 opt.step()
+                if keep is not None:  # AdamW's per-element step leaves the range; bring it back
+                    lora.project_inputs(keep)
                 losses.append(float(loss.detach()))
                 progress.step()
             now = probe_loss(backbone, data, cond_all, positions, pt, s.seed) if probe else None
@@ -732,13 +742,13 @@ def train_lora(backbone: Backbone, data: ConceptData, base: ErasureWeights | Non
 
 
 def train_loras(backbone: Backbone, datas: list[ConceptData], base: ErasureWeights | None, s: MaceSettings,
-                progress: Progress | None = None, probe: bool = True, ends: list[bool] | None = None
-                ) -> list[LoraResult]:
+                progress: Progress | None = None, probe: bool = True, ends: list[bool] | None = None,
+                keep: torch.Tensor | None = None) -> list[LoraResult]:
     """``train_lora`` for several concepts in one UNet forward per step (issue 20): each concept keeps its own LoRA
     (a slot of a ``BatchedLoRA``), random draws (its own generator seeded as ``train_lora`` seeds it), AdamW
     state, gradient clipping and loss normalisation, so each result equals ``train_lora`` on that concept alone to
     float rounding (``tests/test_mace_batched.py``). The concepts' latents must share one shape. ``ends``: each
-    concept's ``suppress_end`` when already resolved."""
+    concept's ``suppress_end`` when already resolved; ``keep`` as in ``train_lora``."""
     progress = as_progress(progress)
     if len({tuple(d.latents.shape[1:]) for d in datas}) != 1:
         raise ValueError("train_loras: the concepts' latents differ in shape; train them in separate batches")
@@ -755,6 +765,8 @@ def train_loras(backbone: Backbone, datas: list[ConceptData], base: ErasureWeigh
     items = list(zip(datas, conds, positions, strict=True))
     with base.applied(unet), BatchedLoRA(backbone.cross_attention_kv(), s.lora_rank, gens) as lora:
         opt = SlotAdamW(list(lora.parameters()), [s.lora_lr] * k_all)
+        if keep is not None:
+            lora.project_inputs(keep)
         before = probe_losses(backbone, items, pt, s.seed, lora) if probe else None
         rounds = [LoraRounds(s, before[k] if before is not None else None) for k in range(k_all)]
         after: list[float | None] = [None] * k_all
@@ -795,8 +807,12 @@ def train_loras(backbone: Backbone, datas: list[ConceptData], base: ErasureWeigh
                                                 "lower lora_lr")
                 opt.zero_grad()
                 loss.sum().backward()  # each slot's gradient is its own concept's loss's
+                if keep is not None:
+                    lora.project_input_grads(keep)
                 lora.clip_grad_norm_per_slot(s.grad_clip)
                 opt.step(active)
+                if keep is not None:
+                    lora.project_inputs(keep)
                 for k, v in zip(active, values, strict=True):
                     losses[k].append(v)
                 progress.step(len(active))
@@ -836,6 +852,8 @@ class MaceResult:
     unet_evaluations: int = 0  # samples through the UNet (a backward counts as one more), whatever the batching
     unet_calls: int = 0  # UNet calls (a backward counts as one): what batching concepts reduces
     concept_batch: int = 1  # concepts per batch used (``concept_batch`` resolved)
+    #: ``||dW|| / ||W||`` of the fused edit per layer group (``weights.relative_change``)
+    relative_change: dict[str, float] = field(default_factory=dict)
 
 
 def schedule_text(info: dict, s: MaceSettings) -> str:
@@ -950,6 +968,8 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
                  + (f" x {scale:.3g} for this model's token energy = {lam:.3g})" if s.lam_relative else ")"))
     residues: dict[str, float] = {}
     cfr = refine(backbone, concepts, prior, lam, s.preserve, end_residues=residues, mine=mine if several else None)
+    keep, protected = (protected_complement(prior, s.protect) if s.protect > 0 and prior is not None
+                       else (None, None))
     # stage 4's system is built as the LoRAs finish: each enters with the prompt embeddings it trained on
     system = FusionSystem(backbone, mean_prompt_count([[c] for c in concepts]))
     loras: dict[int, LoraResult] = {}
@@ -971,9 +991,10 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
         ends = [s.suppress_end if s.suppress_end is not None else residues[concepts[i].text] >= END_RESIDUE_MIN
                 for i in group]
         if len(group) == 1:
-            results = [train_lora(backbone, data[group[0]], cfr, s.override(suppress_end=ends[0]), progress)]
+            results = [train_lora(backbone, data[group[0]], cfr, s.override(suppress_end=ends[0]), progress,
+                                  keep=keep)]
         else:
-            results = train_loras(backbone, [data[i] for i in group], cfr, s, progress, ends=ends)
+            results = train_loras(backbone, [data[i] for i in group], cfr, s, progress, ends=ends, keep=keep)
         # forward and backward per step; the probe before training and after each round
         n_rounds = max(lr.schedule.get("steps", s.lora_steps) for lr in results) // s.lora_steps
         calls += s.lora_steps * n_rounds * 2 + (1 + n_rounds) * -(-PROBE_SAMPLES // PROBE_CHUNK)
@@ -1000,9 +1021,7 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
     progress.say("stage 4/4: closed-form fusion")
     system.all_reduce([[c] for c in concepts])  # several processes: every rank's sums; one: nothing to do
     fused = system.solve(cfr, prior, lam, s.fuse_preserve)  # = fuse(backbone, [(c, lr.weights), ...], cfr, ...)
-    protected = None
-    if s.protect > 0 and prior is not None:
-        keep, protected = protected_complement(prior, s.protect)
+    if keep is not None:
         fused = fused.projected(keep, backbone.cross_attention_kv())
         progress.say(f"the K/V change kept off {protected} of {keep.shape[0]} text-embedding directions "
                      f"({s.protect:.2%} of the prior prompts' token energy)")
@@ -1018,9 +1037,12 @@ def mace(backbone: Backbone, concepts: list[Concept], settings: MaceSettings, pr
     ordered = [loras[i] for i in range(len(concepts))]
     used = {c.text: lr.suppress_end for c, lr in zip(concepts, ordered, strict=True)}  # suppress_end=None resolved
     schedules = {c.text: lr.schedule for c, lr in zip(concepts, ordered, strict=True)}  # what each LoRA did
+    change = relative_change(fused, dict(backbone.unet().named_modules()))
+    progress.say(f"the MACE edit: {change_text(change)}")
     fused.metadata.update(ErasureWeights.dense({}, method="mace", settings={**asdict(s), "suppress_end_used": used},
                                                lora_schedule=schedules, lam_scale=scale,
-                                               protect_used=protected is not None).metadata)
+                                               protect_used=protected is not None,
+                                               relative_change=change).metadata)
     fused.metadata.update(joined_curve([(c.text, lr.losses) for c, lr in zip(concepts, ordered, strict=True)]))
     return MaceResult(fused, cfr, ordered, [data[i] for i in sorted(data)], round(time.time() - t0, 2), evals,
-                      calls, batch)
+                      calls, batch, change)

@@ -128,6 +128,36 @@ class ErasureWeights:
         return None if size < exact_limit_bytes else fallback
 
 
+def layer_group(name: str) -> str:
+    """A layer's group for ``relative_change``: its part of the UNet and its kind (``down.to_k``, ``up.conv1``)."""
+    parts = name.split(".")
+    where = {"down_blocks": "down", "input_blocks": "down", "mid_block": "mid", "middle_block": "mid",
+             "up_blocks": "up", "output_blocks": "up"}.get(parts[0], "other")
+    return f"{where}.{parts[-1] if not parts[-1].isdigit() else parts[-2]}"
+
+
+def relative_change(weights: ErasureWeights, modules: dict[str, nn.Module]) -> dict[str, float]:
+    """``||dW|| / ||W||`` per layer group and over all edited layers (``"all"``), Frobenius norms: how much of the
+    model an edit changes, a number that means the same on any model (the summary, the LoRA's metadata)."""
+    num: dict[str, float] = {}
+    den: dict[str, float] = {}
+    for name, d in weights.deltas.items():
+        dw2 = float(d.matrix().double().pow(2).sum())
+        w2 = float(modules[name].weight.detach().double().pow(2).sum())
+        for g in (layer_group(name), "all"):
+            num[g] = num.get(g, 0.0) + dw2
+            den[g] = den.get(g, 0.0) + w2
+    return {g: round((num[g] / den[g]) ** 0.5, 6) if den[g] > 0 else 0.0 for g in sorted(num)}
+
+
+def change_text(change: dict[str, float], show: int = 3) -> str:
+    """One line for ``relative_change``: the whole edit and its ``show`` largest layer groups."""
+    groups = sorted(((v, g) for g, v in change.items() if g != "all"), reverse=True)[:show]
+    parts = ", ".join(f"{g} {v:.3g}" for v, g in groups)
+    text = f"weights changed by ||dW|| / ||W|| = {change.get('all', 0.0):.3g}"
+    return text + (f" (largest: {parts})" if parts else "")
+
+
 def metadata(values: dict[str, object]) -> dict[str, str]:
     """Settings and facts as safetensors metadata: ``erasure.<key>`` -> the text, or its JSON."""
     return {META_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}

@@ -17,6 +17,7 @@ from erasure.ant import (
     top_fraction_mask,
 )
 from erasure.deltas import SparseDeltas, TrainableDeltas
+from erasure.progress import Progress
 
 FAST = AntSettings(steps=3, trajectory_steps=6, early_steps=2, trajectories=3, saliency_maps=2,
                    saliency_fraction=0.5, batch_size=2, guidance=3.0, scope="saliency")
@@ -284,10 +285,13 @@ def test_relative_learning_rate_scales_each_layer_by_its_weights(tiny_backbone):
     for g, name in zip(rel.param_groups, sorted(mods), strict=True):
         assert g["lr"] == pytest.approx(0.02 * float(mods[name].weight.pow(2).mean().sqrt()))
     assert all(g["lr"] == 5e-4 for g in ab.param_groups)
-    r = ant(bb, "circle", FAST.override(scope="kv", preserve=0.0), templates=TEMPLATES)
+    said: list[str] = []
+    r = ant(bb, "circle", FAST.override(scope="kv", preserve=0.0), templates=TEMPLATES,
+            progress=Progress(log=said.append))
     change = json.loads(r.weights.metadata["erasure.relative_change"])
     assert change == r.relative_change and change["all"] > 0
     assert {k.split(".")[0] for k in change} <= {"down", "mid", "up", "all"}
+    assert f"ant: weights changed by ||dW|| / ||W|| = {change['all']:.3g}" in "\n".join(said)  # the run's summary
 
 
 def test_ant_multi_keeps_every_concept_of_the_run_out_of_the_preservation_prompts(tiny_backbone, monkeypatch):

@@ -57,18 +57,25 @@ def test_batched_lora_starts_as_separate_loras_and_routes_each_sample(tiny_backb
             mods[name](x)
 
 
-def test_concepts_trained_together_equal_each_alone(tiny_backbone):
-    """The issue's equality test: same seeds, each concept's LoRA, loss curve and probe as when trained alone."""
+@pytest.mark.parametrize("protected", [False, True])
+def test_concepts_trained_together_equal_each_alone(tiny_backbone, protected):
+    """The issue's equality test: same seeds, each concept's LoRA, loss curve and probe as when trained alone (also
+    with protect's projection of every step)."""
     s = _settings()
     concepts = _concepts()
     datas = [generate_data(tiny_backbone, c, s) for c in concepts]
     cfr = refine(tiny_backbone, concepts, None, s.lam, s.preserve)
-    together = train_loras(tiny_backbone, datas, cfr, s)
+    keep = None
+    if protected:  # any projection serves: the complement of a few random directions
+        width = next(iter(tiny_backbone.cross_attention_kv().values())).in_features
+        v = torch.linalg.qr(torch.randn(width, 3, generator=torch.Generator().manual_seed(0)))[0]
+        keep = torch.eye(v.shape[0]) - v @ v.T
+    together = train_loras(tiny_backbone, datas, cfr, s, keep=keep)
     # the rounds rule (lora_target) stops the concepts at different rounds: a finished one leaves the batch
     assert len({t.schedule["steps"] for t in together}) > 1
     assert any(t.schedule["lr"] > s.lora_lr for t in together)
     for d, t in zip(datas, together, strict=True):
-        alone = train_lora(tiny_backbone, d, cfr, s)
+        alone = train_lora(tiny_backbone, d, cfr, s, keep=keep)
         assert len(t.losses) == len(alone.losses) == t.schedule["steps"]
         assert t.schedule == alone.schedule
         assert _close(torch.tensor(t.losses), torch.tensor(alone.losses))
@@ -78,6 +85,8 @@ def test_concepts_trained_together_equal_each_alone(tiny_backbone):
         for name, delta in alone.weights.deltas.items():
             other = t.weights.deltas[name]
             assert _close(other.up, delta.up) and _close(other.down, delta.down), name
+            if keep is not None:
+                assert float((delta.down.float() @ v).abs().max()) < 1e-5, name
         assert t.weights.metadata == alone.weights.metadata
 
 

@@ -283,4 +283,41 @@ def test_protect_keeps_the_fused_change_off_the_prior_prompts_directions(tiny_ba
     for name in bb.cross_attention_kv():
         d, d0 = kept.deltas[name].matrix(), free.deltas[name].matrix()
         assert (d @ v).abs().max() <= 1e-5 * d0.abs().max()  # nothing left on the kept directions
-        torch.testing.assert_close(d, d0 @ keep, atol=1e-6, rtol=1e-5)  # and the rest of the change as it was
+        assert (d0 @ v).abs().max() > 1e-3 * d0.abs().max()  # which the unprotected result does reach
+
+
+def test_protect_trains_each_lora_in_the_directions_it_keeps(tiny_backbone, tmp_path):
+    """protect is projected gradient descent for the LoRA stage, as for ANT: each concept's LoRA lies in the
+    protected complement (its input side projected from the start and after every step), so the fused result's
+    projection removes nothing of it; without protect the same LoRA reaches into those directions."""
+    from erasure.prior import protected_complement
+
+    bb = tiny_backbone
+    concepts = [Concept("circle", "shape", templates=LAB_TEMPLATES, data_prompt="a photo of a {c}")]
+    prior = gram(bb, prior_prompts(100), tmp_path)
+    _, k = protected_complement(prior, 0.9)
+    v = torch.linalg.eigh(prior)[1].flip(1)[:, :k].float()
+    for protect in (0.9, 0.0):
+        lora = mace(bb, concepts, _settings(lora_steps=3, protect=protect), prior).loras[0].weights
+        offs = [float((d.matrix() @ v).abs().max()) / max(float(d.matrix().abs().max()), 1e-12)
+                for d in lora.deltas.values()]
+        if protect:
+            assert max(offs) <= 1e-5
+        else:  # (the last layer's value LoRA gets no gradient: the loss reads attention probabilities only)
+            assert max(offs) > 1e-3
+
+
+def test_the_fused_edit_reports_how_much_it_changed_the_weights(tiny_backbone):
+    """||dW|| / ||W|| of the fused edit per layer group: in the result, the file's metadata and the console, as
+    ANT's runs report it (a number that means the same on any model; docs/mace.md#the-value-lora)."""
+    from erasure.progress import Progress
+    from erasure.weights import relative_change
+
+    bb = tiny_backbone
+    said: list[str] = []
+    concepts = [Concept("circle", "shape", templates=LAB_TEMPLATES, data_prompt="a photo of a {c}")]
+    r = mace(bb, concepts, _settings(lora_steps=3), None, progress=Progress(log=said.append))
+    assert r.relative_change == relative_change(r.weights, dict(bb.unet().named_modules()))
+    assert r.relative_change["all"] > 0 and {"down.to_k", "up.to_v"} <= set(r.relative_change)
+    assert json.loads(r.weights.metadata["erasure.relative_change"]) == r.relative_change
+    assert any(line.startswith("the MACE edit: weights changed by ||dW|| / ||W|| = ") for line in said)

@@ -24,7 +24,7 @@ from ..prior import protected_complement as prior_complement
 from ..progress import Progress, as_progress
 from ..prompts import CONCEPT_TEMPLATES, Concept, augmented_prompts
 from ..report import ReportSettings, calibrated_strength
-from ..weights import ErasureWeights, metadata
+from ..weights import ErasureWeights, change_text, metadata, relative_change
 from .adversarial import attack_round, concept_images, slot_encoder_for, slot_templates, start_token
 from .objective import add_preservation, ant_loss, ant_losses, cat_batches, use_checkpointing
 from .saliency import saliency_masks, scope_modules
@@ -92,27 +92,6 @@ def optimizer(deltas: HookedDeltas, modules: dict[str, nn.Module], s: AntSetting
         scale = float(w.float().pow(2).mean().sqrt()) if s.lr_relative else 1.0
         groups.append({"params": deltas.layer_parameters(i), "lr": s.lr * scale})
     return torch.optim.Adam(groups, lr=s.lr)
-
-
-def _group(name: str) -> str:
-    """A layer's group for ``relative_change``: its part of the UNet and its kind (``down.to_k``, ``up.conv1``)."""
-    parts = name.split(".")
-    where = {"down_blocks": "down", "input_blocks": "down", "mid_block": "mid", "middle_block": "mid",
-             "up_blocks": "up", "output_blocks": "up"}.get(parts[0], "other")
-    return f"{where}.{parts[-1] if not parts[-1].isdigit() else parts[-2]}"
-
-
-def relative_change(weights: ErasureWeights, modules: dict[str, nn.Module]) -> dict[str, float]:
-    """``||dW|| / ||W||`` per layer group and over all edited layers (``"all"``), Frobenius norms."""
-    num: dict[str, float] = {}
-    den: dict[str, float] = {}
-    for name, d in weights.deltas.items():
-        dw2 = float(d.matrix().double().pow(2).sum())
-        w2 = float(modules[name].weight.detach().double().pow(2).sum())
-        for g in (_group(name), "all"):
-            num[g] = num.get(g, 0.0) + dw2
-            den[g] = den.get(g, 0.0) + w2
-    return {g: round((num[g] / den[g]) ** 0.5, 6) if den[g] > 0 else 0.0 for g in sorted(num)}
 
 
 @dataclass
@@ -288,6 +267,7 @@ def ant(backbone: Backbone, concept: str, settings: AntSettings | None = None, s
                     weights, ev = _calibrate(backbone, weights, concept.strip(), s, templates, progress)
                 fwd += ev
             change = _annotate(weights, mods, keep is not None, losses)
+            progress.say(f"ant: {change_text(change)}")
             adv = tok.report() if tok is not None else {}
             if adv:
                 weights.metadata.update(metadata({"adversarial": {"rounds": adv["rounds"],
@@ -487,6 +467,7 @@ def ant_multi(backbone: Backbone, concepts: list[str], settings: AntSettings | N
     fused = system.solve(None, prior, lam, preserve, method="ant-fused")
     fused.metadata.update(joined_curve([(c, r.losses) for c, r in zip(names, results, strict=True)]))
     change = relative_change(fused, dict(backbone.unet().named_modules()))
+    progress.say(f"ant: fused: {change_text(change)}")
     fused.metadata.update(metadata({"settings": s.as_dict(), "relative_change": change,
                                     "fuse": {"lam": lam, "preserve": preserve, "strength": strength,
                                              "balance": True}}))
