@@ -1,8 +1,9 @@
 """Apply ``protect`` to an erasure LoRA that was made without it: every cross-attention K/V change multiplied on the
 right by ``I - V V^T``, ``V`` the text-embedding directions holding ``--protect`` of the prior prompts' token energy
-(the prompts without the concepts, as the run's own prior). For a MACE file this is exactly what ``--protect``
-does at the end of the run (``tests/test_mace_stages.py::test_protect_keeps_the_fused_change_off_the_prior_prompts_
-directions``), so the protect rows of docs/mace.md#protect were measured on the protect-0 runs' files this way.
+(the prompts without the concepts, as the run's own prior). For a MACE file this is what ``--protect`` did before
+it was also applied while each LoRA trains (the projection of the result only), so the "result only" rows of
+docs/mace.md#protect were measured on the protect-0 runs' files this way; today's ``--protect`` trains the LoRAs in
+the kept directions and gives another result.
 
     python scripts/protect_lora.py LORA MODEL "circle; green" OUT [--protect 0.999]
 """
