@@ -90,7 +90,7 @@ class MaceSettings(Settings):
     #: energy (``prior.protected_complement``): each LoRA is trained in the other directions (its gradient projected
     #: every step) and the fused change is projected, so unrelated prompts' keys and values stay as they were. Not
     #: in the reference (docs/mace.md#protect)
-    protect: float = 0.0
+    protect: float = 0.999
     #: concepts whose LoRAs train together in one UNet forward (each sample carries its own concept's LoRA) and
     #: whose images are generated in one batch; the result equals training them one by one (to float rounding).
     #: ``None``: automatic, from free memory on a GPU, ``CPU_CONCEPT_BATCH`` on the CPU (docs/mace.md#concept-batch)

@@ -47,6 +47,6 @@ row ant-adversarial "$PY" -m erasure ant --model "$MODEL" --concept "$C" --prote
   --no-report --out "$OUT/ant-adversarial.safetensors"
 row ant-protect0 "$PY" -m erasure ant --model "$MODEL" --concept "$C" --protect 0 --seed "$SEED" --no-report \
   --out "$OUT/ant-protect0.safetensors"
-row mace-protect "$PY" -m erasure mace --model "$MODEL" --concepts "$C" --protect 0.999 --seed "$SEED" --no-report \
-  --out "$OUT/mace-protect.safetensors"
+row mace-protect0 "$PY" -m erasure mace --model "$MODEL" --concepts "$C" --protect 0 --seed "$SEED" --no-report \
+  --out "$OUT/mace-protect0.safetensors"
 "$PY" scripts/lab_table.py "$REP" | tee "$REP/table.md"

@@ -4,8 +4,10 @@
 # generality, specificity, fidelity, kept). Resumable (a row whose evaluation exists is skipped); about 3-5 min a
 # row at one thread. Table: .venv/bin/python scripts/mace_lab_bars.py (docs/mace.md#lab-bars-issue-18-item-3).
 #
-#   bash scripts/mace_lab_bars.sh                 # every row -> reports/mace-bars/
-#   MODEL=lab-clip bash scripts/mace_lab_bars.sh   # the second lab model -> reports/mace-bars-lab-clip/
+#   FLAGS="--protect 0.999" TAG=pgrad bash scripts/mace_lab_bars.sh   # the default preset -> reports/mace-bars-pgrad/
+#   MODEL=lab-clip FLAGS="--protect 0.999" TAG=pgrad bash scripts/mace_lab_bars.sh   # -> ...-lab-clip-pgrad/
+#   FLAGS="--protect 0" bash scripts/mace_lab_bars.sh   # the reference's result (reports/mace-bars/, the runs before
+#                                                       # protect became the default; -lab-clip likewise)
 #   LANE=0/2 bash scripts/mace_lab_bars.sh &  LANE=1/2 bash scripts/mace_lab_bars.sh &   # two cores
 #   MODEL=lab-clip FLAGS=--suppress-following TAG=following bash scripts/mace_lab_bars.sh  # -> ...-lab-clip-following/
 #   ROWS="green|circle; green; striped" ...   # other rows ("|" between rows)

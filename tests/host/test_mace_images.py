@@ -204,8 +204,8 @@ def test_the_lora_rounds_rule_runs_in_comfyui_and_its_schedule_reaches_the_lora(
 
 
 def test_protect_from_the_settings_node_projects_the_result_through_comfys_clip(comfy, loaded, mace_env):
-    """MACE Settings' protect: off by default (the reference's unprojected result); set, the result is projected with
-    the prior prompts' Gram from ComfyUI's CLIP; the file records which."""
+    """MACE Settings' protect: on by default (0.999), with the prior prompts' Gram from ComfyUI's CLIP; 0 gives the
+    reference's unprojected result; the file records which."""
     import json
 
     node, _ = mace_env
@@ -217,7 +217,7 @@ def test_protect_from_the_settings_node_projects_the_result_through_comfys_clip(
         values = widget_defaults(settings) | {"lora_steps": 2, "lora_target": 0.0, "resolution": "64"} | kw
         return _run(node, model, clip, "cat", settings=_out(settings.execute(**values), 0))[1]
 
-    kept, plain = run(protect=0.999), run()
+    kept, plain = run(), run(protect=0.0)
     assert kept.metadata["erasure.protect_used"] == "true" and plain.metadata["erasure.protect_used"] == "false"
     assert json.loads(kept.metadata["erasure.settings"])["protect"] == 0.999
     assert any(not torch.equal(plain[k], kept[k]) for k in plain), "protect changed nothing"
