@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from mace_attention_by_timestep import banded  # scripts/: the same banded capture
 
 from erasure.diffusers_backbone import load_diffusers
 from erasure.lora_files import load_lora, resolve_names
@@ -33,19 +34,8 @@ class PositionMass:
         self.layers += 1
 
 
-@torch.no_grad()
 def masses(bb, prompt: str, x0: torch.Tensor) -> list[torch.Tensor]:
-    cond = bb.encode_text([prompt] * len(x0))
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for lo, hi in BANDS:
-        t = torch.randint(lo, hi, (len(x0),), generator=g)
-        x_t = bb.schedule.add_noise(x0, torch.randn(x0.shape, generator=g), t)
-        m = PositionMass()
-        with bb.capture_attention(m):
-            bb.predict_noise(x_t, t, cond)
-        out.append(m.total / max(m.layers, 1))
-    return out
+    return [m.total / max(m.layers, 1) for m in banded(bb, prompt, x0, PositionMass, BANDS, 0)]
 
 
 def main() -> None:

@@ -10,6 +10,8 @@ timesteps; the attention probability of the concept's tokens, averaged over laye
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -30,19 +32,26 @@ class Mass:
 
 
 @torch.no_grad()
-def masses(bb, prompt: str, word: str, x0: torch.Tensor, seed: int) -> list[float]:
+def banded(bb, prompt: str, x0: torch.Tensor, sink: Callable[[], Any], bands, seed: int) -> list[Any]:
+    """One attention sink per timestep band: ``x0`` noised at random timesteps of the band, one UNet call with
+    ``prompt``, every cross-attention layer's probabilities into a fresh ``sink()`` (also used by
+    scripts/attention_positions.py)."""
     cond = bb.encode_text([prompt] * len(x0))
-    pos = bb.token_positions(prompt, word)
     g = torch.Generator().manual_seed(seed)
     out = []
-    for lo, hi in BANDS:
+    for lo, hi in bands:
         t = torch.randint(lo, hi, (len(x0),), generator=g)
         x_t = bb.schedule.add_noise(x0, torch.randn(x0.shape, generator=g), t)
-        m = Mass(pos)
+        m = sink()
         with bb.capture_attention(m):
             bb.predict_noise(x_t, t, cond)
-        out.append(m.total / max(m.layers, 1))
+        out.append(m)
     return out
+
+
+def masses(bb, prompt: str, word: str, x0: torch.Tensor, seed: int) -> list[float]:
+    pos = bb.token_positions(prompt, word)
+    return [m.total / max(m.layers, 1) for m in banded(bb, prompt, x0, lambda: Mass(pos), BANDS, seed)]
 
 
 def main() -> None:
