@@ -307,8 +307,8 @@ MACE_HELP = {
     "images_per_concept": "generated images per concept (default {default})",
     "sample_steps": "DDIM steps when generating them (default {default})",
     "guidance": "guidance when generating them (default {default})",
-    "use_masks": "restrict the attention loss to the concept's mask (default; styles never use masks); "
-                 "--no-masks: the whole image",
+    "use_masks": "restrict the attention loss to the concept's mask (the reference's objects and people; styles "
+                 "never use masks); default --no-masks: the whole image (docs/mace.md#where-and-when-the-loss-looks)",
     "mask_threshold": "threshold of the normalised attention map (default {default})",
     "lam": "closed-form regulariser (default: the preset's)",
     "lam_relative": "read --lam relative to this model's text-token energy, as the reference's values read on SD1.x "
@@ -327,14 +327,15 @@ MACE_HELP = {
     "suppress_end": "the attention loss also suppresses the end token and padding (the reference's positions); "
                     "default: only where they carry the concept (measured per concept)",
     "suppress_following": "the attention loss also suppresses the words between the concept and the end token "
-                          "(\"a green *shape*\": a causal text encoder carries the concept into them); default off",
+                          "(\"a green *shape*\": a causal text encoder carries the concept into them; default); "
+                          "--no-suppress-following: the reference's positions",
     "protect": "keep the K/V change off the text-embedding directions holding this fraction of the prior prompts' "
                "token energy, e.g. 0.999: each LoRA trained in the other directions, the result projected "
                "(0 = off, the reference; docs/mace.md#protect; default {default})",
     "augment": "each LoRA step uses one of the concept's prompt templates (the reference; default); "
                "--no-augment: the generation prompt only",
-    "importance_sampling": "LoRA timesteps from MACE's p(t), median ~300 (the reference; default); "
-                           "--no-importance-sampling: uniform",
+    "importance_sampling": "LoRA timesteps from MACE's p(t), median ~300 (the reference's objects, people and "
+                           "styles); default --no-importance-sampling: uniform, as the reference's nudity config",
     "concept_batch": "concepts trained (and their images generated) together in one UNet batch; the same result as "
                      "one at a time (default: automatic, 4 on the CPU, from free memory on a GPU)",
     "seed": "(default {default})",

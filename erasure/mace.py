@@ -55,7 +55,11 @@ class MaceSettings(Settings):
     sample_steps: int = 30
     guidance: float = 7.5
     mask_threshold: float = 0.5
-    use_masks: bool = True
+    #: restrict the attention loss to the concept's region (from its own attention in the generated images; the
+    #: reference's objects and people). Off by default: at the high-noise steps the loss now also sees, the region of
+    #: the final image is not yet where the concept acts (docs/mace.md#where-and-when-the-loss-looks). Your own masks
+    #: are used either way
+    use_masks: bool = False
     lam: float = 0.1  # CFR / fusion regulariser towards the reference weights
     #: read ``lam`` relative to this model's text-token energy, as on SD1.x with the reference's 30 prompts
     #: (``lam_scale``; off: the same absolute number on every model, as the reference; docs/mace.md#lam)
@@ -77,15 +81,18 @@ class MaceSettings(Settings):
     #: 30 object/style templates); off: the single generation prompt every step
     augment: bool = True
     #: draw LoRA timesteps from ``p(t) ~ sigmoid(0.05 (t-200)) - sigmoid(0.05 (t-400))`` (the reference's
-    #: ``importance_sampling: true``); off: uniform over all timesteps (the reference's other option)
-    importance_sampling: bool = True
+    #: ``importance_sampling: true`` for objects, people and styles); off (default): uniform over all timesteps (the
+    #: reference's nudity config), so the concept is also suppressed at the high-noise steps where attributes such as
+    #: a colour settle (docs/mace.md#where-and-when-the-loss-looks)
+    importance_sampling: bool = False
     #: also suppress the end token and padding after the concept (the reference's positions). ``None`` (default):
     #: only where they carry the concept, as ``end_residue`` measures it (docs/mace.md#suppress_end)
     suppress_end: bool | None = None
     #: also suppress the words between the concept and the end token ("a green *shape*"): a causal text encoder
     #: carries the concept into them, which the reference's positions leave out; nothing changes where the concept
-    #: ends its prompt (docs/mace.md#suppress_following)
-    suppress_following: bool = False
+    #: ends its prompt. On by default: with uniform timesteps and whole images it is what erases a colour in a
+    #: mixed list at every seed (docs/mace.md#where-and-when-the-loss-looks)
+    suppress_following: bool = True
     #: keep the K/V change off the text-embedding directions holding this fraction of the prior prompts' token
     #: energy (``prior.protected_complement``): each LoRA is trained in the other directions (its gradient projected
     #: every step) and the fused change is projected, so unrelated prompts' keys and values stay as they were. Not
@@ -106,7 +113,10 @@ class MaceSettings(Settings):
 #: the reference's configurations per kind (Shilin-LU/MACE ``configs/``; which file each value comes from and every
 #: difference: docs/mace.md#presets). Prior weights are the reference's ``train_preserve_scale`` /
 #: ``fuse_preserve_scale`` times the 616,767 COCO 2014 captions its cache sums, since our prior is normalised per
-#: prompt; its lam 0 is 1e-3 here, as ``refine`` and the validation take lam > 0 only.
+#: prompt; its lam 0 is 1e-3 here, as ``refine`` and the validation take lam > 0 only. Every kind trains its LoRA on
+#: whole images at uniform timesteps (the reference: masks and p(t) for objects and people, p(t) for styles), also
+#: suppresses the words after the concept, and uses ``protect``: measured reasons in
+#: docs/mace.md#where-and-when-the-loss-looks and #protect.
 PRESETS: dict[str, MaceSettings] = {
     # configs/object/erase_ship.yaml (the README's config): lamb 1e3, mapping 'ground', no prior (scales 0)
     # configs/object/erase_bird.yaml (the reference's objects use lamb 10, 100 or 1000: 10 here) with the prior of

@@ -229,7 +229,7 @@ class MaceSettingsNode(_SettingsNode):
                         "here override the preset; values left at their defaults keep the preset's unless named in "
                         "force (the presets, "
                         "the reference's configurations, differ in lam, the prior weights, the LoRA learning rate "
-                        "and steps, masks and timestep sampling: docs/mace.md, Presets).",
+                        "and steps: docs/mace.md, Presets).",
             inputs=[
                 io.Int.Input("lora_steps", default=d.lora_steps, min=1, max=5000,
                              tooltip="LoRA training steps per concept (presets: 50; nudity 120)."),
@@ -247,7 +247,8 @@ class MaceSettingsNode(_SettingsNode):
                                tooltip="Guidance scale of the generated images."),
                 io.Boolean.Input("use_masks", default=d.use_masks,
                                  tooltip="Train the attention loss inside the concept's region (from its own "
-                                         "attention maps) instead of whole images (the style preset turns it off)."),
+                                         "attention maps; the reference's objects and people) instead of whole "
+                                         "images (default off; your own masks are used either way)."),
                 io.Float.Input("mask_threshold", default=d.mask_threshold, min=0.0, max=1.0, step=0.05,
                                tooltip="Where a normalised attention map counts as the concept's region."),
                 io.Float.Input("lam", default=d.lam, min=1e-6, max=1e6, step=0.01,
@@ -261,8 +262,8 @@ class MaceSettingsNode(_SettingsNode):
                                  tooltip="Each LoRA step uses a prompt drawn from the concept's templates (off: "
                                          "the generation prompt every step)."),
                 io.Boolean.Input("importance_sampling", default=d.importance_sampling,
-                                 tooltip="Draw LoRA timesteps mostly from t 200-400, as the reference (off: "
-                                         "uniform)."),
+                                 tooltip="Draw LoRA timesteps mostly from t 200-400, as the reference's objects, "
+                                         "people and styles (default off: uniform, as its nudity config)."),
                 io.Combo.Input("suppress_end", options=list(SUPPRESS_END), default="auto",
                                tooltip="Also suppress the end token and padding: auto where the text encoder "
                                        "carries the concept into them; on; off."),
@@ -295,6 +296,11 @@ class MaceSettingsNode(_SettingsNode):
                                        "66-83% of unrelated images kept whole instead of 25-58%). 0 = off, the "
                                        "reference's result (docs/mace.md#protect)."),
                 force_input("e.g. 'lam' with the object preset uses lam 0.1, not the preset's 10"),
+                # last and optional: workflows saved before it existed keep their widget values in place
+                io.Boolean.Input("suppress_following", default=d.suppress_following, optional=True,
+                                 tooltip="Also suppress the words after the concept (\"a green *car*\"), which "
+                                         "CLIP's causal text encoder fills with the concept (on; off: the "
+                                         "reference's positions)."),
             ],
             outputs=[MaceSettingsType.Output(display_name="SETTINGS",
                                              tooltip="Connect to Mass Erase (MACE)'s settings input.")],

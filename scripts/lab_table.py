@@ -12,10 +12,14 @@ ROWS = [("esd-published", "ESD-x as published (lr 1e-5, 1000 iterations)"),
         ("esd-tuned", "ESD-x tuned on the lab (lr 1e-3, 150 iterations)"),
         ("ant-default", "ANT, default (protect 0.999)"),
         ("ant-paper", "ANT, `--preset paper`"),
-        ("mace-default", "MACE, default (object preset, protect 0.999 trained in the projection)"),
+        ("mace-default", "MACE, default (object preset: protect 0.999, whole images, uniform timesteps, following "
+                         "words)"),
         ("ant-adversarial", "ANT, `--protect 0 --adversarial 1` (robust option)"),
         ("ant-protect0", "ANT, `--protect 0` (the default before protect)"),
-        ("mace-protect0", "MACE, `--protect 0` (the reference; the default before protect)"),
+        ("mace-protect0", "MACE, `--protect 0 --importance-sampling --masks --no-suppress-following` (the "
+                          "reference)"),
+        ("mace-pt-masks", "MACE, `--importance-sampling --masks --no-suppress-following` (the default before "
+                          "the whole-image loss; protect 0.999)"),
         # made by an earlier library (protect projected the result only); kept for comparison, not re-runnable
         ("mace-protect-result", "MACE, `--protect 0.999` on the result only (the library before 720e76d)")]
 

@@ -47,6 +47,10 @@ row ant-adversarial "$PY" -m erasure ant --model "$MODEL" --concept "$C" --prote
   --no-report --out "$OUT/ant-adversarial.safetensors"
 row ant-protect0 "$PY" -m erasure ant --model "$MODEL" --concept "$C" --protect 0 --seed "$SEED" --no-report \
   --out "$OUT/ant-protect0.safetensors"
-row mace-protect0 "$PY" -m erasure mace --model "$MODEL" --concepts "$C" --protect 0 --seed "$SEED" --no-report \
+row mace-protect0 "$PY" -m erasure mace --model "$MODEL" --concepts "$C" --protect 0 --importance-sampling --masks \
+  --no-suppress-following --seed "$SEED" --no-report \
   --out "$OUT/mace-protect0.safetensors"
+# the default before the loss looked at whole images, uniform timesteps and the words after the concept
+row mace-pt-masks "$PY" -m erasure mace --model "$MODEL" --concepts "$C" --importance-sampling --masks \
+  --no-suppress-following --seed "$SEED" --no-report --out "$OUT/mace-pt-masks.safetensors"
 "$PY" scripts/lab_table.py "$REP" | tee "$REP/table.md"

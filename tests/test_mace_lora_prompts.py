@@ -53,7 +53,8 @@ def test_each_step_pairs_its_prompt_with_that_prompt_s_positions(tiny_backbone, 
 
     monkeypatch.setattr(mace_mod, "AttentionLoss", Recording)
     monkeypatch.setattr(tiny_backbone, "predict_noise", recording_predict)
-    s = MaceSettings(lora_steps=24, lora_lr=1e-3, suppress_end=False, lora_target=0.0)  # one round
+    # one round; the concept's own positions only (no end token, no following words)
+    s = MaceSettings(lora_steps=24, lora_lr=1e-3, suppress_end=False, suppress_following=False, lora_target=0.0)
     d = _data(tiny_backbone)
     train_lora(tiny_backbone, d, None, s)
     prompts = lora_prompts(d)
@@ -157,7 +158,8 @@ def test_probe_is_fixed_and_falls_when_the_lora_learns(tiny_backbone):
 
 
 def test_uniform_timesteps_reach_the_noisy_end(tiny_backbone, monkeypatch):
-    """``importance_sampling=False`` draws timesteps over the whole schedule; MACE's p(t) stays below ~600."""
+    """``importance_sampling=False`` (the default) draws timesteps over the whole schedule; MACE's p(t) stays below
+    ~600."""
     ts: list[int] = []
     real = tiny_backbone.schedule.add_noise.__func__
 
@@ -168,10 +170,10 @@ def test_uniform_timesteps_reach_the_noisy_end(tiny_backbone, monkeypatch):
 
     monkeypatch.setattr(tiny_backbone, "schedule", Schedule(tiny_backbone.schedule.alphas_cumprod))
     d = _data(tiny_backbone)
-    train_lora(tiny_backbone, d, None, MaceSettings(lora_steps=40, lora_lr=1e-3))
+    train_lora(tiny_backbone, d, None, MaceSettings(lora_steps=40, lora_lr=1e-3, importance_sampling=True))
     assert max(ts) < 650
     ts.clear()
-    train_lora(tiny_backbone, d, None, MaceSettings(lora_steps=40, lora_lr=1e-3, importance_sampling=False))
+    train_lora(tiny_backbone, d, None, MaceSettings(lora_steps=40, lora_lr=1e-3))
     assert max(ts) > 700 and min(ts) < 150
 
 
@@ -198,13 +200,13 @@ def test_cli_flags_reach_the_settings(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("ERASURE_CACHE", str(tmp_path))
     try:
         cli.main(["mace", "--model", "lab", "--concepts", "circle", "--out", str(tmp_path / "x.safetensors"),
-                  "--no-augment", "--no-importance-sampling", "--no-masks", "--mask-threshold", "0.3",
-                  "--lora-batch", "2", "--grad-clip", "0.5", "--suppress-end"])
+                  "--no-augment", "--importance-sampling", "--masks", "--mask-threshold", "0.3",
+                  "--lora-batch", "2", "--grad-clip", "0.5", "--suppress-end", "--no-suppress-following"])
     except SystemExit:
         pass
     s = captured["s"]
     assert (s.augment, s.importance_sampling, s.use_masks, s.mask_threshold, s.lora_batch, s.grad_clip,
-            s.suppress_end) == (False, False, False, 0.3, 2, 0.5, True)
+            s.suppress_end, s.suppress_following) == (False, True, True, 0.3, 2, 0.5, True, False)
 
 
 def test_mace_encodes_each_concepts_prompt_pairs_once(tiny_backbone, monkeypatch):

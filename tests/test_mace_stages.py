@@ -52,12 +52,14 @@ def test_suppressed_positions_following_cover_the_words_between_concept_and_end(
 
 def test_generate_data_shapes_and_masks(tiny_backbone):
     c = Concept("circle", "shape", templates=LAB_TEMPLATES, data_prompt="a photo of a {c}")
-    d = generate_data(tiny_backbone, c, _settings())
+    d = generate_data(tiny_backbone, c, _settings(use_masks=True))
     assert d.latents.shape == (2, 3, 16, 16) and d.masks.shape == (2, 16, 16)
     assert set(d.masks.unique().tolist()) <= {0.0, 1.0} and d.masks.sum() > 0
     style = generate_data(tiny_backbone, Concept("striped", "plain", kind="style", templates=LAB_TEMPLATES),
-                          _settings())
+                          _settings(use_masks=True))
     assert bool((style.masks == 1).all())
+    # the default (whole images): no masks from attention
+    assert bool((generate_data(tiny_backbone, c, _settings()).masks == 1).all())
 
 
 def test_attention_loss_decreases_during_training(tiny_backbone):
