@@ -89,6 +89,9 @@ def reference_fuse(bb: DiffusersBackbone, concepts: list[Concept], loras: list[E
 
 def reference_mace(bb: DiffusersBackbone, concepts: list[Concept], s: MaceSettings, caches: dict) -> ErasureWeights:
     """The four stages, the reference's way."""
+    # its objects' masks and p(t), its positions (no following words); the library's default differs
+    # (docs/mace.md#where-and-when-the-loss-looks)
+    s = s.override(use_masks=True, importance_sampling=True, suppress_following=False)
     data = [generate_unbatched(bb, c, s) for c in concepts]
     cfr = reference_cfr(bb, concepts, caches, s.lam, s.preserve)
     # the reference suppresses the end token and padding always (``use_pooler``), never measuring whether they carry
