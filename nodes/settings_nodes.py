@@ -279,9 +279,9 @@ class MaceSettingsNode(_SettingsNode):
                                        "of memory."),
                 io.Float.Input("lora_target", default=d.lora_target, min=0.0, max=0.99, step=0.01, optional=True,
                                tooltip="Train each concept's LoRA in rounds of lora_steps until the attention its "
-                                       "tokens receive in its region (on a fixed probe) is at most this fraction of "
-                                       "the start, raising the learning rate after a round that stalled. 0: "
-                                       "lora_steps only, as the reference."),
+                                       "tokens receive (on a fixed probe; whole images, or its region with "
+                                       "use_masks) is at most this fraction of the start, raising the learning "
+                                       "rate after a round that stalled. 0: lora_steps only, as the reference."),
                 io.Int.Input("lora_max_rounds", default=d.lora_max_rounds, min=1, max=100, optional=True,
                              tooltip="At most this many rounds of lora_steps per concept."),
                 io.Boolean.Input("lam_relative", default=d.lam_relative, optional=True,

@@ -77,7 +77,6 @@ def test_presets_are_the_reference_configs():
     # docs/mace.md#where-and-when-the-loss-looks); the reference's p(t) and masks are one setting away
     for s in PRESETS.values():
         assert (s.importance_sampling, s.use_masks, s.suppress_following) == (False, False, True)
-        assert s.override(importance_sampling=True, use_masks=True).importance_sampling
     # configs/celebrity/erase_cele_{5,10,100}.yaml: mapping 'a person', scales 1e-4, lr 1e-4, 50 steps
     assert (person.anchor, person.lora_lr, person.lora_steps) == ("a person", 1e-4, 50)
     # configs/art/erase_art_100.yaml: mapping 'art', scales 1e-4, lr 1e-4, 50 steps, no masks
