@@ -5,8 +5,8 @@ import torch
 
 from erasure.diffusers_backbone import load_diffusers
 from erasure.lab import world
-from erasure.lab.classifier import accuracy, load_classifier, render_labelled
-from erasure.lab.evaluate import EvalSettings, evaluate
+from erasure.lab.classifier import accuracy, load_classifier, render_empty, render_labelled
+from erasure.lab.evaluate import EvalSettings, _hits, evaluate
 from erasure.lab.model import CLASSIFIER_FILE
 
 # a reduced seed set of the default evaluation (same sampler settings)
@@ -27,6 +27,36 @@ def test_classifier_on_a_fresh_heldout_render(clf):
     images, attrs = render_labelled(1000, seed=424242)  # a seed used neither in training nor in its own check
     acc = accuracy(clf, images, attrs)
     assert min(acc.values()) >= 0.98, acc
+
+
+def test_presence_head_tells_a_shape_from_an_empty_image(clf):
+    # the shape head alone reads empty backgrounds as a shape (mostly a cross): what the presence head is for
+    g = torch.Generator().manual_seed(31337)
+    empty = render_empty(500, g)
+    images, attrs = render_labelled(500, seed=31338)
+    pred_empty, pred = clf.predict(empty), clf.predict(images)
+    assert float((~pred_empty["present"]).float().mean()) >= 0.95
+    assert float(pred["present"].float().mean()) >= 0.98
+    # the other heads are the classifier's own, untouched by the presence head
+    with torch.no_grad():
+        logits = clf(images)
+    for k in ("shape", "colour", "style"):
+        assert torch.equal(pred[k], logits[k].argmax(-1))
+
+
+def test_shape_aware_hits_count_an_empty_image_as_no_shape():
+    concepts = ("circle", "cross", "red")
+    per = 1
+    n = {c: len(world.concept_prompts(c)) for c in concepts}
+    rows = sum(n.values())
+    prompts = [p for c in concepts for p in world.concept_prompts(c)]
+    cross = world.concept_index("cross")
+    pred = {"shape": torch.full((rows,), cross), "colour": torch.full((rows,), world.concept_index("red")),
+            "style": torch.zeros(rows, dtype=torch.long), "present": torch.zeros(rows, dtype=torch.bool)}
+    plain = _hits(pred, prompts, concepts, per, False)
+    aware = _hits(pred, prompts, concepts, per, False, shape_aware=True)
+    assert plain["cross"] == 1.0 and aware["cross"] == 0.0  # an empty image "read as a cross" shows no cross
+    assert plain["red"] == aware["red"] == 1.0  # colours are read as before
 
 
 def test_lab_backbone_layout(lab):

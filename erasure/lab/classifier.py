@@ -33,6 +33,8 @@ class LabClassifier(nn.Module):
             block(128, 128, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         self.heads = nn.ModuleDict({k: nn.Linear(128, len(v)) for k, v in HEADS.items()})
+        #: whether a shape is there at all (``train_presence``; None until loaded)
+        self.presence: PresenceNet | None = None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.features(x)
@@ -40,12 +42,16 @@ class LabClassifier(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch: int = 256) -> dict[str, torch.Tensor]:
-        """Class indices per head for images in [-1, 1]."""
-        outs: dict[str, list[torch.Tensor]] = {k: [] for k in HEADS}
+        """Class indices per head for images in [-1, 1]; with the presence head, also ``present`` (bool: a shape is
+        there)."""
+        keys = list(HEADS) + (["present"] if self.presence is not None else [])
+        outs: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
         for i in range(0, images.shape[0], batch):
-            logits = self(images[i : i + batch].float())
+            h = self.features(images[i : i + batch].float())
             for k in HEADS:
-                outs[k].append(logits[k].argmax(-1))
+                outs[k].append(self.heads[k](h).argmax(-1))
+            if self.presence is not None:
+                outs["present"].append(self.presence(images[i : i + batch].float()) > 0)
         return {k: torch.cat(v) for k, v in outs.items()}
 
 
@@ -102,6 +108,101 @@ def train_classifier(out: Path, steps: int = 1500, batch_size: int = 128, lr: fl
 
 
 def load_classifier(path: Path) -> LabClassifier:
+    """The classifier, with its shape-presence head when ``presence.safetensors`` lies beside it."""
     clf = LabClassifier()
     clf.load_state_dict(load_file(str(path)))
+    presence = Path(path).with_name(PRESENCE_NAME)
+    if presence.is_file():
+        clf.presence = PresenceNet()
+        clf.presence.load_state_dict(load_file(str(presence)))
     return clf.eval()
+
+
+# Shape presence. The shape head has no "no shape" class: it was trained on images that always show a shape, and
+# reads an empty background as a cross (73%) or a triangle (25%). Erasures that draw nothing (MACE on lab-clip turns
+# "a cross" into an empty background) would then count as not erasing a cross and as erasing a circle. A second,
+# smaller CNN says whether a shape is there (a linear head on the classifier's pooled features could not tell a
+# large blue disk from a blue field); the classifier's heads are unchanged.
+PRESENCE_NAME = "presence.safetensors"
+
+
+def _perturb(x: torch.Tensor, g: torch.Generator, wash_max: float) -> torch.Tensor:
+    """Brightness and contrast, a wash towards a random colour and a low-frequency colour field: the ways an edited
+    model's images leave the world's (dark or saturated fields, gradients). ``x`` in [0, 1]."""
+    n = x.shape[0]
+    x = x * _uniform4(n, 0.3, 1.2, g) + _uniform4(n, -0.2, 0.25, g)
+    colour = torch.rand(n, 3, 1, 1, generator=g)
+    x = x + (colour - x) * _uniform4(n, 0.0, wash_max, g)
+    field = nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g) - 0.5, size=x.shape[-2:], mode="bilinear",
+                                      align_corners=False)
+    return (x + field * _uniform4(n, 0.0, 0.3, g)).clamp(0, 1)
+
+
+def _uniform4(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, 1, 1, 1, generator=g)
+
+
+def render_empty(n: int, g: torch.Generator) -> torch.Tensor:
+    """Lab images with no shape: the world's backgrounds and styles, perturbed as ``_perturb`` says (an erased model's
+    empty images are often a dark or coloured field)."""
+    attrs = world.sample_attributes(n, g)
+    attrs.shape[:] = len(world.SHAPES)  # no shape mask matches
+    return _perturb((world.render(attrs, g) + 1) / 2, g, 1.0) * 2 - 1
+
+
+def render_shapes(n: int, g: torch.Generator) -> torch.Tensor:
+    """Lab images with a shape, perturbed alike (a lighter wash, so that the shape stays visible)."""
+    return _perturb((world.render(world.sample_attributes(n, g), g) + 1) / 2, g, 0.4) * 2 - 1
+
+
+class PresenceNet(nn.Module):
+    """Is there a shape? One logit per image in [-1, 1] (> 0: a shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def block(i: int, o: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(i, o, 3, stride, 1), nn.GroupNorm(8, o), nn.SiLU())
+
+        self.features = nn.Sequential(block(3, 16, 1), block(16, 32, 2), block(32, 32, 1), block(32, 64, 2),
+                                      block(64, 64, 1))
+        self.out = nn.Linear(128, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x)
+        return self.out(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1))[:, 0]
+
+
+def train_presence(clf: LabClassifier, out: Path, steps: int = 800, batch_size: int = 128, seed: int = 0,
+                   log=print) -> dict[str, float]:
+    """Train the presence net (shape vs empty renders, both perturbed); save it beside the classifier and attach it."""
+    torch.manual_seed(seed)
+    head = PresenceNet()
+    opt = torch.optim.AdamW(head.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    g = torch.Generator().manual_seed(seed + 2)
+    for step in range(steps):
+        pos = _augment(render_shapes(batch_size // 2, g), g)
+        neg = _augment(render_empty(batch_size // 2, g), g)
+        y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))])
+        loss = nn.functional.binary_cross_entropy_with_logits(head(torch.cat([pos, neg])), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % 100 == 0:
+            log(f"presence step {step + 1}/{steps} loss {loss.item():.4f}")
+    g = torch.Generator().manual_seed(20_000 + seed)
+    plain = world.render(world.sample_attributes(1000, g), g)
+    pos, neg = render_shapes(1000, g), render_empty(1000, g)
+    head.eval()
+    with torch.no_grad():
+        acc = {"shape": float((head(plain) > 0).float().mean()),
+               "shape_perturbed": float((head(pos) > 0).float().mean()),
+               "empty": float((head(neg) <= 0).float().mean())}
+    log(f"presence held-out accuracy: {acc}")
+    meta = {"heldout_accuracy": json.dumps(acc), "recipe": json.dumps({"steps": steps, "batch_size": batch_size,
+                                                                         "seed": seed})}
+    atomic_save({k: v.contiguous() for k, v in head.state_dict().items()}, out, metadata=meta)
+    clf.presence = head
+    return acc

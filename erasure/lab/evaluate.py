@@ -85,18 +85,40 @@ def original_images(backbone: Backbone, s: EvalSettings, use_cache: bool = True)
     return _cached_images(backbone, s, expect, lambda: generate(backbone, s, desc="original model"), use_cache)
 
 
-def _hits(clf: LabClassifier, images: torch.Tensor, prompts: list[str], concepts: tuple[str, ...], per_prompt: int,
-          synonyms: bool) -> dict[str, float]:
-    pred = clf.predict(images)
+def _hits(pred: dict[str, torch.Tensor], prompts: list[str], concepts: tuple[str, ...], per_prompt: int,
+          synonyms: bool, shape_aware: bool = False) -> dict[str, float]:
+    """Per concept, the fraction of its prompts' images read as the concept. ``shape_aware``: an image with no shape
+    (the presence head) shows no shape concept, whatever the shape head reads."""
     out: dict[str, float] = {}
     i = 0
     for c in concepts:
         n = len(world.concept_prompts(c, synonyms=synonyms)) * per_prompt
         kind = world.concept_kind(c)
-        out[c] = float((pred[kind][i : i + n] == world.concept_index(c)).float().mean())
+        hit = pred[kind][i : i + n] == world.concept_index(c)
+        if shape_aware and kind == "shape":
+            hit &= pred["present"][i : i + n]
+        out[c] = float(hit.float().mean())
         i += n
     assert i == len(prompts) * per_prompt
     return out
+
+
+def _shape_presence(pred_orig: dict[str, torch.Tensor], pred_own: dict[str, torch.Tensor],
+                    pred_syn: dict[str, torch.Tensor], s: EvalSettings, erased: list[str], fid: float) -> dict:
+    """Images with no shape in them (the presence head), and the metrics with those images read as showing no shape
+    concept (docs/lab.md#empty-images)."""
+    own, syn = _prompt_sets(s)
+    keep = _unrelated_mask(s, erased)
+    syn_rows = torch.cat([torch.full((len(world.concept_prompts(c, synonyms=True)) * s.seeds_syn,), c in erased)
+                          for c in s.concepts])
+    empty = {"erased_prompts": float((~pred_own["present"][~keep]).float().mean()),
+             "synonym_prompts": float((~pred_syn["present"][syn_rows]).float().mean()),
+             "unrelated": float((~pred_own["present"][keep]).float().mean()),
+             "unrelated_original": float((~pred_orig["present"][keep]).float().mean())}
+    acc_a = _hits(pred_own, own, s.concepts, s.seeds_own, False, True)
+    syn_a = _hits(pred_syn, syn, s.concepts, s.seeds_syn, True, True)
+    aware = summarise(acc_a, syn_a, erased, fid)
+    return {"no_shape": empty, "shape_aware": {k: aware[k] for k in ("efficacy", "generality", "specificity", "H")}}
 
 
 def without_words(prompt: str, words: set[str] | tuple[str, ...]) -> str:
@@ -147,14 +169,18 @@ def evaluate(backbone: Backbone, clf: LabClassifier, erased: list[str] | None = 
     else:
         edited = orig
     own, syn = _prompt_sets(s)
-    acc = _hits(clf, edited["own"], own, s.concepts, s.seeds_own, False)
-    syn_acc = _hits(clf, edited["syn"], syn, s.concepts, s.seeds_syn, True)
+    pred_own, pred_syn = clf.predict(edited["own"]), clf.predict(edited["syn"])
+    acc = _hits(pred_own, own, s.concepts, s.seeds_own, False)
+    syn_acc = _hits(pred_syn, syn, s.concepts, s.seeds_syn, True)
     report: dict = {"concepts": {c: {"accuracy": acc[c], "synonym_accuracy": syn_acc[c]} for c in s.concepts}}
     if erased:
         keep = _unrelated_mask(s, erased)
+        pred_orig = clf.predict(orig["own"])
         report.update(summarise(acc, syn_acc, erased, fidelity(edited["own"][keep], orig["own"][keep])))
-        report["collateral"] = collateral(clf.predict(orig["own"]), clf.predict(edited["own"]), keep, erased)
+        report["collateral"] = collateral(pred_orig, pred_own, keep, erased)
         report["kept"] = report["collateral"]["unrelated"]["all"]
+        if "present" in pred_own:
+            report.update(_shape_presence(pred_orig, pred_own, pred_syn, s, erased, report["fidelity"]))
         report["word_removed"] = word_removed(backbone, clf, erased, s, use_cache)
         report["erased"] = erased
     report["seconds"] = round(time.time() - t0, 2)
@@ -259,6 +285,12 @@ def format_table(report: dict, before: dict | None = None) -> str:
             c = report["collateral"][part]
             heads = " ".join(f"{h} {v:.3f}" for h, v in c.items() if h not in ("all", "images"))
             lines.append(f"{what} keeping {heads or '(no head left)'}: all {c['all']:.3f} of {c['images']}")
+        if "no_shape" in report:
+            e, a = report["no_shape"], report["shape_aware"]
+            lines.append(f"images with no shape: erased prompts {e['erased_prompts']:.1%}, their synonyms "
+                         f"{e['synonym_prompts']:.1%}, unrelated {e['unrelated']:.1%} (original "
+                         f"{e['unrelated_original']:.1%}); read as no shape: efficacy {a['efficacy']:.3f}  "
+                         f"generality {a['generality']:.3f}  specificity {a['specificity']:.3f}")
         if "word_removed" in report:
             r = report["word_removed"]
             lines.append(f"reference, the original model with the erased words taken out of the prompts: efficacy "
