@@ -11,6 +11,7 @@
 #   LANE=0/2 bash scripts/mace_lab_bars.sh &  LANE=1/2 bash scripts/mace_lab_bars.sh &   # two cores
 #   MODEL=lab-clip FLAGS=--suppress-following TAG=following bash scripts/mace_lab_bars.sh  # -> ...-lab-clip-following/
 #   ROWS="green|circle; green; striped" ...   # other rows ("|" between rows)
+#   SEEDS="0" ...                              # other training seeds (default 0 1 2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
@@ -26,7 +27,7 @@ mkdir -p "$OUT" "$REP"
 lane=${LANE:-0/1}
 i=0
 for row in "${rows[@]}"; do
-  for seed in 0 1 2; do
+  for seed in ${SEEDS:-0 1 2}; do
     i=$((i + 1))
     if [ $(( (i - 1) % ${lane#*/} )) -ne "${lane%/*}" ]; then continue; fi
     name="$(echo "$row" | tr -d ' ' | tr ';' '+')-s$seed"
