@@ -36,6 +36,7 @@ LORAS = {
     "esd-circle-s0": ["lab", "baseline", "--concept", "circle", "--seed", "0"],
     "mace-circle": ["mace", "--model", "lab", "--concepts", "circle"],
     "mace-square": ["mace", "--model", "lab", "--concepts", "square"],
+    "mace-green": ["mace", "--model", "lab", "--concepts", "green"],
 }
 
 #: (run name, LoRA name, erased concept, strength)
@@ -53,6 +54,8 @@ RUNS = [
     ("ant-red-s0 x0.5", "ant-red-s0", "red", 0.5),
     ("ant-red-s0", "ant-red-s0", "red", 1.0),
     ("mace-square", "mace-square", "square", 1.0),
+    ("mace-circle x0.5", "mace-circle", "circle", 0.5),
+    ("mace-green", "mace-green", "green", 1.0),
 ]
 
 
