@@ -728,7 +728,7 @@ AUDIT_HELP = {
 
 def _lab_audit_inputs(concept: str) -> tuple:
     """``(AuditPrompts, judge)``: the lab's prompts for ``concept``, and its classifier as the judge (images -> does
-    the head of the concept's kind read the concept), as ``lab eval`` judges."""
+    the head of the concept's kind read the concept; for a shape, in an image that has a shape at all)."""
     if concept not in world.ALL_CONCEPTS:
         raise BadInputError(f"{concept!r} is not a lab concept; lab concepts are {', '.join(world.ALL_CONCEPTS)}")
     prompts = AuditPrompts(
@@ -738,7 +738,14 @@ def _lab_audit_inputs(concept: str) -> tuple:
         generation=tuple(world.concept_prompts(concept)))
     clf = load_classifier(CLASSIFIER_FILE)
     kind, index = world.concept_kind(concept), world.concept_index(concept)
-    return prompts, lambda images: clf.predict(images)[kind] == index
+
+    def judge(images: torch.Tensor) -> torch.Tensor:
+        pred = clf.predict(images)
+        hit = pred[kind] == index
+        # an empty image shows no shape, whatever the shape head reads (docs/lab.md#empty-images)
+        return hit & pred["present"] if kind == "shape" and "present" in pred else hit
+
+    return prompts, judge
 
 
 def _audit(args: argparse.Namespace) -> int:

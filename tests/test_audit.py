@@ -219,3 +219,18 @@ def test_audit_without_a_judge_on_user_images(tiny_sdxl, tmp_path):
     assert [label.split(":")[0] for label, _ in res.rows] == ["original", "erased", "erased", "erased"]
     assert res.rows[0][1].shape == (2, 3, 16, 16) and [v.shape for v in res.token] == [(1, 32), (1, 32)]
     assert all(torch.equal(m.weight, before[n]) for n, m in kv.items()), "the erasure stayed applied"
+
+
+def test_the_lab_judge_reads_an_empty_image_as_no_shape():
+    # the shape head reads an empty background as a cross; the audit's judge must not count it as a revived cross
+    from erasure.lab import world
+    from erasure.lab.classifier import render_empty
+
+    _, judge = cli._lab_audit_inputs("cross")
+    g = torch.Generator().manual_seed(7)
+    empty = render_empty(64, g)
+    attrs = world.sample_attributes(64, g)
+    attrs.shape[:] = world.concept_index("cross")
+    crosses = world.render(attrs, g)
+    assert judge(empty).float().mean() <= 0.05
+    assert judge(crosses).float().mean() >= 0.95
