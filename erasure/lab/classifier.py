@@ -66,6 +66,14 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (x + sigma * torch.randn(x.shape, generator=g)).clamp(-1, 1)
 
 
+def _optimizer_step(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+                    loss: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
 def render_labelled(n: int, seed: int) -> tuple[torch.Tensor, world.Attributes]:
     g = torch.Generator().manual_seed(seed)
     attrs = world.sample_attributes(n, g)
@@ -91,10 +99,7 @@ def train_classifier(out: Path, steps: int = 1500, batch_size: int = 128, lr: fl
         x = _augment(world.render(attrs, g), g)
         logits = clf(x)
         loss = sum(nn.functional.cross_entropy(logits[k], getattr(attrs, k)) for k in HEADS)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        _optimizer_step(opt, sched, loss)
         if (step + 1) % 100 == 0:
             log(f"classifier step {step + 1}/{steps} loss {loss.item():.4f} {time.time() - t0:.0f}s")
     images, attrs = render_labelled(2000, seed=10_000 + seed)
@@ -186,10 +191,7 @@ def train_presence(clf: LabClassifier, out: Path, steps: int = 800, batch_size: 
         neg = _augment(render_empty(batch_size // 2, g), g)
         y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))])
         loss = nn.functional.binary_cross_entropy_with_logits(head(torch.cat([pos, neg])), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        _optimizer_step(opt, sched, loss)
         if (step + 1) % 100 == 0:
             log(f"presence step {step + 1}/{steps} loss {loss.item():.4f}")
     g = torch.Generator().manual_seed(20_000 + seed)
