@@ -641,7 +641,7 @@ def _lab_train_classifier(args: argparse.Namespace) -> int:
     if not args.presence_only:
         train_classifier(out, steps=args.steps, seed=args.seed, log=log)
     # then the shape-presence net, beside it (docs/lab.md#empty-images)
-    train_presence(load_classifier(out), out.with_name(PRESENCE_NAME), seed=args.seed, log=log)
+    train_presence(out.with_name(PRESENCE_NAME), seed=args.seed, log=log)
     return 0
 
 

@@ -47,11 +47,12 @@ class LabClassifier(nn.Module):
         keys = list(HEADS) + (["present"] if self.presence is not None else [])
         outs: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
         for i in range(0, images.shape[0], batch):
-            h = self.features(images[i : i + batch].float())
+            x = images[i : i + batch].float()
+            h = self.features(x)
             for k in HEADS:
                 outs[k].append(self.heads[k](h).argmax(-1))
             if self.presence is not None:
-                outs["present"].append(self.presence(images[i : i + batch].float()) > 0)
+                outs["present"].append(self.presence(x) > 0)
         return {k: torch.cat(v) for k, v in outs.items()}
 
 
@@ -178,9 +179,10 @@ class PresenceNet(nn.Module):
         return self.out(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1))[:, 0]
 
 
-def train_presence(clf: LabClassifier, out: Path, steps: int = 800, batch_size: int = 128, seed: int = 0,
+def train_presence(out: Path, steps: int = 800, batch_size: int = 128, seed: int = 0,
                    log=print) -> dict[str, float]:
-    """Train the presence net (shape vs empty renders, both perturbed); save it beside the classifier and attach it."""
+    """Train the presence net (shape vs empty renders, both perturbed) and save it (``load_classifier`` loads it from
+    beside the classifier)."""
     torch.manual_seed(seed)
     head = PresenceNet()
     opt = torch.optim.AdamW(head.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -206,5 +208,4 @@ def train_presence(clf: LabClassifier, out: Path, steps: int = 800, batch_size: 
     meta = {"heldout_accuracy": json.dumps(acc), "recipe": json.dumps({"steps": steps, "batch_size": batch_size,
                                                                          "seed": seed})}
     atomic_save({k: v.contiguous() for k, v in head.state_dict().items()}, out, metadata=meta)
-    clf.presence = head
     return acc

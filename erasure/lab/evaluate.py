@@ -109,8 +109,7 @@ def _shape_presence(pred_orig: dict[str, torch.Tensor], pred_own: dict[str, torc
     concept (docs/lab.md#empty-images)."""
     own, syn = _prompt_sets(s)
     keep = _unrelated_mask(s, erased)
-    syn_rows = torch.cat([torch.full((len(world.concept_prompts(c, synonyms=True)) * s.seeds_syn,), c in erased)
-                          for c in s.concepts])
+    syn_rows = ~_unrelated_mask(s, erased, synonyms=True)
     empty = {"erased_prompts": float((~pred_own["present"][~keep]).float().mean()),
              "synonym_prompts": float((~pred_syn["present"][syn_rows]).float().mean()),
              "unrelated": float((~pred_own["present"][keep]).float().mean()),
@@ -217,10 +216,12 @@ def collateral(orig: dict[str, torch.Tensor], edited: dict[str, torch.Tensor], u
             "erased_prompts": kept(~unrelated, [h for h in HEADS if h not in erased_heads])}
 
 
-def _unrelated_mask(s: EvalSettings, erased: list[str]) -> torch.Tensor:
+def _unrelated_mask(s: EvalSettings, erased: list[str], synonyms: bool = False) -> torch.Tensor:
+    """Per image of the own-prompt set (or the synonym set): True where its concept is not erased."""
     flags = []
     for c in s.concepts:
-        flags += [c not in erased] * (len(world.concept_prompts(c)) * s.seeds_own)
+        flags += [c not in erased] * (len(world.concept_prompts(c, synonyms=synonyms))
+                                      * (s.seeds_syn if synonyms else s.seeds_own))
     return torch.tensor(flags, dtype=torch.bool)
 
 
