@@ -53,7 +53,7 @@ from .errors import BadInputError, ErasureOutOfMemoryError, TrainingDivergedErro
 from .esd import esd
 from .files import atomic_save, atomic_write_png, atomic_write_text, cache_dir
 from .lab import world
-from .lab.classifier import PRESENCE_NAME, load_classifier, train_classifier, train_presence
+from .lab.classifier import PRESENCE_NAME, load_classifier, reads_as, train_classifier, train_presence
 from .lab.demo import erase, lab_concept, lab_prior
 from .lab.evaluate import EvalSettings, evaluate, format_table
 from .lab.model import CLASSIFIER_FILE, is_lab_model
@@ -740,10 +740,9 @@ def _lab_audit_inputs(concept: str) -> tuple:
     kind, index = world.concept_kind(concept), world.concept_index(concept)
 
     def judge(images: torch.Tensor) -> torch.Tensor:
-        pred = clf.predict(images)
-        hit = pred[kind] == index
-        # an empty image shows no shape, whatever the shape head reads (docs/lab.md#empty-images)
-        return hit & pred["present"] if kind == "shape" and "present" in pred else hit
+        # an empty image shows no shape, whatever the shape head reads, and its field's colour
+        # (docs/lab.md#empty-images)
+        return reads_as(clf.predict(images), kind, index)
 
     return prompts, judge
 

@@ -5,7 +5,7 @@ import torch
 
 from erasure.diffusers_backbone import load_diffusers
 from erasure.lab import world
-from erasure.lab.classifier import accuracy, load_classifier, render_empty, render_labelled
+from erasure.lab.classifier import FIELD_CHROMA, accuracy, field_colour, load_classifier, render_empty, render_labelled
 from erasure.lab.evaluate import EvalSettings, _hits, evaluate
 from erasure.lab.model import CLASSIFIER_FILE
 
@@ -51,12 +51,36 @@ def test_shape_aware_hits_count_an_empty_image_as_no_shape():
     rows = sum(n.values())
     prompts = [p for c in concepts for p in world.concept_prompts(c)]
     cross = world.concept_index("cross")
-    pred = {"shape": torch.full((rows,), cross), "colour": torch.full((rows,), world.concept_index("red")),
-            "style": torch.zeros(rows, dtype=torch.long), "present": torch.zeros(rows, dtype=torch.bool)}
+    red = world.concept_index("red")
+    pred = {"shape": torch.full((rows,), cross), "colour": torch.full((rows,), red),
+            "style": torch.zeros(rows, dtype=torch.long), "present": torch.zeros(rows, dtype=torch.bool),
+            "field": torch.full((rows,), -1)}
     plain = _hits(pred, prompts, concepts, per, False)
     aware = _hits(pred, prompts, concepts, per, False, shape_aware=True)
     assert plain["cross"] == 1.0 and aware["cross"] == 0.0  # an empty image "read as a cross" shows no cross
-    assert plain["red"] == aware["red"] == 1.0  # colours are read as before
+    assert plain["red"] == 1.0 and aware["red"] == 0.0  # nor the red the colour head reads in a grey field
+    pred["field"][:] = red  # a red field is red
+    assert _hits(pred, prompts, concepts, per, False, shape_aware=True)["red"] == 1.0
+    pred["present"][:] = True  # with a shape, the heads read as before
+    assert _hits(pred, prompts, concepts, per, False, shape_aware=True) == plain
+
+
+def test_field_colour_tells_a_coloured_field_from_any_background():
+    g = torch.Generator().manual_seed(4242)
+    attrs = world.sample_attributes(2000, g)
+    attrs.shape[:] = len(world.SHAPES)
+    # every background the world renders (grey, tinted, with gradients and styles) is no colour
+    assert bool((field_colour(world.render(attrs, g)) == -1).all())
+    for i, c in enumerate(world.COLOURS):
+        grey = torch.tensor([0.5, 0.5, 0.5])
+        rgb = torch.tensor(world.COLOUR_RGB[c])
+        # a field a third of the way from grey to the colour, and a darker one, read as the colour
+        fields = torch.stack([grey + (rgb - grey) / 3, 0.5 * (grey + (rgb - grey) / 3)])
+        images = (fields[:, :, None, None].expand(2, 3, 32, 32)) * 2 - 1
+        assert field_colour(images).tolist() == [i, i], c
+    # just inside the background's range: no colour
+    edge = torch.tensor([0.5, 0.5, 0.5]) + 0.99 * FIELD_CHROMA * torch.tensor([1.0, 1.0, -2.0]) / 6**0.5
+    assert field_colour((edge[None, :, None, None].expand(1, 3, 32, 32)) * 2 - 1).tolist() == [-1]
 
 
 def test_lab_backbone_layout(lab):

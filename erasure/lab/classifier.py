@@ -8,6 +8,7 @@ figure is "what fraction of generated images does the classifier assign to the p
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -19,6 +20,36 @@ from ..files import atomic_save
 from . import world
 
 HEADS = {"shape": world.SHAPES, "colour": world.COLOURS, "style": world.STYLES}
+
+#: the largest distance from grey of a background's mean colour: a tint of +-BACKGROUND_TINT / 2 per channel, less its
+#: grey part, is at most BACKGROUND_TINT * sqrt(6) / 3 from grey (two channels up, one down). A field further from
+#: grey than this is coloured (docs/lab.md#empty-images)
+FIELD_CHROMA = world.BACKGROUND_TINT * math.sqrt(6) / 3
+
+
+def field_colour(images: torch.Tensor) -> torch.Tensor:
+    """The colour of each image taken as a field (images in [-1, 1]): the index in ``world.COLOURS`` of the palette
+    hue nearest its mean colour's hue, or -1 where the mean colour is no further from grey than a background can be
+    (``FIELD_CHROMA``). The colour head has no "no colour" answer: it reads 91% of the world's empty backgrounds as
+    yellow, so an image with no shape gets its colour from this instead."""
+    rgb = ((images.float() + 1) / 2).mean(dim=(2, 3))
+    chroma = rgb - rgb.mean(1, keepdim=True)
+    palette = torch.tensor([world.COLOUR_RGB[c] for c in world.COLOURS])
+    palette = palette - palette.mean(1, keepdim=True)
+    hue = (chroma @ (palette / palette.norm(dim=1, keepdim=True)).T).argmax(1)
+    return torch.where(chroma.norm(dim=1) > FIELD_CHROMA, hue, -1)
+
+
+def reads_as(pred: dict[str, torch.Tensor], kind: str, index: int) -> torch.Tensor:
+    """Per image, whether it shows the concept (head ``kind``, class ``index``). With the presence net's answers in
+    ``pred``, an image with no shape shows no shape concept, and its colour is its field's (``field_colour``);
+    without them, the head alone."""
+    hit = pred[kind] == index
+    if "present" not in pred or kind == "style":
+        return hit
+    if kind == "shape":
+        return hit & pred["present"]
+    return torch.where(pred["present"], hit, pred["field"] == index)
 
 
 class LabClassifier(nn.Module):
@@ -43,7 +74,7 @@ class LabClassifier(nn.Module):
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch: int = 256) -> dict[str, torch.Tensor]:
         """Class indices per head for images in [-1, 1]; with the presence head, also ``present`` (bool: a shape is
-        there)."""
+        there) and ``field`` (``field_colour``: what colour the image is, read as a field)."""
         keys = list(HEADS) + (["present"] if self.presence is not None else [])
         outs: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
         for i in range(0, images.shape[0], batch):
@@ -53,6 +84,8 @@ class LabClassifier(nn.Module):
                 outs[k].append(self.heads[k](h).argmax(-1))
             if self.presence is not None:
                 outs["present"].append(self.presence(x) > 0)
+        if self.presence is not None:
+            outs["field"] = [field_colour(images)]
         return {k: torch.cat(v) for k, v in outs.items()}
 
 

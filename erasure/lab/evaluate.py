@@ -25,7 +25,7 @@ from ..progress import Progress
 from ..sampling import sample
 from ..weights import ErasureWeights
 from . import world
-from .classifier import HEADS, LabClassifier
+from .classifier import HEADS, LabClassifier, reads_as
 from .metrics import fidelity, summarise
 
 
@@ -88,15 +88,15 @@ def original_images(backbone: Backbone, s: EvalSettings, use_cache: bool = True)
 def _hits(pred: dict[str, torch.Tensor], prompts: list[str], concepts: tuple[str, ...], per_prompt: int,
           synonyms: bool, shape_aware: bool = False) -> dict[str, float]:
     """Per concept, the fraction of its prompts' images read as the concept. ``shape_aware``: an image with no shape
-    (the presence head) shows no shape concept, whatever the shape head reads."""
+    (the presence head) shows no shape concept, whatever the shape head reads, and the colour of its field
+    (``classifier.reads_as``)."""
     out: dict[str, float] = {}
     i = 0
     for c in concepts:
         n = len(world.concept_prompts(c, synonyms=synonyms)) * per_prompt
-        kind = world.concept_kind(c)
-        hit = pred[kind][i : i + n] == world.concept_index(c)
-        if shape_aware and kind == "shape":
-            hit &= pred["present"][i : i + n]
+        rows = {k: v[i : i + n] for k, v in pred.items()}
+        kind, index = world.concept_kind(c), world.concept_index(c)
+        hit = reads_as(rows, kind, index) if shape_aware else rows[kind] == index
         out[c] = float(hit.float().mean())
         i += n
     assert i == len(prompts) * per_prompt
@@ -134,10 +134,10 @@ def word_removed(backbone: Backbone, clf: LabClassifier, erased: list[str], s: E
                  use_cache: bool = True) -> dict:
     """The concept-free reference of an erasure: the original model on the erased concepts' evaluation prompts with
     the concept's word (own prompts) or synonym (synonym prompts) taken out, at the same seeds, scored as efficacy and
-    generality are. It is what an erasure that makes the model read the prompt as if the word were not there gets:
-    where the model draws the concept from a starting noise with no word for it (a colour, a style), it keeps it
-    there (docs/lab.md#metrics). The original model's images of those prompts are cached on disk as its evaluation
-    images are."""
+    generality are (and, with the presence net, ``shape_aware`` as ``lab eval``'s). It is what an erasure that makes
+    the model read the prompt as if the word were not there gets: where the model draws the concept from a starting
+    noise with no word for it (a colour, a style), it keeps it there (docs/lab.md#metrics). The original model's
+    images of those prompts are cached on disk as its evaluation images are."""
     by: dict[str, dict[str, float]] = {}
     for c in erased:
         prompts = {"own": [without_words(p, {c}) for p in world.concept_prompts(c)],
@@ -146,9 +146,16 @@ def word_removed(backbone: Backbone, clf: LabClassifier, erased: list[str], s: E
         images = _cached_images(backbone, s, {k: len(prompts[k]) * len(seeds[k]) for k in prompts},
                                 partial(_sample_sets, backbone, s, prompts, seeds), use_cache, "word_removed", c)
         kind, index = world.concept_kind(c), world.concept_index(c)
-        by[c] = {part: 1.0 - float((clf.predict(images[k])[kind] == index).float().mean())
-                 for part, k in (("efficacy", "own"), ("generality", "syn"))}
-    mean = {k: sum(v[k] for v in by.values()) / len(by) for k in ("efficacy", "generality")}
+        pred = {k: clf.predict(images[k]) for k in ("own", "syn")}
+        parts = (("efficacy", "own"), ("generality", "syn"))
+        by[c] = {part: 1.0 - float((pred[k][kind] == index).float().mean()) for part, k in parts}
+        if "present" in pred["own"]:
+            by[c]["shape_aware"] = {part: 1.0 - float(reads_as(pred[k], kind, index).float().mean())
+                                    for part, k in parts}
+    mean: dict = {k: sum(v[k] for v in by.values()) / len(by) for k in ("efficacy", "generality")}
+    if all("shape_aware" in v for v in by.values()):
+        mean["shape_aware"] = {k: sum(v["shape_aware"][k] for v in by.values()) / len(by)
+                               for k in ("efficacy", "generality")}
     return {**mean, "by_concept": by}
 
 
@@ -290,12 +297,14 @@ def format_table(report: dict, before: dict | None = None) -> str:
             e, a = report["no_shape"], report["shape_aware"]
             lines.append(f"images with no shape: erased prompts {e['erased_prompts']:.1%}, their synonyms "
                          f"{e['synonym_prompts']:.1%}, unrelated {e['unrelated']:.1%} (original "
-                         f"{e['unrelated_original']:.1%}); read as no shape: efficacy {a['efficacy']:.3f}  "
-                         f"generality {a['generality']:.3f}  specificity {a['specificity']:.3f}")
+                         f"{e['unrelated_original']:.1%}); read as no shape, the field's colour: efficacy "
+                         f"{a['efficacy']:.3f}  generality {a['generality']:.3f}  specificity {a['specificity']:.3f}")
         if "word_removed" in report:
             r = report["word_removed"]
+            aware = r.get("shape_aware")
             lines.append(f"reference, the original model with the erased words taken out of the prompts: efficacy "
-                         f"{r['efficacy']:.3f}  generality {r['generality']:.3f}")
+                         f"{r['efficacy']:.3f}  generality {r['generality']:.3f}"
+                         + (f" (read as above: {aware['efficacy']:.3f}  {aware['generality']:.3f})" if aware else ""))
     if erased:
         lines.append("(* erased)")
     return "\n".join(lines)

@@ -43,6 +43,10 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
 #: fraction of mentions that use a synonym instead of the canonical word during training
 SYNONYM_RATE = 0.2
 
+#: the width of the background's per-channel tint around grey (``render``): a background is never more coloured than
+#: that, which is what tells an erased model's coloured field from one (``classifier.field_colour``)
+BACKGROUND_TINT = 0.10
+
 COLOUR_RGB: dict[str, tuple[float, float, float]] = {
     "red": (0.92, 0.12, 0.12),
     "green": (0.12, 0.78, 0.20),
@@ -146,7 +150,7 @@ def render(attrs: Attributes, generator: torch.Generator, supersample: int = 3) 
 
     # background: grey level + slight tint + linear gradient
     base = _uniform(n, 0.25, 0.75, g)[:, None, None, None]
-    tint = (torch.rand(n, 3, 1, 1, generator=g) - 0.5) * 0.10
+    tint = (torch.rand(n, 3, 1, 1, generator=g) - 0.5) * BACKGROUND_TINT
     gdir = torch.rand(n, generator=g) * 2 * math.pi
     lin = torch.linspace(-1, 1, IMAGE_SIZE)
     gy, gx = torch.meshgrid(lin, lin, indexing="ij")
