@@ -6,7 +6,7 @@ import torch
 from erasure.diffusers_backbone import load_diffusers
 from erasure.lab import world
 from erasure.lab.classifier import FIELD_CHROMA, accuracy, field_colour, load_classifier, render_empty, render_labelled
-from erasure.lab.evaluate import EvalSettings, _hits, evaluate
+from erasure.lab.evaluate import EvalSettings, _hits, evaluate, format_table
 from erasure.lab.model import CLASSIFIER_FILE
 
 # a reduced seed set of the default evaluation (same sampler settings)
@@ -125,6 +125,9 @@ def test_esd_baseline_reduces_the_erased_concept(lab, clf, tmp_path, monkeypatch
     # red from "a shape" (docs/ant.md#why-colours-resist), so it is not 1
     assert after["word_removed"] == before["word_removed"]
     assert 0.5 < after["word_removed"]["by_concept"]["red"]["efficacy"] < 1.0
+    # read as lab eval's shape-aware metrics too (an empty image: no shape, its field's colour)
+    assert set(after["word_removed"]["shape_aware"]) == {"efficacy", "generality"}
+    assert "(read as above:" in format_table(after)
     assert all(torch.isfinite(d.matrix()).all() for d in weights.deltas.values())
 
 
