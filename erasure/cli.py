@@ -697,7 +697,8 @@ def add_lab_command(sub) -> None:
     tc = labsub.add_parser("train-classifier",
                            help="train the lab classifier and its shape-presence net (about 15 minutes on a CPU)")
     tc.add_argument("--out", default=str(CLASSIFIER_FILE))
-    tc.add_argument("--steps", type=int, default=1500)
+    tc.add_argument("--steps", type=int, default=1500,
+                    help="the classifier's training steps (the shape-presence net always trains 800, as committed)")
     tc.add_argument("--seed", type=int, default=0)
     tc.add_argument("--presence-only", action="store_true",
                     help="train only the shape-presence net, beside the classifier at --out (about 4 minutes)")
