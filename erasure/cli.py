@@ -729,7 +729,8 @@ AUDIT_HELP = {
 
 def _lab_audit_inputs(concept: str) -> tuple:
     """``(AuditPrompts, judge)``: the lab's prompts for ``concept``, and its classifier as the judge (images -> does
-    the head of the concept's kind read the concept; for a shape, in an image that has a shape at all)."""
+    the head of the concept's kind read the concept; for a shape, in an image that has a shape at all; an image with no
+    shape has its field's colour: ``classifier.reads_as``)."""
     if concept not in world.ALL_CONCEPTS:
         raise BadInputError(f"{concept!r} is not a lab concept; lab concepts are {', '.join(world.ALL_CONCEPTS)}")
     prompts = AuditPrompts(

@@ -45,7 +45,7 @@ def test_presence_head_tells_a_shape_from_an_empty_image(clf):
 
 
 def test_shape_aware_hits_count_an_empty_image_as_no_shape():
-    concepts = ("circle", "cross", "red")
+    concepts = ("circle", "cross", "red", "striped")
     per = 1
     n = {c: len(world.concept_prompts(c)) for c in concepts}
     rows = sum(n.values())
@@ -53,12 +53,13 @@ def test_shape_aware_hits_count_an_empty_image_as_no_shape():
     cross = world.concept_index("cross")
     red = world.concept_index("red")
     pred = {"shape": torch.full((rows,), cross), "colour": torch.full((rows,), red),
-            "style": torch.zeros(rows, dtype=torch.long), "present": torch.zeros(rows, dtype=torch.bool),
-            "field": torch.full((rows,), -1)}
+            "style": torch.full((rows,), world.concept_index("striped")),
+            "present": torch.zeros(rows, dtype=torch.bool), "field": torch.full((rows,), -1)}
     plain = _hits(pred, prompts, concepts, per, False)
     aware = _hits(pred, prompts, concepts, per, False, shape_aware=True)
     assert plain["cross"] == 1.0 and aware["cross"] == 0.0  # an empty image "read as a cross" shows no cross
     assert plain["red"] == 1.0 and aware["red"] == 0.0  # nor the red the colour head reads in a grey field
+    assert plain["striped"] == aware["striped"] == 1.0  # a style is read from the image with or without a shape
     pred["field"][:] = red  # a red field is red
     assert _hits(pred, prompts, concepts, per, False, shape_aware=True)["red"] == 1.0
     pred["present"][:] = True  # with a shape, the heads read as before
@@ -78,9 +79,11 @@ def test_field_colour_tells_a_coloured_field_from_any_background():
         fields = torch.stack([grey + (rgb - grey) / 3, 0.5 * (grey + (rgb - grey) / 3)])
         images = (fields[:, :, None, None].expand(2, 3, 32, 32)) * 2 - 1
         assert field_colour(images).tolist() == [i, i], c
-    # just inside the background's range: no colour
-    edge = torch.tensor([0.5, 0.5, 0.5]) + 0.99 * FIELD_CHROMA * torch.tensor([1.0, 1.0, -2.0]) / 6**0.5
-    assert field_colour((edge[None, :, None, None].expand(1, 3, 32, 32)) * 2 - 1).tolist() == [-1]
+    # just inside the background's range (a tint two channels up, one down, at its largest): no colour; just
+    # beyond it: the nearest hue (yellow, red and green up, blue down)
+    for scale, expect in ((0.99, -1), (1.01, world.concept_index("yellow"))):
+        edge = torch.tensor([0.5, 0.5, 0.5]) + scale * FIELD_CHROMA * torch.tensor([1.0, 1.0, -2.0]) / 6**0.5
+        assert field_colour((edge[None, :, None, None].expand(1, 3, 32, 32)) * 2 - 1).tolist() == [expect]
 
 
 def test_lab_backbone_layout(lab):

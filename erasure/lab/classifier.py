@@ -34,7 +34,7 @@ def field_colour(images: torch.Tensor) -> torch.Tensor:
     yellow, so an image with no shape gets its colour from this instead."""
     rgb = ((images.float() + 1) / 2).mean(dim=(2, 3))
     chroma = rgb - rgb.mean(1, keepdim=True)
-    palette = torch.tensor([world.COLOUR_RGB[c] for c in world.COLOURS])
+    palette = torch.tensor([world.COLOUR_RGB[c] for c in world.COLOURS], device=rgb.device)
     palette = palette - palette.mean(1, keepdim=True)
     hue = (chroma @ (palette / palette.norm(dim=1, keepdim=True)).T).argmax(1)
     return torch.where(chroma.norm(dim=1) > FIELD_CHROMA, hue, -1)
@@ -42,10 +42,10 @@ def field_colour(images: torch.Tensor) -> torch.Tensor:
 
 def reads_as(pred: dict[str, torch.Tensor], kind: str, index: int) -> torch.Tensor:
     """Per image, whether it shows the concept (head ``kind``, class ``index``). With the presence net's answers in
-    ``pred``, an image with no shape shows no shape concept, and its colour is its field's (``field_colour``);
-    without them, the head alone."""
+    ``pred`` (``present`` and ``field``, as ``LabClassifier.predict`` gives them), an image with no shape shows no
+    shape concept, and its colour is its field's (``field_colour``); without them, the head alone."""
     hit = pred[kind] == index
-    if "present" not in pred or kind == "style":
+    if "present" not in pred or "field" not in pred or kind == "style":
         return hit
     if kind == "shape":
         return hit & pred["present"]
