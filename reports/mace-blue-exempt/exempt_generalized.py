@@ -1,5 +1,6 @@
 import os, torch
 from erasure.lab import world
+from exempt_principal import word_embeddings
 R = int(os.environ.get("EXEMPT_R", "1"))
 
 def exempt(keep, k, bb, concept_words_templates, g):
@@ -9,15 +10,8 @@ def exempt(keep, k, bb, concept_words_templates, g):
     g = g.double()
     qs = []
     for words, templates in concept_words_templates:
-        rows = []
-        for w in words:
-            prompts = [t.replace("{c}", w) for t in templates]
-            e = bb.encode_text(prompts).embeds.double().cpu()
-            for i, p in enumerate(prompts):
-                for pos in bb.token_positions(p, w):
-                    rows.append(e[i, pos])
-        X = torch.stack(rows)
-        cc = X.T @ X / len(rows)
+        X = word_embeddings(bb, words, templates)
+        cc = X.T @ X / len(X)
         # whiten by the prior: B = g + eps I
         B = g + 1e-6 * torch.trace(g) / D * torch.eye(D, dtype=torch.float64)
         L = torch.linalg.cholesky(B)
