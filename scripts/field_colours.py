@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from erasure.diffusers_backbone import load_diffusers  # noqa: E402
 from erasure.lab import world  # noqa: E402
-from erasure.lab.classifier import FIELD_CHROMA, load_classifier, reads_as  # noqa: E402
+from erasure.lab.classifier import FIELD_CHROMA, field_chroma, load_classifier, reads_as  # noqa: E402
 from erasure.lab.evaluate import EvalSettings  # noqa: E402
 from erasure.lab.model import CLASSIFIER_FILE  # noqa: E402
 from erasure.lora_files import load_lora, resolve_names  # noqa: E402
@@ -42,8 +42,7 @@ def main() -> None:
                                        s.steps, s.guidance).images}
         for part, images in sets.items():
             pred = clf.predict(images)
-            rgb = ((images + 1) / 2).mean(dim=(2, 3))
-            chroma = (rgb - rgb.mean(1, keepdim=True)).norm(dim=1)
+            chroma = field_chroma(images).norm(dim=1)
             fields = [(world.COLOURS[c] if c >= 0 else "grey") + f" {float(d):.3f}"
                       for c, d, there in zip(pred["field"].tolist(), chroma, pred["present"].tolist(), strict=True)
                       if not there]

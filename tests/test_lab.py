@@ -60,6 +60,8 @@ def test_shape_aware_hits_count_an_empty_image_as_no_shape():
     assert plain["cross"] == 1.0 and aware["cross"] == 0.0  # an empty image "read as a cross" shows no cross
     assert plain["red"] == 1.0 and aware["red"] == 0.0  # nor the red the colour head reads in a grey field
     assert plain["striped"] == aware["striped"] == 1.0  # a style is read from the image with or without a shape
+    no_field = {k: v for k, v in pred.items() if k != "field"}  # shapes need only the presence answer
+    assert _hits(no_field, prompts, concepts, per, False, shape_aware=True)["cross"] == 0.0
     pred["field"][:] = red  # a red field is red
     assert _hits(pred, prompts, concepts, per, False, shape_aware=True)["red"] == 1.0
     pred["present"][:] = True  # with a shape, the heads read as before

@@ -27,14 +27,19 @@ HEADS = {"shape": world.SHAPES, "colour": world.COLOURS, "style": world.STYLES}
 FIELD_CHROMA = world.BACKGROUND_TINT * math.sqrt(6) / 3
 
 
+def field_chroma(images: torch.Tensor) -> torch.Tensor:
+    """Each image's mean colour less its grey part, [N, 3] (images in [-1, 1]); its norm is the distance from grey."""
+    rgb = ((images.float() + 1) / 2).mean(dim=(2, 3))
+    return rgb - rgb.mean(1, keepdim=True)
+
+
 def field_colour(images: torch.Tensor) -> torch.Tensor:
     """The colour of each image taken as a field (images in [-1, 1]): the index in ``world.COLOURS`` of the palette
     hue nearest its mean colour's hue, or -1 where the mean colour is no further from grey than a background can be
     (``FIELD_CHROMA``). The colour head has no "no colour" answer: it reads 91% of the world's empty backgrounds as
     yellow, so an image with no shape gets its colour from this instead."""
-    rgb = ((images.float() + 1) / 2).mean(dim=(2, 3))
-    chroma = rgb - rgb.mean(1, keepdim=True)
-    palette = torch.tensor([world.COLOUR_RGB[c] for c in world.COLOURS], device=rgb.device)
+    chroma = field_chroma(images)
+    palette = torch.tensor([world.COLOUR_RGB[c] for c in world.COLOURS], device=chroma.device)
     palette = palette - palette.mean(1, keepdim=True)
     hue = (chroma @ (palette / palette.norm(dim=1, keepdim=True)).T).argmax(1)
     return torch.where(chroma.norm(dim=1) > FIELD_CHROMA, hue, -1)
@@ -45,11 +50,11 @@ def reads_as(pred: dict[str, torch.Tensor], kind: str, index: int) -> torch.Tens
     ``pred`` (``present`` and ``field``, as ``LabClassifier.predict`` gives them), an image with no shape shows no
     shape concept, and its colour is its field's (``field_colour``); without them, the head alone."""
     hit = pred[kind] == index
-    if "present" not in pred or "field" not in pred or kind == "style":
-        return hit
-    if kind == "shape":
+    if kind == "shape" and "present" in pred:
         return hit & pred["present"]
-    return torch.where(pred["present"], hit, pred["field"] == index)
+    if kind == "colour" and "present" in pred and "field" in pred:
+        return torch.where(pred["present"], hit, pred["field"] == index)
+    return hit
 
 
 class LabClassifier(nn.Module):
