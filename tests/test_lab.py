@@ -5,8 +5,16 @@ import torch
 
 from erasure.diffusers_backbone import load_diffusers
 from erasure.lab import world
-from erasure.lab.classifier import FIELD_CHROMA, accuracy, field_colour, load_classifier, render_empty, render_labelled
-from erasure.lab.evaluate import EvalSettings, _hits, evaluate, format_table
+from erasure.lab.classifier import (
+    FIELD_CHROMA,
+    accuracy,
+    field_colour,
+    load_classifier,
+    render_empty,
+    render_labelled,
+    seen_as,
+)
+from erasure.lab.evaluate import EvalSettings, _hits, collateral, evaluate, format_table
 from erasure.lab.model import CLASSIFIER_FILE
 
 # a reduced seed set of the default evaluation (same sampler settings)
@@ -66,6 +74,25 @@ def test_shape_aware_hits_count_an_empty_image_as_no_shape():
     assert _hits(pred, prompts, concepts, per, False, shape_aware=True)["red"] == 1.0
     pred["present"][:] = True  # with a shape, the heads read as before
     assert _hits(pred, prompts, concepts, per, False, shape_aware=True) == plain
+
+
+def test_shape_aware_collateral_reads_an_empty_image_as_empty():
+    sq, red, blue = world.concept_index("square"), world.concept_index("red"), world.concept_index("blue")
+    style = world.concept_index("striped")
+    n = 4
+    # four images of unrelated prompts: the original draws a red striped square in each; the edit draws empty fields
+    # that the heads still read as red striped squares (guesses), two of them with a red field, one a blue one
+    orig = {"shape": torch.full((n,), sq), "colour": torch.full((n,), red), "style": torch.full((n,), style),
+            "present": torch.ones(n, dtype=torch.bool), "field": torch.full((n,), -1)}
+    edited = {**{k: v.clone() for k, v in orig.items()}, "present": torch.zeros(n, dtype=torch.bool),
+              "field": torch.tensor([red, red, blue, -1])}
+    unrelated = torch.ones(n, dtype=torch.bool)
+    plain = collateral(orig, edited, unrelated, ["circle"])["unrelated"]
+    aware = collateral(seen_as(orig), seen_as(edited), unrelated, ["circle"])["unrelated"]
+    assert plain["all"] == plain["shape"] == plain["colour"] == 1.0  # the heads' guesses match the original
+    assert aware["shape"] == 0.0 and aware["all"] == 0.0  # no square is left
+    assert aware["colour"] == 0.5 and aware["style"] == 1.0  # two red fields keep the colour; style as read
+    assert seen_as({k: v for k, v in edited.items() if k not in ("present", "field")})["shape"].tolist() == [sq] * n
 
 
 def test_field_colour_tells_a_coloured_field_from_any_background():

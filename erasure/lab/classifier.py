@@ -57,6 +57,20 @@ def reads_as(pred: dict[str, torch.Tensor], kind: str, index: int) -> torch.Tens
     return hit
 
 
+def seen_as(pred: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per head, what each image shows as ``reads_as`` reads it: no shape (-1) where the presence net finds none, its
+    field's colour there (``field_colour``, -1 for none) instead of the colour head's guess, the style as the head
+    reads it (a style is read with or without a shape); without the presence net's answers, the heads as they are.
+    What the shape-aware collateral measure compares (docs/lab.md#empty-images)."""
+    out = {h: pred[h] for h in HEADS}
+    if "present" not in pred:
+        return out
+    out["shape"] = torch.where(pred["present"], pred["shape"], torch.full_like(pred["shape"], -1))
+    if "field" in pred:
+        out["colour"] = torch.where(pred["present"], pred["colour"], pred["field"].to(pred["colour"].dtype))
+    return out
+
+
 class LabClassifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()

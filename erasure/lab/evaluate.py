@@ -25,7 +25,7 @@ from ..progress import Progress
 from ..sampling import sample
 from ..weights import ErasureWeights
 from . import world
-from .classifier import HEADS, LabClassifier, reads_as
+from .classifier import HEADS, LabClassifier, reads_as, seen_as
 from .metrics import fidelity, summarise
 
 
@@ -117,7 +117,9 @@ def _shape_presence(pred_orig: dict[str, torch.Tensor], pred_own: dict[str, torc
     acc_a = _hits(pred_own, own, s.concepts, s.seeds_own, False, True)
     syn_a = _hits(pred_syn, syn, s.concepts, s.seeds_syn, True, True)
     aware = summarise(acc_a, syn_a, erased, fid)
-    return {"no_shape": empty, "shape_aware": {k: aware[k] for k in ("efficacy", "generality", "specificity", "H")}}
+    coll = collateral(seen_as(pred_orig), seen_as(pred_own), keep, erased)
+    return {"no_shape": empty, "shape_aware": {**{k: aware[k] for k in ("efficacy", "generality", "specificity", "H")},
+                                               "kept": coll["unrelated"]["all"], "collateral": coll}}
 
 
 def without_words(prompt: str, words: set[str] | tuple[str, ...]) -> str:
@@ -298,7 +300,9 @@ def format_table(report: dict, before: dict | None = None) -> str:
             lines.append(f"images with no shape: erased prompts {e['erased_prompts']:.1%}, their synonyms "
                          f"{e['synonym_prompts']:.1%}, unrelated {e['unrelated']:.1%} (original "
                          f"{e['unrelated_original']:.1%}); read as no shape, the field's colour: efficacy "
-                         f"{a['efficacy']:.3f}  generality {a['generality']:.3f}  specificity {a['specificity']:.3f}")
+                         f"{a['efficacy']:.3f}  generality {a['generality']:.3f}  specificity {a['specificity']:.3f}"
+                         + (f"  kept {a['kept']:.3f} (erased prompts' images keeping their other heads "
+                            f"{a['collateral']['erased_prompts']['all']:.3f})" if "kept" in a else ""))
         if "word_removed" in report:
             r = report["word_removed"]
             aware = r.get("shape_aware")
