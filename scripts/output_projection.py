@@ -27,7 +27,7 @@ def main() -> int:
     p.add_argument("--model", default="lab")
     p.add_argument("--concept", required=True)
     p.add_argument("--rank", type=int, default=2)
-    p.add_argument("--ratio", type=float, default=0.0, help="also require eigenvalue >= ratio")  # not used above 0
+    p.add_argument("--ratio", type=float, default=0.0, help="also require eigenvalue >= ratio (0: rank only)")
     p.add_argument("--which", default="v", choices=["v", "k", "kv"])
     p.add_argument("--base", default=None)
     p.add_argument("--eps", type=float, default=1e-3)

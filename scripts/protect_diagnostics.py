@@ -75,10 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         print("| --- | --- | ---: | ---: | --- | ---: | ---: |")
         for concept in a.concepts.split(","):
             proj, k = protected_complement(bb, world.prior_prompts(exclude=[concept]), 0.999)
+            word = outside_share(bb, concept, proj)
             for syn in world.SYNONYMS[concept]:
                 share, cos = synonym_alignment(bb, concept, syn, proj)
-                print(f"| {a.model} | {concept} | {k} of {proj.shape[0]} | {outside_share(bb, concept, proj):.3f} | "
-                      f"{syn} | {share:.3f} | {cos:.2f} |")
+                print(f"| {a.model} | {concept} | {k} of {proj.shape[0]} | {word:.3f} | {syn} | {share:.3f} | "
+                      f"{cos:.2f} |")
         return 0
     print("| model | concept | protect | directions kept off | concept token energy outside |")
     print("| --- | --- | ---: | ---: | ---: |")

@@ -109,10 +109,8 @@ def main() -> int:
     if a.adversarial:
         slot_t = slot_templates(templates)
         enc_slot = DiffusersSlotEncoder(bb)
-        imgs, _ = concept_images(bb, [fp for fp in world.concept_prompts(a.concept)], s, Progress())
+        imgs, _ = concept_images(bb, world.concept_prompts(a.concept), s, Progress())
         tokn = start_token(bb, enc_slot, slot_t, imgs, s)
-        with torch.no_grad():
-            target_slot = enc(te0, aprompts)  # slot templates are the same templates: anchor prompt per template
     t0 = time.time()
     log = []
     for step in range(a.steps):
@@ -133,7 +131,7 @@ def main() -> int:
         if tokn is not None:
             j = torch.randint(len(slot_t), (8,), generator=g).tolist()
             cond = tokn.encoder.encode([slot_t[i] for i in j], [v.detach() for v in tokn.vectors]).embeds
-            la = torch.nn.functional.mse_loss(cond.float(), target_slot[j].float())
+            la = torch.nn.functional.mse_loss(cond.float(), target_c[j].float())  # slot template j -> its anchor prompt
             loss = loss + a.adv_weight * la
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -146,7 +144,6 @@ def main() -> int:
     for prm in te.parameters():
         prm.requires_grad_(False)
     state = {k: v.clone() for k, v in te.state_dict().items()}
-    rel = {}
     num = sum(float((state[k] - state0[k]).float().norm() ** 2) for k in names)
     den = sum(float(state0[k].float().norm() ** 2) for k in names)
     rel = (num / den) ** 0.5

@@ -49,16 +49,11 @@ def reads_as(pred: dict[str, torch.Tensor], kind: str, index: int) -> torch.Tens
     """Per image, whether it shows the concept (head ``kind``, class ``index``). With the presence net's answers in
     ``pred`` (``present`` and ``field``, as ``LabClassifier.predict`` gives them), an image with no shape shows no
     shape concept, and its colour is its field's (``field_colour``); without them, the head alone."""
-    hit = pred[kind] == index
-    if kind == "shape" and "present" in pred:
-        return hit & pred["present"]
-    if kind == "colour" and "present" in pred and "field" in pred:
-        return torch.where(pred["present"], hit, pred["field"] == index)
-    return hit
+    return seen_as(pred)[kind] == index
 
 
 def seen_as(pred: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per head, what each image shows as ``reads_as`` reads it: no shape (-1) where the presence net finds none, its
+    """Per head, what each image shows (``reads_as`` compares it): no shape (-1) where the presence net finds none, its
     field's colour there (``field_colour``, -1 for none) instead of the colour head's guess, the style as the head
     reads it (a style is read with or without a shape); without the presence net's answers, the heads as they are.
     What the shape-aware collateral measure compares (docs/lab.md#empty-images)."""
