@@ -566,7 +566,9 @@ def add_ant_command(sub) -> None:
     an.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")
     an.add_argument("--preset", choices=sorted(ANT_PRESETS), default="default",
                     help="default: the library's defaults; paper: the published configuration (saliency mask, "
-                    "conditional prediction, 50-step trajectories, absolute lr 5e-4); other flags override it")
+                    "conditional prediction, 50-step trajectories, absolute lr 5e-4); robust: harder to revive "
+                    "with a learned token, more change to unrelated images (docs/audit.md#robust); other flags "
+                    "override it")
     an.add_argument("--steps", type=int, help=f"training steps per concept (default {d.steps}; with --concepts "
                     f"{d.multi_steps})")
     an.add_argument("--reuse", type=int, help="on-policy: training steps each regenerated trajectory serves "

@@ -12,9 +12,11 @@ ROWS = [("esd-published", "ESD-x as published (lr 1e-5, 1000 iterations)"),
         ("esd-tuned", "ESD-x tuned on the lab (lr 1e-3, 150 iterations)"),
         ("ant-default", "ANT, default (protect 0.999)"),
         ("ant-paper", "ANT, `--preset paper`"),
+        ("ant-robust", "ANT, `--preset robust` (the default's loss on the saliency scope, preservation at the "
+                       "prompts' own images, weight 25)"),
         ("mace-default", "MACE, default (object preset: protect 0.999, whole images, uniform timesteps, following "
                          "words)"),
-        ("ant-adversarial", "ANT, `--protect 0 --adversarial 1` (robust option)"),
+        ("ant-adversarial", "ANT, `--protect 0 --adversarial 1` (adversarial option)"),
         ("ant-protect0", "ANT, `--protect 0` (the default before protect)"),
         ("mace-protect0", "MACE, `--protect 0 --importance-sampling --masks --no-suppress-following` (the "
                           "reference)"),

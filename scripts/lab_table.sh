@@ -41,6 +41,9 @@ row ant-default "$PY" -m erasure ant --model "$MODEL" --concept "$C" --seed "$SE
   --out "$OUT/ant-default.safetensors"
 row ant-paper "$PY" -m erasure ant --model "$MODEL" --concept "$C" --preset paper --seed "$SEED" --no-report \
   --out "$OUT/ant-paper.safetensors"
+# the paper's saliency scope with the default's loss, preservation at the prompts' own images weighted 25
+row ant-robust "$PY" -m erasure ant --model "$MODEL" --concept "$C" --preset robust --seed "$SEED" --no-report \
+  --out "$OUT/ant-robust.safetensors"
 row mace-default "$PY" -m erasure mace --model "$MODEL" --concepts "$C" --seed "$SEED" --no-report \
   --out "$OUT/mace-default.safetensors"
 row ant-adversarial "$PY" -m erasure ant --model "$MODEL" --concept "$C" --protect 0 --adversarial 1 --seed "$SEED" \

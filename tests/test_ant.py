@@ -321,6 +321,16 @@ def test_the_paper_preset_is_valid_and_differs_where_the_paper_does():
     assert PRESETS["default"] == AntSettings()
 
 
+def test_the_robust_preset_is_the_defaults_objective_on_the_saliency_scope():
+    from erasure.ant.settings import PRESETS
+
+    r = PRESETS["robust"]
+    r.validate()
+    # only where it is documented to differ (docs/audit.md#robust): everything else stays the library's default
+    changed = {k: v for k, v in vars(r).items() if v != getattr(AntSettings(), k)}
+    assert changed == {"scope": "saliency", "preserve_latents": "own", "preserve": 25.0}
+
+
 def test_empty_concept_is_rejected(tiny_backbone):
     with pytest.raises(ValueError, match="empty"):
         ant(tiny_backbone, "  ", FAST)
