@@ -162,6 +162,6 @@ PRESETS: dict[str, AntSettings] = {
                          batch_size=1, eta=1.0, protect=0.0),
     # harder to bring back with a learned token: the default's objective on the paper's whole-UNet saliency scope,
     # the preservation prompts at their own images and weighted 25; on the lab a learned token revived circle in
-    # 3-9% of images against 94-100% for the default, with more change to unrelated images (docs/audit.md#robust)
+    # 3-31% of images against 100% for the default, with more change to unrelated images (docs/audit.md#robust)
     "robust": AntSettings(scope="saliency", preserve_latents="own", preserve=25.0),
 }
