@@ -37,7 +37,6 @@ from erasure.progress import as_progress  # noqa: E402
 from erasure.weights import ErasureWeights  # noqa: E402
 
 OPTS = {"every": 25, "attack_steps": 20, "weight": 1.0, "lr": 0.3}
-HISTORY: list[dict] = []
 
 
 def slot_positions(encoder, template: str, end: bool, following: bool) -> list[int]:
@@ -121,7 +120,6 @@ def train_lora_adversarial(backbone, data, base, s, progress=None, probe=True, k
                 group["lr"] = rounds.lr
         # the last token against the finished LoRA, and its prompts' embeddings for the fusion
         attack_round(backbone, tok, ant, False, progress)
-        HISTORY.extend(tok.history)
         print(f"adversarial: {len(tok.history)} attack rounds; last attack loss {tok.history[-1]['attack_loss']:.4f}, "
               f"token moved {tok.history[-1]['token_moved']:.2f} std", flush=True)
         w = lora.result(method="mace-lora", concepts=[data.concept.text], anchors=[data.concept.anchor],
