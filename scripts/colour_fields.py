@@ -38,7 +38,7 @@ def row(name: str, images: torch.Tensor, clf) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="lab-clip")
-    p.add_argument("--seeds", type=int, default=64, help="seeds per prompt for the original model's rows")
+    p.add_argument("--seeds", type=int, default=64, help="seeds per prompt for the original model's rows (0: none)")
     p.add_argument("loras", nargs="*", metavar="FILE=CONCEPT", help="erasure files and the colour each erased")
     args = p.parse_args()
     clf, bb, s = load_classifier(CLASSIFIER_FILE), load_diffusers(args.model), EvalSettings()
@@ -47,7 +47,7 @@ def main() -> None:
     print("| --- | ---: | ---: | " + " | ".join("---:" for _ in world.COLOURS) + " | ---: |")
     seeds = list(range(args.seeds))
     free = list(dict.fromkeys(without_words(q, set(world.COLOURS)) for q in world.concept_prompts("red")))
-    for prompts in ([""], *[[q] for q in free]):
+    for prompts in ([""], *[[q] for q in free]) if seeds else ():
         print(row(f"original, {prompts[0]!r}", sample(bb, prompts, seeds, s.steps, s.guidance).images, clf),
               flush=True)
     for spec in args.loras:
