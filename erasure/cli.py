@@ -567,7 +567,8 @@ def add_ant_command(sub) -> None:
     an.add_argument("--preset", choices=sorted(ANT_PRESETS), default="default",
                     help="default: the library's defaults; paper: the published configuration (saliency mask, "
                     "conditional prediction, 50-step trajectories, absolute lr 5e-4); robust: harder to revive "
-                    "with a learned token, more change to unrelated images (docs/audit.md#robust); other flags "
+                    "with a learned token on one lab model, not on the other (audit it), more change to unrelated "
+                    "images (docs/audit.md#robust); other flags "
                     "override it")
     an.add_argument("--steps", type=int, help=f"training steps per concept (default {d.steps}; with --concepts "
                     f"{d.multi_steps})")

@@ -278,9 +278,9 @@ class EraseConceptANT(io.ComfyNode):
                                tooltip="default: this pack's settings (cross-attention K/V, a preservation term, "
                                        "a third of the guidance reversed); paper: the published method as "
                                        "specified (saliency mask, the paper's loss and learning rate); robust: "
-                                       "this pack's loss on the paper's saliency mask, much harder to bring back "
-                                       "with a learned token (Audit Erasure), with more change to unrelated "
-                                       "images."),
+                                       "this pack's loss on the paper's saliency mask, harder to bring back with a "
+                                       "learned token on one lab model but not on the other (check yours with Audit "
+                                       "Erasure), with more change to unrelated images."),
                 io.Int.Input("steps", default=d.steps, min=1, max=10000, tooltip="Training steps."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of the trajectories and of training."),
