@@ -10,7 +10,6 @@ read the shape-aware way (`lab eval`'s: an image with no shape has its field's c
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -54,8 +53,7 @@ def main() -> None:
         f, concept = spec.rsplit("=", 1)
         if concept not in world.COLOURS:
             raise SystemExit(f"{spec}: the concept after '=' must be one of the lab's colours {world.COLOURS}")
-        with resolve_names(load_lora(f), dict(bb.unet().named_modules())).applied(bb.unet()) \
-                if f else contextlib.nullcontext():
+        with resolve_names(load_lora(f), dict(bb.unet().named_modules())).applied(bb.unet()):
             for part, syn, seeds_ in (("own", False, s.own_seeds()), ("synonyms", True, s.syn_seeds())):
                 images = sample(bb, world.concept_prompts(concept, synonyms=syn), seeds_, s.steps, s.guidance).images
                 print(row(f"{Path(f).parent.name}/{Path(f).stem}, {concept}'s {part} prompts", images, clf),
